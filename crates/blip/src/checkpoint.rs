@@ -1,0 +1,195 @@
+//! Finding a checkpoint's files — a local folder or a Hub repo id fetched into the standard
+//! Hugging Face cache — and opening its weights in whichever format the Hub publishes.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+
+/// The Hub model used when none is given.
+pub const DEFAULT_MODEL: &str = "Salesforce/blip-image-captioning-base";
+
+/// Weight files, in the order of preference transformers uses.
+#[derive(Debug, Clone)]
+pub enum WeightFiles {
+    /// `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
+    Safetensors(Vec<PathBuf>),
+    /// `pytorch_model.bin` (the PyTorch zip/pickle format).
+    PyTorch(PathBuf),
+}
+
+/// The files of one checkpoint on local disk.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// What the user named (folder or repo id), for messages.
+    pub location: String,
+    pub config: PathBuf,
+    pub preprocessor_config: Option<PathBuf>,
+    /// `tokenizer.json`, or failing that `vocab.txt`.
+    pub tokenizer: PathBuf,
+    pub weights: WeightFiles,
+}
+
+const SAFETENSORS: &str = "model.safetensors";
+const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+const PYTORCH: &str = "pytorch_model.bin";
+const TOKENIZER_FILES: [&str; 2] = ["tokenizer.json", "vocab.txt"];
+
+impl Checkpoint {
+    /// A path to an existing folder is used as it is; anything else is taken as a Hub repo id.
+    pub fn locate(model: &str) -> Result<Self> {
+        let path = Path::new(model);
+        if path.is_dir() {
+            Self::from_dir(path)
+        } else if looks_like_repo_id(model) {
+            Self::from_hub(model)
+        } else {
+            Err(Error::checkpoint(model, "no such folder, and not a Hub repo id of the form owner/name"))
+        }
+    }
+
+    /// A checkpoint folder laid out as on the Hub.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let location = dir.display().to_string();
+        let existing = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+        let config = existing("config.json").ok_or_else(|| Error::checkpoint(&location, "no config.json in this folder"))?;
+        let tokenizer = TOKENIZER_FILES.iter().find_map(|n| existing(n)).ok_or_else(|| {
+            Error::checkpoint(&location, "no tokenizer.json or vocab.txt in this folder")
+        })?;
+        let weights = if let Some(file) = existing(SAFETENSORS) {
+            WeightFiles::Safetensors(vec![file])
+        } else if let Some(index) = existing(SAFETENSORS_INDEX) {
+            WeightFiles::Safetensors(shard_names(&index)?.iter().map(|n| dir.join(n)).collect())
+        } else if let Some(file) = existing(PYTORCH) {
+            WeightFiles::PyTorch(file)
+        } else {
+            return Err(Error::checkpoint(
+                &location,
+                format!("no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH} in this folder"),
+            ));
+        };
+        Ok(Self { location, config, preprocessor_config: existing("preprocessor_config.json"), tokenizer, weights })
+    }
+
+    /// Downloads (or finds in the cache) a Hub checkpoint. Honours `HF_HOME`, `HF_ENDPOINT`,
+    /// `HF_TOKEN` and `HF_HUB_OFFLINE`; a cached model works without a network.
+    pub fn from_hub(repo_id: &str) -> Result<Self> {
+        let hub = Hub::new(repo_id)?;
+        let config = hub.get("config.json")?;
+        let tokenizer = hub.first_of(&TOKENIZER_FILES)?.ok_or_else(|| {
+            Error::checkpoint(repo_id, "the repo has neither tokenizer.json nor vocab.txt")
+        })?;
+        let preprocessor_config = hub.first_of(&["preprocessor_config.json"])?;
+        let weights = if let Some(file) = hub.first_of(&[SAFETENSORS])? {
+            WeightFiles::Safetensors(vec![file])
+        } else if let Some(index) = hub.first_of(&[SAFETENSORS_INDEX])? {
+            let shards = shard_names(&index)?.iter().map(|n| hub.get(n)).collect::<Result<_>>()?;
+            WeightFiles::Safetensors(shards)
+        } else if let Some(file) = hub.first_of(&[PYTORCH])? {
+            WeightFiles::PyTorch(file)
+        } else {
+            return Err(Error::checkpoint(repo_id, format!("the repo has no {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH}")));
+        };
+        Ok(Self { location: repo_id.to_string(), config, preprocessor_config, tokenizer, weights })
+    }
+
+    /// Opens the weights (safetensors memory-mapped), converting stored f16/bf16 to `dtype`.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let opened = match &self.weights {
+            // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody
+            // truncating a checkpoint while it is in use.
+            WeightFiles::Safetensors(files) => unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) },
+            WeightFiles::PyTorch(file) => VarBuilder::from_pth(file, dtype, device),
+        };
+        opened.map_err(|e| Error::checkpoint(&self.location, format!("cannot read the weights: {e}")))
+    }
+}
+
+fn looks_like_repo_id(s: &str) -> bool {
+    let mut parts = s.split('/');
+    let ok = |p: Option<&str>| {
+        p.is_some_and(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+    };
+    ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+}
+
+/// The distinct shard file names of a `model.safetensors.index.json`.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let text = std::fs::read_to_string(index).map_err(|e| Error::config(index, e))?;
+    let index_json: Index = serde_json::from_str(&text).map_err(|e| Error::config(index, format!("bad shard index: {e}")))?;
+    let mut names: Vec<String> = index_json.weight_map.into_values().collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// One Hub repo, reached online or through the cache only.
+struct Hub {
+    repo_id: String,
+    cache: hf_hub::CacheRepo,
+    online: Option<(hf_hub::api::sync::ApiRepo, Vec<String>)>,
+}
+
+impl Hub {
+    fn new(repo_id: &str) -> Result<Self> {
+        let cache = hf_hub::Cache::from_env().model(repo_id.to_string());
+        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"));
+        if offline {
+            return Ok(Self { repo_id: repo_id.into(), cache, online: None });
+        }
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .build()
+            .map_err(|e| Error::checkpoint(repo_id, format!("cannot set up the Hub client: {e}")))?;
+        let repo = api.model(repo_id.to_string());
+        match repo.info() {
+            Ok(info) => {
+                let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
+                Ok(Self { repo_id: repo_id.into(), cache, online: Some((repo, files)) })
+            }
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(401 | 404, _)) => Err(
+                Error::checkpoint(repo_id, "no such model on the Hub (or it is private: set HF_TOKEN)"),
+            ),
+            // Unreachable Hub: fall back to what the cache holds, as transformers does.
+            Err(_) => Ok(Self { repo_id: repo_id.into(), cache, online: None }),
+        }
+    }
+
+    fn get(&self, file: &str) -> Result<PathBuf> {
+        self.first_of(&[file])?.ok_or_else(|| Error::checkpoint(&self.repo_id, format!("the repo has no {file}")))
+    }
+
+    /// The first of `files` the repo has, downloaded if needed; `None` if it has none of them.
+    fn first_of(&self, files: &[&str]) -> Result<Option<PathBuf>> {
+        match &self.online {
+            Some((repo, listing)) => {
+                let Some(file) = files.iter().find(|f| listing.iter().any(|l| l == *f)) else { return Ok(None) };
+                repo.get(file)
+                    .map(Some)
+                    .map_err(|e| Error::checkpoint(&self.repo_id, format!("downloading {file} failed: {e}")))
+            }
+            None => {
+                if let Some(found) = files.iter().find_map(|f| self.cache.get(f)) {
+                    return Ok(Some(found));
+                }
+                let any_cached = self.cache.get("config.json").is_some();
+                if files.len() == 1 && files[0] != "config.json" && any_cached {
+                    return Ok(None);
+                }
+                Err(Error::checkpoint(
+                    &self.repo_id,
+                    format!(
+                        "not in the Hugging Face cache ({}) and the Hub is not reachable (HF_HUB_OFFLINE or no network): download it once online, or pass a local folder with --model",
+                        hf_hub::Cache::from_env().path().display()
+                    ),
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The text transformer (`BlipTextModel`): BERT without token types, post-norm, with optional
+//! cross-attention to encoder states. One implementation serves the caption/answer decoder
+//! (causal, cached) and, later, the question and matching encoders (bidirectional).
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+
+use super::cache::{DecoderCache, KeyValue};
+use super::{attention, gelu, layer_norm, linear, merge_heads, split_heads};
+use crate::config::TextConfig;
+
+/// `BlipTextEmbeddings`: word + absolute position embeddings, LayerNorm.
+struct TextEmbeddings {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    layer_norm: LayerNorm,
+}
+
+impl TextEmbeddings {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let word = vb.get((cfg.vocab_size, cfg.hidden_size), "word_embeddings.weight")?;
+        let position = vb.get((cfg.max_position_embeddings, cfg.hidden_size), "position_embeddings.weight")?;
+        Ok(Self {
+            word_embeddings: Embedding::new(word, cfg.hidden_size),
+            position_embeddings: Embedding::new(position, cfg.hidden_size),
+            layer_norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+        })
+    }
+
+    /// Positions run from `past_len`, whatever the padding (as transformers does).
+    fn forward(&self, input_ids: &Tensor, past_len: usize) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        let positions = Tensor::arange(past_len as u32, (past_len + t) as u32, input_ids.device())?;
+        let words = self.word_embeddings.forward(input_ids)?;
+        let positions = self.position_embeddings.forward(&positions)?.unsqueeze(0)?;
+        self.layer_norm.forward(&words.broadcast_add(&positions)?)
+    }
+}
+
+/// `BlipTextAttention`: `self` (query/key/value) and `output` (dense, LayerNorm with residual).
+/// The same module is self-attention or, with keys/values from the image, cross-attention.
+struct TextAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    layer_norm: LayerNorm,
+    heads: usize,
+    scale: f64,
+}
+
+impl TextAttention {
+    fn new(cfg: &TextConfig, kv_width: usize, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let head_dim = d / cfg.num_attention_heads;
+        Ok(Self {
+            query: linear(d, d, vb.pp("self.query"))?,
+            key: linear(kv_width, d, vb.pp("self.key"))?,
+            value: linear(kv_width, d, vb.pp("self.value"))?,
+            dense: linear(d, d, vb.pp("output.dense"))?,
+            layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+            heads: cfg.num_attention_heads,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
+    fn key_value(&self, states: &Tensor) -> Result<KeyValue> {
+        Ok(KeyValue {
+            key: split_heads(&self.key.forward(states)?, self.heads)?,
+            value: split_heads(&self.value.forward(states)?, self.heads)?,
+        })
+    }
+
+    /// LayerNorm(x + dense(attention(query(x), kv))).
+    fn attend(&self, xs: &Tensor, kv: &KeyValue, bias: Option<&Tensor>) -> Result<Tensor> {
+        let q = split_heads(&self.query.forward(xs)?, self.heads)?;
+        let context = merge_heads(&attention(&q, &kv.key, &kv.value, self.scale, bias)?)?;
+        self.layer_norm.forward(&(self.dense.forward(&context)? + xs)?)
+    }
+}
+
+/// `BlipTextLayer`: self-attention, cross-attention (when encoder states are given), FFN.
+struct TextLayer {
+    attention: TextAttention,
+    crossattention: Option<TextAttention>,
+    intermediate: Linear,
+    output: Linear,
+    output_layer_norm: LayerNorm,
+}
+
+impl TextLayer {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let crossattention = if vb.contains_tensor("crossattention.self.query.weight") {
+            Some(TextAttention::new(cfg, cfg.encoder_hidden_size, vb.pp("crossattention"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            attention: TextAttention::new(cfg, d, vb.pp("attention"))?,
+            crossattention,
+            intermediate: linear(d, i, vb.pp("intermediate.dense"))?,
+            output: linear(i, d, vb.pp("output.dense"))?,
+            output_layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        self_bias: Option<&Tensor>,
+        past: &mut Option<KeyValue>,
+        cross: Option<&KeyValue>,
+    ) -> Result<Tensor> {
+        let mut kv = self.attention.key_value(xs)?;
+        if let Some(past) = past.as_ref() {
+            kv = KeyValue {
+                key: Tensor::cat(&[&past.key, &kv.key], 2)?,
+                value: Tensor::cat(&[&past.value, &kv.value], 2)?,
+            };
+        }
+        let mut hidden = self.attention.attend(xs, &kv, self_bias)?;
+        *past = Some(kv);
+        if let (Some(crossattention), Some(cross)) = (&self.crossattention, cross) {
+            hidden = crossattention.attend(&hidden, cross, None)?;
+        }
+        let ffn = self.output.forward(&gelu(&self.intermediate.forward(&hidden)?)?)?;
+        self.output_layer_norm.forward(&(ffn + hidden)?)
+    }
+}
+
+/// `BlipTextModel` without pooler.
+pub struct TextModel {
+    embeddings: TextEmbeddings,
+    layers: Vec<TextLayer>,
+    max_positions: usize,
+}
+
+impl TextModel {
+    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| TextLayer::new(cfg, vb.pp(format!("encoder.layer.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embeddings: TextEmbeddings::new(cfg, vb.pp("embeddings"))?,
+            layers,
+            max_positions: cfg.max_position_embeddings,
+        })
+    }
+
+    pub fn word_embeddings(&self) -> &Tensor {
+        self.embeddings.word_embeddings.embeddings()
+    }
+
+    /// A cache for decoding against `encoder_states` [b, n, encoder_hidden]: the cross-attention
+    /// keys/values are computed here, once.
+    pub fn new_cache(&self, encoder_states: &Tensor) -> Result<DecoderCache> {
+        let cross_attention = self
+            .layers
+            .iter()
+            .map(|layer| match &layer.crossattention {
+                Some(cross) => cross.key_value(encoder_states),
+                None => candle_core::bail!("this text model has no cross-attention weights"),
+            })
+            .collect::<Result<_>>()?;
+        Ok(DecoderCache { self_attention: vec![None; self.layers.len()], cross_attention, past_len: 0 })
+    }
+
+    /// Causal decoder step: `input_ids` [b, t] continue the sequences in `cache`; returns the
+    /// last hidden states [b, t, hidden].
+    pub fn forward_decoder(&self, input_ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        let past_len = cache.past_len;
+        if past_len + t > self.max_positions {
+            candle_core::bail!("sequence of {} tokens exceeds the model's {} positions", past_len + t, self.max_positions);
+        }
+        let bias = if t > 1 { Some(causal_bias(t, past_len, input_ids.device())?) } else { None };
+        let mut xs = self.embeddings.forward(input_ids, past_len)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs, bias.as_ref(), &mut cache.self_attention[i], Some(&cache.cross_attention[i]))?;
+        }
+        cache.past_len += t;
+        Ok(xs)
+    }
+}
+
+/// Additive mask [t, past+t]: query i sees keys up to past+i. transformers fills with the
+/// dtype's minimum rather than -inf; both give exactly zero weight.
+fn causal_bias(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let s = past + t;
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::MIN })).collect();
+    Tensor::from_vec(mask, (t, s), device)?.to_dtype(DType::F32)
+}
+
+/// `BlipTextLMPredictionHead` (under `cls.predictions`): dense → gelu → LayerNorm → vocab.
+pub struct LmHead {
+    dense: Linear,
+    layer_norm: LayerNorm,
+    decoder: Linear,
+}
+
+impl LmHead {
+    /// `tied_embeddings` stand in for `decoder.weight` when the checkpoint leaves the tied key
+    /// out (transformers 5 saves it so).
+    pub fn new(cfg: &TextConfig, tied_embeddings: &Tensor, vb: VarBuilder) -> Result<Self> {
+        let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let decoder_weight = if vb.contains_tensor("decoder.weight") {
+            vb.get((vocab, d), "decoder.weight")?
+        } else {
+            tied_embeddings.clone()
+        };
+        let bias = if vb.contains_tensor("bias") { vb.get(vocab, "bias")? } else { vb.get(vocab, "decoder.bias")? };
+        Ok(Self {
+            dense: linear(d, d, vb.pp("transform.dense"))?,
+            layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("transform.LayerNorm"))?,
+            decoder: Linear::new(decoder_weight, Some(bias)),
+        })
+    }
+
+    /// hidden [b, t, hidden] → logits [b, t, vocab].
+    pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        let xs = self.layer_norm.forward(&gelu(&self.dense.forward(hidden)?)?)?;
+        self.decoder.forward(&xs)
+    }
+}

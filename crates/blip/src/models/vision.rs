@@ -1,0 +1,147 @@
+//! The ViT image encoder (`BlipVisionModel`): patch embedding, pre-norm transformer layers,
+//! post LayerNorm.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+use super::{attention, gelu, layer_norm, linear, merge_heads};
+use crate::config::VisionConfig;
+
+/// `BlipVisionEmbeddings`: a stride-16 conv over patches, a class token, learned positions.
+struct VisionEmbeddings {
+    /// The conv kernel flattened to [hidden, channels*patch*patch]: with stride = kernel size the
+    /// conv is one matrix product over non-overlapping patches.
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    patch_size: usize,
+    image_size: usize,
+}
+
+impl VisionEmbeddings {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
+        let positions = cfg.patches_per_side().pow(2) + 1;
+        let patch_weight = vb.get((d, c, p, p), "patch_embedding.weight")?.reshape((d, c * p * p))?;
+        Ok(Self {
+            patch_weight: patch_weight.t()?.contiguous()?,
+            patch_bias: vb.get(d, "patch_embedding.bias")?,
+            class_embedding: vb.get((1, 1, d), "class_embedding")?,
+            position_embedding: vb.get((1, positions, d), "position_embedding")?,
+            patch_size: p,
+            image_size: cfg.image_size,
+        })
+    }
+
+    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixel_values.dims4()?;
+        if h != self.image_size || w != self.image_size {
+            candle_core::bail!(
+                "the model takes {0}x{0} images, got {h}x{w} (set the processor size to the model's image_size)",
+                self.image_size
+            );
+        }
+        let p = self.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        // [b, c, gh, p, gw, p] → [b, gh, gw, c, p, p]: each row one patch in the conv's order.
+        let patches = pixel_values
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b, gh * gw, c * p * p))?;
+        let patch_embeds = patches.broadcast_matmul(&self.patch_weight)?.broadcast_add(&self.patch_bias)?;
+        let d = patch_embeds.dim(D::Minus1)?;
+        let class = self.class_embedding.broadcast_as((b, 1, d))?;
+        Tensor::cat(&[&class, &patch_embeds], 1)?.broadcast_add(&self.position_embedding)
+    }
+}
+
+/// `BlipAttention`: fused qkv projection, softmax attention, output projection.
+struct VisionAttention {
+    qkv: Linear,
+    projection: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl VisionAttention {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let head_dim = d / cfg.num_attention_heads;
+        Ok(Self {
+            qkv: linear(d, 3 * d, vb.pp("qkv"))?,
+            projection: linear(d, d, vb.pp("projection"))?,
+            heads: cfg.num_attention_heads,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = xs.dims3()?;
+        // transformers: reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        let qkv = self.qkv.forward(xs)?.reshape((b, n, 3, self.heads, d / self.heads))?.permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let context = attention(&q, &k, &v, self.scale, None)?;
+        self.projection.forward(&merge_heads(&context)?)
+    }
+}
+
+/// `BlipEncoderLayer` (pre-norm).
+struct VisionLayer {
+    self_attn: VisionAttention,
+    layer_norm1: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    layer_norm2: LayerNorm,
+}
+
+impl VisionLayer {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        Ok(Self {
+            self_attn: VisionAttention::new(cfg, vb.pp("self_attn"))?,
+            layer_norm1: layer_norm(d, eps, vb.pp("layer_norm1"))?,
+            fc1: linear(d, i, vb.pp("mlp.fc1"))?,
+            fc2: linear(i, d, vb.pp("mlp.fc2"))?,
+            layer_norm2: layer_norm(d, eps, vb.pp("layer_norm2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
+        let mlp = self.fc2.forward(&gelu(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?)?;
+        xs + mlp
+    }
+}
+
+/// `BlipVisionModel`, loaded from the `vision_model.` prefix.
+pub struct VisionModel {
+    embeddings: VisionEmbeddings,
+    layers: Vec<VisionLayer>,
+    post_layernorm: LayerNorm,
+}
+
+impl VisionModel {
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| VisionLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embeddings: VisionEmbeddings::new(cfg, vb.pp("embeddings"))?,
+            layers,
+            post_layernorm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?,
+        })
+    }
+
+    /// pixel_values [b, 3, H, W] → last_hidden_state [b, 1 + patches, hidden].
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let _span = tracing::debug_span!("vision").entered();
+        let mut xs = self.embeddings.forward(pixel_values)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs)?;
+        }
+        self.post_layernorm.forward(&xs)
+    }
+}

@@ -1,0 +1,91 @@
+//! Text in and out: the BERT WordPiece tokenizer BLIP uses, the captioning prompt convention,
+//! and decoding generated ids back to text.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::config::TextConfig;
+use crate::error::{Error, Result};
+
+/// Tokenizer plus the special ids of the model (bos/[DEC] exists only in the model's vocabulary).
+pub struct TextProcessor {
+    tokenizer: Tokenizer,
+    bos_token_id: u32,
+    sep_token_id: u32,
+}
+
+impl TextProcessor {
+    /// Loads `tokenizer.json`, or builds the BERT tokenizer from a `vocab.txt`.
+    pub fn from_file(path: &Path, config: &TextConfig) -> Result<Self> {
+        let mut tokenizer = if path.file_name().is_some_and(|n| n == "vocab.txt") {
+            bert_from_vocab(path)?
+        } else {
+            Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?
+        };
+        // tokenizer.json files may carry fixed padding/truncation (bert-base-uncased's pads to
+        // 128); transformers resets both on every call unless asked, so do the same.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .with_padding(None);
+        Ok(Self { tokenizer, bos_token_id: config.bos_token_id, sep_token_id: config.sep_token_id })
+    }
+
+    /// `[CLS] text [SEP]` ids, as the BLIP processor tokenizes text.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The ids captioning starts from: `[bos]` alone, or a prompt tokenized as `[CLS] prompt
+    /// [SEP]` with [CLS] replaced by bos and the trailing [SEP] dropped (what
+    /// `BlipForConditionalGeneration.generate` does).
+    pub fn caption_prefix(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
+        let Some(prompt) = prompt else { return Ok(vec![self.bos_token_id]) };
+        let mut ids = self.encode(prompt)?;
+        if ids.last() == Some(&self.sep_token_id) {
+            ids.pop();
+        }
+        match ids.first_mut() {
+            Some(first) => *first = self.bos_token_id,
+            None => ids.push(self.bos_token_id),
+        }
+        Ok(ids)
+    }
+
+    /// Text of `ids` without special tokens (`decode(..., skip_special_tokens=True)`); ids the
+    /// tokenizer does not know (bos 30522) are skipped as transformers skips them.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+}
+
+/// bert-base-uncased's tokenizer from its vocabulary, for checkpoints without tokenizer.json.
+fn bert_from_vocab(vocab: &Path) -> Result<Tokenizer> {
+    use tokenizers::models::wordpiece::WordPiece;
+    use tokenizers::normalizers::BertNormalizer;
+    use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+    use tokenizers::processors::bert::BertProcessing;
+
+    let vocab_name = vocab.display().to_string();
+    let model = WordPiece::from_file(&vocab_name)
+        .unk_token("[UNK]".into())
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("{vocab_name}: {e}")))?;
+    let id = |token: &str| {
+        tokenizers::Model::token_to_id(&model, token)
+            .ok_or_else(|| Error::Tokenizer(format!("{vocab_name}: no {token} token")))
+    };
+    let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer
+        .with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
+        .map_err(|e| Error::Tokenizer(e.to_string()))?
+        .with_pre_tokenizer(Some(BertPreTokenizer))
+        .with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))))
+        .with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
+    let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"].map(|t| tokenizers::AddedToken::from(t, true));
+    tokenizer.add_special_tokens(specials).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    Ok(tokenizer)
+}
