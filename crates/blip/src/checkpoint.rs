@@ -20,18 +20,21 @@ pub enum WeightFiles {
     PyTorch(PathBuf),
 }
 
-/// The files of one checkpoint on local disk.
-#[derive(Debug, Clone)]
+/// A checkpoint: a local folder or a Hub repo. Files are fetched when asked for, so that a
+/// wrong kind of checkpoint is refused from its config before any weights are downloaded.
 pub struct Checkpoint {
     /// What the user named (folder or repo id), for messages.
     pub location: String,
-    pub config: PathBuf,
-    pub preprocessor_config: Option<PathBuf>,
-    /// `tokenizer.json`, or failing that `vocab.txt`.
-    pub tokenizer: PathBuf,
-    pub weights: WeightFiles,
+    source: Source,
 }
 
+enum Source {
+    Dir(PathBuf),
+    Hub(Hub),
+}
+
+const CONFIG: &str = "config.json";
+const PREPROCESSOR_CONFIG: &str = "preprocessor_config.json";
 const SAFETENSORS: &str = "model.safetensors";
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 const PYTORCH: &str = "pytorch_model.bin";
@@ -41,69 +44,78 @@ impl Checkpoint {
     /// A path to an existing folder is used as it is; anything else is taken as a Hub repo id.
     pub fn locate(model: &str) -> Result<Self> {
         let path = Path::new(model);
-        if path.is_dir() {
-            Self::from_dir(path)
+        let source = if path.is_dir() {
+            Source::Dir(path.to_path_buf())
         } else if looks_like_repo_id(model) {
-            Self::from_hub(model)
+            Source::Hub(Hub::new(model)?)
         } else {
-            Err(Error::checkpoint(model, "no such folder, and not a Hub repo id of the form owner/name"))
+            return Err(Error::checkpoint(model, "no such folder, and not a Hub repo id of the form owner/name"));
+        };
+        Ok(Self { location: model.to_string(), source })
+    }
+
+    /// `config.json` (downloaded if needed).
+    pub fn config_file(&self) -> Result<PathBuf> {
+        self.require(CONFIG)
+    }
+
+    /// `preprocessor_config.json`, when the checkpoint has one.
+    pub fn preprocessor_config_file(&self) -> Result<Option<PathBuf>> {
+        self.first_of(&[PREPROCESSOR_CONFIG])
+    }
+
+    /// `tokenizer.json`, or failing that `vocab.txt`.
+    pub fn tokenizer_file(&self) -> Result<PathBuf> {
+        self.first_of(&TOKENIZER_FILES)?
+            .ok_or_else(|| self.missing("no tokenizer.json or vocab.txt in the checkpoint".into()))
+    }
+
+    /// The weight files, in transformers' order of preference.
+    pub fn weight_files(&self) -> Result<WeightFiles> {
+        if let Some(file) = self.first_of(&[SAFETENSORS])? {
+            return Ok(WeightFiles::Safetensors(vec![file]));
         }
-    }
-
-    /// A checkpoint folder laid out as on the Hub.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        let location = dir.display().to_string();
-        let existing = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
-        let config = existing("config.json").ok_or_else(|| Error::checkpoint(&location, "no config.json in this folder"))?;
-        let tokenizer = TOKENIZER_FILES.iter().find_map(|n| existing(n)).ok_or_else(|| {
-            Error::checkpoint(&location, "no tokenizer.json or vocab.txt in this folder")
-        })?;
-        let weights = if let Some(file) = existing(SAFETENSORS) {
-            WeightFiles::Safetensors(vec![file])
-        } else if let Some(index) = existing(SAFETENSORS_INDEX) {
-            WeightFiles::Safetensors(shard_names(&index)?.iter().map(|n| dir.join(n)).collect())
-        } else if let Some(file) = existing(PYTORCH) {
-            WeightFiles::PyTorch(file)
-        } else {
-            return Err(Error::checkpoint(
-                &location,
-                format!("no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH} in this folder"),
-            ));
-        };
-        Ok(Self { location, config, preprocessor_config: existing("preprocessor_config.json"), tokenizer, weights })
-    }
-
-    /// Downloads (or finds in the cache) a Hub checkpoint. Honours `HF_HOME`, `HF_ENDPOINT`,
-    /// `HF_TOKEN` and `HF_HUB_OFFLINE`; a cached model works without a network.
-    pub fn from_hub(repo_id: &str) -> Result<Self> {
-        let hub = Hub::new(repo_id)?;
-        let config = hub.get("config.json")?;
-        let tokenizer = hub.first_of(&TOKENIZER_FILES)?.ok_or_else(|| {
-            Error::checkpoint(repo_id, "the repo has neither tokenizer.json nor vocab.txt")
-        })?;
-        let preprocessor_config = hub.first_of(&["preprocessor_config.json"])?;
-        let weights = if let Some(file) = hub.first_of(&[SAFETENSORS])? {
-            WeightFiles::Safetensors(vec![file])
-        } else if let Some(index) = hub.first_of(&[SAFETENSORS_INDEX])? {
-            let shards = shard_names(&index)?.iter().map(|n| hub.get(n)).collect::<Result<_>>()?;
-            WeightFiles::Safetensors(shards)
-        } else if let Some(file) = hub.first_of(&[PYTORCH])? {
-            WeightFiles::PyTorch(file)
-        } else {
-            return Err(Error::checkpoint(repo_id, format!("the repo has no {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH}")));
-        };
-        Ok(Self { location: repo_id.to_string(), config, preprocessor_config, tokenizer, weights })
+        if let Some(index) = self.first_of(&[SAFETENSORS_INDEX])? {
+            let shards = shard_names(&index)?.iter().map(|name| self.require(name)).collect::<Result<_>>()?;
+            return Ok(WeightFiles::Safetensors(shards));
+        }
+        if let Some(file) = self.first_of(&[PYTORCH])? {
+            return Ok(WeightFiles::PyTorch(file));
+        }
+        Err(self.missing(format!("no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH} in the checkpoint")))
     }
 
     /// Opens the weights (safetensors memory-mapped), converting stored f16/bf16 to `dtype`.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        let opened = match &self.weights {
+        let opened = match self.weight_files()? {
             // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody
             // truncating a checkpoint while it is in use.
-            WeightFiles::Safetensors(files) => unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) },
+            WeightFiles::Safetensors(files) => unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) },
             WeightFiles::PyTorch(file) => VarBuilder::from_pth(file, dtype, device),
         };
         opened.map_err(|e| Error::checkpoint(&self.location, format!("cannot read the weights: {e}")))
+    }
+
+    fn require(&self, file: &str) -> Result<PathBuf> {
+        self.first_of(&[file])?.ok_or_else(|| self.missing(format!("no {file} in the checkpoint")))
+    }
+
+    /// An error for a missing file, saying where it was looked for when that was only the cache.
+    fn missing(&self, what: String) -> Error {
+        match &self.source {
+            Source::Hub(hub) if hub.online.is_none() => {
+                Error::checkpoint(&self.location, format!("{what} (offline: only the Hugging Face cache was searched)"))
+            }
+            _ => Error::checkpoint(&self.location, what),
+        }
+    }
+
+    /// The first of `files` the checkpoint has (downloading it from the Hub if needed).
+    fn first_of(&self, files: &[&str]) -> Result<Option<PathBuf>> {
+        match &self.source {
+            Source::Dir(dir) => Ok(files.iter().map(|f| dir.join(f)).find(|p| p.is_file())),
+            Source::Hub(hub) => hub.first_of(files),
+        }
     }
 }
 
@@ -161,10 +173,6 @@ impl Hub {
         }
     }
 
-    fn get(&self, file: &str) -> Result<PathBuf> {
-        self.first_of(&[file])?.ok_or_else(|| Error::checkpoint(&self.repo_id, format!("the repo has no {file}")))
-    }
-
     /// The first of `files` the repo has, downloaded if needed; `None` if it has none of them.
     fn first_of(&self, files: &[&str]) -> Result<Option<PathBuf>> {
         match &self.online {
@@ -178,8 +186,7 @@ impl Hub {
                 if let Some(found) = files.iter().find_map(|f| self.cache.get(f)) {
                     return Ok(Some(found));
                 }
-                let any_cached = self.cache.get("config.json").is_some();
-                if files.len() == 1 && files[0] != "config.json" && any_cached {
+                if self.cache.get(CONFIG).is_some() {
                     return Ok(None);
                 }
                 Err(Error::checkpoint(

@@ -47,7 +47,7 @@ impl Captioner {
 
     pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
         let location = &checkpoint.location;
-        let config = BlipConfig::from_file(&checkpoint.config)?;
+        let config = BlipConfig::from_file(&checkpoint.config_file()?)?;
         match config.architecture() {
             None | Some(Ok(Architecture::ConditionalGeneration)) => {}
             Some(Ok(other)) => {
@@ -63,8 +63,8 @@ impl Captioner {
                 return Err(Error::checkpoint(location, format!("architecture {name} is not a BLIP captioning model")))
             }
         }
-        let image_processor = match &checkpoint.preprocessor_config {
-            Some(path) => ImageProcessor::from_file(path)?,
+        let image_processor = match checkpoint.preprocessor_config_file()? {
+            Some(path) => ImageProcessor::from_file(&path)?,
             None => ImageProcessor::default(),
         };
         let image_size = config.vision_config.image_size;
@@ -77,7 +77,7 @@ impl Captioner {
                 ),
             ));
         }
-        let text_processor = TextProcessor::from_file(&checkpoint.tokenizer, &config.text_config)?;
+        let text_processor = TextProcessor::from_file(&checkpoint.tokenizer_file()?, &config.text_config)?;
         let vb = checkpoint.var_builder(DType::F32, device)?;
         let model = CaptioningModel::new(&config, vb).map_err(|e| {
             Error::checkpoint(location, format!("weights do not fit a BlipForConditionalGeneration model: {e}"))
