@@ -132,7 +132,10 @@ impl ImageProcessor {
                     }
                     Ok(out)
                 }
-                Some(other) => Err(bad(key, &format!("expected a list of 3 numbers (RGB), got {other}"))),
+                Some(other) => Err(bad(
+                    key,
+                    &format!("expected a list of 3 numbers (RGB), got {other}"),
+                )),
             }
         };
 
@@ -142,7 +145,12 @@ impl ImageProcessor {
                 v.as_u64()
                     .filter(|&n| n > 0 && n <= 1 << 16)
                     .map(|n| n as usize)
-                    .ok_or_else(|| bad("size", &format!("{what} must be a positive integer, got {v}")))
+                    .ok_or_else(|| {
+                        bad(
+                            "size",
+                            &format!("{what} must be a positive integer, got {v}"),
+                        )
+                    })
             };
             match size {
                 Value::Number(_) => {
@@ -163,7 +171,12 @@ impl ImageProcessor {
                         ));
                     }
                 }
-                other => return Err(bad("size", &format!("expected an integer or an object, got {other}"))),
+                other => {
+                    return Err(bad(
+                        "size",
+                        &format!("expected an integer or an object, got {other}"),
+                    ))
+                }
             }
         }
         p.do_resize = get_bool("do_resize", true)?;
@@ -175,11 +188,16 @@ impl ImageProcessor {
             p.rescale_factor = v
                 .as_f64()
                 .filter(|f| f.is_finite() && *f != 0.0)
-                .ok_or_else(|| bad("rescale_factor", &format!("expected a nonzero number, got {v}")))?;
+                .ok_or_else(|| {
+                    bad(
+                        "rescale_factor",
+                        &format!("expected a nonzero number, got {v}"),
+                    )
+                })?;
         }
         p.image_mean = get_triple("image_mean", OPENAI_CLIP_MEAN)?;
         p.image_std = get_triple("image_std", OPENAI_CLIP_STD)?;
-        if p.image_std.iter().any(|s| *s == 0.0) {
+        if p.image_std.contains(&0.0) {
             return Err(bad("image_std", "a zero std divides by zero"));
         }
         if let Some(v) = obj.get("resample").filter(|v| !v.is_null()) {
@@ -191,7 +209,12 @@ impl ImageProcessor {
                         &format!("only 3 (bicubic, BLIP's filter) is implemented, got {v}"),
                     ))
                 }
-                _ => return Err(bad("resample", &format!("expected a PIL filter number 0-5, got {v}"))),
+                _ => {
+                    return Err(bad(
+                        "resample",
+                        &format!("expected a PIL filter number 0-5, got {v}"),
+                    ))
+                }
             }
         }
         Ok(p)
@@ -222,7 +245,11 @@ impl ImageProcessor {
     }
 
     /// Several images to a `[N, 3, H, W]` f32 tensor on `device`.
-    pub fn preprocess_batch(&self, images: &[RgbImage], device: &candle_core::Device) -> Result<candle_core::Tensor> {
+    pub fn preprocess_batch(
+        &self,
+        images: &[RgbImage],
+        device: &candle_core::Device,
+    ) -> Result<candle_core::Tensor> {
         let first = images
             .first()
             .ok_or_else(|| Error::InvalidInput("no images to preprocess".into()))?;
@@ -241,12 +268,18 @@ impl ImageProcessor {
         for (image, out) in images.iter().zip(data.chunks_exact_mut(per)) {
             self.preprocess_into(image, out);
         }
-        Ok(candle_core::Tensor::from_vec(data, (images.len(), 3, h, w), device)?)
+        Ok(candle_core::Tensor::from_vec(
+            data,
+            (images.len(), 3, h, w),
+            device,
+        )?)
     }
 
     fn preprocess_into(&self, image: &RgbImage, out: &mut [f32]) {
         let resized;
-        let src = if self.do_resize && (image.height() as usize, image.width() as usize) != (self.height, self.width) {
+        let src = if self.do_resize
+            && (image.height() as usize, image.width() as usize) != (self.height, self.width)
+        {
             resized = match self.backend {
                 ResizeBackend::Torchvision => resize_torchvision(image, self.height, self.width),
                 ResizeBackend::Pil => resize_pil(image, self.height, self.width),
@@ -304,7 +337,11 @@ impl ImageProcessor {
             // transformers `image_transforms.rescale` (f64 product, then f32) and `normalize`
             // (numpy f32 arrays: (x - mean) / std with mean/std as float32).
             ResizeBackend::Pil => {
-                let v = if self.do_rescale { (level as f64 * self.rescale_factor) as f32 } else { x };
+                let v = if self.do_rescale {
+                    (level as f64 * self.rescale_factor) as f32
+                } else {
+                    x
+                };
                 if self.do_normalize {
                     (v - self.image_mean[c] as f32) / self.image_std[c] as f32
                 } else {
@@ -360,7 +397,11 @@ fn torch_bicubic(x: f64) -> f64 {
 /// Normalized f64 weights as both libraries compute them (PIL `precompute_coeffs`, torch
 /// `_compute_indices_min_size_weights_aa`): antialiased support `2 * max(scale, 1)`, centre
 /// `(i + 0.5) * scale`, taps from `trunc(centre - support + 0.5)` to `trunc(centre + support + 0.5)`.
-fn float_weights(in_size: usize, out_size: usize, filter: fn(f64) -> f64) -> (Vec<usize>, Vec<usize>, usize, Vec<f64>) {
+fn float_weights(
+    in_size: usize,
+    out_size: usize,
+    filter: fn(f64) -> f64,
+) -> (Vec<usize>, Vec<usize>, usize, Vec<f64>) {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = if scale < 1.0 { 1.0 } else { scale };
     let support = 2.0 * filterscale;
@@ -406,7 +447,13 @@ fn pil_kernel(in_size: usize, out_size: usize) -> AxisKernel {
     const PRECISION_BITS: u32 = 22;
     let (start, len, ksize, kf) = float_weights(in_size, out_size, pil_bicubic);
     let k = kf.iter().map(|&w| to_fixed(w, PRECISION_BITS)).collect();
-    AxisKernel { start, len, ksize, k, prec: PRECISION_BITS }
+    AxisKernel {
+        start,
+        len,
+        ksize,
+        k,
+        prec: PRECISION_BITS,
+    }
 }
 
 /// torch (`_compute_index_ranges_int16_weights`): int16 weights with the most fractional bits
@@ -427,8 +474,17 @@ fn torch_kernel(in_size: usize, out_size: usize) -> AxisKernel {
         }
         prec += 1;
     }
-    let k = kf.iter().map(|&w| to_fixed(w, prec) as i16 as i32).collect();
-    AxisKernel { start, len, ksize, k, prec }
+    let k = kf
+        .iter()
+        .map(|&w| to_fixed(w, prec) as i16 as i32)
+        .collect();
+    AxisKernel {
+        start,
+        len,
+        ksize,
+        k,
+        prec,
+    }
 }
 
 #[inline]
@@ -437,7 +493,13 @@ fn clip8(sum: i32, prec: u32) -> u8 {
 }
 
 /// Horizontal pass over input rows `rows` of an interleaved RGB image of width `in_w`.
-fn resample_horizontal(src: &[u8], in_w: usize, rows: std::ops::Range<usize>, kx: &AxisKernel, out_w: usize) -> Vec<u8> {
+fn resample_horizontal(
+    src: &[u8],
+    in_w: usize,
+    rows: std::ops::Range<usize>,
+    kx: &AxisKernel,
+    out_w: usize,
+) -> Vec<u8> {
     let mut out = vec![0u8; rows.len() * out_w * 3];
     let round = 1i32 << (kx.prec - 1);
     for (oy, y) in rows.enumerate() {
@@ -462,7 +524,13 @@ fn resample_horizontal(src: &[u8], in_w: usize, rows: std::ops::Range<usize>, kx
 }
 
 /// Vertical pass: output row `yy` sums input rows `start[yy] - row_offset ..` of `src`.
-fn resample_vertical(src: &[u8], w: usize, row_offset: usize, ky: &AxisKernel, out_h: usize) -> Vec<u8> {
+fn resample_vertical(
+    src: &[u8],
+    w: usize,
+    row_offset: usize,
+    ky: &AxisKernel,
+    out_h: usize,
+) -> Vec<u8> {
     let stride = w * 3;
     let mut out = vec![0u8; out_h * stride];
     let mut acc = vec![0i32; stride];
@@ -484,32 +552,62 @@ fn resample_vertical(src: &[u8], w: usize, row_offset: usize, ky: &AxisKernel, o
     out
 }
 
-/// Separable two-pass resize as both libraries run it: horizontal pass first (only over the rows
-/// the vertical pass reads), then vertical; a pass whose size does not change is skipped.
-fn resize_with(image: &RgbImage, height: usize, width: usize, kernel: fn(usize, usize) -> AxisKernel) -> RgbImage {
+/// Which pass runs first when both axes change.
+#[derive(Clone, Copy)]
+enum PassOrder {
+    /// torch's uint8 kernels: always horizontal, then vertical.
+    HorizontalFirst,
+    /// Pillow 13 (`ImagingResampleInner`): vertical first when the height shrinks by more than
+    /// twice as many pixels as the width does, `(in_h - out_h) > 0 && (in_h - out_h) >
+    /// 2 * (in_w - out_w)`; horizontal first otherwise.
+    Pillow13,
+}
+
+/// Separable two-pass resize as both libraries run it: each pass rounds and clips to uint8; a
+/// pass whose size does not change is skipped; a horizontal first pass only computes the rows
+/// the vertical pass reads.
+fn resize_with(
+    image: &RgbImage,
+    height: usize,
+    width: usize,
+    kernel: fn(usize, usize) -> AxisKernel,
+    order: PassOrder,
+) -> RgbImage {
     let (in_w, in_h) = (image.width() as usize, image.height() as usize);
-    assert!(height > 0 && width > 0, "resize to an empty image ({width}x{height})");
-    if (in_w, in_h) == (width, height) || in_w == 0 || in_h == 0 {
-        return if in_w == 0 || in_h == 0 {
-            RgbImage::new(width as u32, height as u32)
-        } else {
-            image.clone()
-        };
+    if in_w == 0 || in_h == 0 || width == 0 || height == 0 {
+        return RgbImage::new(width as u32, height as u32);
+    }
+    if (in_w, in_h) == (width, height) {
+        return image.clone();
     }
     let src = image.as_raw();
     let need_h = width != in_w;
     let need_v = height != in_h;
-    let ky = need_v.then(|| kernel(in_h, height));
-    let data = match (need_h, &ky) {
-        (true, Some(ky)) => {
-            let first = ky.start[0];
-            let last = (0..height).map(|i| ky.start[i] + ky.len[i]).max().unwrap_or(in_h);
-            let tmp = resample_horizontal(src, in_w, first..last, &kernel(in_w, width), width);
-            resample_vertical(&tmp, width, first, ky, height)
+    let horizontal_first = match order {
+        PassOrder::HorizontalFirst => true,
+        PassOrder::Pillow13 => {
+            let (dh, dw) = (in_h as i64 - height as i64, in_w as i64 - width as i64);
+            !(dh > 0 && dh > dw * 2)
         }
-        (true, None) => resample_horizontal(src, in_w, 0..in_h, &kernel(in_w, width), width),
-        (false, Some(ky)) => resample_vertical(src, in_w, 0, ky, height),
-        (false, None) => unreachable!("sizes differ"),
+    };
+    let data = match (need_h, need_v) {
+        (true, true) if horizontal_first => {
+            let ky = kernel(in_h, height);
+            let first = ky.start[0];
+            let last = (0..height)
+                .map(|i| ky.start[i] + ky.len[i])
+                .max()
+                .unwrap_or(in_h);
+            let tmp = resample_horizontal(src, in_w, first..last, &kernel(in_w, width), width);
+            resample_vertical(&tmp, width, first, &ky, height)
+        }
+        (true, true) => {
+            let tmp = resample_vertical(src, in_w, 0, &kernel(in_h, height), height);
+            resample_horizontal(&tmp, in_w, 0..height, &kernel(in_w, width), width)
+        }
+        (true, false) => resample_horizontal(src, in_w, 0..in_h, &kernel(in_w, width), width),
+        (false, true) => resample_vertical(src, in_w, 0, &kernel(in_h, height), height),
+        (false, false) => unreachable!("sizes differ"),
     };
     RgbImage::from_raw(width as u32, height as u32, data).expect("buffer size matches")
 }
@@ -518,13 +616,19 @@ fn resize_with(image: &RgbImage, height: usize, width: usize, kernel: fn(usize, 
 /// transformers 5 calls it (torch's `_upsample_bicubic2d_aa` uint8 kernel): PIL's antialiased
 /// bicubic (a = -0.5) with weights in int16 at a precision chosen from the largest weight.
 pub fn resize_torchvision(image: &RgbImage, height: usize, width: usize) -> RgbImage {
-    resize_with(image, height, width, torch_kernel)
+    resize_with(
+        image,
+        height,
+        width,
+        torch_kernel,
+        PassOrder::HorizontalFirst,
+    )
 }
 
-/// `PIL.Image.resize((width, height), Image.BICUBIC)` on an RGB image (libImaging/Resample.c,
-/// 22-bit fixed-point weights).
+/// `PIL.Image.resize((width, height), Image.BICUBIC)` on an RGB image, as Pillow 13 does it
+/// (libImaging/Resample.c: 22-bit fixed-point weights, pass order chosen from the size change).
 pub fn resize_pil(image: &RgbImage, height: usize, width: usize) -> RgbImage {
-    resize_with(image, height, width, pil_kernel)
+    resize_with(image, height, width, pil_kernel, PassOrder::Pillow13)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -540,8 +644,9 @@ pub fn resize_pil(image: &RgbImage, height: usize, width: usize) -> RgbImage {
 ///   `cmyk2rgb` integer formula. PNG, GIF (first frame), BMP, TIFF and WebP go through the `image`
 ///   crate: alpha is dropped (not composited), gray replicated, palettes expanded, as PIL's
 ///   `convert("RGB")` does.
-/// * EXIF orientation is applied for JPEG (EXIF, else XMP `tiff:Orientation`, as PIL reads it) and
-///   for the formats whose orientation the `image` crate reports (PNG `eXIf`, TIFF, WebP).
+/// * Orientation is applied as PIL's `exif_transpose` reads it: the EXIF Orientation tag (JPEG
+///   APP1, PNG `eXIf`, WebP `EXIF`, TIFF's own tag), else XMP `tiff:Orientation` (JPEG, PNG
+///   iTXt, WebP).
 /// * The processor's RGB step (`do_convert_rgb`, on by default) composites images with a
 ///   colour-key transparency (PNG `tRNS` naming one palette index, gray level or RGB colour; GIF
 ///   transparency index) onto white: after `load_image` such an image is RGB with
@@ -553,14 +658,18 @@ pub fn resize_pil(image: &RgbImage, height: usize, width: usize) -> RgbImage {
 ///
 /// Missing, empty, truncated, corrupt or non-image files give `Error::Image` naming the path.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::image(path, format!("cannot read image file: {e}")))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::image(path, format!("cannot read image file: {e}")))?;
     load_image_from_memory(&bytes, path)
 }
 
 /// [`load_image`] on the bytes of a file; `name` is only used in error messages.
 pub fn load_image_from_memory(bytes: &[u8], name: &Path) -> Result<RgbImage> {
     if bytes.is_empty() {
-        return Err(Error::image(name, "the file is empty (0 bytes), not an image"));
+        return Err(Error::image(
+            name,
+            "the file is empty (0 bytes), not an image",
+        ));
     }
     // PIL's JpegImagePlugin accepts exactly this prefix.
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
@@ -569,7 +678,10 @@ pub fn load_image_from_memory(bytes: &[u8], name: &Path) -> Result<RgbImage> {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_other(bytes)));
     match outcome {
         Ok(result) => result.map_err(|reason| Error::image(name, reason)),
-        Err(_) => Err(Error::image(name, "the image decoder failed on this file (corrupt data)")),
+        Err(_) => Err(Error::image(
+            name,
+            "the image decoder failed on this file (corrupt data)",
+        )),
     }
 }
 
@@ -588,20 +700,46 @@ fn check_pixels(width: u64, height: u64) -> DecodeResult<()> {
 }
 
 fn decode_other(bytes: &[u8]) -> DecodeResult<RgbImage> {
+    use ::image::metadata::Orientation;
     use ::image::ImageFormat;
     let format = ::image::guess_format(bytes).map_err(|_| {
-        "not a recognized image file (supported formats: JPEG, PNG, GIF, BMP, TIFF, WebP)".to_string()
+        "not a recognized image file (supported formats: JPEG, PNG, GIF, BMP, TIFF, WebP)"
+            .to_string()
     })?;
     let fname = format!("{format:?}").to_uppercase();
     let reader = ::image::ImageReader::with_format(Cursor::new(bytes), format);
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| format!("cannot decode {fname} image (corrupt, truncated or unsupported): {e}"))?;
+    let mut decoder = reader.into_decoder().map_err(|e| {
+        format!("cannot decode {fname} image (corrupt, truncated or unsupported): {e}")
+    })?;
     let (w, h) = decoder.dimensions();
     check_pixels(w as u64, h as u64)?;
-    let orientation = decoder.orientation().unwrap_or(::image::metadata::Orientation::NoTransforms);
-    let img = DynamicImage::from_decoder(decoder)
-        .map_err(|e| format!("cannot decode {fname} image (corrupt, truncated or unsupported): {e}"))?;
+    // PIL `getexif()`: the EXIF Orientation tag if present, else XMP `tiff:Orientation`. TIFF
+    // orientation is a tag of the image itself.
+    let exif_value = decoder
+        .exif_metadata()
+        .ok()
+        .flatten()
+        .as_deref()
+        .and_then(exif_orientation);
+    let orientation = match exif_value {
+        Some(v) => orientation_from_exif_value(v),
+        None => {
+            let tiff = match format {
+                ImageFormat::Tiff => decoder
+                    .orientation()
+                    .ok()
+                    .filter(|o| *o != Orientation::NoTransforms),
+                _ => None,
+            };
+            tiff.or_else(|| {
+                let xmp = decoder.xmp_metadata().ok().flatten()?;
+                orientation_from_exif_value(xmp_orientation(&xmp)?)
+            })
+        }
+    };
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| {
+        format!("cannot decode {fname} image (corrupt, truncated or unsupported): {e}")
+    })?;
 
     let mut rgb = to_rgb8_like_pil(img);
     match format {
@@ -617,7 +755,7 @@ fn decode_other(bytes: &[u8]) -> DecodeResult<RgbImage> {
         }
         _ => {}
     }
-    if orientation != ::image::metadata::Orientation::NoTransforms {
+    if let Some(orientation) = orientation {
         let mut img = DynamicImage::ImageRgb8(rgb);
         img.apply_orientation(orientation);
         rgb = img.into_rgb8();
@@ -692,10 +830,12 @@ fn apply_color_key(rgb: &mut RgbImage, key: [u16; 3]) {
     }
 }
 
-/// The RGB colour that PIL's `convert("RGB")` leaves in `info["transparency"]` for a PNG: the
-/// palette entry of a single fully transparent index (tRNS `^\xff*\x00\xff*$`), or the tRNS gray
-/// level or RGB colour. None for other PNGs (alpha channels, partial palette alpha, 1-bit and
-/// 16-bit gray, whose keys PIL does not carry through `convert("RGB")` as a colour).
+/// The colour key PIL's `convert("RGB")` leaves in `info["transparency"]` for a PNG, which the
+/// processor's RGB step then turns white: the palette entry of a single fully transparent index
+/// (tRNS `^\xff*\x00\xff*$`; partial palette alpha is dropped), the tRNS gray level (2-8 bit), the
+/// raw tRNS RGB samples (8 or 16 bit; a 16-bit key only matches 8-bit pixels if it is below 256,
+/// as in PIL). 1-bit and 16-bit gray keys survive as a bare integer `t`, which PIL applies to RGB
+/// as the colour `(t, 0, 0)`: only `t == 0` can match a gray pixel.
 fn png_color_key(bytes: &[u8]) -> Option<[u16; 3]> {
     let mut pos = 8;
     let (mut bit_depth, mut color_type) = (0u8, 255u8);
@@ -714,18 +854,25 @@ fn png_color_key(bytes: &[u8]) -> Option<[u16; 3]> {
                 return match color_type {
                     3 => {
                         let zero = data.iter().position(|&a| a == 0)?;
-                        let simple = data.iter().enumerate().all(|(i, &a)| a == 0xFF || i == zero);
+                        let simple = data
+                            .iter()
+                            .enumerate()
+                            .all(|(i, &a)| a == 0xFF || i == zero);
                         if !simple {
                             return None;
                         }
                         let c = palette.get(zero * 3..zero * 3 + 3).unwrap_or(&[0, 0, 0]);
                         Some([c[0] as u16, c[1] as u16, c[2] as u16])
                     }
-                    0 if (2..=8).contains(&bit_depth) && data.len() >= 2 => {
+                    0 if data.len() >= 2 => {
                         let v = u16::from_be_bytes([data[0], data[1]]);
-                        (v <= 255).then_some([v, v, v])
+                        match bit_depth {
+                            2..=8 if v <= 255 => Some([v, v, v]),
+                            1 | 16 if v == 0 => Some([0, 0, 0]),
+                            _ => None,
+                        }
                     }
-                    2 if bit_depth == 8 && data.len() >= 6 => Some([
+                    2 if data.len() >= 6 => Some([
                         u16::from_be_bytes([data[0], data[1]]),
                         u16::from_be_bytes([data[2], data[3]]),
                         u16::from_be_bytes([data[4], data[5]]),
@@ -754,7 +901,10 @@ fn gif_first_frame(bytes: &[u8]) -> Option<GifFrameInfo> {
     if bytes.len() < 13 || !bytes.starts_with(b"GIF") {
         return None;
     }
-    let screen = (u16::from_le_bytes([bytes[6], bytes[7]]) as u32, u16::from_le_bytes([bytes[8], bytes[9]]) as u32);
+    let screen = (
+        u16::from_le_bytes([bytes[6], bytes[7]]) as u32,
+        u16::from_le_bytes([bytes[8], bytes[9]]) as u32,
+    );
     let packed = bytes[10];
     let mut pos = 13;
     let mut palette = Vec::new();
@@ -793,7 +943,12 @@ fn gif_first_frame(bytes: &[u8]) -> Option<GifFrameInfo> {
                     let n = 3 << ((d[8] & 7) + 1);
                     palette = bytes.get(pos + 10..pos + 10 + n)?.to_vec();
                 }
-                return Some(GifFrameInfo { screen, rect, palette, transparency });
+                return Some(GifFrameInfo {
+                    screen,
+                    rect,
+                    palette,
+                    transparency,
+                });
             }
             _ => return None,
         }
@@ -804,10 +959,14 @@ fn gif_first_frame(bytes: &[u8]) -> Option<GifFrameInfo> {
 /// (else index 0), and the processor then turns the transparency colour white.
 fn fix_gif_first_frame(rgb: &mut RgbImage, info: &GifFrameInfo) {
     let colour = |i: u8| -> [u8; 3] {
-        info.palette.get(i as usize * 3..i as usize * 3 + 3).map_or([0, 0, 0], |c| [c[0], c[1], c[2]])
+        info.palette
+            .get(i as usize * 3..i as usize * 3 + 3)
+            .map_or([0, 0, 0], |c| [c[0], c[1], c[2]])
     };
     let (left, top, w, h) = info.rect;
-    if (rgb.width(), rgb.height()) == info.screen && (left, top, w, h) != (0, 0, info.screen.0, info.screen.1) {
+    if (rgb.width(), rgb.height()) == info.screen
+        && (left, top, w, h) != (0, 0, info.screen.0, info.screen.1)
+    {
         let fill = colour(info.transparency.unwrap_or(0));
         for (x, y, px) in rgb.enumerate_pixels_mut() {
             if x < left || y < top || x >= left.saturating_add(w) || y >= top.saturating_add(h) {
@@ -829,7 +988,10 @@ struct JpegMeta {
 }
 
 fn jpeg_meta(bytes: &[u8]) -> JpegMeta {
-    let mut meta = JpegMeta { exif: None, xmp: None };
+    let mut meta = JpegMeta {
+        exif: None,
+        xmp: None,
+    };
     let mut pos = 2;
     while pos + 4 <= bytes.len() {
         if bytes[pos] != 0xFF {
@@ -848,7 +1010,9 @@ fn jpeg_meta(bytes: &[u8]) -> JpegMeta {
             break;
         }
         let len = u16::from_be_bytes([bytes[pos + 2], bytes[pos + 3]]) as usize;
-        let Some(seg) = bytes.get(pos + 4..pos + 2 + len.max(2)) else { break };
+        let Some(seg) = bytes.get(pos + 4..pos + 2 + len.max(2)) else {
+            break;
+        };
         if marker == 0xE1 {
             if seg.starts_with(b"Exif\0\0") {
                 match &mut meta.exif {
@@ -877,11 +1041,19 @@ fn exif_orientation(mut exif: &[u8]) -> Option<u32> {
     };
     let u16_at = |p: usize| -> Option<u16> {
         let b = exif.get(p..p + 2)?;
-        Some(if le { u16::from_le_bytes([b[0], b[1]]) } else { u16::from_be_bytes([b[0], b[1]]) })
+        Some(if le {
+            u16::from_le_bytes([b[0], b[1]])
+        } else {
+            u16::from_be_bytes([b[0], b[1]])
+        })
     };
     let u32_at = |p: usize| -> Option<u32> {
         let b: [u8; 4] = exif.get(p..p + 4)?.try_into().ok()?;
-        Some(if le { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) })
+        Some(if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        })
     };
     let ifd = u32_at(4)? as usize;
     let count = u16_at(ifd)? as usize;
@@ -951,8 +1123,11 @@ impl TjHandle {
     fn error(&self) -> (bool, String) {
         // SAFETY: valid handle; tj3GetErrorStr returns a NUL-terminated static or per-handle buffer.
         unsafe {
-            let fatal = turbojpeg::raw::tj3GetErrorCode(self.0) as u32 == turbojpeg::raw::TJERR_TJERR_FATAL;
-            let msg = std::ffi::CStr::from_ptr(turbojpeg::raw::tj3GetErrorStr(self.0)).to_string_lossy().into_owned();
+            let fatal =
+                turbojpeg::raw::tj3GetErrorCode(self.0) as u32 == turbojpeg::raw::TJERR_TJERR_FATAL;
+            let msg = std::ffi::CStr::from_ptr(turbojpeg::raw::tj3GetErrorStr(self.0))
+                .to_string_lossy()
+                .into_owned();
             (fatal, msg)
         }
     }
@@ -989,7 +1164,9 @@ fn decode_jpeg(bytes: &[u8]) -> DecodeResult<RgbImage> {
         return Err("corrupt JPEG header (no image size)".into());
     }
     if precision != 8 {
-        return Err(format!("cannot handle {precision}-bit JPEG samples (only 8-bit, like PIL)"));
+        return Err(format!(
+            "cannot handle {precision}-bit JPEG samples (only 8-bit, like PIL)"
+        ));
     }
     check_pixels(width as u64, height as u64)?;
     let (w, h) = (width as usize, height as usize);
@@ -1000,7 +1177,14 @@ fn decode_jpeg(bytes: &[u8]) -> DecodeResult<RgbImage> {
     };
     let mut buf = vec![0u8; w * h * channels];
     let rc = unsafe {
-        raw::tj3Decompress8(handle.0, bytes.as_ptr(), bytes.len() as _, buf.as_mut_ptr(), (w * channels) as _, pf as _)
+        raw::tj3Decompress8(
+            handle.0,
+            bytes.as_ptr(),
+            bytes.len() as _,
+            buf.as_mut_ptr(),
+            (w * channels) as _,
+            pf as _,
+        )
     };
     if rc != 0 {
         // Warnings (corrupt-but-decodable data) are ignored, as PIL ignores them, except running
