@@ -20,23 +20,23 @@ fn fixtures() -> PathBuf {
 
 /// One checkpoint with what transformers produced for it.
 struct Expected {
-    root: PathBuf,
     meta: Value,
     tensors: HashMap<String, Tensor>,
     captioner: Captioner,
 }
 
 impl Expected {
-    fn load(root: &Path, model_dir: &Path, name: &str) -> Self {
+    /// `expected` is the path of the `.json`/`.safetensors` pair without extension.
+    fn load(expected: &Path, model_dir: &Path) -> Self {
         let meta: Value =
-            serde_json::from_str(&std::fs::read_to_string(root.join(format!("expected/{name}.json"))).unwrap()).unwrap();
-        let tensors = candle_core::safetensors::load(root.join(format!("expected/{name}.safetensors")), &Device::Cpu).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(expected.with_extension("json")).unwrap()).unwrap();
+        let tensors = candle_core::safetensors::load(expected.with_extension("safetensors"), &Device::Cpu).unwrap();
         let captioner = Captioner::load(model_dir.to_str().unwrap(), &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
-        Self { root: root.to_path_buf(), meta, tensors, captioner }
+        Self { meta, tensors, captioner }
     }
 
     fn tiny(name: &str) -> Self {
-        Self::load(&fixtures(), &fixtures().join("models").join(name), name)
+        Self::load(&fixtures().join("expected").join(name), &fixtures().join("models").join(name))
     }
 
     fn tensor(&self, name: &str) -> &Tensor {
@@ -44,7 +44,7 @@ impl Expected {
     }
 
     fn image_paths(&self) -> Vec<PathBuf> {
-        self.meta["images"].as_array().unwrap().iter().map(|p| self.root.join(p.as_str().unwrap())).collect()
+        self.meta["images"].as_array().unwrap().iter().map(|p| fixtures().join(p.as_str().unwrap())).collect()
     }
 }
 
@@ -149,7 +149,7 @@ fn sharded_f16_checkpoint() {
 #[ignore = "needs a full-size fixture: BLIP_FULL_FIXTURE=/tmp/blip-full (scripts/make_model_fixtures.py --full)"]
 fn full_size() {
     let root = PathBuf::from(std::env::var("BLIP_FULL_FIXTURE").expect("BLIP_FULL_FIXTURE"));
-    let e = Expected::load(&root, &root.join("model"), "full");
+    let e = Expected::load(&root.join("expected"), &root.join("model"));
     check_pixels(&e);
     check_activations(&e);
     check_generation(&e);
