@@ -1,0 +1,560 @@
+#!/usr/bin/env python3
+"""Generate the tiny BLIP captioning checkpoints and the transformers reference outputs
+that the Rust model tests compare against.
+
+Run by hand (never by CI), from anywhere:
+
+    /opt/fixenv/bin/python scripts/make_model_fixtures.py            # tiny fixtures (committed)
+    /opt/fixenv/bin/python scripts/make_model_fixtures.py --full DIR # full-size check (not committed)
+
+Everything is seeded; re-running it rewrites the same files. See
+crates/blip/tests/fixtures/FIXTURES.md for what each file holds.
+
+Needs no network: the configs come from shared/hub-configs, the tokenizer from
+shared/bert-base-uncased, the images from scikit-image's data folder.
+"""
+
+# Exact versions the committed fixtures were produced with (asserted at run time).
+PINNED_VERSIONS = {
+    "python": "3.11",
+    "torch": "2.15.0+cu132",
+    "torchvision": "0.29.2+cu132",
+    "transformers": "5.24.0",
+    "pillow": "13.0.0",
+    "scikit-image": "0.26.0",
+    "safetensors": "0.8.0",
+    "numpy": "2.4.6",
+}
+
+import argparse
+import collections
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy
+import PIL
+import safetensors
+import skimage
+import torch
+import torchvision  # noqa: F401  (must be importable: transformers 5 silently uses PIL otherwise)
+import transformers
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoProcessor, BlipConfig, BlipForConditionalGeneration
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_utils import load_image
+
+
+def check_versions():
+    found = {
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "transformers": transformers.__version__,
+        "pillow": PIL.__version__,
+        "scikit-image": skimage.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": numpy.__version__,
+    }
+    bad = {k: (found[k], v) for k, v in PINNED_VERSIONS.items() if found[k] != v}
+    assert not bad, f"version mismatch (found, pinned): {bad}"
+    return found
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+if not SHARED.is_dir():
+    SHARED = Path("/work/shared")
+HUB = SHARED / "hub-configs"
+BERT = SHARED / "bert-base-uncased"
+FIX = REPO / "crates" / "blip" / "tests" / "fixtures"
+MODELS = FIX / "models"
+EXPECTED = FIX / "expected"
+IMAGES_DIR = FIX / "images-model"
+SK_DATA = Path(skimage.__file__).parent / "data"
+
+IMAGE_NAMES = ["chelsea.png", "astronaut.png", "rocket.jpg"]
+PROMPT = "a picture of"
+BOS, SEP, PAD = 30522, 102, 0
+
+# ---- tiny model -------------------------------------------------------------------------
+TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, image_size=96, patch_size=16)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64)  # vocab_size stays 30524
+TINY_IMAGE_SIZE = 96
+# Re-initialisation (found by a seed/bias search so that greedy captions are varied, some stop
+# early at [SEP], the prompt changes the continuation, and images differ):
+TINY_SEED = 4
+TINY_WEIGHT_STD = 0.2       # every >=2-D tensor (Linear, Conv, Embedding, vision class/pos emb)
+LN_WEIGHT = (1.0, 0.1)      # LayerNorm weight: 1 + 0.1 * randn
+BIAS_STD = 0.1              # every bias (incl. cls.predictions.bias): 0.1 * randn
+TINY_SEP_BIAS_SHIFT = 3.75  # added to cls.predictions.bias[102] so that some captions stop early
+
+# ---- full-size model (--full) -----------------------------------------------------------
+FULL_SEED = 1
+# Linear/Conv weights: normal(0, gain / sqrt(fan_in)). The 12-layer post-norm text decoder needs a
+# smaller gain, or the token identity is washed out and every step repeats one token.
+FULL_LINEAR_GAIN_VISION = 1.6
+FULL_LINEAR_GAIN_TEXT = 0.5
+FULL_EMBED_STD = 0.04       # token/position/class embeddings (~ tiny's logit scale at 768 dims)
+FULL_SEP_BIAS_SHIFT = 2.0
+
+PREPROC_INT_KEYS = ["do_normalize", "do_resize", "image_mean", "image_processor_type",
+                    "image_std", "processor_class", "size"]
+
+
+def dump_json(obj, path):
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def tiny_config_dict():
+    """caption-base's config.json (4.26-style full dump, no encoder_hidden_size), shrunk."""
+    cfg = json.loads((HUB / "blip-image-captioning-base" / "config.json").read_text())
+    assert "encoder_hidden_size" not in cfg["text_config"]
+    for k, v in TINY_VISION.items():
+        assert k in cfg["vision_config"], k
+        cfg["vision_config"][k] = v
+    for k, v in TINY_TEXT.items():
+        assert k in cfg["text_config"], k
+        cfg["text_config"][k] = v
+    assert cfg["text_config"]["vocab_size"] == 30524
+    return cfg
+
+
+def preproc_int(size):
+    """caption-base style: only its keys, "size" an int."""
+    p = json.loads((HUB / "blip-image-captioning-base" / "preprocessor_config.json").read_text())
+    assert sorted(p) == PREPROC_INT_KEYS, sorted(p)
+    p["size"] = size
+    return p
+
+
+def preproc_dict(size):
+    """blip-vqa-base style: size as {"height","width"}, do_rescale, rescale_factor, resample,
+    do_pad, size_divisor."""
+    p = json.loads((HUB / "blip-vqa-base" / "preprocessor_config.json").read_text())
+    p["size"] = {"height": size, "width": size}
+    return p
+
+
+def write_tokenizer(dst, full=True):
+    shutil.copyfile(BERT / "tokenizer.json", dst / "tokenizer.json")
+    if full:
+        shutil.copyfile(BERT / "vocab.txt", dst / "vocab.txt")
+        for f in ["tokenizer_config.json", "special_tokens_map.json"]:
+            shutil.copyfile(HUB / "blip-image-captioning-base" / f, dst / f)
+
+
+def fresh_dir(path):
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+# ---- weights ----------------------------------------------------------------------------
+@torch.no_grad()
+def reinit(model, seed, full):
+    """Overwrite every parameter (the default init is far too weak for a tiny random model to
+    give varied captions). Tied parameters are visited once (named_parameters dedups them)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and name.endswith("weight"):  # LayerNorm weights (the only 1-D weights)
+            p.copy_(LN_WEIGHT[0] + LN_WEIGHT[1] * torch.randn(p.shape, generator=g))
+        elif name.endswith("bias"):
+            p.copy_(BIAS_STD * torch.randn(p.shape, generator=g))
+        elif not full:
+            p.copy_(TINY_WEIGHT_STD * torch.randn(p.shape, generator=g))
+        elif "embedding" in name:  # word/position embeddings, vision class/position embedding
+            p.copy_(FULL_EMBED_STD * torch.randn(p.shape, generator=g))
+        else:  # Linear [out, in] / Conv [out, in, kh, kw]
+            fan_in = p[0].numel()
+            gain = FULL_LINEAR_GAIN_TEXT if name.startswith("text_") else FULL_LINEAR_GAIN_VISION
+            p.copy_(gain / fan_in ** 0.5 * torch.randn(p.shape, generator=g))
+    bias = model.text_decoder.cls.predictions.bias
+    bias[SEP] += FULL_SEP_BIAS_SHIFT if full else TINY_SEP_BIAS_SHIFT
+    # transformers keeps the LM head tied to the word embeddings (and decoder.bias to cls bias)
+    pred = model.text_decoder.cls.predictions
+    assert pred.decoder.weight is model.text_decoder.bert.embeddings.word_embeddings.weight
+    assert pred.decoder.bias is pred.bias
+
+
+def build_model(config_dir, seed, full):
+    config = BlipConfig.from_pretrained(config_dir)
+    # BlipConfig.__post_init__ sets text_config.encoder_hidden_size = vision_config.hidden_size
+    assert config.text_config.encoder_hidden_size == config.vision_config.hidden_size
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config).eval()
+    reinit(model, seed, full)
+    return model
+
+
+def hub_state_dict(model):
+    """The key set of the Hub's pytorch_model.bin (saved by transformers 4.2x): every weight with
+    its own storage, the tied text_decoder.cls.predictions.decoder.weight as a separate copy, no
+    ...decoder.bias, and the int64 buffer text_decoder.bert.embeddings.position_ids [1, max_pos]
+    (the only position_ids buffer BlipForConditionalGeneration has; the vision position
+    embedding is a Parameter)."""
+    out = collections.OrderedDict()
+    max_pos = model.config.text_config.max_position_embeddings
+    for k, v in model.state_dict().items():
+        if k == "text_decoder.cls.predictions.decoder.bias":
+            continue
+        if k == "text_decoder.bert.embeddings.word_embeddings.weight":
+            # 4.x state_dict order: a module's own buffers come before its children
+            out["text_decoder.bert.embeddings.position_ids"] = torch.arange(max_pos).expand((1, -1))
+        out[k] = v.detach().clone()
+    assert "text_decoder.cls.predictions.decoder.weight" in out
+    return out
+
+
+def save_pretrained_files(model, tmp, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp, **kw)
+    return sorted(os.listdir(tmp))
+
+
+def assert_same_weights(loaded, reference, what):
+    ref = reference.state_dict()
+    got = loaded.state_dict()
+    assert ref.keys() == got.keys(), what
+    for k in ref:
+        assert got[k].dtype == torch.float32, (what, k, got[k].dtype)
+        assert torch.equal(got[k], ref[k].float()), (what, k)
+
+
+def load_f32(model_dir):
+    model, info = BlipForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch.float32, output_loading_info=True)
+    return model.eval(), info
+
+
+# ---- processor / images -----------------------------------------------------------------
+def prepare_images():
+    IMAGES_DIR.mkdir(parents=True, exist_ok=True)
+    for name in IMAGE_NAMES:
+        src, dst = SK_DATA / name, IMAGES_DIR / name
+        if name == "astronaut.png":  # 512x512, 790 KB: downscale
+            Image.open(src).convert("RGB").resize((256, 256), Image.LANCZOS).save(dst)
+        else:  # chelsea.png (451x300, 240 KB), rocket.jpg (640x427, 112 KB): verbatim
+            shutil.copyfile(src, dst)
+    return [IMAGES_DIR / n for n in IMAGE_NAMES]
+
+
+def load_processor(model_dir):
+    proc = AutoProcessor.from_pretrained(model_dir)
+    ip = proc.image_processor
+    assert type(proc).__name__ == "BlipProcessor", type(proc)
+    assert type(ip).__name__ == "BlipImageProcessor" and isinstance(ip, TorchvisionBackend), type(ip)
+    return proc
+
+
+# ---- expected outputs -------------------------------------------------------------------
+def top2_margin(scores, seqs, prompt_len):
+    """Smallest (top1 - top2) gap of the processed scores over all greedy steps where a row was
+    still generating: how much float noise the greedy path tolerates."""
+    best = float("inf")
+    for step, s in enumerate(scores):
+        for row in range(s.shape[0]):
+            prev = seqs[row, prompt_len:prompt_len + step].tolist()
+            if SEP in prev:
+                continue
+            top = torch.topk(s[row].float(), 2).values
+            best = min(best, (top[0] - top[1]).item())
+    return best
+
+
+def new_token_count(row, prompt_len):
+    """Generated tokens of one row, the final [SEP] included, the [PAD] after it excluded."""
+    gen = row[prompt_len:]
+    return gen.index(SEP) + 1 if SEP in gen else len(gen)
+
+
+@torch.no_grad()
+def run_case(model, proc, pv, enc, name, images, prompt, kwargs):
+    idx = torch.tensor(images)
+    call_kwargs = dict(pixel_values=pv[idx])
+    call = f"model.generate(pixel_values=pixel_values[{images}]"
+    prompt_len = 1
+    if prompt is not None:
+        # generate() writes bos into input_ids[:, 0] in place: pass copies
+        call_kwargs["input_ids"] = enc["input_ids"][idx].clone()
+        call_kwargs["attention_mask"] = enc["attention_mask"][idx].clone()
+        call += ", input_ids=..., attention_mask=..."
+        prompt_len = enc["input_ids"].shape[1] - 1
+    for k, v in kwargs.items():
+        call += f", {k}={v!r}"
+    call += ")"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seqs = model.generate(**{k: (v.clone() if torch.is_tensor(v) else v)
+                                 for k, v in call_kwargs.items()}, **kwargs)
+        scored = model.generate(**{k: (v.clone() if torch.is_tensor(v) else v)
+                                   for k, v in call_kwargs.items()}, **kwargs,
+                                return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(scored.sequences, seqs)
+    rows = seqs.tolist()
+    return {
+        "name": name,
+        "images": images,
+        "prompt": prompt,
+        "generate_kwargs": kwargs,
+        "call": call,
+        "sequences": rows,
+        "captions": [proc.decode(r, skip_special_tokens=True) for r in rows],
+        "new_tokens": [new_token_count(r, prompt_len) for r in rows],
+        "stopped_at_sep": [SEP in r[prompt_len:] for r in rows],
+        "min_top2_margin": top2_margin(scored.scores, seqs, prompt_len),
+    }
+
+
+@torch.no_grad()
+def expected_outputs(model, proc, image_paths, model_dir_rel, load_desc, versions,
+                     small_logits=True, check_properties=False):
+    images = [load_image(str(p)) for p in image_paths]
+    n = len(images)
+    enc = proc(images=images, text=[PROMPT] * n, return_tensors="pt")
+    pv = enc["pixel_values"]
+    img_only = proc(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(img_only, pv)
+    assert pv.dtype == torch.float32
+
+    vision = model.vision_model(pixel_values=pv).last_hidden_state
+    ids = enc["input_ids"].clone()
+    ids[:, 0] = model.config.text_config.bos_token_id  # what generate() does
+    ids = ids[:, :-1]                                  # ... and it drops the trailing [SEP]
+    dec = model.text_decoder(input_ids=ids, encoder_hidden_states=vision,
+                             output_hidden_states=True)
+    hidden = dec.hidden_states[-1]
+    logits = dec.logits
+    tensors = {
+        "pixel_values": pv,
+        "vision_last_hidden_state": vision,
+        "prompt_input_ids": ids.to(torch.int64),
+        "text_decoder_hidden_state": hidden,
+        "text_decoder_logits_0": logits[0],
+        "text_decoder_last_logits": logits[:, -1],
+    }
+    if not small_logits:
+        tensors["text_decoder_logits"] = logits
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+
+    cases = []
+    all_imgs = list(range(n))
+    for i in all_imgs:
+        cases.append(run_case(model, proc, pv, enc, f"uncond_{i}", [i], None, {}))
+    cases.append(run_case(model, proc, pv, enc, "uncond_batch", all_imgs, None, {}))
+    for i in all_imgs:
+        cases.append(run_case(model, proc, pv, enc, f"prompt_{i}", [i], PROMPT, {}))
+    cases.append(run_case(model, proc, pv, enc, "prompt_batch", all_imgs, PROMPT, {}))
+    for i in all_imgs:
+        cases.append(run_case(model, proc, pv, enc, f"max_new_5_{i}", [i], None,
+                              {"max_new_tokens": 5}))
+    mins = {"min_new_tokens": 15, "max_new_tokens": 30}
+    for i in all_imgs:
+        c = run_case(model, proc, pv, enc, f"min_new_15_max_new_30_{i}", [i], None, mins)
+        c["min_changes_result"] = c["sequences"][0][:21] != cases[i]["sequences"][0]
+        cases.append(c)
+    c = run_case(model, proc, pv, enc, "min_new_15_max_new_30_batch", all_imgs, None, mins)
+    cases.append(c)
+
+    by = {c["name"]: c for c in cases}
+    # the greedy default is 20 new tokens (transformers 5: model-agnostic max_length = input + 20)
+    for c in cases:
+        if not c["generate_kwargs"]:
+            assert all(nt <= 20 for nt in c["new_tokens"]), c
+    # batches give the same rows as single images (up to the [PAD] padding after [SEP])
+    for kind in ["uncond", "prompt"]:
+        for i in all_imgs:
+            row = [t for t in by[f"{kind}_batch"]["sequences"][i]]
+            single = by[f"{kind}_{i}"]["sequences"][0]
+            assert row[:len(single)] == single and all(t == PAD for t in row[len(single):]), kind
+    if check_properties:
+        caps = [by[f"uncond_{i}"]["sequences"][0] for i in all_imgs]
+        assert len({tuple(c) for c in caps}) == n, "images should give different captions"
+        assert any(by[f"uncond_{i}"]["stopped_at_sep"][0] and by[f"uncond_{i}"]["new_tokens"][0] < 15
+                   for i in all_imgs), "some caption must stop early at [SEP]"
+        assert any(not by[f"uncond_{i}"]["stopped_at_sep"][0] for i in all_imgs)
+        assert any(c.get("min_changes_result") for c in cases)
+        for i in all_imgs:
+            u = by[f"uncond_{i}"]["sequences"][0][1:]
+            p = by[f"prompt_{i}"]["sequences"][0][4:]
+            assert u[:len(p)] != p[:len(u)], "the prompt should change the continuation"
+            assert len(set(u) - {SEP}) >= 3, "captions should not be one repeated token"
+
+    meta = {
+        "checkpoint": Path(model_dir_rel).name,
+        "model_dir": model_dir_rel,
+        "load": load_desc,
+        "versions": versions,
+        "processor_class": type(proc).__name__,
+        "image_processor_class": type(proc.image_processor).__name__,
+        "image_processor_module": type(proc.image_processor).__module__,
+        "image_processor_backend": "torchvision",
+        "tokenizer_class": type(proc.tokenizer).__name__,
+        "images": [os.path.relpath(p, FIX) if str(p).startswith(str(FIX)) else str(p)
+                   for p in image_paths],
+        "image_loading": "transformers.image_utils.load_image(path)",
+        "prompt": PROMPT,
+        "prompt_tokenized_input_ids": enc["input_ids"][0].tolist(),
+        "prompt_input_ids": ids[0].tolist(),
+        "bos_token_id": BOS,
+        "sep_token_id": SEP,
+        "pad_token_id": PAD,
+        "default_max_new_tokens": 20,
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                    for k, v in tensors.items()},
+        "text_decoder_forward": "model.text_decoder(input_ids=prompt_input_ids, "
+                                "encoder_hidden_states=vision_last_hidden_state, "
+                                "output_hidden_states=True); hidden = hidden_states[-1]",
+        "cases": cases,
+    }
+    return tensors, meta
+
+
+def write_expected(tensors, meta, st_path, json_path):
+    save_file(tensors, str(st_path), metadata={"format": "pt"})
+    dump_json(meta, json_path)
+
+
+def print_cases(meta):
+    for c in meta["cases"]:
+        for seq, cap, nt in zip(c["sequences"], c["captions"], c["new_tokens"]):
+            print(f"  {c['name']:<30} new={nt:<3} margin={c['min_top2_margin']:.4f} {cap!r}")
+
+
+# ---- tiny fixtures ----------------------------------------------------------------------
+def make_tiny(versions):
+    cfg = tiny_config_dict()
+    image_paths = prepare_images()
+    EXPECTED.mkdir(parents=True, exist_ok=True)
+
+    # A: pytorch_model.bin only (Hub layout of blip-image-captioning-base)
+    a = fresh_dir(MODELS / "tiny-caption-bin")
+    dump_json(cfg, a / "config.json")
+    dump_json(preproc_int(TINY_IMAGE_SIZE), a / "preprocessor_config.json")
+    write_tokenizer(a, full=True)
+    model = build_model(a, TINY_SEED, full=False)
+    torch.save(hub_state_dict(model), a / "pytorch_model.bin")
+
+    loaded, info = load_f32(a)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    assert set(info["unexpected_keys"]) <= {"text_decoder.bert.embeddings.position_ids"}, info
+    assert_same_weights(loaded, model, "A")
+    print("A loading info:", {k: sorted(v) for k, v in info.items() if v})
+
+    # B: model.safetensors as transformers 5 writes it, bf16 weights
+    b = fresh_dir(MODELS / "tiny-caption-st")
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = save_pretrained_files(model_bf16, tmp)
+        assert "model.safetensors" in files, files
+        shutil.copyfile(Path(tmp) / "model.safetensors", b / "model.safetensors")
+    with safe_open(b / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+        assert "text_decoder.cls.predictions.decoder.weight" not in keys
+        assert not any("position_ids" in k for k in keys)
+        assert {f.get_slice(k).get_dtype() for k in keys} == {"BF16"}
+    dump_json(cfg, b / "config.json")
+    dump_json(preproc_dict(TINY_IMAGE_SIZE), b / "preprocessor_config.json")
+    write_tokenizer(b, full=False)
+    loaded_b, info = load_f32(b)
+    assert not any(info.values()), info
+    assert_same_weights(loaded_b, model_bf16, "B")
+
+    # C: float16, two shards + index
+    c = fresh_dir(MODELS / "tiny-caption-sharded")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = save_pretrained_files(copy.deepcopy(model).half(), tmp, max_shard_size="1MB")
+        shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                  "model.safetensors.index.json"]
+        assert all(s in files for s in shards) and len([f for f in files if f.startswith("model")]) == 3, files
+        for s in shards:
+            shutil.copyfile(Path(tmp) / s, c / s)
+    dump_json(cfg, c / "config.json")
+    dump_json(preproc_int(TINY_IMAGE_SIZE), c / "preprocessor_config.json")
+    write_tokenizer(c, full=False)
+    for f in ["tokenizer_config.json", "special_tokens_map.json"]:
+        shutil.copyfile(HUB / "blip-image-captioning-base" / f, c / f)
+    loaded_c, info = load_f32(c)
+    assert not any(info.values()), info
+    assert_same_weights(loaded_c, copy.deepcopy(model).half(), "C")
+
+    # wrong-kind and weightless checkpoints
+    itm = fresh_dir(MODELS / "tiny-itm")
+    cfg_itm = copy.deepcopy(cfg)
+    cfg_itm["architectures"] = ["BlipForImageTextRetrieval"]
+    dump_json(cfg_itm, itm / "config.json")
+    mw = fresh_dir(MODELS / "tiny-missing-weights")
+    dump_json(cfg, mw / "config.json")
+    dump_json(preproc_int(TINY_IMAGE_SIZE), mw / "preprocessor_config.json")
+    write_tokenizer(mw, full=False)
+
+    for name, d, m in [("tiny-caption-bin", a, loaded), ("tiny-caption-st", b, loaded_b),
+                       ("tiny-caption-sharded", c, loaded_c)]:
+        proc = load_processor(d)
+        desc = f"BlipForConditionalGeneration.from_pretrained('models/{name}', dtype=torch.float32)"
+        tensors, meta = expected_outputs(m, proc, image_paths, f"models/{name}", desc, versions,
+                                         check_properties=(name == "tiny-caption-bin"))
+        if name == "tiny-caption-bin":
+            # the loaded checkpoint gives exactly the in-memory model's outputs
+            t2, m2 = expected_outputs(model, proc, image_paths, f"models/{name}", desc, versions)
+            assert all(torch.equal(tensors[k], t2[k]) for k in tensors)
+            assert [x["sequences"] for x in meta["cases"]] == [x["sequences"] for x in m2["cases"]]
+        write_expected(tensors, meta, EXPECTED / f"{name}.safetensors", EXPECTED / f"{name}.json")
+        print(f"{name}:")
+        print_cases(meta)
+
+
+# ---- full-size check --------------------------------------------------------------------
+def make_full(out_dir, versions):
+    out = Path(out_dir)
+    mdir = fresh_dir(out / "model")
+    base = HUB / "blip-image-captioning-base"
+    for f in ["config.json", "preprocessor_config.json", "tokenizer_config.json",
+              "special_tokens_map.json"]:
+        shutil.copyfile(base / f, mdir / f)
+    write_tokenizer(mdir, full=False)
+    shutil.copyfile(BERT / "vocab.txt", mdir / "vocab.txt")
+    model = build_model(mdir, FULL_SEED, full=True)
+    torch.save(hub_state_dict(model), mdir / "pytorch_model.bin")
+    print("pytorch_model.bin:", (mdir / "pytorch_model.bin").stat().st_size, "bytes")
+    del model
+    loaded, info = load_f32(mdir)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    print("loading info:", {k: sorted(v) for k, v in info.items() if v})
+    proc = load_processor(mdir)
+    image_paths = [IMAGES_DIR / n for n in IMAGE_NAMES]
+    if not all(p.exists() for p in image_paths):
+        image_paths = prepare_images()
+    desc = "BlipForConditionalGeneration.from_pretrained('model', dtype=torch.float32)"
+    tensors, meta = expected_outputs(loaded, proc, image_paths, "model", desc, versions)
+    write_expected(tensors, meta, out / "expected.safetensors", out / "expected.json")
+    print_cases(meta)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--full", metavar="OUT_DIR",
+                    help="build a full-size random caption-base checkpoint + expected outputs there")
+    args = ap.parse_args()
+    versions = check_versions()
+    torch.set_grad_enabled(False)
+    transformers.utils.logging.set_verbosity_error()
+    if args.full:
+        make_full(args.full, versions)
+    else:
+        make_tiny(versions)
+
+
+if __name__ == "__main__":
+    main()
