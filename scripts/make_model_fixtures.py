@@ -396,6 +396,7 @@ def expected_outputs(model, proc, image_paths, model_dir_rel, load_desc, version
         "model_dir": model_dir_rel,
         "load": load_desc,
         "versions": versions,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "processor_class": type(proc).__name__,
         "image_processor_class": type(proc.image_processor).__name__,
         "image_processor_module": type(proc.image_processor).__module__,
@@ -423,6 +424,7 @@ def expected_outputs(model, proc, image_paths, model_dir_rel, load_desc, version
 
 def write_expected(tensors, meta, st_path, json_path):
     save_file(tensors, str(st_path), metadata={"format": "pt"})
+    os.chmod(st_path, 0o644)
     dump_json(meta, json_path)
 
 

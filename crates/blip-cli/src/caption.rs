@@ -118,8 +118,12 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-
-fn write_caption(out: &mut impl Write, format: Format, path: &std::path::Path, caption: &blip::Caption) -> std::io::Result<()> {
+fn write_caption(
+    out: &mut impl Write,
+    format: Format,
+    path: &std::path::Path,
+    caption: &blip::Caption,
+) -> std::io::Result<()> {
     match format {
         Format::Text => writeln!(out, "{}\t{}", path.display(), caption.text),
         Format::Jsonl => {
@@ -135,7 +139,12 @@ fn write_caption(out: &mut impl Write, format: Format, path: &std::path::Path, c
 
 /// In JSONL every image has its line, so consumers can pair lines with inputs; text output
 /// leaves failures to stderr.
-fn write_failure(out: &mut impl Write, format: Format, path: &std::path::Path, err: &blip::Error) -> std::io::Result<()> {
+fn write_failure(
+    out: &mut impl Write,
+    format: Format,
+    path: &std::path::Path,
+    err: &blip::Error,
+) -> std::io::Result<()> {
     match format {
         Format::Text => Ok(()),
         Format::Jsonl => {

@@ -30,7 +30,7 @@ pub struct Checkpoint {
 
 enum Source {
     Dir(PathBuf),
-    Hub(Hub),
+    Hub(Box<Hub>),
 }
 
 const CONFIG: &str = "config.json";
@@ -47,7 +47,7 @@ impl Checkpoint {
         let source = if path.is_dir() {
             Source::Dir(path.to_path_buf())
         } else if looks_like_repo_id(model) {
-            Source::Hub(Hub::new(model)?)
+            Source::Hub(Box::new(Hub::new(model)?))
         } else {
             return Err(Error::checkpoint(model, "no such folder, and not a Hub repo id of the form owner/name"));
         };
@@ -82,7 +82,8 @@ impl Checkpoint {
         if let Some(file) = self.first_of(&[PYTORCH])? {
             return Ok(WeightFiles::PyTorch(file));
         }
-        Err(self.missing(format!("no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH} in the checkpoint")))
+        Err(self
+            .missing(format!("no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH} in the checkpoint")))
     }
 
     /// Opens the weights (safetensors memory-mapped), converting stored f16/bf16 to `dtype`.
@@ -134,7 +135,8 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
         weight_map: std::collections::BTreeMap<String, String>,
     }
     let text = std::fs::read_to_string(index).map_err(|e| Error::config(index, e))?;
-    let index_json: Index = serde_json::from_str(&text).map_err(|e| Error::config(index, format!("bad shard index: {e}")))?;
+    let index_json: Index =
+        serde_json::from_str(&text).map_err(|e| Error::config(index, format!("bad shard index: {e}")))?;
     let mut names: Vec<String> = index_json.weight_map.into_values().collect();
     names.sort();
     names.dedup();
@@ -151,7 +153,8 @@ struct Hub {
 impl Hub {
     fn new(repo_id: &str) -> Result<Self> {
         let cache = hf_hub::Cache::from_env().model(repo_id.to_string());
-        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"));
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .is_ok_and(|v| matches!(v.to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"));
         if offline {
             return Ok(Self { repo_id: repo_id.into(), cache, online: None });
         }
@@ -165,9 +168,9 @@ impl Hub {
                 let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
                 Ok(Self { repo_id: repo_id.into(), cache, online: Some((repo, files)) })
             }
-            Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(401 | 404, _)) => Err(
-                Error::checkpoint(repo_id, "no such model on the Hub (or it is private: set HF_TOKEN)"),
-            ),
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(401 | 404, _)) => {
+                Err(Error::checkpoint(repo_id, "no such model on the Hub (or it is private: set HF_TOKEN)"))
+            }
             // Unreachable Hub: fall back to what the cache holds, as transformers does.
             Err(_) => Ok(Self { repo_id: repo_id.into(), cache, online: None }),
         }

@@ -177,7 +177,10 @@ impl BlipConfig {
             }
         }
         if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
-            return Err(format!("vision_config.image_size {} is not a multiple of patch_size {}", v.image_size, v.patch_size));
+            return Err(format!(
+                "vision_config.image_size {} is not a multiple of patch_size {}",
+                v.image_size, v.patch_size
+            ));
         }
         for (what, act) in [("text_config", &t.hidden_act), ("vision_config", &v.hidden_act)] {
             if act != "gelu" {

@@ -19,7 +19,11 @@ fn base_checkpoints() {
         let c = load(name);
         assert_eq!(c.architecture(), Some(Ok(arch)), "{name}");
         let (t, v) = (&c.text_config, &c.vision_config);
-        assert_eq!((v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size), (768, 12, 12, 3072), "{name}");
+        assert_eq!(
+            (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size),
+            (768, 12, 12, 3072),
+            "{name}"
+        );
         assert_eq!((v.image_size, v.patch_size, v.layer_norm_eps), (384, 16, 1e-5), "{name}");
         // text_config has no encoder_hidden_size: it follows the vision width.
         assert_eq!((t.hidden_size, t.encoder_hidden_size, t.num_attention_heads), (768, 768, 12), "{name}");

@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use blip::processor::image::{
-    load_image, load_image_from_memory, resize_pil, resize_torchvision, ImageProcessor,
-    ResizeBackend,
+    load_image, load_image_from_memory, resize_pil, resize_torchvision, ImageProcessor, ResizeBackend,
 };
 use blip::Error;
 use image::RgbImage;
@@ -22,9 +21,7 @@ fn manifest() -> Value {
 }
 
 fn entries<'a>(m: &'a Value, key: &str) -> &'a Vec<Value> {
-    m[key]
-        .as_array()
-        .unwrap_or_else(|| panic!("manifest has no {key}"))
+    m[key].as_array().unwrap_or_else(|| panic!("manifest has no {key}"))
 }
 
 fn fixture_path(v: &Value) -> PathBuf {
@@ -34,33 +31,20 @@ fn fixture_path(v: &Value) -> PathBuf {
 /// Expected RGB images are stored as 8-bit RGB PNGs written by PIL.
 fn expected_rgb(v: &Value) -> RgbImage {
     let img = image::open(fixture_path(v)).expect("expected PNG decodes");
-    assert!(
-        matches!(img, image::DynamicImage::ImageRgb8(_)),
-        "expected PNGs are 8-bit RGB"
-    );
+    assert!(matches!(img, image::DynamicImage::ImageRgb8(_)), "expected PNGs are 8-bit RGB");
     img.into_rgb8()
 }
 
 /// Number of differing u8 values (None if the shapes differ).
 fn diff_count(a: &RgbImage, b: &RgbImage) -> Option<usize> {
-    (a.dimensions() == b.dimensions()).then(|| {
-        a.as_raw()
-            .iter()
-            .zip(b.as_raw())
-            .filter(|(x, y)| x != y)
-            .count()
-    })
+    (a.dimensions() == b.dimensions()).then(|| a.as_raw().iter().zip(b.as_raw()).filter(|(x, y)| x != y).count())
 }
 
 /// The public checkpoints' preprocessor configs: the copy vendored in tests/fixtures, else the
 /// shared one.
 fn hub_config(name: &str) -> PathBuf {
     let vendored = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hub-configs");
-    let dir = if vendored.exists() {
-        vendored
-    } else {
-        PathBuf::from("/work/shared/hub-configs")
-    };
+    let dir = if vendored.exists() { vendored } else { PathBuf::from("/work/shared/hub-configs") };
     dir.join(name).join("preprocessor_config.json")
 }
 
@@ -70,19 +54,14 @@ struct Luts {
 
 impl Luts {
     fn load() -> Self {
-        Self {
-            data: std::fs::read(fixtures().join("luts.safetensors")).expect("luts.safetensors"),
-        }
+        Self { data: std::fs::read(fixtures().join("luts.safetensors")).expect("luts.safetensors") }
     }
     /// transformers' f32 output for (channel, level), straight from its processor.
     fn get(&self, name: &str) -> Vec<f32> {
         let st = safetensors::SafeTensors::deserialize(&self.data).expect("safetensors");
         let t = st.tensor(name).unwrap_or_else(|_| panic!("no LUT {name}"));
         assert_eq!(t.shape(), &[3, 256]);
-        t.data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
+        t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
     }
 }
 
@@ -115,11 +94,7 @@ fn decode_matches_pil() {
                 got.height(),
                 case["note"].as_str().unwrap()
             ),
-            Some(n) => failures.push(format!(
-                "{}: {n} of {} values differ",
-                input.display(),
-                got.as_raw().len()
-            )),
+            Some(n) => failures.push(format!("{}: {n} of {} values differ", input.display(), got.as_raw().len())),
             None => failures.push(format!(
                 "{}: size {:?}, expected {:?}",
                 input.display(),
@@ -128,11 +103,7 @@ fn decode_matches_pil() {
             )),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "decode mismatches:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "decode mismatches:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -158,16 +129,9 @@ fn bad_files_give_errors_naming_the_path() {
                 case["pil_error"]
             ),
             Err(e) => {
-                assert!(
-                    matches!(e, Error::Image { .. }),
-                    "{}: not an image error: {e:?}",
-                    input.display()
-                );
+                assert!(matches!(e, Error::Image { .. }), "{}: not an image error: {e:?}", input.display());
                 let msg = e.to_string();
-                assert!(
-                    msg.contains(&*input.to_string_lossy()),
-                    "message lacks the path: {msg}"
-                );
+                assert!(msg.contains(&*input.to_string_lossy()), "message lacks the path: {msg}");
                 println!("error ok    {msg}");
             }
         }
@@ -184,9 +148,7 @@ fn bad_files_give_errors_naming_the_path() {
 }
 
 fn processor(backend: ResizeBackend) -> ImageProcessor {
-    ImageProcessor::from_file(&hub_config("blip-image-captioning-large"))
-        .unwrap()
-        .with_backend(backend)
+    ImageProcessor::from_file(&hub_config("blip-image-captioning-large")).unwrap().with_backend(backend)
 }
 
 #[test]
@@ -211,11 +173,7 @@ fn pixel_values_bit_exact_at_384() {
             }
             let got = processor(backend).preprocess(&image);
             assert_eq!(got.len(), expected.len());
-            let mismatches = got
-                .iter()
-                .zip(&expected)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
+            let mismatches = got.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
             let resized = match backend {
                 ResizeBackend::Torchvision => resize_torchvision(&image, 384, 384),
                 ResizeBackend::Pil => resize_pil(&image, 384, 384),
@@ -228,10 +186,7 @@ fn pixel_values_bit_exact_at_384() {
                 got.len()
             );
             if mismatches != 0 || level_diffs != 0 {
-                failures.push(format!(
-                    "{} {name}: {mismatches} f32 / {level_diffs} u8 mismatches",
-                    input.display()
-                ));
+                failures.push(format!("{} {name}: {mismatches} f32 / {level_diffs} u8 mismatches", input.display()));
             }
         }
     }
@@ -242,16 +197,10 @@ fn pixel_values_bit_exact_at_384() {
 fn backends_really_differ() {
     // Guard against fixtures accidentally produced by the same backend twice.
     let m = manifest();
-    let total: u64 = entries(&m, "pixel_values")
-        .iter()
-        .map(|c| c["backend_differing_values"].as_u64().unwrap())
-        .sum();
+    let total: u64 = entries(&m, "pixel_values").iter().map(|c| c["backend_differing_values"].as_u64().unwrap()).sum();
     assert!(total > 0);
     let image = load_image(&fixtures().join("inputs/chelsea.png")).unwrap();
-    assert_ne!(
-        resize_torchvision(&image, 384, 384),
-        resize_pil(&image, 384, 384)
-    );
+    assert_ne!(resize_torchvision(&image, 384, 384), resize_pil(&image, 384, 384));
 }
 
 #[test]
@@ -274,15 +223,8 @@ fn arithmetic_variants_match_transformers() {
                 .with_backend(backend);
             let got = p.preprocess(&img);
             let want = luts.get(&format!("{vname}/{}", backend_name(backend)));
-            let bad = got
-                .iter()
-                .zip(&want)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-            println!(
-                "arithmetic  {vname:<15} {:<11} mismatches {bad} of 768",
-                backend_name(backend)
-            );
+            let bad = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            println!("arithmetic  {vname:<15} {:<11} mismatches {bad} of 768", backend_name(backend));
             if bad != 0 {
                 failures.push(format!("{vname}/{}: {bad}", backend_name(backend)));
             }
@@ -325,21 +267,13 @@ fn resize_sweep_matches_torch_and_pil() {
             }
         }
     }
-    println!(
-        "resize sweep: {n} size pairs x 2 backends, {} failing",
-        failures.len()
-    );
+    println!("resize sweep: {n} size pairs x 2 backends, {} failing", failures.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
 fn hub_configs_parse() {
-    for name in [
-        "blip-image-captioning-base",
-        "blip-image-captioning-large",
-        "blip-vqa-base",
-        "blip-itm-base-coco",
-    ] {
+    for name in ["blip-image-captioning-base", "blip-image-captioning-large", "blip-vqa-base", "blip-itm-base-coco"] {
         let path = hub_config(name);
         let p = ImageProcessor::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((p.height, p.width), (384, 384), "{name}");
@@ -356,13 +290,7 @@ fn hub_configs_parse() {
 fn config_forms_and_errors() {
     let path = Path::new("some/dir/preprocessor_config.json");
     let parse = |s: &str| ImageProcessor::from_json_str(s, path);
-    assert_eq!(
-        (
-            parse(r#"{"size": 224}"#).unwrap().height,
-            parse(r#"{"size": 224}"#).unwrap().width
-        ),
-        (224, 224)
-    );
+    assert_eq!((parse(r#"{"size": 224}"#).unwrap().height, parse(r#"{"size": 224}"#).unwrap().width), (224, 224));
     let p = parse(r#"{"size": {"height": 240, "width": 320}}"#).unwrap();
     assert_eq!((p.height, p.width), (240, 320));
     let p = parse(r#"{"size": {"shortest_edge": 300}}"#).unwrap();
@@ -385,59 +313,32 @@ fn config_forms_and_errors() {
     ] {
         let e = parse(bad).expect_err(bad);
         assert!(matches!(e, Error::Config { .. }), "{bad}: {e:?}");
-        assert!(
-            e.to_string().contains("some/dir/preprocessor_config.json"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("some/dir/preprocessor_config.json"), "{e}");
     }
     let missing = Path::new("/nonexistent/preprocessor_config.json");
     let e = ImageProcessor::from_file(missing).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("/nonexistent/preprocessor_config.json"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("/nonexistent/preprocessor_config.json"), "{e}");
 }
 
 #[test]
 fn batch_equals_single_images() {
-    let images: Vec<RgbImage> = [
-        "inputs/chelsea.png",
-        "inputs/rocket.jpg",
-        "inputs/jpeg_gray.jpg",
-    ]
-    .iter()
-    .map(|p| load_image(&fixtures().join(p)).unwrap())
-    .collect();
+    let images: Vec<RgbImage> = ["inputs/chelsea.png", "inputs/rocket.jpg", "inputs/jpeg_gray.jpg"]
+        .iter()
+        .map(|p| load_image(&fixtures().join(p)).unwrap())
+        .collect();
     for backend in [ResizeBackend::Torchvision, ResizeBackend::Pil] {
         let p = ImageProcessor::default().with_backend(backend);
-        let t = p
-            .preprocess_batch(&images, &candle_core::Device::Cpu)
-            .unwrap();
+        let t = p.preprocess_batch(&images, &candle_core::Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[3, 3, 384, 384]);
         let flat: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         let single: Vec<f32> = images.iter().flat_map(|im| p.preprocess(im)).collect();
-        assert!(flat
-            .iter()
-            .zip(&single)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(flat.iter().zip(&single).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
     let p = ImageProcessor::default();
-    assert!(matches!(
-        p.preprocess_batch(&[], &candle_core::Device::Cpu),
-        Err(Error::InvalidInput(_))
-    ));
-    let no_resize = ImageProcessor {
-        do_resize: false,
-        ..ImageProcessor::default()
-    };
-    assert!(matches!(
-        no_resize.preprocess_batch(&images[..2], &candle_core::Device::Cpu),
-        Err(Error::InvalidInput(_))
-    ));
-    let t = no_resize
-        .preprocess_batch(&images[..1], &candle_core::Device::Cpu)
-        .unwrap();
+    assert!(matches!(p.preprocess_batch(&[], &candle_core::Device::Cpu), Err(Error::InvalidInput(_))));
+    let no_resize = ImageProcessor { do_resize: false, ..ImageProcessor::default() };
+    assert!(matches!(no_resize.preprocess_batch(&images[..2], &candle_core::Device::Cpu), Err(Error::InvalidInput(_))));
+    let t = no_resize.preprocess_batch(&images[..1], &candle_core::Device::Cpu).unwrap();
     assert_eq!(t.dims(), &[1, 3, 300, 451]);
 }
 

@@ -27,10 +27,6 @@ pub struct DecoderCache {
 }
 
 impl DecoderCache {
-    pub fn past_len(&self) -> usize {
-        self.past_len
-    }
-
     /// Keeps only the given batch rows (e.g. sequences that have not finished), in that order.
     pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
         let device = match self.cross_attention.first() {

@@ -19,7 +19,8 @@ pub struct CaptioningModel {
 impl CaptioningModel {
     pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> Result<Self> {
         let text_model = TextModel::new(&cfg.text_config, vb.pp("text_decoder.bert"))?;
-        let lm_head = LmHead::new(&cfg.text_config, text_model.word_embeddings(), vb.pp("text_decoder.cls.predictions"))?;
+        let lm_head =
+            LmHead::new(&cfg.text_config, text_model.word_embeddings(), vb.pp("text_decoder.cls.predictions"))?;
         Ok(Self { vision_model: VisionModel::new(&cfg.vision_config, vb.pp("vision_model"))?, text_model, lm_head })
     }
 

@@ -1,8 +1,8 @@
 //! The networks, one struct per transformers module, each loading its weights by the names the
 //! checkpoints use (`vision_model.encoder.layers.0.self_attn.qkv.weight`, ...).
 
-pub mod captioning;
 pub mod cache;
+pub mod captioning;
 pub mod text;
 pub mod vision;
 

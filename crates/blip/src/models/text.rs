@@ -172,7 +172,11 @@ impl TextModel {
         let (_, t) = input_ids.dims2()?;
         let past_len = cache.past_len;
         if past_len + t > self.max_positions {
-            candle_core::bail!("sequence of {} tokens exceeds the model's {} positions", past_len + t, self.max_positions);
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the model's {} positions",
+                past_len + t,
+                self.max_positions
+            );
         }
         let bias = if t > 1 { Some(causal_bias(t, past_len, input_ids.device())?) } else { None };
         let mut xs = self.embeddings.forward(input_ids, past_len)?;
@@ -188,8 +192,7 @@ impl TextModel {
 /// dtype's minimum rather than -inf; both give exactly zero weight.
 fn causal_bias(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     let s = past + t;
-    let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::MIN })).collect();
+    let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::MIN })).collect();
     Tensor::from_vec(mask, (t, s), device)?.to_dtype(DType::F32)
 }
 

@@ -45,10 +45,11 @@ impl VisionEmbeddings {
         let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
         // [b, c, gh, p, gw, p] → [b, gh, gw, c, p, p]: each row one patch in the conv's order.
-        let patches = pixel_values
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b, gh * gw, c * p * p))?;
+        let patches = pixel_values.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((
+            b,
+            gh * gw,
+            c * p * p,
+        ))?;
         let patch_embeds = patches.broadcast_matmul(&self.patch_weight)?.broadcast_add(&self.patch_bias)?;
         let d = patch_embeds.dim(D::Minus1)?;
         let class = self.class_embedding.broadcast_as((b, 1, d))?;

@@ -25,10 +25,7 @@ impl TextProcessor {
         };
         // tokenizer.json files may carry fixed padding/truncation (bert-base-uncased's pads to
         // 128); transformers resets both on every call unless asked, so do the same.
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?
-            .with_padding(None);
+        tokenizer.with_truncation(None).map_err(|e| Error::Tokenizer(e.to_string()))?.with_padding(None);
         Ok(Self { tokenizer, bos_token_id: config.bos_token_id, sep_token_id: config.sep_token_id })
     }
 

@@ -115,7 +115,10 @@ impl Captioner {
         if needed > positions {
             let room = positions.saturating_sub(prefix.len());
             return Err(Error::InvalidInput(if room == 0 {
-                format!("the prompt is {} tokens long; the model has only {positions} positions: shorten the prompt", prefix.len())
+                format!(
+                    "the prompt is {} tokens long; the model has only {positions} positions: shorten the prompt",
+                    prefix.len()
+                )
             } else {
                 format!(
                     "the prompt ({} tokens) plus max_new_tokens {} exceed the model's {positions} positions: shorten the prompt or set max_new_tokens to at most {room}",
@@ -146,10 +149,7 @@ impl Captioner {
             &options.generation,
             &self.device,
         )?;
-        sequences
-            .into_iter()
-            .map(|tokens| Ok(Caption { text: self.text_processor.decode(&tokens)?, tokens }))
-            .collect()
+        sequences.into_iter().map(|tokens| Ok(Caption { text: self.text_processor.decode(&tokens)?, tokens })).collect()
     }
 }
 

@@ -34,18 +34,14 @@ const MAX_PIXELS: u64 = 2 * 89_478_485;
 ///
 /// Missing, empty, truncated, corrupt or non-image files give `Error::Image` naming the path.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::image(path, format!("cannot read image file: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::image(path, format!("cannot read image file: {e}")))?;
     load_image_from_memory(&bytes, path)
 }
 
 /// [`load_image`] on the bytes of a file; `name` is only used in error messages.
 pub fn load_image_from_memory(bytes: &[u8], name: &Path) -> Result<RgbImage> {
     if bytes.is_empty() {
-        return Err(Error::image(
-            name,
-            "the file is empty (0 bytes), not an image",
-        ));
+        return Err(Error::image(name, "the file is empty (0 bytes), not an image"));
     }
     // PIL's JpegImagePlugin accepts exactly this prefix.
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
@@ -54,10 +50,7 @@ pub fn load_image_from_memory(bytes: &[u8], name: &Path) -> Result<RgbImage> {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_other(bytes)));
     match outcome {
         Ok(result) => result.map_err(|reason| Error::image(name, reason)),
-        Err(_) => Err(Error::image(
-            name,
-            "the image decoder failed on this file (corrupt data)",
-        )),
+        Err(_) => Err(Error::image(name, "the image decoder failed on this file (corrupt data)")),
     }
 }
 
@@ -78,33 +71,23 @@ fn check_pixels(width: u64, height: u64) -> DecodeResult<()> {
 fn decode_other(bytes: &[u8]) -> DecodeResult<RgbImage> {
     use ::image::metadata::Orientation;
     use ::image::ImageFormat;
-    let format = ::image::guess_format(bytes).map_err(|_| {
-        "not a recognized image file (supported formats: JPEG, PNG, GIF, BMP, TIFF, WebP)"
-            .to_string()
-    })?;
+    let format = ::image::guess_format(bytes)
+        .map_err(|_| "not a recognized image file (supported formats: JPEG, PNG, GIF, BMP, TIFF, WebP)".to_string())?;
     let fname = format!("{format:?}").to_uppercase();
     let reader = ::image::ImageReader::with_format(Cursor::new(bytes), format);
-    let mut decoder = reader.into_decoder().map_err(|e| {
-        format!("cannot decode {fname} image (corrupt, truncated or unsupported): {e}")
-    })?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| format!("cannot decode {fname} image (corrupt, truncated or unsupported): {e}"))?;
     let (w, h) = decoder.dimensions();
     check_pixels(w as u64, h as u64)?;
     // PIL `getexif()`: the EXIF Orientation tag if present, else XMP `tiff:Orientation`. TIFF
     // orientation is a tag of the image itself.
-    let exif_value = decoder
-        .exif_metadata()
-        .ok()
-        .flatten()
-        .as_deref()
-        .and_then(exif_orientation);
+    let exif_value = decoder.exif_metadata().ok().flatten().as_deref().and_then(exif_orientation);
     let orientation = match exif_value {
         Some(v) => orientation_from_exif_value(v),
         None => {
             let tiff = match format {
-                ImageFormat::Tiff => decoder
-                    .orientation()
-                    .ok()
-                    .filter(|o| *o != Orientation::NoTransforms),
+                ImageFormat::Tiff => decoder.orientation().ok().filter(|o| *o != Orientation::NoTransforms),
                 _ => None,
             };
             tiff.or_else(|| {
@@ -113,9 +96,8 @@ fn decode_other(bytes: &[u8]) -> DecodeResult<RgbImage> {
             })
         }
     };
-    let img = DynamicImage::from_decoder(decoder).map_err(|e| {
-        format!("cannot decode {fname} image (corrupt, truncated or unsupported): {e}")
-    })?;
+    let img = DynamicImage::from_decoder(decoder)
+        .map_err(|e| format!("cannot decode {fname} image (corrupt, truncated or unsupported): {e}"))?;
 
     let mut rgb = to_rgb8_like_pil(img);
     match format {
@@ -230,10 +212,7 @@ fn png_color_key(bytes: &[u8]) -> Option<[u16; 3]> {
                 return match color_type {
                     3 => {
                         let zero = data.iter().position(|&a| a == 0)?;
-                        let simple = data
-                            .iter()
-                            .enumerate()
-                            .all(|(i, &a)| a == 0xFF || i == zero);
+                        let simple = data.iter().enumerate().all(|(i, &a)| a == 0xFF || i == zero);
                         if !simple {
                             return None;
                         }
@@ -277,10 +256,7 @@ fn gif_first_frame(bytes: &[u8]) -> Option<GifFrameInfo> {
     if bytes.len() < 13 || !bytes.starts_with(b"GIF") {
         return None;
     }
-    let screen = (
-        u16::from_le_bytes([bytes[6], bytes[7]]) as u32,
-        u16::from_le_bytes([bytes[8], bytes[9]]) as u32,
-    );
+    let screen = (u16::from_le_bytes([bytes[6], bytes[7]]) as u32, u16::from_le_bytes([bytes[8], bytes[9]]) as u32);
     let packed = bytes[10];
     let mut pos = 13;
     let mut palette = Vec::new();
@@ -319,12 +295,7 @@ fn gif_first_frame(bytes: &[u8]) -> Option<GifFrameInfo> {
                     let n = 3 << ((d[8] & 7) + 1);
                     palette = bytes.get(pos + 10..pos + 10 + n)?.to_vec();
                 }
-                return Some(GifFrameInfo {
-                    screen,
-                    rect,
-                    palette,
-                    transparency,
-                });
+                return Some(GifFrameInfo { screen, rect, palette, transparency });
             }
             _ => return None,
         }
@@ -335,14 +306,10 @@ fn gif_first_frame(bytes: &[u8]) -> Option<GifFrameInfo> {
 /// (else index 0), and the processor then turns the transparency colour white.
 fn fix_gif_first_frame(rgb: &mut RgbImage, info: &GifFrameInfo) {
     let colour = |i: u8| -> [u8; 3] {
-        info.palette
-            .get(i as usize * 3..i as usize * 3 + 3)
-            .map_or([0, 0, 0], |c| [c[0], c[1], c[2]])
+        info.palette.get(i as usize * 3..i as usize * 3 + 3).map_or([0, 0, 0], |c| [c[0], c[1], c[2]])
     };
     let (left, top, w, h) = info.rect;
-    if (rgb.width(), rgb.height()) == info.screen
-        && (left, top, w, h) != (0, 0, info.screen.0, info.screen.1)
-    {
+    if (rgb.width(), rgb.height()) == info.screen && (left, top, w, h) != (0, 0, info.screen.0, info.screen.1) {
         let fill = colour(info.transparency.unwrap_or(0));
         for (x, y, px) in rgb.enumerate_pixels_mut() {
             if x < left || y < top || x >= left.saturating_add(w) || y >= top.saturating_add(h) {
@@ -364,10 +331,7 @@ struct JpegMeta {
 }
 
 fn jpeg_meta(bytes: &[u8]) -> JpegMeta {
-    let mut meta = JpegMeta {
-        exif: None,
-        xmp: None,
-    };
+    let mut meta = JpegMeta { exif: None, xmp: None };
     let mut pos = 2;
     while pos + 4 <= bytes.len() {
         if bytes[pos] != 0xFF {
@@ -417,19 +381,11 @@ fn exif_orientation(mut exif: &[u8]) -> Option<u32> {
     };
     let u16_at = |p: usize| -> Option<u16> {
         let b = exif.get(p..p + 2)?;
-        Some(if le {
-            u16::from_le_bytes([b[0], b[1]])
-        } else {
-            u16::from_be_bytes([b[0], b[1]])
-        })
+        Some(if le { u16::from_le_bytes([b[0], b[1]]) } else { u16::from_be_bytes([b[0], b[1]]) })
     };
     let u32_at = |p: usize| -> Option<u32> {
         let b: [u8; 4] = exif.get(p..p + 4)?.try_into().ok()?;
-        Some(if le {
-            u32::from_le_bytes(b)
-        } else {
-            u32::from_be_bytes(b)
-        })
+        Some(if le { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) })
     };
     let ifd = u32_at(4)? as usize;
     let count = u16_at(ifd)? as usize;
@@ -499,11 +455,8 @@ impl TjHandle {
     fn error(&self) -> (bool, String) {
         // SAFETY: valid handle; tj3GetErrorStr returns a NUL-terminated static or per-handle buffer.
         unsafe {
-            let fatal =
-                turbojpeg::raw::tj3GetErrorCode(self.0) as u32 == turbojpeg::raw::TJERR_TJERR_FATAL;
-            let msg = std::ffi::CStr::from_ptr(turbojpeg::raw::tj3GetErrorStr(self.0))
-                .to_string_lossy()
-                .into_owned();
+            let fatal = turbojpeg::raw::tj3GetErrorCode(self.0) as u32 == turbojpeg::raw::TJERR_TJERR_FATAL;
+            let msg = std::ffi::CStr::from_ptr(turbojpeg::raw::tj3GetErrorStr(self.0)).to_string_lossy().into_owned();
             (fatal, msg)
         }
     }
@@ -540,9 +493,7 @@ fn decode_jpeg(bytes: &[u8]) -> DecodeResult<RgbImage> {
         return Err("corrupt JPEG header (no image size)".into());
     }
     if precision != 8 {
-        return Err(format!(
-            "cannot handle {precision}-bit JPEG samples (only 8-bit, like PIL)"
-        ));
+        return Err(format!("cannot handle {precision}-bit JPEG samples (only 8-bit, like PIL)"));
     }
     check_pixels(width as u64, height as u64)?;
     let (w, h) = (width as usize, height as usize);
@@ -553,14 +504,7 @@ fn decode_jpeg(bytes: &[u8]) -> DecodeResult<RgbImage> {
     };
     let mut buf = vec![0u8; w * h * channels];
     let rc = unsafe {
-        raw::tj3Decompress8(
-            handle.0,
-            bytes.as_ptr(),
-            bytes.len() as _,
-            buf.as_mut_ptr(),
-            (w * channels) as _,
-            pf as _,
-        )
+        raw::tj3Decompress8(handle.0, bytes.as_ptr(), bytes.len() as _, buf.as_mut_ptr(), (w * channels) as _, pf as _)
     };
     if rc != 0 {
         // Warnings (corrupt-but-decodable data) are ignored, as PIL ignores them, except running
@@ -599,11 +543,8 @@ fn decode_jpeg(bytes: &[u8]) -> DecodeResult<RgbImage> {
     };
 
     let meta = jpeg_meta(bytes);
-    let orientation = meta
-        .exif
-        .as_deref()
-        .and_then(exif_orientation)
-        .or_else(|| meta.xmp.as_deref().and_then(xmp_orientation));
+    let orientation =
+        meta.exif.as_deref().and_then(exif_orientation).or_else(|| meta.xmp.as_deref().and_then(xmp_orientation));
     if let Some(o) = orientation.and_then(orientation_from_exif_value) {
         let mut img = DynamicImage::ImageRgb8(rgb);
         img.apply_orientation(o);

@@ -21,9 +21,9 @@ use std::path::Path;
 use ::image::RgbImage;
 use serde_json::Value;
 
+use crate::error::{Error, Result};
 pub use decode::{load_image, load_image_from_memory};
 pub use resize::{resize_pil, resize_torchvision};
-use crate::error::{Error, Result};
 
 /// OpenAI CLIP mean, transformers' `OPENAI_CLIP_MEAN` (BLIP's default).
 pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -103,11 +103,8 @@ impl ImageProcessor {
     /// 3 (bicubic), the only filter implemented. `image_mean`/`image_std` may be a list of three
     /// numbers or one number for all channels.
     pub fn from_json_str(json: &str, path: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(json)
-            .map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
-        let obj = value
-            .as_object()
-            .ok_or_else(|| Error::config(path, "expected a JSON object at the top level"))?;
+        let value: Value = serde_json::from_str(json).map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
+        let obj = value.as_object().ok_or_else(|| Error::config(path, "expected a JSON object at the top level"))?;
         let bad = |key: &str, why: &str| Error::config(path, format!("`{key}`: {why}"));
         let get_bool = |key: &str, default: bool| -> Result<bool> {
             match obj.get(key) {
@@ -126,16 +123,11 @@ impl ImageProcessor {
                 Some(Value::Array(items)) if items.len() == 3 => {
                     let mut out = [0.0; 3];
                     for (slot, item) in out.iter_mut().zip(items) {
-                        *slot = item
-                            .as_f64()
-                            .ok_or_else(|| bad(key, &format!("expected numbers, got {item}")))?;
+                        *slot = item.as_f64().ok_or_else(|| bad(key, &format!("expected numbers, got {item}")))?;
                     }
                     Ok(out)
                 }
-                Some(other) => Err(bad(
-                    key,
-                    &format!("expected a list of 3 numbers (RGB), got {other}"),
-                )),
+                Some(other) => Err(bad(key, &format!("expected a list of 3 numbers (RGB), got {other}"))),
             }
         };
 
@@ -145,12 +137,7 @@ impl ImageProcessor {
                 v.as_u64()
                     .filter(|&n| n > 0 && n <= 1 << 16)
                     .map(|n| n as usize)
-                    .ok_or_else(|| {
-                        bad(
-                            "size",
-                            &format!("{what} must be a positive integer, got {v}"),
-                        )
-                    })
+                    .ok_or_else(|| bad("size", &format!("{what} must be a positive integer, got {v}")))
             };
             match size {
                 Value::Number(_) => {
@@ -171,12 +158,7 @@ impl ImageProcessor {
                         ));
                     }
                 }
-                other => {
-                    return Err(bad(
-                        "size",
-                        &format!("expected an integer or an object, got {other}"),
-                    ))
-                }
+                other => return Err(bad("size", &format!("expected an integer or an object, got {other}"))),
             }
         }
         p.do_resize = get_bool("do_resize", true)?;
@@ -188,12 +170,7 @@ impl ImageProcessor {
             p.rescale_factor = v
                 .as_f64()
                 .filter(|f| f.is_finite() && *f != 0.0)
-                .ok_or_else(|| {
-                    bad(
-                        "rescale_factor",
-                        &format!("expected a nonzero number, got {v}"),
-                    )
-                })?;
+                .ok_or_else(|| bad("rescale_factor", &format!("expected a nonzero number, got {v}")))?;
         }
         p.image_mean = get_triple("image_mean", OPENAI_CLIP_MEAN)?;
         p.image_std = get_triple("image_std", OPENAI_CLIP_STD)?;
@@ -204,17 +181,9 @@ impl ImageProcessor {
             match v.as_u64() {
                 Some(3) => {}
                 Some(0..=5) => {
-                    return Err(bad(
-                        "resample",
-                        &format!("only 3 (bicubic, BLIP's filter) is implemented, got {v}"),
-                    ))
+                    return Err(bad("resample", &format!("only 3 (bicubic, BLIP's filter) is implemented, got {v}")))
                 }
-                _ => {
-                    return Err(bad(
-                        "resample",
-                        &format!("expected a PIL filter number 0-5, got {v}"),
-                    ))
-                }
+                _ => return Err(bad("resample", &format!("expected a PIL filter number 0-5, got {v}"))),
             }
         }
         Ok(p)
@@ -245,14 +214,8 @@ impl ImageProcessor {
     }
 
     /// Several images to a `[N, 3, H, W]` f32 tensor on `device`.
-    pub fn preprocess_batch(
-        &self,
-        images: &[RgbImage],
-        device: &candle_core::Device,
-    ) -> Result<candle_core::Tensor> {
-        let first = images
-            .first()
-            .ok_or_else(|| Error::InvalidInput("no images to preprocess".into()))?;
+    pub fn preprocess_batch(&self, images: &[RgbImage], device: &candle_core::Device) -> Result<candle_core::Tensor> {
+        let first = images.first().ok_or_else(|| Error::InvalidInput("no images to preprocess".into()))?;
         let (h, w) = self.output_size(first);
         if let Some(odd) = images.iter().find(|im| self.output_size(im) != (h, w)) {
             return Err(Error::InvalidInput(format!(
@@ -268,18 +231,12 @@ impl ImageProcessor {
         for (image, out) in images.iter().zip(data.chunks_exact_mut(per)) {
             self.preprocess_into(image, out);
         }
-        Ok(candle_core::Tensor::from_vec(
-            data,
-            (images.len(), 3, h, w),
-            device,
-        )?)
+        Ok(candle_core::Tensor::from_vec(data, (images.len(), 3, h, w), device)?)
     }
 
     fn preprocess_into(&self, image: &RgbImage, out: &mut [f32]) {
         let resized;
-        let src = if self.do_resize
-            && (image.height() as usize, image.width() as usize) != (self.height, self.width)
-        {
+        let src = if self.do_resize && (image.height() as usize, image.width() as usize) != (self.height, self.width) {
             resized = match self.backend {
                 ResizeBackend::Torchvision => resize_torchvision(image, self.height, self.width),
                 ResizeBackend::Pil => resize_pil(image, self.height, self.width),
@@ -337,11 +294,7 @@ impl ImageProcessor {
             // transformers `image_transforms.rescale` (f64 product, then f32) and `normalize`
             // (numpy f32 arrays: (x - mean) / std with mean/std as float32).
             ResizeBackend::Pil => {
-                let v = if self.do_rescale {
-                    (level as f64 * self.rescale_factor) as f32
-                } else {
-                    x
-                };
+                let v = if self.do_rescale { (level as f64 * self.rescale_factor) as f32 } else { x };
                 if self.do_normalize {
                     (v - self.image_mean[c] as f32) / self.image_std[c] as f32
                 } else {

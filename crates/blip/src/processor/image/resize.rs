@@ -44,11 +44,7 @@ fn torch_bicubic(x: f64) -> f64 {
 /// Normalized f64 weights as both libraries compute them (PIL `precompute_coeffs`, torch
 /// `_compute_indices_min_size_weights_aa`): antialiased support `2 * max(scale, 1)`, centre
 /// `(i + 0.5) * scale`, taps from `trunc(centre - support + 0.5)` to `trunc(centre + support + 0.5)`.
-fn float_weights(
-    in_size: usize,
-    out_size: usize,
-    filter: fn(f64) -> f64,
-) -> (Vec<usize>, Vec<usize>, usize, Vec<f64>) {
+fn float_weights(in_size: usize, out_size: usize, filter: fn(f64) -> f64) -> (Vec<usize>, Vec<usize>, usize, Vec<f64>) {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = if scale < 1.0 { 1.0 } else { scale };
     let support = 2.0 * filterscale;
@@ -94,13 +90,7 @@ fn pil_kernel(in_size: usize, out_size: usize) -> AxisKernel {
     const PRECISION_BITS: u32 = 22;
     let (start, len, ksize, kf) = float_weights(in_size, out_size, pil_bicubic);
     let k = kf.iter().map(|&w| to_fixed(w, PRECISION_BITS)).collect();
-    AxisKernel {
-        start,
-        len,
-        ksize,
-        k,
-        prec: PRECISION_BITS,
-    }
+    AxisKernel { start, len, ksize, k, prec: PRECISION_BITS }
 }
 
 /// torch (`_compute_index_ranges_int16_weights`): int16 weights with the most fractional bits
@@ -121,17 +111,8 @@ fn torch_kernel(in_size: usize, out_size: usize) -> AxisKernel {
         }
         prec += 1;
     }
-    let k = kf
-        .iter()
-        .map(|&w| to_fixed(w, prec) as i16 as i32)
-        .collect();
-    AxisKernel {
-        start,
-        len,
-        ksize,
-        k,
-        prec,
-    }
+    let k = kf.iter().map(|&w| to_fixed(w, prec) as i16 as i32).collect();
+    AxisKernel { start, len, ksize, k, prec }
 }
 
 #[inline]
@@ -171,13 +152,7 @@ fn resample_horizontal(
 }
 
 /// Vertical pass: output row `yy` sums input rows `start[yy] - row_offset ..` of `src`.
-fn resample_vertical(
-    src: &[u8],
-    w: usize,
-    row_offset: usize,
-    ky: &AxisKernel,
-    out_h: usize,
-) -> Vec<u8> {
+fn resample_vertical(src: &[u8], w: usize, row_offset: usize, ky: &AxisKernel, out_h: usize) -> Vec<u8> {
     let stride = w * 3;
     let mut out = vec![0u8; out_h * stride];
     let mut acc = vec![0i32; stride];
@@ -241,10 +216,7 @@ fn resize_with(
         (true, true) if horizontal_first => {
             let ky = kernel(in_h, height);
             let first = ky.start[0];
-            let last = (0..height)
-                .map(|i| ky.start[i] + ky.len[i])
-                .max()
-                .unwrap_or(in_h);
+            let last = (0..height).map(|i| ky.start[i] + ky.len[i]).max().unwrap_or(in_h);
             let tmp = resample_horizontal(src, in_w, first..last, &kernel(in_w, width), width);
             resample_vertical(&tmp, width, first, &ky, height)
         }
@@ -263,13 +235,7 @@ fn resize_with(
 /// transformers 5 calls it (torch's `_upsample_bicubic2d_aa` uint8 kernel): PIL's antialiased
 /// bicubic (a = -0.5) with weights in int16 at a precision chosen from the largest weight.
 pub fn resize_torchvision(image: &RgbImage, height: usize, width: usize) -> RgbImage {
-    resize_with(
-        image,
-        height,
-        width,
-        torch_kernel,
-        PassOrder::HorizontalFirst,
-    )
+    resize_with(image, height, width, torch_kernel, PassOrder::HorizontalFirst)
 }
 
 /// `PIL.Image.resize((width, height), Image.BICUBIC)` on an RGB image, as Pillow 13 does it

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs what building blip needs beyond a Rust toolchain: cmake and nasm build the bundled
+# libjpeg-turbo that decodes JPEG exactly as PIL does. Debian/Ubuntu; no-op when present.
+set -euo pipefail
+if command -v cmake >/dev/null && command -v nasm >/dev/null; then
+    exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq cmake nasm
