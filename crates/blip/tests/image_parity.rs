@@ -40,12 +40,9 @@ fn diff_count(a: &RgbImage, b: &RgbImage) -> Option<usize> {
     (a.dimensions() == b.dimensions()).then(|| a.as_raw().iter().zip(b.as_raw()).filter(|(x, y)| x != y).count())
 }
 
-/// The public checkpoints' preprocessor configs: the copy vendored in tests/fixtures, else the
-/// shared one.
+/// The public checkpoints' preprocessor configs, vendored in tests/fixtures.
 fn hub_config(name: &str) -> PathBuf {
-    let vendored = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hub-configs");
-    let dir = if vendored.exists() { vendored } else { PathBuf::from("/work/shared/hub-configs") };
-    dir.join(name).join("preprocessor_config.json")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hub-configs").join(name).join("preprocessor_config.json")
 }
 
 struct Luts {
