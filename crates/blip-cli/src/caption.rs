@@ -85,16 +85,17 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     let mut failures = 0usize;
     for chunk in args.images.chunks(args.batch_size as usize) {
         // Decode the chunk; failed images are reported in their place, the rest captioned.
-        let decoded: Vec<_> = chunk.iter().map(|path| load_image(path)).collect();
-        let good: Vec<_> = decoded.iter().filter_map(|d| d.as_ref().ok()).cloned().collect();
+        let mut good = Vec::with_capacity(chunk.len());
+        let failed: Vec<Option<blip::Error>> =
+            chunk.iter().map(|path| load_image(path).map(|image| good.push(image)).err()).collect();
         let mut captions = if good.is_empty() { vec![] } else { captioner.caption(&good, &options)? }.into_iter();
-        for (path, image) in chunk.iter().zip(&decoded) {
-            let written = match image {
-                Ok(_) => {
+        for (path, failure) in chunk.iter().zip(&failed) {
+            let written = match failure {
+                None => {
                     let caption = captions.next().context("one caption per image")?;
                     write_caption(&mut out, args.format, path, &caption)
                 }
-                Err(err) => {
+                Some(err) => {
                     failures += 1;
                     progress.suspend(|| eprintln!("error: {err}"));
                     write_failure(&mut out, args.format, path, err)
