@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod pytorch;
+
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
@@ -92,7 +94,8 @@ impl Checkpoint {
             // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody
             // truncating a checkpoint while it is in use.
             WeightFiles::Safetensors(files) => unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) },
-            WeightFiles::PyTorch(file) => VarBuilder::from_pth(file, dtype, device),
+            WeightFiles::PyTorch(file) => pytorch::PyTorchWeights::open(&file)
+                .map(|weights| VarBuilder::from_backend(Box::new(weights), dtype, device.clone())),
         };
         opened.map_err(|e| Error::checkpoint(&self.location, format!("cannot read the weights: {e}")))
     }
