@@ -2,7 +2,7 @@
 //! cross-attention to encoder states. One implementation serves the caption/answer decoder
 //! (causal, cached) and, later, the question and matching encoders (bidirectional).
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::cache::{DecoderCache, KeyValue};
@@ -193,7 +193,7 @@ impl TextModel {
 fn causal_bias(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     let s = past + t;
     let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::MIN })).collect();
-    Tensor::from_vec(mask, (t, s), device)?.to_dtype(DType::F32)
+    Tensor::from_vec(mask, (t, s), device)
 }
 
 /// `BlipTextLMPredictionHead` (under `cls.predictions`): dense → gelu → LayerNorm → vocab.
