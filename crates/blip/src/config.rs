@@ -108,6 +108,18 @@ impl Architecture {
         }
     }
 
+    /// What the architecture is for and the `blip` commands that use it.
+    pub fn use_with(self) -> &'static str {
+        match self {
+            Architecture::ConditionalGeneration => "captioning: use it with `blip caption`",
+            Architecture::QuestionAnswering => "visual question answering: use it with `blip vqa`",
+            Architecture::ImageTextRetrieval => {
+                "image-text matching: use it with `blip match`, `blip embed` or `blip classify`"
+            }
+            Architecture::Model => "image and text features: use it with `blip embed`, `blip classify` or `blip match`",
+        }
+    }
+
     fn from_class_name(name: &str) -> Option<Self> {
         [Self::ConditionalGeneration, Self::QuestionAnswering, Self::ImageTextRetrieval, Self::Model]
             .into_iter()

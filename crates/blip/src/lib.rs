@@ -16,4 +16,7 @@ pub mod tasks;
 pub use candle_core::Device;
 pub use checkpoint::{Checkpoint, DEFAULT_MODEL};
 pub use error::{Error, Result};
+pub use processor::image::load_image;
 pub use tasks::caption::{Caption, CaptionOptions, Captioner};
+pub use tasks::matching::{ClassifyOptions, ImageTextMatcher, LabelScore, MatchScore};
+pub use tasks::vqa::{Answer, AnswerList, AnswerOptions, QuestionAnswerer, RankOptions, RankedAnswer};

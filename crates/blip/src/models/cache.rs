@@ -22,6 +22,8 @@ pub struct DecoderCache {
     pub(crate) self_attention: Vec<Option<KeyValue>>,
     /// Per layer: cross-attention keys/values of the encoder states.
     pub(crate) cross_attention: Vec<KeyValue>,
+    /// Additive bias [b, 1, 1, n] masking padded encoder positions, when there are any.
+    pub(crate) cross_attention_bias: Option<Tensor>,
     /// Positions already decoded (the next token's absolute position).
     pub(crate) past_len: usize,
 }
@@ -39,6 +41,9 @@ impl DecoderCache {
         }
         for kv in self.cross_attention.iter_mut() {
             *kv = kv.select_rows(&rows)?;
+        }
+        if let Some(bias) = &mut self.cross_attention_bias {
+            *bias = bias.index_select(&rows, 0)?;
         }
         Ok(())
     }

@@ -31,7 +31,7 @@ impl CaptioningModel {
 
     /// Teacher-forced decoder pass: hidden states [b, t, hidden] and logits [b, t, vocab].
     pub fn decode(&self, input_ids: &Tensor, image_embeds: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut cache = self.text_model.new_cache(image_embeds)?;
+        let mut cache = self.text_model.new_cache(image_embeds, None)?;
         let hidden = self.text_model.forward_decoder(input_ids, &mut cache)?;
         let logits = self.lm_head.forward(&hidden)?;
         Ok((hidden, logits))

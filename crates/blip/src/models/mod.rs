@@ -3,6 +3,9 @@
 
 pub mod cache;
 pub mod captioning;
+pub mod contrastive;
+pub mod question_answering;
+pub mod retrieval;
 pub mod text;
 pub mod vision;
 

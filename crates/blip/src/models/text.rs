@@ -1,8 +1,8 @@
 //! The text transformer (`BlipTextModel`): BERT without token types, post-norm, with optional
 //! cross-attention to encoder states. One implementation serves the caption/answer decoder
-//! (causal, cached) and, later, the question and matching encoders (bidirectional).
+//! (causal, cached) and the question, matching and contrastive encoders (bidirectional).
 
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::cache::{DecoderCache, KeyValue};
@@ -105,12 +105,13 @@ impl TextLayer {
         })
     }
 
+    /// `cross` holds the encoder keys/values and the additive bias masking their padding.
     fn forward(
         &self,
         xs: &Tensor,
         self_bias: Option<&Tensor>,
         past: &mut Option<KeyValue>,
-        cross: Option<&KeyValue>,
+        cross: Option<(&KeyValue, Option<&Tensor>)>,
     ) -> Result<Tensor> {
         let mut kv = self.attention.key_value(xs)?;
         if let Some(past) = past.as_ref() {
@@ -121,15 +122,15 @@ impl TextLayer {
         }
         let mut hidden = self.attention.attend(xs, &kv, self_bias)?;
         *past = Some(kv);
-        if let (Some(crossattention), Some(cross)) = (&self.crossattention, cross) {
-            hidden = crossattention.attend(&hidden, cross, None)?;
+        if let (Some(crossattention), Some((cross, cross_bias))) = (&self.crossattention, cross) {
+            hidden = crossattention.attend(&hidden, cross, cross_bias)?;
         }
         let ffn = self.output.forward(&gelu(&self.intermediate.forward(&hidden)?)?)?;
         self.output_layer_norm.forward(&(ffn + hidden)?)
     }
 }
 
-/// `BlipTextModel` without pooler.
+/// `BlipTextModel` without pooler (see [`TextPooler`]).
 pub struct TextModel {
     embeddings: TextEmbeddings,
     layers: Vec<TextLayer>,
@@ -153,8 +154,10 @@ impl TextModel {
     }
 
     /// A cache for decoding against `encoder_states` [b, n, encoder_hidden]: the cross-attention
-    /// keys/values are computed here, once.
-    pub fn new_cache(&self, encoder_states: &Tensor) -> Result<DecoderCache> {
+    /// keys/values are computed here, once. `encoder_mask` [b, n] (1 = real, 0 = padding) keeps
+    /// the decoder off padded encoder positions (transformers ignores it since 4.54; images are
+    /// never padded, padded question batches are).
+    pub fn new_cache(&self, encoder_states: &Tensor, encoder_mask: Option<&Tensor>) -> Result<DecoderCache> {
         let cross_attention = self
             .layers
             .iter()
@@ -163,7 +166,38 @@ impl TextModel {
                 None => candle_core::bail!("this text model has no cross-attention weights"),
             })
             .collect::<Result<_>>()?;
-        Ok(DecoderCache { self_attention: vec![None; self.layers.len()], cross_attention, past_len: 0 })
+        Ok(DecoderCache {
+            self_attention: vec![None; self.layers.len()],
+            cross_attention,
+            cross_attention_bias: encoder_mask.map(padding_bias).transpose()?,
+            past_len: 0,
+        })
+    }
+
+    /// Bidirectional pass (the text encoder of VQA, ITM and ITC): `input_ids` [b, t] with
+    /// `attention_mask` [b, t] (1 = token, 0 = padding), optionally cross-attending to
+    /// `encoder_states` [b, n, encoder_hidden] (images: never padded). Returns [b, t, hidden].
+    pub fn forward_encoder(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        encoder_states: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        if t > self.max_positions {
+            candle_core::bail!("text of {t} tokens exceeds the model's {} positions", self.max_positions);
+        }
+        let bias = attention_mask.map(padding_bias).transpose()?;
+        let mut xs = self.embeddings.forward(input_ids, 0)?;
+        for layer in &self.layers {
+            let cross = match (encoder_states, &layer.crossattention) {
+                (Some(states), Some(cross)) => Some(cross.key_value(states)?),
+                (Some(_), None) => candle_core::bail!("this text model has no cross-attention weights"),
+                (None, _) => None,
+            };
+            xs = layer.forward(&xs, bias.as_ref(), &mut None, cross.as_ref().map(|kv| (kv, None)))?;
+        }
+        Ok(xs)
     }
 
     /// Causal decoder step: `input_ids` [b, t] continue the sequences in `cache`; returns the
@@ -181,7 +215,8 @@ impl TextModel {
         let bias = if t > 1 { Some(causal_bias(t, past_len, input_ids.device())?) } else { None };
         let mut xs = self.embeddings.forward(input_ids, past_len)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs, bias.as_ref(), &mut cache.self_attention[i], Some(&cache.cross_attention[i]))?;
+            let cross = (&cache.cross_attention[i], cache.cross_attention_bias.as_ref());
+            xs = layer.forward(&xs, bias.as_ref(), &mut cache.self_attention[i], Some(cross))?;
         }
         cache.past_len += t;
         Ok(xs)
@@ -194,6 +229,32 @@ fn causal_bias(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     let s = past + t;
     let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::MIN })).collect();
     Tensor::from_vec(mask, (t, s), device)
+}
+
+/// Additive bias [b, 1, 1, n] from a 0/1 mask [b, n]: 0 where attended, the f32 minimum on
+/// padding (as transformers' masks), broadcast over heads and queries.
+fn padding_bias(mask: &Tensor) -> Result<Tensor> {
+    let (b, n) = mask.dims2()?;
+    let keep = mask.to_dtype(DType::F32)?;
+    // keep·0 + (1 − keep)·MIN without producing 0·MIN
+    let bias = keep.affine(-(f32::MIN as f64), f32::MIN as f64)?;
+    bias.reshape((b, 1, 1, n))
+}
+
+/// `BlipTextPooler` (BlipModel's text model only): tanh(dense(first token)).
+pub struct TextPooler {
+    dense: Linear,
+}
+
+impl TextPooler {
+    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { dense: linear(cfg.hidden_size, cfg.hidden_size, vb.pp("dense"))? })
+    }
+
+    /// hidden [b, t, hidden] → pooled [b, hidden].
+    pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.dense.forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()
+    }
 }
 
 /// `BlipTextLMPredictionHead` (under `cls.predictions`): dense → gelu → LayerNorm → vocab.

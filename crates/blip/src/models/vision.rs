@@ -145,4 +145,10 @@ impl VisionModel {
         }
         self.post_layernorm.forward(&xs)
     }
+
+    /// `pooler_output`: post_layernorm applied once more, to the class token of
+    /// `last_hidden_state` [b, 1 + patches, hidden] → [b, hidden] (only BlipModel uses it).
+    pub fn pool(&self, last_hidden_state: &Tensor) -> Result<Tensor> {
+        self.post_layernorm.forward(&last_hidden_state.narrow(1, 0, 1)?.squeeze(1)?)
+    }
 }

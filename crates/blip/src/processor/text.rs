@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use candle_core::{Device, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::config::TextConfig;
@@ -13,6 +14,7 @@ pub struct TextProcessor {
     tokenizer: Tokenizer,
     bos_token_id: u32,
     sep_token_id: u32,
+    pad_token_id: u32,
 }
 
 impl TextProcessor {
@@ -26,13 +28,71 @@ impl TextProcessor {
         // tokenizer.json files may carry fixed padding/truncation (bert-base-uncased's pads to
         // 128); transformers resets both on every call unless asked, so do the same.
         tokenizer.with_truncation(None).map_err(|e| Error::Tokenizer(e.to_string()))?.with_padding(None);
-        Ok(Self { tokenizer, bos_token_id: config.bos_token_id, sep_token_id: config.sep_token_id })
+        Ok(Self {
+            tokenizer,
+            bos_token_id: config.bos_token_id,
+            sep_token_id: config.sep_token_id,
+            pad_token_id: config.pad_token_id,
+        })
     }
 
     /// `[CLS] text [SEP]` ids, as the BLIP processor tokenizes text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// `[CLS] text [SEP]` for the text encoder, cut to `max_len` tokens (keeping the final
+    /// [SEP], as the tokenizer's `truncation=True` does) with a warning: BLIP's text has 512
+    /// positions and a longer text cannot be encoded whole. Empty text is refused.
+    pub fn encode_for_encoder(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if ids.len() <= 2 {
+            return Err(Error::InvalidInput("empty text: give some words to encode".into()));
+        }
+        if ids.len() > max_len {
+            tracing::warn!(
+                "text of {} tokens truncated to the model's {max_len} positions: \"{}...\"",
+                ids.len(),
+                text.chars().take(40).collect::<String>()
+            );
+            ids.truncate(max_len - 1);
+            ids.push(self.sep_token_id);
+        }
+        Ok(ids)
+    }
+
+    /// Rows of ids right-padded with `pad_token_id` into `input_ids` [b, t] and the
+    /// `attention_mask` [b, t] (1 = token, 0 = padding), as the processor's `padding=True`.
+    pub fn pad_batch(&self, rows: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> {
+        let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows.len() * width);
+        let mut mask = Vec::with_capacity(rows.len() * width);
+        for row in rows {
+            ids.extend(row.iter().copied().chain(std::iter::repeat(self.pad_token_id).take(width - row.len())));
+            mask.extend((0..width).map(|i| u32::from(i < row.len())));
+        }
+        let shape = (rows.len(), width);
+        Ok((Tensor::from_vec(ids, shape, device)?, Tensor::from_vec(mask, shape, device)?))
+    }
+
+    /// A candidate answer as the answer decoder reads and scores it (original BLIP's
+    /// rank_answer): `[bos] answer [SEP]`.
+    pub fn answer_ids(&self, answer: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(answer)?;
+        if ids.len() <= 2 {
+            return Err(Error::InvalidInput("empty answer in the answer list".into()));
+        }
+        ids[0] = self.bos_token_id;
+        Ok(ids)
+    }
+
+    pub fn bos_token_id(&self) -> u32 {
+        self.bos_token_id
+    }
+
+    pub fn sep_token_id(&self) -> u32 {
+        self.sep_token_id
     }
 
     /// The ids captioning starts from: `[bos]` alone, or a prompt tokenized as `[CLS] prompt

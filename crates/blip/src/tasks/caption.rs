@@ -1,6 +1,6 @@
 //! Image captioning with `BlipForConditionalGeneration` checkpoints, with or without a prompt.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use image::RgbImage;
 
 use crate::checkpoint::Checkpoint;
@@ -46,43 +46,22 @@ impl Captioner {
     }
 
     pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
-        let location = &checkpoint.location;
-        let config = BlipConfig::from_file(&checkpoint.config_file()?)?;
-        match config.architecture() {
-            None | Some(Ok(Architecture::ConditionalGeneration)) => {}
-            Some(Ok(other)) => {
-                return Err(Error::checkpoint(
-                    location,
-                    format!(
-                        "is a {} checkpoint, not a captioning one (BlipForConditionalGeneration); use a captioning model such as Salesforce/blip-image-captioning-base",
-                        other.class_name()
-                    ),
-                ))
-            }
-            Some(Err(name)) => {
-                return Err(Error::checkpoint(location, format!("architecture {name} is not a BLIP captioning model")))
-            }
-        }
-        let image_processor = match checkpoint.preprocessor_config_file()? {
-            Some(path) => ImageProcessor::from_file(&path)?,
-            None => ImageProcessor::default(),
-        };
-        let image_size = config.vision_config.image_size;
-        if (image_processor.height, image_processor.width) != (image_size, image_size) {
-            return Err(Error::checkpoint(
-                location,
-                format!(
-                    "preprocessor size {}x{} differs from the vision model's image_size {image_size}; resized position embeddings are not supported",
-                    image_processor.height, image_processor.width
-                ),
-            ));
-        }
-        let text_processor = TextProcessor::from_file(&checkpoint.tokenizer_file()?, &config.text_config)?;
-        let vb = checkpoint.var_builder(DType::F32, device)?;
-        let model = CaptioningModel::new(&config, vb).map_err(|e| {
-            Error::checkpoint(location, format!("weights do not fit a BlipForConditionalGeneration model: {e}"))
-        })?;
-        Ok(Self { model, config, image_processor, text_processor, device: device.clone() })
+        let loaded = super::load(
+            checkpoint,
+            &[Architecture::ConditionalGeneration],
+            "captioning",
+            "Salesforce/blip-image-captioning-base",
+            device,
+        )?;
+        let model = CaptioningModel::new(&loaded.config, loaded.weights)
+            .map_err(|e| super::weights_error(checkpoint, loaded.architecture, e))?;
+        Ok(Self {
+            model,
+            config: loaded.config,
+            image_processor: loaded.image_processor,
+            text_processor: loaded.text_processor,
+            device: device.clone(),
+        })
     }
 
     pub fn model(&self) -> &CaptioningModel {
@@ -141,7 +120,8 @@ impl Captioner {
         let prefix = self.prefix(options)?;
         let image_embeds = self.model.encode_images(pixel_values)?;
         let rows = image_embeds.dim(0)?;
-        let mut decoder = CaptionDecoder { model: &self.model, cache: self.model.text_model.new_cache(&image_embeds)? };
+        let mut decoder =
+            CaptionDecoder { model: &self.model, cache: self.model.text_model.new_cache(&image_embeds, None)? };
         let sequences = generation::greedy(
             &mut decoder,
             &vec![prefix; rows],

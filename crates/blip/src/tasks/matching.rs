@@ -1,0 +1,346 @@
+//! Image-text matching, embeddings and zero-shot classification with
+//! `BlipForImageTextRetrieval` checkpoints (ITM head and 256-d ITC embeddings) or `BlipModel`
+//! ones (512-d features and a learned logit scale, no ITM head).
+
+use candle_core::{Device, IndexOp, Tensor};
+use image::RgbImage;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Architecture, BlipConfig};
+use crate::error::{Error, Result};
+use crate::models::contrastive::ContrastiveModel;
+use crate::models::retrieval::RetrievalModel;
+use crate::processor::image::{ImageProcessor, ResizeBackend};
+use crate::processor::text::TextProcessor;
+
+/// The two kinds of checkpoint that embed images and texts in one space.
+pub enum MatchingModel {
+    Retrieval(RetrievalModel),
+    Contrastive(ContrastiveModel),
+}
+
+/// How well one text fits one image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MatchScore {
+    /// ITM match probability (softmax of itm_head, index 1); `None` for BlipModel checkpoints,
+    /// which have no ITM head.
+    pub itm: Option<f32>,
+    /// ITC cosine similarity of the normalized embeddings.
+    pub itc: f32,
+}
+
+/// Zero-shot classification settings.
+#[derive(Debug, Clone)]
+pub struct ClassifyOptions {
+    /// Text each label is put into; `{}` marks the label.
+    pub template: String,
+    /// Rescore this many top labels with the ITM head (retrieval checkpoints only).
+    pub rerank: Option<usize>,
+}
+
+impl Default for ClassifyOptions {
+    fn default() -> Self {
+        Self { template: "a picture of {}".into(), rerank: None }
+    }
+}
+
+/// One label's scores for one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelScore {
+    pub label: String,
+    /// Softmax over the labels of the ITC cosines times the logit scale.
+    pub probability: f32,
+    pub itc: f32,
+    /// ITM match probability, for the labels reranked with the ITM head.
+    pub itm: Option<f32>,
+}
+
+/// A loaded retrieval or BlipModel checkpoint with its processors.
+pub struct ImageTextMatcher {
+    model: MatchingModel,
+    architecture: Architecture,
+    config: BlipConfig,
+    image_processor: ImageProcessor,
+    text_processor: TextProcessor,
+    device: Device,
+}
+
+impl ImageTextMatcher {
+    /// Loads a local folder or Hub repo id (see [`Checkpoint::locate`]).
+    pub fn load(model: &str, device: &Device) -> Result<Self> {
+        Self::from_checkpoint(&Checkpoint::locate(model)?, device)
+    }
+
+    pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
+        let loaded = super::load(
+            checkpoint,
+            &[Architecture::ImageTextRetrieval, Architecture::Model],
+            "image-text matching",
+            "Salesforce/blip-itm-base-coco",
+            device,
+        )?;
+        let architecture = loaded.architecture;
+        let model = match architecture {
+            Architecture::Model => {
+                ContrastiveModel::new(&loaded.config, loaded.weights).map(MatchingModel::Contrastive)
+            }
+            _ => RetrievalModel::new(&loaded.config, loaded.weights).map(MatchingModel::Retrieval),
+        }
+        .map_err(|e| super::weights_error(checkpoint, architecture, e))?;
+        Ok(Self {
+            model,
+            architecture,
+            config: loaded.config,
+            image_processor: loaded.image_processor,
+            text_processor: loaded.text_processor,
+            device: device.clone(),
+        })
+    }
+
+    pub fn model(&self) -> &MatchingModel {
+        &self.model
+    }
+
+    pub fn architecture(&self) -> Architecture {
+        self.architecture
+    }
+
+    pub fn config(&self) -> &BlipConfig {
+        &self.config
+    }
+
+    pub fn image_processor(&self) -> &ImageProcessor {
+        &self.image_processor
+    }
+
+    /// Chooses the resize of transformers 5 (torchvision, default) or 4 (PIL).
+    pub fn set_resize_backend(&mut self, backend: ResizeBackend) {
+        self.image_processor.backend = backend;
+    }
+
+    /// Whether image-text matching (ITM) probabilities are available.
+    pub fn has_itm_head(&self) -> bool {
+        matches!(self.model, MatchingModel::Retrieval(_))
+    }
+
+    /// Width of the embeddings: 256 (retrieval ITC) or 512 (BlipModel projection).
+    pub fn embedding_dim(&self) -> usize {
+        match self.model {
+            MatchingModel::Retrieval(_) => self.config.image_text_hidden_size,
+            MatchingModel::Contrastive(_) => self.config.projection_dim,
+        }
+    }
+
+    /// The factor cosines are multiplied by before a softmax: BlipModel's learned
+    /// `exp(logit_scale)`; for retrieval checkpoints, which carry none, the config's
+    /// `exp(logit_scale_init_value)` (1/0.07, BLIP's initial ITC temperature).
+    pub fn logit_scale(&self) -> f32 {
+        match &self.model {
+            MatchingModel::Retrieval(_) => self.config.logit_scale_init_value.exp() as f32,
+            MatchingModel::Contrastive(m) => m.logit_scale,
+        }
+    }
+
+    /// Vision `last_hidden_state` of preprocessed images.
+    fn vision_states(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        Ok(match &self.model {
+            MatchingModel::Retrieval(m) => m.vision_model.forward(pixel_values)?,
+            MatchingModel::Contrastive(m) => m.vision_model.forward(pixel_values)?,
+        })
+    }
+
+    fn image_embeds_from_states(&self, states: &Tensor) -> Result<Tensor> {
+        Ok(match &self.model {
+            MatchingModel::Retrieval(m) => m.image_itc_embeds(states)?,
+            MatchingModel::Contrastive(m) => m.image_embeds(states)?,
+        })
+    }
+
+    /// Tokenized, padded texts: input_ids and attention_mask [n, t].
+    fn encode_texts(&self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
+        if texts.is_empty() {
+            return Err(Error::InvalidInput("no texts given".into()));
+        }
+        let positions = self.config.text_config.max_position_embeddings;
+        let ids = texts
+            .iter()
+            .map(|t| {
+                self.text_processor
+                    .encode_for_encoder(t, positions)
+                    .map_err(|e| Error::InvalidInput(format!("text \"{t}\": {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.text_processor.pad_batch(&ids, &self.device)
+    }
+
+    /// Unit-norm image embeddings [n, dim].
+    pub fn embed_images(&self, images: &[RgbImage]) -> Result<Tensor> {
+        let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
+        self.embed_pixels(&pixel_values)
+    }
+
+    /// [`Self::embed_images`] on preprocessed `pixel_values` [n, 3, H, W].
+    pub fn embed_pixels(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.image_embeds_from_states(&self.vision_states(pixel_values)?)
+    }
+
+    /// Unit-norm text embeddings [n, dim] (each text as `[CLS] text [SEP]`, batch padded).
+    pub fn embed_texts(&self, texts: &[&str]) -> Result<Tensor> {
+        let (ids, mask) = self.encode_texts(texts)?;
+        Ok(match &self.model {
+            MatchingModel::Retrieval(m) => m.text_itc_embeds(&ids, Some(&mask))?,
+            MatchingModel::Contrastive(m) => m.text_embeds(&ids, Some(&mask))?,
+        })
+    }
+
+    /// Unnormalized BlipModel features (`get_image_features`), [n, projection_dim].
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        match &self.model {
+            MatchingModel::Contrastive(m) => Ok(m.image_features(&m.vision_model.forward(pixel_values)?)?),
+            MatchingModel::Retrieval(_) => Err(self.not_blip_model("image_features")),
+        }
+    }
+
+    /// Unnormalized BlipModel features (`get_text_features`), [n, projection_dim].
+    pub fn text_features(&self, texts: &[&str]) -> Result<Tensor> {
+        match &self.model {
+            MatchingModel::Contrastive(m) => {
+                let (ids, mask) = self.encode_texts(texts)?;
+                Ok(m.text_features(&ids, Some(&mask))?)
+            }
+            MatchingModel::Retrieval(_) => Err(self.not_blip_model("text_features")),
+        }
+    }
+
+    fn not_blip_model(&self, what: &str) -> Error {
+        Error::InvalidInput(format!(
+            "{what} exists only for BlipModel checkpoints; this one is {}",
+            self.architecture.class_name()
+        ))
+    }
+
+    /// `logits_per_image` [images, texts]: cosine × logit scale, as `BlipModel.forward`.
+    pub fn logits_per_image(&self, images: &[RgbImage], texts: &[&str]) -> Result<Tensor> {
+        let cosines = self.embed_images(images)?.matmul(&self.embed_texts(texts)?.t()?)?;
+        Ok((cosines * self.logit_scale() as f64)?)
+    }
+
+    /// Every image against every text: scores[image][text].
+    pub fn match_images(&self, images: &[RgbImage], texts: &[&str]) -> Result<Vec<Vec<MatchScore>>> {
+        let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
+        self.match_pixels(&pixel_values, texts)
+    }
+
+    /// [`Self::match_images`] on preprocessed `pixel_values`.
+    pub fn match_pixels(&self, pixel_values: &Tensor, texts: &[&str]) -> Result<Vec<Vec<MatchScore>>> {
+        let states = self.vision_states(pixel_values)?;
+        let itc = self.image_embeds_from_states(&states)?.matmul(&self.embed_texts(texts)?.t()?)?.to_vec2::<f32>()?;
+        let all: Vec<usize> = (0..texts.len()).collect();
+        itc.into_iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let itm = match &self.model {
+                    MatchingModel::Retrieval(_) => {
+                        self.itm(&states.i(i..i + 1)?, texts, &all)?.into_iter().map(Some).collect()
+                    }
+                    MatchingModel::Contrastive(_) => vec![None; texts.len()],
+                };
+                Ok(row.into_iter().zip(itm).map(|(itc, itm)| MatchScore { itm, itc }).collect())
+            })
+            .collect()
+    }
+
+    /// ITM match probabilities of texts `which` against one image's vision states [1, n, v].
+    fn itm(&self, image_states: &Tensor, texts: &[&str], which: &[usize]) -> Result<Vec<f32>> {
+        let MatchingModel::Retrieval(model) = &self.model else {
+            return Err(Error::InvalidInput(format!(
+                "image-text matching (ITM) needs a BlipForImageTextRetrieval checkpoint; this one is {}",
+                self.architecture.class_name()
+            )));
+        };
+        let chosen: Vec<&str> = which.iter().map(|&j| texts[j]).collect();
+        let (ids, mask) = self.encode_texts(&chosen)?;
+        let repeat = Tensor::zeros(chosen.len(), candle_core::DType::U32, &self.device)?;
+        let logits = model.itm_logits(&ids, Some(&mask), &image_states.index_select(&repeat, 0)?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        Ok(probs.i((.., 1))?.to_vec1()?)
+    }
+
+    /// Zero-shot classification: labels ranked by probability per image (reranked labels, when
+    /// asked, first and ordered by ITM probability).
+    pub fn classify(
+        &self,
+        images: &[RgbImage],
+        labels: &[&str],
+        options: &ClassifyOptions,
+    ) -> Result<Vec<Vec<LabelScore>>> {
+        let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
+        self.classify_pixels(&pixel_values, labels, options)
+    }
+
+    /// [`Self::classify`] on preprocessed `pixel_values`.
+    pub fn classify_pixels(
+        &self,
+        pixel_values: &Tensor,
+        labels: &[&str],
+        options: &ClassifyOptions,
+    ) -> Result<Vec<Vec<LabelScore>>> {
+        let prompts = class_prompts(labels, &options.template)?;
+        if options.rerank.is_some() && !self.has_itm_head() {
+            return Err(Error::InvalidInput(format!(
+                "reranking needs an ITM head (a BlipForImageTextRetrieval checkpoint); this one is {}",
+                self.architecture.class_name()
+            )));
+        }
+        let prompt_refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let states = self.vision_states(pixel_values)?;
+        let cosines = self.image_embeds_from_states(&states)?.matmul(&self.embed_texts(&prompt_refs)?.t()?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&(&cosines * self.logit_scale() as f64)?)?.to_vec2::<f32>()?;
+        let cosines = cosines.to_vec2::<f32>()?;
+        let mut results = Vec::with_capacity(probs.len());
+        for (i, (probs, cosines)) in probs.into_iter().zip(cosines).enumerate() {
+            let mut scores: Vec<LabelScore> = labels
+                .iter()
+                .zip(probs.into_iter().zip(cosines))
+                .map(|(label, (probability, itc))| LabelScore { label: label.to_string(), probability, itc, itm: None })
+                .collect();
+            let mut order: Vec<usize> = (0..scores.len()).collect();
+            order.sort_by(|&a, &b| scores[b].probability.total_cmp(&scores[a].probability));
+            if let Some(k) = options.rerank {
+                let top: Vec<usize> = order[..k.min(order.len())].to_vec();
+                let itm = self.itm(&states.i(i..i + 1)?, &prompt_refs, &top)?;
+                for (&j, p) in top.iter().zip(itm) {
+                    scores[j].itm = Some(p);
+                }
+                let itm_of = |j: usize| scores[j].itm.unwrap_or(f32::NEG_INFINITY);
+                order[..top.len()].sort_by(|&a, &b| itm_of(b).total_cmp(&itm_of(a)));
+            }
+            results.push(order.into_iter().map(|j| scores[j].clone()).collect());
+        }
+        Ok(results)
+    }
+}
+
+/// Each label put into the template; labels must be distinct and non-empty, and the template
+/// must mark the label's place.
+fn class_prompts(labels: &[&str], template: &str) -> Result<Vec<String>> {
+    if !template.contains("{}") {
+        return Err(Error::InvalidInput(format!("template \"{template}\" has no {{}} where the label goes")));
+    }
+    if labels.is_empty() {
+        return Err(Error::InvalidInput("no labels given".into()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    labels
+        .iter()
+        .map(|label| {
+            if label.trim().is_empty() {
+                return Err(Error::InvalidInput("empty label".into()));
+            }
+            if !seen.insert(*label) {
+                return Err(Error::InvalidInput(format!("label \"{label}\" is given twice")));
+            }
+            Ok(template.replace("{}", label))
+        })
+        .collect()
+}
