@@ -4,13 +4,15 @@ reference outputs that the Rust task tests compare against.
 
 Run by hand (never by CI), after scripts/make_model_fixtures.py (it reuses its images):
 
-    /opt/fixenv/bin/python scripts/make_task_fixtures.py
+    /opt/fixenv/bin/python scripts/make_task_fixtures.py            # tiny fixtures (committed)
+    /opt/fixenv/bin/python scripts/make_task_fixtures.py --full DIR # full-size VQA + ITM check
 
 Same pinned versions, tiny dimensions and weight re-initialisation as make_model_fixtures.py.
 Everything is seeded; re-running it rewrites the same files. See
 crates/blip/tests/fixtures/FIXTURES.md for what each file holds.
 """
 
+import argparse
 import collections
 import copy
 import sys
@@ -50,13 +52,15 @@ VQA_SEEDS = (8, 6.0)      # seed, cls.predictions.bias[102] shift
 ITM_SEED = 6
 ITM_HEAD_GAIN = 3.0       # spreads the match probabilities away from 0.5
 BLIP_SEED = 7
-BLIP_LOGIT_SCALE = 2.0    # not the init value 2.6592, so that reading the weight is tested
+BLIP_LOGIT_SCALE = 2.0
+FULL = None               # the --full output folder, when building the full-size check    # not the init value 2.6592, so that reading the weight is tested
 
 
 @torch.no_grad()
 def reinit(model, seed, sep_shift=None):
-    """make_model_fixtures.reinit's scheme (N(0, 0.2) matrices, LayerNorm 1 + 0.1 N, biases
-    0.1 N) for any BLIP model; `sep_shift` raises the LM bias of [SEP] so answers end."""
+    """make_model_fixtures.reinit's scheme for any BLIP model (tiny: N(0, 0.2) matrices;
+    full size: gain/sqrt(fan_in) matrices and 0.04 embeddings; LayerNorm 1 + 0.1 N, biases
+    0.1 N); `sep_shift` raises the LM bias of [SEP] so answers end."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if name == "logit_scale":
@@ -65,12 +69,34 @@ def reinit(model, seed, sep_shift=None):
             p.copy_(base.LN_WEIGHT[0] + base.LN_WEIGHT[1] * torch.randn(p.shape, generator=g))
         elif name.endswith("bias"):
             p.copy_(base.BIAS_STD * torch.randn(p.shape, generator=g))
-        else:
+        elif FULL is None:
             p.copy_(base.TINY_WEIGHT_STD * torch.randn(p.shape, generator=g))
+        elif "embedding" in name:
+            p.copy_(base.FULL_EMBED_STD * torch.randn(p.shape, generator=g))
+        else:
+            gain = base.FULL_LINEAR_GAIN_TEXT if name.startswith("text_") else base.FULL_LINEAR_GAIN_VISION
+            p.copy_(gain / p[0].numel() ** 0.5 * torch.randn(p.shape, generator=g))
     decoder = getattr(model, "text_decoder", None)
     if decoder is not None:
         decoder.cls.predictions.bias[SEP] += sep_shift
         assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
+
+
+def task_config(hub_name, arch):
+    """The Hub config itself for the full-size check, else the tiny one."""
+    if FULL is not None:
+        return base.json.loads((base.HUB / hub_name / "config.json").read_text())
+    return tiny_config(hub_name, arch)
+
+
+def preprocessor(hub_name):
+    if FULL is not None:
+        return base.json.loads((base.HUB / hub_name / "preprocessor_config.json").read_text())
+    return base.preproc_dict(base.TINY_IMAGE_SIZE)
+
+
+def checkpoint_dir(name):
+    return base.fresh_dir((FULL / name) if FULL is not None else (base.MODELS / name))
 
 
 def tiny_config(hub_name, arch):
@@ -135,7 +161,8 @@ def write(name, tensors, meta):
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     meta["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                        for k, v in tensors.items()}
-    base.write_expected(tensors, meta, base.EXPECTED / f"{name}.safetensors", base.EXPECTED / f"{name}.json")
+    out = FULL if FULL is not None else base.EXPECTED
+    base.write_expected(tensors, meta, out / f"{name}.safetensors", out / f"{name}.json")
 
 
 # ---- VQA --------------------------------------------------------------------------------
@@ -150,13 +177,14 @@ def answer_ids(tok, answer):
 @torch.no_grad()
 def make_vqa(versions):
     name = "tiny-vqa"
-    d = base.fresh_dir(base.MODELS / name)
-    base.dump_json(tiny_config("blip-vqa-base", "BlipForQuestionAnswering"), d / "config.json")
-    base.dump_json(base.preproc_dict(base.TINY_IMAGE_SIZE), d / "preprocessor_config.json")
+    d = checkpoint_dir(name)
+    base.dump_json(task_config("blip-vqa-base", "BlipForQuestionAnswering"), d / "config.json")
+    base.dump_json(preprocessor("blip-vqa-base"), d / "preprocessor_config.json")
     base.write_tokenizer(d, full=False)
-    seed, shift = VQA_SEEDS
+    seed, shift = VQA_SEEDS if FULL is None else (1, base.FULL_SEP_BIAS_SHIFT)
     model = build(BlipForQuestionAnswering, d, seed, sep_shift=shift)
-    save_safetensors(model, d, torch.float16)
+    save_safetensors(model, d, torch.float16 if FULL is None else torch.float32)
+    del model
     with safe_open(d / "model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert "text_decoder.cls.predictions.decoder.weight" not in keys
@@ -207,8 +235,8 @@ def make_vqa(versions):
         print(f"  vqa img{c['image']} {c['question'][:30]!r:34} -> {c['answer_max_new_10']!r} {c['generate_max_new_10']}")
     print("  transformers batched:", [proc.decode(s, skip_special_tokens=True) for s in batched])
     answers = {tuple(c["generate_max_new_10"]) for c in cases}
-    assert len(answers) >= 4, f"answers should vary: {answers}"
-    assert any(SEP in c["generate_max_new_10"] for c in cases), "some answer must end at [SEP]"
+    assert FULL is not None or len(answers) >= 4, f"answers should vary: {answers}"
+    assert FULL is not None or any(SEP in c["generate_max_new_10"] for c in cases), "some answer must end at [SEP]"
     meta = meta_common(name, BlipForQuestionAnswering, proc, paths, versions)
     meta.update({
         "questions": QUESTIONS,
@@ -239,14 +267,15 @@ def itm_hub_state_dict(model):
 @torch.no_grad()
 def make_itm(versions):
     name = "tiny-itm"
-    d = base.fresh_dir(base.MODELS / name)
-    base.dump_json(tiny_config("blip-itm-base-coco", "BlipForImageTextRetrieval"), d / "config.json")
-    base.dump_json(base.preproc_dict(base.TINY_IMAGE_SIZE), d / "preprocessor_config.json")
+    d = checkpoint_dir(name)
+    base.dump_json(task_config("blip-itm-base-coco", "BlipForImageTextRetrieval"), d / "config.json")
+    base.dump_json(preprocessor("blip-itm-base-coco"), d / "preprocessor_config.json")
     base.write_tokenizer(d, full=True)
     model = build(BlipForImageTextRetrieval, d, ITM_SEED)
     with torch.no_grad():
         model.itm_head.weight *= ITM_HEAD_GAIN
     torch.save(itm_hub_state_dict(model), d / "pytorch_model.bin")
+    del model
     loaded, info = load(BlipForImageTextRetrieval, d)
     assert not info["missing_keys"] and not info["mismatched_keys"], info
     proc = base.load_processor(d)
@@ -274,7 +303,7 @@ def make_itm(versions):
         s = loaded.text_encoder(input_ids=one["input_ids"]).last_hidden_state
         e = torch.nn.functional.normalize(loaded.text_proj(s[:, 0, :]), dim=-1)
         assert torch.allclose(e[0], text_embeds[j], atol=1e-5)
-    assert itm.min() < 0.3 and itm.max() > 0.7, itm
+    assert FULL is not None or (itm.min() < 0.3 and itm.max() > 0.7), itm
     tensors = {"pixel_values": pv, "vision_last_hidden_state": vision, "itm_logits": itm_logits,
                "itm": itm, "itc": itc, "image_embeds": image_embeds, "text_embeds": text_embeds,
                "text_input_ids": enc["input_ids"].to(torch.int64)}
@@ -327,9 +356,20 @@ def make_blip_model(versions):
 
 
 def main():
+    global FULL
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--full", metavar="OUT_DIR",
+                    help="full-size random VQA and ITM checkpoints (real configs) + expected outputs there")
+    args = ap.parse_args()
     versions = base.check_versions()
     torch.set_grad_enabled(False)
     transformers.utils.logging.set_verbosity_error()
+    if args.full:
+        FULL = Path(args.full)
+        FULL.mkdir(parents=True, exist_ok=True)
+        make_vqa(versions)
+        make_itm(versions)
+        return
     make_vqa(versions)
     make_itm(versions)
     make_blip_model(versions)
