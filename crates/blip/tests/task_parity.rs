@@ -1,7 +1,9 @@
 //! VQA, image-text matching, embeddings, classification and BlipModel features against
 //! transformers 5.24 on the committed tiny checkpoints (made by scripts/make_task_fixtures.py):
 //! activations and log-likelihoods within 1e-4, probabilities, cosines and embeddings within
-//! 1e-5, generated tokens identical.
+//! 1e-5, generated tokens identical. Set BLIP_FULL_TASK_FIXTURE to the folder
+//! `make_task_fixtures.py --full` wrote to run the VQA and ITM checks on full-size checkpoints
+//! (`cargo test --release --test task_parity -- --ignored full_size`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +33,11 @@ struct Expected {
 
 impl Expected {
     fn load(name: &str) -> Self {
-        let base = fixtures().join("expected").join(name);
+        Self::load_from(&fixtures().join("expected").join(name))
+    }
+
+    /// `base` is the path of the `.json`/`.safetensors` pair without extension.
+    fn load_from(base: &Path) -> Self {
         let meta = serde_json::from_str(&std::fs::read_to_string(base.with_extension("json")).unwrap()).unwrap();
         let tensors = candle_core::safetensors::load(base.with_extension("safetensors"), &Device::Cpu).unwrap();
         Self { meta, tensors }
@@ -87,6 +93,10 @@ fn vqa() -> (Expected, QuestionAnswerer) {
 #[test]
 fn vqa_question_states_and_generated_answers() {
     let (e, qa) = vqa();
+    check_vqa_generate(&e, &qa);
+}
+
+fn check_vqa_generate(e: &Expected, qa: &QuestionAnswerer) {
     let images = e.images();
     let pixels = qa.image_processor().preprocess_batch(&images, &Device::Cpu).unwrap();
     assert_pixels_exact(&pixels, e.tensor("pixel_values"));
@@ -165,6 +175,10 @@ impl blip::generation::Decoder for Unmasked<'_> {
 #[test]
 fn vqa_rank_scores_are_transformers_log_likelihoods() {
     let (e, qa) = vqa();
+    check_vqa_rank(&e, &qa);
+}
+
+fn check_vqa_rank(e: &Expected, qa: &QuestionAnswerer) {
     let images = e.images();
     let answers = e.strings("answers");
     let list = qa.answer_list(&answers).unwrap();
@@ -215,6 +229,10 @@ fn itm() -> (Expected, ImageTextMatcher) {
 #[test]
 fn itm_probabilities_itc_cosines_and_embeddings() {
     let (e, m) = itm();
+    check_itm(&e, &m);
+}
+
+fn check_itm(e: &Expected, m: &ImageTextMatcher) {
     assert!(m.has_itm_head());
     assert_eq!(m.embedding_dim(), 256);
     let images = e.images();
@@ -339,4 +357,19 @@ fn empty_and_over_long_texts() {
     let truncated = m.embed_texts(&[&long]).unwrap();
     let exact = m.embed_texts(&[&"cat ".repeat(62)]).unwrap();
     assert_close("truncated text", &truncated, &exact, 1e-6);
+}
+
+/// The VQA and ITM checks on full-size checkpoints with the real configs (384 px, 12 layers).
+#[test]
+#[ignore = "needs BLIP_FULL_TASK_FIXTURE (scripts/make_task_fixtures.py --full DIR)"]
+fn full_size() {
+    let dir = PathBuf::from(std::env::var("BLIP_FULL_TASK_FIXTURE").expect("BLIP_FULL_TASK_FIXTURE"));
+    let e = Expected::load_from(&dir.join("tiny-vqa"));
+    let qa = QuestionAnswerer::load(dir.join("tiny-vqa").to_str().unwrap(), &Device::Cpu).unwrap();
+    check_vqa_generate(&e, &qa);
+    check_vqa_rank(&e, &qa);
+    drop(qa);
+    let e = Expected::load_from(&dir.join("tiny-itm"));
+    let m = ImageTextMatcher::load(dir.join("tiny-itm").to_str().unwrap(), &Device::Cpu).unwrap();
+    check_itm(&e, &m);
 }
