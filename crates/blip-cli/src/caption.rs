@@ -1,13 +1,13 @@
 //! `blip caption`: load a captioning checkpoint, caption images in batches, print text or JSONL.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-use blip::processor::image::{load_image, ResizeBackend};
 use blip::{CaptionOptions, Captioner};
-use clap::{Args, ValueEnum};
+use clap::Args;
+
+use crate::common::{self, Format, Resize};
 
 #[derive(Args)]
 pub struct CaptionArgs {
@@ -44,18 +44,6 @@ pub struct CaptionArgs {
     images: Vec<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Format {
-    Text,
-    Jsonl,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Resize {
-    Torchvision,
-    Pil,
-}
-
 /// Captions every readable image; unreadable ones are reported and make the exit code 1.
 pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     if args.min_new_tokens > args.max_new_tokens {
@@ -74,53 +62,23 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     };
     let device = blip::Device::Cpu;
     let mut captioner = Captioner::load(&args.model, &device)?;
-    captioner.set_resize_backend(match args.resize {
-        Resize::Torchvision => ResizeBackend::Torchvision,
-        Resize::Pil => ResizeBackend::Pil,
-    });
+    captioner.set_resize_backend(args.resize.into());
     captioner.prefix(&options)?;
 
-    let progress = progress_bar(args.images.len());
     let mut out = std::io::stdout().lock();
-    let mut failures = 0usize;
-    for chunk in args.images.chunks(args.batch_size as usize) {
-        // Decode the chunk; failed images are reported in their place, the rest captioned.
-        let mut good = Vec::with_capacity(chunk.len());
-        let failed: Vec<Option<blip::Error>> =
-            chunk.iter().map(|path| load_image(path).map(|image| good.push(image)).err()).collect();
-        let mut captions = if good.is_empty() { vec![] } else { captioner.caption(&good, &options)? }.into_iter();
-        for (path, failure) in chunk.iter().zip(&failed) {
-            let written = match failure {
-                None => {
-                    let caption = captions.next().context("one caption per image")?;
-                    write_caption(&mut out, args.format, path, &caption)
-                }
-                Some(err) => {
-                    failures += 1;
-                    progress.suspend(|| eprintln!("error: {err}"));
-                    write_failure(&mut out, args.format, path, err)
-                }
-            };
-            if let Err(err) = written {
-                // A closed pipe (`blip caption ... | head`) ends the run quietly.
-                if err.kind() == std::io::ErrorKind::BrokenPipe {
-                    return Ok(ExitCode::SUCCESS);
-                }
-                return Err(err).context("writing the output");
-            }
-        }
-        progress.inc(chunk.len() as u64);
-    }
-    progress.finish_and_clear();
-    if failures > 0 {
-        eprintln!("error: {failures} of {} images could not be captioned", args.images.len());
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+    let ended = common::for_each_image(
+        &args.images,
+        args.batch_size,
+        args.format,
+        &mut out,
+        |images| Ok(captioner.caption(images, &options)?),
+        |out, path, caption| write_caption(out, args.format, path, &caption),
+    )?;
+    Ok(common::exit_code(ended, args.images.len(), "captioned"))
 }
 
 fn write_caption(
-    out: &mut impl Write,
+    out: &mut dyn Write,
     format: Format,
     path: &std::path::Path,
     caption: &blip::Caption,
@@ -136,33 +94,4 @@ fn write_caption(
             writeln!(out, "{record}")
         }
     }
-}
-
-/// In JSONL every image has its line, so consumers can pair lines with inputs; text output
-/// leaves failures to stderr.
-fn write_failure(
-    out: &mut impl Write,
-    format: Format,
-    path: &std::path::Path,
-    err: &blip::Error,
-) -> std::io::Result<()> {
-    match format {
-        Format::Text => Ok(()),
-        Format::Jsonl => {
-            let record = serde_json::json!({ "image": path.display().to_string(), "error": err.to_string() });
-            writeln!(out, "{record}")
-        }
-    }
-}
-
-fn progress_bar(total: usize) -> indicatif::ProgressBar {
-    if total < 2 || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images, {elapsed} elapsed, {eta} left")
-            .expect("valid template"),
-    );
-    bar
 }

@@ -1,6 +1,12 @@
-//! `blip`: BLIP captioning (and, as the project grows, every BLIP task) from the command line.
+//! `blip`: BLIP captioning, visual question answering, image-text matching, embeddings and
+//! zero-shot classification from the command line.
 
 mod caption;
+mod classify;
+mod common;
+mod embed;
+mod matching;
+mod vqa;
 
 use std::process::ExitCode;
 
@@ -18,12 +24,35 @@ struct Cli {
 enum Command {
     /// Caption images, with or without a text prompt the caption continues.
     Caption(caption::CaptionArgs),
+    /// Answer a question about images: a generated answer, or the best of a list of answers.
+    Vqa(vqa::VqaArgs),
+    /// Score how well texts fit images (ITM probability and ITC cosine similarity).
+    #[command(name = "match")]
+    Match(matching::MatchArgs),
+    /// Embed images or texts (unit-norm, in the space they share) into a safetensors file or JSONL.
+    Embed(embed::EmbedArgs),
+    /// Classify images zero-shot into given labels.
+    Classify(classify::ClassifyArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Warnings on stderr by default; RUST_LOG=debug shows the library's timing spans too.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .with_target(false)
+        .init();
     let outcome = match cli.command {
         Command::Caption(args) => caption::run(args),
+        Command::Vqa(args) => vqa::run(args),
+        Command::Match(args) => matching::run(args),
+        Command::Embed(args) => embed::run(args),
+        Command::Classify(args) => classify::run(args),
     };
     match outcome {
         Ok(code) => code,

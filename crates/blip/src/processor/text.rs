@@ -69,7 +69,7 @@ impl TextProcessor {
         let mut ids = Vec::with_capacity(rows.len() * width);
         let mut mask = Vec::with_capacity(rows.len() * width);
         for row in rows {
-            ids.extend(row.iter().copied().chain(std::iter::repeat(self.pad_token_id).take(width - row.len())));
+            ids.extend(row.iter().copied().chain(std::iter::repeat_n(self.pad_token_id, width - row.len())));
             mask.extend((0..width).map(|i| u32::from(i < row.len())));
         }
         let shape = (rows.len(), width);

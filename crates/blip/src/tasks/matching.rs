@@ -187,10 +187,7 @@ impl ImageTextMatcher {
     /// Unit-norm text embeddings [n, dim] (each text as `[CLS] text [SEP]`, batch padded).
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Tensor> {
         let (ids, mask) = self.encode_texts(texts)?;
-        Ok(match &self.model {
-            MatchingModel::Retrieval(m) => m.text_itc_embeds(&ids, Some(&mask))?,
-            MatchingModel::Contrastive(m) => m.text_embeds(&ids, Some(&mask))?,
-        })
+        self.text_embeds(&ids, &mask)
     }
 
     /// Unnormalized BlipModel features (`get_image_features`), [n, projection_dim].
@@ -234,14 +231,16 @@ impl ImageTextMatcher {
     /// [`Self::match_images`] on preprocessed `pixel_values`.
     pub fn match_pixels(&self, pixel_values: &Tensor, texts: &[&str]) -> Result<Vec<Vec<MatchScore>>> {
         let states = self.vision_states(pixel_values)?;
-        let itc = self.image_embeds_from_states(&states)?.matmul(&self.embed_texts(texts)?.t()?)?.to_vec2::<f32>()?;
-        let all: Vec<usize> = (0..texts.len()).collect();
+        let (ids, mask) = self.encode_texts(texts)?;
+        let text_embeds = self.text_embeds(&ids, &mask)?;
+        let itc = self.image_embeds_from_states(&states)?.matmul(&text_embeds.t()?)?.to_vec2::<f32>()?;
+        let all: Vec<u32> = (0..texts.len() as u32).collect();
         itc.into_iter()
             .enumerate()
             .map(|(i, row)| {
                 let itm = match &self.model {
                     MatchingModel::Retrieval(_) => {
-                        self.itm(&states.i(i..i + 1)?, texts, &all)?.into_iter().map(Some).collect()
+                        self.itm(&states.i(i..i + 1)?, &ids, &mask, &all)?.into_iter().map(Some).collect()
                     }
                     MatchingModel::Contrastive(_) => vec![None; texts.len()],
                 };
@@ -250,18 +249,30 @@ impl ImageTextMatcher {
             .collect()
     }
 
-    /// ITM match probabilities of texts `which` against one image's vision states [1, n, v].
-    fn itm(&self, image_states: &Tensor, texts: &[&str], which: &[usize]) -> Result<Vec<f32>> {
+    /// Unit-norm embeddings of encoded texts.
+    fn text_embeds(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        Ok(match &self.model {
+            MatchingModel::Retrieval(m) => m.text_itc_embeds(ids, Some(mask))?,
+            MatchingModel::Contrastive(m) => m.text_embeds(ids, Some(mask))?,
+        })
+    }
+
+    /// ITM match probabilities of encoded text rows `which` against one image's vision states
+    /// [1, n, v].
+    fn itm(&self, image_states: &Tensor, ids: &Tensor, mask: &Tensor, which: &[u32]) -> Result<Vec<f32>> {
         let MatchingModel::Retrieval(model) = &self.model else {
             return Err(Error::InvalidInput(format!(
                 "image-text matching (ITM) needs a BlipForImageTextRetrieval checkpoint; this one is {}",
                 self.architecture.class_name()
             )));
         };
-        let chosen: Vec<&str> = which.iter().map(|&j| texts[j]).collect();
-        let (ids, mask) = self.encode_texts(&chosen)?;
-        let repeat = Tensor::zeros(chosen.len(), candle_core::DType::U32, &self.device)?;
-        let logits = model.itm_logits(&ids, Some(&mask), &image_states.index_select(&repeat, 0)?)?;
+        let rows = Tensor::new(which, &self.device)?;
+        let repeat = Tensor::zeros(which.len(), candle_core::DType::U32, &self.device)?;
+        let logits = model.itm_logits(
+            &ids.index_select(&rows, 0)?,
+            Some(&mask.index_select(&rows, 0)?),
+            &image_states.index_select(&repeat, 0)?,
+        )?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?;
         Ok(probs.i((.., 1))?.to_vec1()?)
     }
@@ -293,8 +304,9 @@ impl ImageTextMatcher {
             )));
         }
         let prompt_refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let (ids, mask) = self.encode_texts(&prompt_refs)?;
         let states = self.vision_states(pixel_values)?;
-        let cosines = self.image_embeds_from_states(&states)?.matmul(&self.embed_texts(&prompt_refs)?.t()?)?;
+        let cosines = self.image_embeds_from_states(&states)?.matmul(&self.text_embeds(&ids, &mask)?.t()?)?;
         let probs = candle_nn::ops::softmax_last_dim(&(&cosines * self.logit_scale() as f64)?)?.to_vec2::<f32>()?;
         let cosines = cosines.to_vec2::<f32>()?;
         let mut results = Vec::with_capacity(probs.len());
@@ -307,10 +319,10 @@ impl ImageTextMatcher {
             let mut order: Vec<usize> = (0..scores.len()).collect();
             order.sort_by(|&a, &b| scores[b].probability.total_cmp(&scores[a].probability));
             if let Some(k) = options.rerank {
-                let top: Vec<usize> = order[..k.min(order.len())].to_vec();
-                let itm = self.itm(&states.i(i..i + 1)?, &prompt_refs, &top)?;
+                let top: Vec<u32> = order[..k.min(order.len())].iter().map(|&j| j as u32).collect();
+                let itm = self.itm(&states.i(i..i + 1)?, &ids, &mask, &top)?;
                 for (&j, p) in top.iter().zip(itm) {
-                    scores[j].itm = Some(p);
+                    scores[j as usize].itm = Some(p);
                 }
                 let itm_of = |j: usize| scores[j].itm.unwrap_or(f32::NEG_INFINITY);
                 order[..top.len()].sort_by(|&a, &b| itm_of(b).total_cmp(&itm_of(a)));

@@ -1,0 +1,139 @@
+//! `blip classify`: zero-shot classification of images into given labels (ITC probabilities,
+//! optionally the best labels reranked with the ITM head); print text or JSONL.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use blip::{ClassifyOptions, ImageTextMatcher, LabelScore};
+use clap::Args;
+use serde::Serialize;
+
+use crate::common::{self, Format, ImageRunArgs};
+use crate::matching::DEFAULT_MATCHING_MODEL;
+
+#[derive(Args)]
+pub struct ClassifyArgs {
+    /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
+    #[arg(long, short, default_value = DEFAULT_MATCHING_MODEL)]
+    model: String,
+
+    /// The labels, separated by commas, e.g. "cat,dog,car".
+    #[arg(long, short)]
+    labels: String,
+
+    /// Text each label is put into; `{}` marks the label.
+    #[arg(long, default_value = "a picture of {}")]
+    template: String,
+
+    /// Rescore the most probable labels with the ITM head and put them first, by ITM
+    /// probability (BlipForImageTextRetrieval checkpoints).
+    #[arg(long)]
+    rerank: bool,
+
+    /// Labels rescored by --rerank.
+    #[arg(long, default_value_t = 5, requires = "rerank", value_parser = clap::value_parser!(u16).range(1..))]
+    rerank_top: u16,
+
+    /// Labels printed per image, best first [default: all].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    top: Option<u16>,
+
+    #[command(flatten)]
+    run: ImageRunArgs,
+
+    /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+/// Classifies every readable image; unreadable ones are reported and make the exit code 1.
+pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
+    let labels = parse_labels(&args.labels)?;
+    if !args.template.contains("{}") {
+        anyhow::bail!("--template \"{}\" has no {{}} where the label goes", args.template);
+    }
+    let options = ClassifyOptions {
+        template: args.template.clone(),
+        rerank: args.rerank.then_some(usize::from(args.rerank_top)),
+    };
+    let device = blip::Device::Cpu;
+    let mut matcher = ImageTextMatcher::load(&args.model, &device)?;
+    if args.rerank && !matcher.has_itm_head() {
+        anyhow::bail!(
+            "{}: --rerank needs an ITM head, which only BlipForImageTextRetrieval checkpoints have; this one is a {}",
+            args.model,
+            matcher.architecture().class_name()
+        );
+    }
+    matcher.set_resize_backend(args.run.resize.into());
+    let format = args.run.format;
+    let shown = args.top.map_or(labels.len(), usize::from);
+    let mut out = std::io::stdout().lock();
+    let ended = common::for_each_image(
+        &args.images,
+        args.run.batch_size,
+        format,
+        &mut out,
+        |images| Ok(matcher.classify(images, &labels, &options)?),
+        |out, path, scores| write_labels(out, format, path, &scores[..shown.min(scores.len())]),
+    )?;
+    Ok(common::exit_code(ended, args.images.len(), "classified"))
+}
+
+/// Comma-separated labels, trimmed; none empty, none twice.
+fn parse_labels(labels: &str) -> anyhow::Result<Vec<&str>> {
+    let labels: Vec<&str> = labels.split(',').map(str::trim).collect();
+    if labels.iter().any(|l| l.is_empty()) {
+        anyhow::bail!("--labels has an empty label: give labels separated by commas, e.g. \"cat,dog,car\"");
+    }
+    for (i, label) in labels.iter().enumerate() {
+        if labels[..i].contains(label) {
+            anyhow::bail!("--labels has \"{label}\" twice");
+        }
+    }
+    Ok(labels)
+}
+
+#[derive(Serialize)]
+struct ClassifyRecord<'a> {
+    image: String,
+    labels: Vec<LabelRecord<'a>>,
+}
+
+#[derive(Serialize)]
+struct LabelRecord<'a> {
+    label: &'a str,
+    probability: f32,
+    itc: f32,
+    /// Only for the labels reranked with the ITM head.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    itm: Option<f32>,
+}
+
+/// Text: `path<TAB>label (0.712), label2 (0.201), ...`; JSONL: one record per image.
+fn write_labels(out: &mut dyn Write, format: Format, path: &Path, scores: &[LabelScore]) -> std::io::Result<()> {
+    match format {
+        Format::Text => {
+            // Reranked labels show the ITM probability that ordered them.
+            let labels: Vec<String> = scores
+                .iter()
+                .map(|s| match s.itm {
+                    Some(itm) => format!("{} ({:.3}, itm {itm:.3})", s.label, s.probability),
+                    None => format!("{} ({:.3})", s.label, s.probability),
+                })
+                .collect();
+            writeln!(out, "{}\t{}", path.display(), labels.join(", "))
+        }
+        Format::Jsonl => common::write_json_line(
+            out,
+            &ClassifyRecord {
+                image: path.display().to_string(),
+                labels: scores
+                    .iter()
+                    .map(|s| LabelRecord { label: &s.label, probability: s.probability, itc: s.itc, itm: s.itm })
+                    .collect(),
+            },
+        ),
+    }
+}

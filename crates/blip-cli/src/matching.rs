@@ -1,0 +1,89 @@
+//! `blip match`: score how well each text fits each image (ITM probability and ITC cosine);
+//! print text or JSONL, one record per image-text pair.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use blip::{ImageTextMatcher, MatchScore};
+use clap::Args;
+use serde::Serialize;
+
+use crate::common::{self, Format, ImageRunArgs};
+
+/// The default checkpoint of `blip match`, `blip embed` and `blip classify`.
+pub const DEFAULT_MATCHING_MODEL: &str = "Salesforce/blip-itm-base-coco";
+
+#[derive(Args)]
+pub struct MatchArgs {
+    /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
+    #[arg(long, short, default_value = DEFAULT_MATCHING_MODEL)]
+    model: String,
+
+    /// A text to score against every image; repeat for more texts.
+    #[arg(long = "text", short, value_name = "TEXT", required = true)]
+    texts: Vec<String>,
+
+    #[command(flatten)]
+    run: ImageRunArgs,
+
+    /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+/// Scores every readable image against every text; unreadable images are reported and make the
+/// exit code 1.
+pub fn run(args: MatchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(i) = args.texts.iter().position(|t| t.trim().is_empty()) {
+        anyhow::bail!("--text number {} is empty: give some words to match", i + 1);
+    }
+    let device = blip::Device::Cpu;
+    let mut matcher = ImageTextMatcher::load(&args.model, &device)?;
+    matcher.set_resize_backend(args.run.resize.into());
+    let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
+    let format = args.run.format;
+    let mut out = std::io::stdout().lock();
+    let ended = common::for_each_image(
+        &args.images,
+        args.run.batch_size,
+        format,
+        &mut out,
+        |images| Ok(matcher.match_images(images, &texts)?),
+        |out, path, scores| write_scores(out, format, path, &texts, &scores),
+    )?;
+    Ok(common::exit_code(ended, args.images.len(), "matched"))
+}
+
+#[derive(Serialize)]
+struct MatchRecord<'a> {
+    image: String,
+    text: &'a str,
+    /// `null` for checkpoints without an ITM head (BlipModel).
+    itm: Option<f32>,
+    itc: f32,
+}
+
+/// One line per text: `path<TAB>text<TAB>itm<TAB>itc` (itm `-` when the checkpoint has no ITM
+/// head) or a JSONL record.
+fn write_scores(
+    out: &mut dyn Write,
+    format: Format,
+    path: &Path,
+    texts: &[&str],
+    scores: &[MatchScore],
+) -> std::io::Result<()> {
+    for (text, score) in texts.iter().zip(scores) {
+        match format {
+            Format::Text => {
+                let itm = score.itm.map_or_else(|| "-".to_string(), |itm| format!("{itm:.4}"));
+                writeln!(out, "{}\t{text}\t{itm}\t{:.4}", path.display(), score.itc)?;
+            }
+            Format::Jsonl => common::write_json_line(
+                out,
+                &MatchRecord { image: path.display().to_string(), text, itm: score.itm, itc: score.itc },
+            )?,
+        }
+    }
+    Ok(())
+}
