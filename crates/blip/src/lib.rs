@@ -4,6 +4,23 @@
 //! The modules follow the pipeline: [`config`] and [`checkpoint`] load a model as the Hub
 //! publishes it, [`processor`] turns image files and text into model inputs, [`models`] holds the
 //! networks, [`generation`] decodes, and [`tasks`] ties them into what users ask for.
+//!
+//! ```no_run
+//! use blip::{load_image, AnswerOptions, CaptionOptions, Captioner, ClassifyOptions, Device, ImageTextMatcher, QuestionAnswerer};
+//!
+//! # fn main() -> blip::Result<()> {
+//! let images = vec![load_image(std::path::Path::new("cat.jpg"))?];
+//! let captions = Captioner::load("Salesforce/blip-image-captioning-base", &Device::Cpu)?
+//!     .caption(&images, &CaptionOptions::default())?;
+//! let answers = QuestionAnswerer::load("Salesforce/blip-vqa-base", &Device::Cpu)?
+//!     .answer(&images, &["how many cats are there?"], &AnswerOptions::default())?;
+//! let matcher = ImageTextMatcher::load("Salesforce/blip-itm-base-coco", &Device::Cpu)?;
+//! let scores = matcher.match_images(&images, &["a cat on a sofa", "a rocket"])?; // [image][text]: itm, itc
+//! let image_embeds = matcher.embed_images(&images)?; // [n, 256], unit norm
+//! let labels = matcher.classify(&images, &["cat", "dog"], &ClassifyOptions::default())?;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod checkpoint;
 pub mod config;

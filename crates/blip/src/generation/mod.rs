@@ -4,6 +4,8 @@
 
 use candle_core::{Device, Result, Tensor};
 
+use crate::models::cache::DecoderCache;
+
 /// Options of transformers' `generate` that greedy decoding uses, with its defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GenerationOptions {
@@ -26,6 +28,28 @@ pub trait Decoder {
     fn next_logits(&mut self, input_ids: &Tensor) -> Result<Tensor>;
     /// Keeps only these rows of the current batch, in this order.
     fn keep_rows(&mut self, rows: &[u32]) -> Result<()>;
+}
+
+/// A text decoder with its LM head that continues the sequences held in a cache.
+pub trait CausalLm {
+    /// Feeds `input_ids` [b, t]; returns the next-token logits [b, vocab].
+    fn next_token_logits(&self, input_ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor>;
+}
+
+/// A [`CausalLm`] bound to one batch's cache: the [`Decoder`] the engine drives.
+pub struct CachedDecoder<'a, M> {
+    pub model: &'a M,
+    pub cache: DecoderCache,
+}
+
+impl<M: CausalLm> Decoder for CachedDecoder<'_, M> {
+    fn next_logits(&mut self, input_ids: &Tensor) -> Result<Tensor> {
+        self.model.next_token_logits(input_ids, &mut self.cache)
+    }
+
+    fn keep_rows(&mut self, rows: &[u32]) -> Result<()> {
+        self.cache.select_rows(rows)
+    }
 }
 
 /// Greedy decoding of every row from its prefix (all prefixes of one length) until `eos_token_id`

@@ -7,6 +7,7 @@ use super::cache::DecoderCache;
 use super::text::{LmHead, TextModel};
 use super::vision::VisionModel;
 use crate::config::BlipConfig;
+use crate::generation::CausalLm;
 
 pub struct CaptioningModel {
     pub vision_model: VisionModel,
@@ -36,10 +37,11 @@ impl CaptioningModel {
         let logits = self.lm_head.forward(&hidden)?;
         Ok((hidden, logits))
     }
+}
 
-    /// One generation step: feeds `input_ids` [b, t] and returns next-token logits [b, vocab]
-    /// (the LM head runs on the last position only).
-    pub fn next_token_logits(&self, input_ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
+/// One generation step: next-token logits [b, vocab] (the LM head runs on the last position only).
+impl CausalLm for CaptioningModel {
+    fn next_token_logits(&self, input_ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
         let hidden = self.text_model.forward_decoder(input_ids, cache)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
         self.lm_head.forward(&last)?.squeeze(1)

@@ -9,6 +9,7 @@ use super::cache::DecoderCache;
 use super::text::{LmHead, TextModel};
 use super::vision::VisionModel;
 use crate::config::BlipConfig;
+use crate::generation::CausalLm;
 
 pub struct QuestionAnsweringModel {
     pub vision_model: VisionModel,
@@ -54,9 +55,11 @@ impl QuestionAnsweringModel {
         let hidden = self.text_decoder.forward_decoder(input_ids, cache)?;
         self.lm_head.forward(&hidden)
     }
+}
 
-    /// One generation step: next-token logits [b, vocab] (the LM head on the last position).
-    pub fn next_token_logits(&self, input_ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
+/// One generation step: next-token logits [b, vocab] (the LM head runs on the last position only).
+impl CausalLm for QuestionAnsweringModel {
+    fn next_token_logits(&self, input_ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
         let hidden = self.text_decoder.forward_decoder(input_ids, cache)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
         self.lm_head.forward(&last)?.squeeze(1)

@@ -6,8 +6,7 @@ use image::RgbImage;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{Error, Result};
-use crate::generation::{self, Decoder, GenerationOptions};
-use crate::models::cache::DecoderCache;
+use crate::generation::{self, CachedDecoder, GenerationOptions};
 use crate::models::captioning::CaptioningModel;
 use crate::processor::image::{ImageProcessor, ResizeBackend};
 use crate::processor::text::TextProcessor;
@@ -121,7 +120,7 @@ impl Captioner {
         let image_embeds = self.model.encode_images(pixel_values)?;
         let rows = image_embeds.dim(0)?;
         let mut decoder =
-            CaptionDecoder { model: &self.model, cache: self.model.text_model.new_cache(&image_embeds, None)? };
+            CachedDecoder { model: &self.model, cache: self.model.text_model.new_cache(&image_embeds, None)? };
         let sequences = generation::greedy(
             &mut decoder,
             &vec![prefix; rows],
@@ -130,21 +129,5 @@ impl Captioner {
             &self.device,
         )?;
         sequences.into_iter().map(|tokens| Ok(Caption { text: self.text_processor.decode(&tokens)?, tokens })).collect()
-    }
-}
-
-/// The captioning model bound to one batch's cache, as the generation engine drives it.
-struct CaptionDecoder<'a> {
-    model: &'a CaptioningModel,
-    cache: DecoderCache,
-}
-
-impl Decoder for CaptionDecoder<'_> {
-    fn next_logits(&mut self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
-        self.model.next_token_logits(input_ids, &mut self.cache)
-    }
-
-    fn keep_rows(&mut self, rows: &[u32]) -> candle_core::Result<()> {
-        self.cache.select_rows(rows)
     }
 }

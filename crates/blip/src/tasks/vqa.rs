@@ -8,8 +8,7 @@ use image::RgbImage;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{Error, Result};
-use crate::generation::{self, Decoder, GenerationOptions};
-use crate::models::cache::DecoderCache;
+use crate::generation::{self, CachedDecoder, CausalLm, GenerationOptions};
 use crate::models::question_answering::QuestionAnsweringModel;
 use crate::processor::image::{ImageProcessor, ResizeBackend};
 use crate::processor::text::TextProcessor;
@@ -198,7 +197,7 @@ impl QuestionAnswerer {
     ) -> Result<Vec<Answer>> {
         self.check_options(options)?;
         let (states, mask) = self.encode(pixel_values, questions)?;
-        let mut decoder = AnswerDecoder { model: &self.model, cache: self.model.new_cache(&states, Some(&mask))? };
+        let mut decoder = CachedDecoder { model: &self.model, cache: self.model.new_cache(&states, Some(&mask))? };
         let bos = self.text_processor.bos_token_id();
         let sequences = generation::greedy(
             &mut decoder,
@@ -293,21 +292,5 @@ impl QuestionAnswerer {
             .zip(picked)
             .map(|(ids, lp)| lp[..ids.len() - 1].iter().map(|&x| x as f64).sum::<f64>() as f32)
             .collect())
-    }
-}
-
-/// The answer decoder bound to one batch's cache, as the generation engine drives it.
-struct AnswerDecoder<'a> {
-    model: &'a QuestionAnsweringModel,
-    cache: DecoderCache,
-}
-
-impl Decoder for AnswerDecoder<'_> {
-    fn next_logits(&mut self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
-        self.model.next_token_logits(input_ids, &mut self.cache)
-    }
-
-    fn keep_rows(&mut self, rows: &[u32]) -> candle_core::Result<()> {
-        self.cache.select_rows(rows)
     }
 }
