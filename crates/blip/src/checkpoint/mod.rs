@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-mod pytorch;
+mod weights;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -88,15 +88,14 @@ impl Checkpoint {
             .missing(format!("no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH} in the checkpoint")))
     }
 
-    /// Opens the weights (safetensors memory-mapped), converting stored f16/bf16 to `dtype`.
+    /// Opens the weights (read tensor by tensor when the model is built), converting stored
+    /// f16/bf16 to `dtype`.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         let opened = match self.weight_files()? {
-            // SAFETY: the files are mapped read-only; like every mmap user we rely on nobody
-            // truncating a checkpoint while it is in use.
-            WeightFiles::Safetensors(files) => unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) },
-            WeightFiles::PyTorch(file) => pytorch::PyTorchWeights::open(&file)
-                .map(|weights| VarBuilder::from_backend(Box::new(weights), dtype, device.clone())),
-        };
+            WeightFiles::Safetensors(files) => weights::WeightReader::open_safetensors(&files),
+            WeightFiles::PyTorch(file) => weights::WeightReader::open_pytorch(&file),
+        }
+        .map(|weights| VarBuilder::from_backend(Box::new(weights), dtype, device.clone()));
         opened.map_err(|e| Error::checkpoint(&self.location, format!("cannot read the weights: {e}")))
     }
 

@@ -1,0 +1,205 @@
+//! Weight files read tensor by tensor, each with one positioned read: `model.safetensors`
+//! (single or sharded) and `pytorch_model.bin` (PyTorch's zip of a pickled state dict, whose
+//! storages are stored uncompressed). Not a memory map: mapped pages count in the process's
+//! memory on top of the loaded copy, doubling peak memory while a model loads. Asking whether a
+//! weight exists costs nothing.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::pickle::read_pth_tensor_info;
+use candle_core::{bail, DType, Device, Error, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use serde::Deserialize;
+
+/// Where one tensor's bytes are and how to read them.
+struct TensorAt {
+    file: usize,
+    offset: u64,
+    dtype: DType,
+    dims: Vec<usize>,
+    /// Stored column-major (a transposed tensor saved without copying).
+    column_major: bool,
+}
+
+pub struct WeightReader {
+    files: Vec<(PathBuf, Mutex<std::fs::File>)>,
+    tensors: HashMap<String, TensorAt>,
+}
+
+/// One entry of a safetensors header.
+#[derive(Deserialize)]
+struct SafetensorsEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}
+
+impl WeightReader {
+    /// One or more safetensors files (the shards of one checkpoint).
+    pub fn open_safetensors(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut tensors = HashMap::new();
+        for (index, path) in paths.iter().enumerate() {
+            let mut file = std::fs::File::open(path)?;
+            let file_len = file.metadata()?.len();
+            let mut len = [0u8; 8];
+            file.read_exact(&mut len)?;
+            let header_len = u64::from_le_bytes(len);
+            if header_len > file_len.saturating_sub(8) {
+                bail!("{}: not a safetensors file (header length {header_len})", path.display());
+            }
+            let mut header = vec![0u8; header_len as usize];
+            file.read_exact(&mut header)?;
+            let mut entries: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
+                .map_err(|e| Error::Msg(format!("{}: bad safetensors header: {e}", path.display())))?;
+            entries.remove("__metadata__");
+            let data_start = 8 + header_len;
+            for (name, entry) in entries {
+                let entry: SafetensorsEntry = serde_json::from_value(entry)
+                    .map_err(|e| Error::Msg(format!("{}: bad header entry {name}: {e}", path.display())))?;
+                let dtype = safetensors_dtype(&entry.dtype)
+                    .ok_or_else(|| Error::Msg(format!("{name}: unsupported dtype {}", entry.dtype)))?;
+                let (start, end) = entry.data_offsets;
+                let expected = entry.shape.iter().product::<usize>() * dtype.size_in_bytes();
+                if end < start || (end - start) as usize != expected || data_start + end > file_len {
+                    bail!("{}: tensor {name} lies outside the file (truncated download?)", path.display());
+                }
+                let at =
+                    TensorAt { file: index, offset: data_start + start, dtype, dims: entry.shape, column_major: false };
+                tensors.insert(name, at);
+            }
+            files.push((path.clone(), Mutex::new(file)));
+        }
+        Ok(Self { files, tensors })
+    }
+
+    /// `pytorch_model.bin`: tensor descriptions from candle's pickle reader, storage offsets
+    /// from the zip directory.
+    pub fn open_pytorch(path: &Path) -> Result<Self> {
+        let infos = read_pth_tensor_info(path, false, None)?;
+        let file = std::fs::File::open(path)?;
+        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(&file)).map_err(Error::wrap)?;
+        let mut storage_offsets: HashMap<String, u64> = HashMap::new();
+        let mut tensors = HashMap::with_capacity(infos.len());
+        for info in infos {
+            let storage = match storage_offsets.get(&info.path) {
+                Some(&offset) => offset,
+                None => {
+                    let entry = zip.by_name(&info.path).map_err(Error::wrap)?;
+                    if entry.compression() != zip::CompressionMethod::Stored {
+                        bail!("{}: compressed tensor storage is not supported", info.path);
+                    }
+                    let offset =
+                        entry.data_start().ok_or_else(|| Error::Msg(format!("{}: no data offset", info.path)))?;
+                    storage_offsets.insert(info.path.clone(), offset);
+                    offset
+                }
+            };
+            let layout = &info.layout;
+            let column_major = !layout.is_contiguous();
+            if column_major && !layout.is_fortran_contiguous() {
+                bail!("{}: strided tensor storage is not supported", info.name);
+            }
+            let offset = storage + (layout.start_offset() * info.dtype.size_in_bytes()) as u64;
+            let at = TensorAt { file: 0, offset, dtype: info.dtype, dims: layout.dims().to_vec(), column_major };
+            tensors.insert(info.name.clone(), at);
+        }
+        drop(zip);
+        Ok(Self { files: vec![(path.to_path_buf(), Mutex::new(file))], tensors })
+    }
+
+    fn load(&self, name: &str) -> Result<Tensor> {
+        let Some(at) = self.tensors.get(name) else {
+            return Err(Error::CannotFindTensor { path: name.to_string() }.bt());
+        };
+        let mut bytes = vec![0u8; at.dims.iter().product::<usize>() * at.dtype.size_in_bytes()];
+        {
+            let (path, file) = &self.files[at.file];
+            let mut file = file.lock().map_err(|_| Error::Msg("weights file lock poisoned".into()))?;
+            file.seek(SeekFrom::Start(at.offset))?;
+            file.read_exact(&mut bytes)
+                .map_err(|e| Error::Msg(format!("{}: {name}: {e} (truncated checkpoint?)", path.display())))?;
+        }
+        if at.column_major {
+            // Read with the dimensions reversed, then transpose back.
+            let reversed: Vec<usize> = at.dims.iter().rev().copied().collect();
+            let order: Vec<usize> = (0..at.dims.len()).rev().collect();
+            Tensor::from_raw_buffer(&bytes, at.dtype, &reversed, &Device::Cpu)?.permute(order)?.contiguous()
+        } else {
+            Tensor::from_raw_buffer(&bytes, at.dtype, &at.dims, &Device::Cpu)
+        }
+    }
+}
+
+/// The candle dtype of a safetensors dtype name, for the ones candle holds.
+fn safetensors_dtype(name: &str) -> Option<DType> {
+    Some(match name {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "I64" => DType::I64,
+        "U32" => DType::U32,
+        "U8" => DType::U8,
+        _ => return None,
+    })
+}
+
+impl SimpleBackend for WeightReader {
+    fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, dev)?;
+        if tensor.shape() != &shape {
+            return Err(Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: shape,
+                got: tensor.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.load(name)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(path: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(path)
+    }
+
+    #[test]
+    fn safetensors_tensors_equal_the_safetensors_crate() {
+        let path = fixture("tiny-caption-st/model.safetensors");
+        let reader = WeightReader::open_safetensors(std::slice::from_ref(&path)).unwrap();
+        let reference = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(reader.tensors.len(), reference.len());
+        for (name, tensor) in reference {
+            let ours = reader.load(&name).unwrap();
+            assert_eq!((ours.dtype(), ours.dims()), (tensor.dtype(), tensor.dims()), "{name}");
+            let diff = (ours.to_dtype(DType::F32).unwrap() - tensor.to_dtype(DType::F32).unwrap()).unwrap();
+            assert_eq!(diff.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        }
+    }
+
+    #[test]
+    fn a_truncated_safetensors_file_is_refused_when_opened() {
+        let bytes = std::fs::read(fixture("tiny-caption-st/model.safetensors")).unwrap();
+        let cut = std::env::temp_dir().join(format!("blip-truncated-{}.safetensors", std::process::id()));
+        std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+        let err = WeightReader::open_safetensors(std::slice::from_ref(&cut)).err().unwrap().to_string();
+        std::fs::remove_file(&cut).unwrap();
+        assert!(err.contains("truncated"), "{err}");
+    }
+}
