@@ -6,14 +6,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use blip::generation::GenerationOptions;
 use blip::{Answer, AnswerOptions, QuestionAnswerer, RankOptions, RankedAnswer};
 use clap::Args;
 use serde::Serialize;
 
-use crate::common::{self, Format, ImageRunArgs};
+use crate::common::{self, Format, GenerationArgs, ImageRunArgs};
 
 #[derive(Args)]
+#[command(
+    mut_arg("num_return_sequences", |arg| arg
+        .help("Answers per image, best first: the best beams (needs --num-beams at least as large) or independent samples (--do-sample)")),
+    mut_args(common::generation_conflicts_with("answers")),
+)]
 pub struct VqaArgs {
     /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
     #[arg(long, short, default_value = "Salesforce/blip-vqa-base")]
@@ -36,11 +40,11 @@ pub struct VqaArgs {
     candidates: Option<u16>,
 
     /// Most new tokens of a generated answer.
-    #[arg(long, default_value_t = 10, conflicts_with = "answers")]
+    #[arg(long, default_value_t = 10, conflicts_with = "answers", help_heading = "Generation")]
     max_new_tokens: usize,
 
     /// Fewest new tokens before a generated answer may end.
-    #[arg(long, default_value_t = 0, conflicts_with = "answers")]
+    #[arg(long, default_value_t = 0, conflicts_with = "answers", help_heading = "Generation")]
     min_new_tokens: usize,
 
     #[command(flatten)]
@@ -49,6 +53,10 @@ pub struct VqaArgs {
     /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
     #[arg(required = true)]
     images: Vec<PathBuf>,
+
+    // How answers are generated; none of it goes with --answers.
+    #[command(flatten)]
+    generation: GenerationArgs,
 }
 
 /// Answers the question about every readable image; unreadable ones are reported and make the
@@ -57,13 +65,11 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     if args.question.trim().is_empty() {
         anyhow::bail!("--question is empty: ask something about the images");
     }
-    if args.min_new_tokens > args.max_new_tokens {
-        anyhow::bail!(
-            "--min-new-tokens {} is larger than --max-new-tokens {}",
-            args.min_new_tokens,
-            args.max_new_tokens
-        );
+    let generation = args.generation.options(args.max_new_tokens, args.min_new_tokens);
+    if args.answers.is_none() {
+        common::check_generation(&generation, "--num-return-sequences")?;
     }
+    let several = generation.num_return_sequences > 1;
     let answers = args.answers.as_deref().map(read_answers).transpose()?;
 
     let device = blip::Device::Cpu;
@@ -74,12 +80,7 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let ended = match answers {
         None => {
-            let options = AnswerOptions {
-                generation: GenerationOptions {
-                    max_new_tokens: args.max_new_tokens,
-                    min_new_tokens: args.min_new_tokens,
-                },
-            };
+            let options = AnswerOptions { generation };
             answerer.check_options(&options)?;
             common::for_each_image(
                 &args.images,
@@ -87,7 +88,7 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
                 format,
                 &mut out,
                 |images| Ok(answerer.answer(images, &vec![question; images.len()], &options)?),
-                |out, path, answer| write_answer(out, format, path, question, &answer),
+                |out, path, answers| write_answers(out, format, path, question, &answers, several),
             )?
         }
         Some((file, answers)) => {
@@ -124,23 +125,57 @@ fn read_answers(file: &Path) -> anyhow::Result<(&Path, Vec<String>)> {
 struct AnswerRecord<'a> {
     image: String,
     question: &'a str,
-    answer: &'a str,
-    tokens: &'a [u32],
+    #[serde(flatten)]
+    answer: GeneratedAnswer<'a>,
 }
 
-fn write_answer(
+#[derive(Serialize)]
+struct AnswersRecord<'a> {
+    image: String,
+    question: &'a str,
+    answers: Vec<GeneratedAnswer<'a>>,
+}
+
+#[derive(Serialize)]
+struct GeneratedAnswer<'a> {
+    answer: &'a str,
+    tokens: &'a [u32],
+    score: f32,
+    log_prob: f32,
+}
+
+impl<'a> From<&'a Answer> for GeneratedAnswer<'a> {
+    fn from(answer: &'a Answer) -> Self {
+        Self { answer: &answer.text, tokens: &answer.tokens, score: answer.score, log_prob: answer.log_prob }
+    }
+}
+
+/// Text: one `path<TAB>answer` line per answer, best first. JSONL: one record per image, with its
+/// answer, or, when `several` are asked for, its `answers` best first.
+fn write_answers(
     out: &mut dyn Write,
     format: Format,
     path: &Path,
     question: &str,
-    answer: &Answer,
+    answers: &[Answer],
+    several: bool,
 ) -> std::io::Result<()> {
+    let image = path.display().to_string();
     match format {
-        Format::Text => writeln!(out, "{}\t{}", path.display(), answer.text),
-        Format::Jsonl => common::write_json_line(
+        Format::Text => {
+            for answer in answers {
+                writeln!(out, "{image}\t{}", answer.text)?;
+            }
+            Ok(())
+        }
+        Format::Jsonl if several => common::write_json_line(
             out,
-            &AnswerRecord { image: path.display().to_string(), question, answer: &answer.text, tokens: &answer.tokens },
+            &AnswersRecord { image, question, answers: answers.iter().map(GeneratedAnswer::from).collect() },
         ),
+        Format::Jsonl => {
+            let answer = answers.first().ok_or_else(|| std::io::Error::other("no answer generated"))?;
+            common::write_json_line(out, &AnswerRecord { image, question, answer: answer.into() })
+        }
     }
 }
 

@@ -11,9 +11,9 @@
 //! # fn main() -> blip::Result<()> {
 //! let images = vec![load_image(std::path::Path::new("cat.jpg"))?];
 //! let captions = Captioner::load("Salesforce/blip-image-captioning-base", &Device::Cpu)?
-//!     .caption(&images, &CaptionOptions::default())?;
+//!     .caption(&images, &CaptionOptions::default())?; // per image: captions best first
 //! let answers = QuestionAnswerer::load("Salesforce/blip-vqa-base", &Device::Cpu)?
-//!     .answer(&images, &["how many cats are there?"], &AnswerOptions::default())?;
+//!     .answer(&images, &["how many cats are there?"], &AnswerOptions::default())?; // per image: answers
 //! let matcher = ImageTextMatcher::load("Salesforce/blip-itm-base-coco", &Device::Cpu)?;
 //! let scores = matcher.match_images(&images, &["a cat on a sofa", "a rocket"])?; // [image][text]: itm, itc
 //! let image_embeds = matcher.embed_images(&images)?; // [n, 256], unit norm

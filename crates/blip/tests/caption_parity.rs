@@ -106,12 +106,15 @@ fn check_generation(e: &Expected) {
             generation: GenerationOptions {
                 max_new_tokens: kwargs["max_new_tokens"].as_u64().unwrap_or(20) as usize,
                 min_new_tokens: kwargs["min_new_tokens"].as_u64().unwrap_or(0) as usize,
+                ..Default::default()
             },
         };
         let batch = pixel_values.index_select(&Tensor::new(rows.as_slice(), &Device::Cpu).unwrap(), 0).unwrap();
         let captions = e.captioner.caption_pixels(&batch, &options).unwrap();
         let prefix_len = e.captioner.prefix(&options).unwrap().len();
-        for (row, (caption, sequence)) in captions.iter().zip(case["sequences"].as_array().unwrap()).enumerate() {
+        for (row, (caption, sequence)) in
+            captions.iter().map(|c| &c[0]).zip(case["sequences"].as_array().unwrap()).enumerate()
+        {
             assert_eq!(caption.tokens, unpadded(sequence, prefix_len), "case {name}, row {row}");
             if rows.len() == 1 {
                 assert_eq!(caption.text, case["captions"][row].as_str().unwrap(), "case {name}: decoded text");

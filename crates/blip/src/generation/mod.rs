@@ -1,23 +1,153 @@
-//! Decoding token sequences from a model that gives next-token logits. Greedy search with
-//! transformers' `max_new_tokens` / `min_new_tokens` semantics; rows stop independently and
-//! finished rows leave the batch.
+//! Decoding token sequences from a model that gives next-token logits, with the options of
+//! transformers' `generate` (same names, defaults and semantics): greedy search, multinomial
+//! sampling and beam search, the repetition and n-gram penalties, and min/max new tokens. Rows
+//! stop independently and finished rows leave the batch, so a batch gives what each row gives
+//! alone.
+
+mod beam;
+pub mod processors;
 
 use candle_core::{Device, Result, Tensor};
 
 use crate::models::cache::DecoderCache;
 
-/// Options of transformers' `generate` that greedy decoding uses, with its defaults.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// When beam search stops (transformers' `early_stopping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EarlyStopping {
+    /// `False` (the default): stop when the best running beam, at its current length, can no
+    /// longer beat the worst finished one.
+    #[default]
+    Heuristic,
+    /// `True`: stop as soon as `num_beams` hypotheses are finished.
+    Done,
+    /// `"never"`: with a positive length penalty, assume running beams may still grow to the
+    /// maximum length.
+    Never,
+}
+
+/// Options of transformers' `generate`, with its defaults.
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerationOptions {
     /// New tokens at most (the prompt not counted).
     pub max_new_tokens: usize,
     /// The end token is forbidden until this many new tokens exist.
     pub min_new_tokens: usize,
+    /// Beams of beam search; 1 is greedy search or sampling.
+    pub num_beams: usize,
+    /// Finished beams are scored sum(log p) / generated_length ** length_penalty.
+    pub length_penalty: f32,
+    pub early_stopping: EarlyStopping,
+    /// Sequences returned per input: the best beams, or independent samples.
+    pub num_return_sequences: usize,
+    /// Sample the next token instead of taking the most likely one.
+    pub do_sample: bool,
+    /// Sampling: logits are divided by it.
+    pub temperature: f32,
+    /// Sampling: only the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Sampling: only the most likely tokens whose probabilities add up to top_p.
+    pub top_p: f32,
+    /// Scores of tokens already in the sequence are divided (positive) or multiplied
+    /// (negative) by it; 1 does nothing.
+    pub repetition_penalty: f32,
+    /// No n-gram of this size may occur twice (0: no limit).
+    pub no_repeat_ngram_size: usize,
+    /// Seed of the sampling random stream; none draws one.
+    pub seed: Option<u64>,
 }
 
 impl Default for GenerationOptions {
     fn default() -> Self {
-        Self { max_new_tokens: 20, min_new_tokens: 0 }
+        Self {
+            max_new_tokens: 20,
+            min_new_tokens: 0,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Heuristic,
+            num_return_sequences: 1,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            no_repeat_ngram_size: 0,
+            seed: None,
+        }
+    }
+}
+
+impl GenerationOptions {
+    /// Refuses contradictory or out-of-range options, naming them as transformers does.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.max_new_tokens == 0 {
+            return Err("max_new_tokens must be at least 1".into());
+        }
+        if self.min_new_tokens > self.max_new_tokens {
+            return Err(format!(
+                "min_new_tokens {} is larger than max_new_tokens {}",
+                self.min_new_tokens, self.max_new_tokens
+            ));
+        }
+        if self.num_beams == 0 {
+            return Err("num_beams must be at least 1".into());
+        }
+        if self.num_return_sequences == 0 {
+            return Err("num_return_sequences must be at least 1".into());
+        }
+        if self.num_beams > 1 && self.num_return_sequences > self.num_beams {
+            return Err(format!(
+                "num_return_sequences {} is larger than num_beams {}: beam search returns at most its beams",
+                self.num_return_sequences, self.num_beams
+            ));
+        }
+        if self.num_beams == 1 && !self.do_sample && self.num_return_sequences > 1 {
+            return Err(format!(
+                "greedy search gives one sequence, not num_return_sequences {}: use beam search (num_beams >= {}) or sampling",
+                self.num_return_sequences, self.num_return_sequences
+            ));
+        }
+        if self.do_sample && self.num_beams > 1 {
+            return Err("sampling with several beams (beam-search multinomial sampling) is not supported: use num_beams 1 to sample".into());
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature must be a positive number, not {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], not {}", self.top_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!("repetition_penalty must be a positive number, not {}", self.repetition_penalty));
+        }
+        if !self.length_penalty.is_finite() {
+            return Err(format!("length_penalty must be a number, not {}", self.length_penalty));
+        }
+        Ok(())
+    }
+}
+
+/// One generated sequence and how likely the model finds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// The whole sequence: the prefix, the new tokens and the end token when produced.
+    pub tokens: Vec<u32>,
+    /// Tokens generated (the end token included).
+    pub new_tokens: usize,
+    /// Sum of the model's log-probabilities of the generated tokens (log-softmax of its raw
+    /// logits, before penalties and sampling warpers).
+    pub log_prob: f32,
+    /// The ranking score: transformers' `sequences_scores` for beam search (penalized
+    /// log-probabilities / new_tokens ** length_penalty); the mean log-probability otherwise.
+    pub score: f32,
+}
+
+impl Generated {
+    /// Mean log-probability per generated token.
+    pub fn mean_log_prob(&self) -> f32 {
+        if self.new_tokens == 0 {
+            0.0
+        } else {
+            self.log_prob / self.new_tokens as f32
+        }
     }
 }
 
@@ -26,7 +156,8 @@ pub trait Decoder {
     /// Feeds `input_ids` [rows, t] (the prefix first, then one token per row) and returns the
     /// logits of the next token, [rows, vocab].
     fn next_logits(&mut self, input_ids: &Tensor) -> Result<Tensor>;
-    /// Keeps only these rows of the current batch, in this order.
+    /// Keeps these rows of the current batch, in this order; a row listed twice is copied
+    /// (beams and samples start as copies of their input's row).
     fn keep_rows(&mut self, rows: &[u32]) -> Result<()>;
 }
 
@@ -52,35 +183,66 @@ impl<M: CausalLm> Decoder for CachedDecoder<'_, M> {
     }
 }
 
-/// Greedy decoding of every row from its prefix (all prefixes of one length) until `eos_token_id`
-/// or `max_new_tokens`. Returns each row's full sequence, prefix included, ending with the eos
-/// token when one was produced — the sequences transformers' `generate` returns, without the
-/// padding it appends to rows that finished early.
-pub fn greedy(
+/// Generates from every prefix (all of one length) until `eos_token_id` or `max_new_tokens`:
+/// `num_return_sequences` sequences per prefix, best first for beam search. The decoder starts
+/// with one batch row per prefix; it is expanded for beams and samples with `keep_rows`.
+pub fn generate(
     decoder: &mut impl Decoder,
     prefixes: &[Vec<u32>],
     eos_token_id: u32,
     options: &GenerationOptions,
     device: &Device,
-) -> Result<Vec<Vec<u32>>> {
+) -> Result<Vec<Vec<Generated>>> {
+    options.validate().map_err(candle_core::Error::Msg)?;
     let Some(first) = prefixes.first() else { return Ok(vec![]) };
     if prefixes.iter().any(|p| p.len() != first.len()) {
-        candle_core::bail!("greedy decoding needs prefixes of equal length");
+        candle_core::bail!("generation needs prefixes of equal length");
     }
-    let mut sequences = prefixes.to_vec();
+    if options.num_beams > 1 {
+        return beam::beam_search(decoder, prefixes, eos_token_id, options, device);
+    }
+    let copies = options.num_return_sequences;
+    let rows: Vec<u32> = (0..prefixes.len() as u32).flat_map(|r| std::iter::repeat_n(r, copies)).collect();
+    if copies > 1 {
+        decoder.keep_rows(&rows)?;
+    }
+    let expanded: Vec<Vec<u32>> = rows.iter().map(|&r| prefixes[r as usize].clone()).collect();
+    // One random stream per returned sequence, seeded by its index, so that an input samples
+    // the same alone or in a batch.
+    let seed = options.seed.unwrap_or_else(random_seed);
+    let streams = (0..expanded.len()).map(|i| Sampler::new(seed, (i % copies) as u64)).collect();
+    let generated = sample_or_greedy(decoder, expanded, eos_token_id, options, streams, device)?;
+    Ok(generated.chunks(copies).map(|c| c.to_vec()).collect())
+}
+
+/// Greedy search and multinomial sampling, one token per row and step.
+fn sample_or_greedy(
+    decoder: &mut impl Decoder,
+    prefixes: Vec<Vec<u32>>,
+    eos_token_id: u32,
+    options: &GenerationOptions,
+    mut streams: Vec<Sampler>,
+    device: &Device,
+) -> Result<Vec<Generated>> {
+    let prefix_len = prefixes[0].len();
+    let mut sequences = prefixes;
+    let mut log_probs = vec![0f32; sequences.len()];
     // Batch row → index into `sequences`.
-    let mut active: Vec<usize> = (0..prefixes.len()).collect();
-    let mut input = Tensor::new(prefixes.to_vec(), device)?;
+    let mut active: Vec<usize> = (0..sequences.len()).collect();
+    let mut input = Tensor::new(sequences.clone(), device)?;
     for step in 0..options.max_new_tokens {
         let logits = decoder.next_logits(&input)?.to_vec2::<f32>()?;
         let mut still_running = Vec::with_capacity(active.len());
-        for (row, (&seq, mut row_logits)) in active.iter().zip(logits).enumerate() {
-            if step < options.min_new_tokens {
-                if let Some(l) = row_logits.get_mut(eos_token_id as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-            let token = argmax(&row_logits);
+        for (row, (&seq, mut scores)) in active.iter().zip(logits).enumerate() {
+            let model_log_probs = processors::log_softmax(&scores);
+            apply_processors(&mut scores, &sequences[seq], step, eos_token_id, options);
+            let token = if options.do_sample {
+                warp(&mut scores, options);
+                streams[seq].draw(&processors::softmax(&scores))
+            } else {
+                argmax(&scores)
+            };
+            log_probs[seq] += model_log_probs[token as usize];
             sequences[seq].push(token);
             if token != eos_token_id {
                 still_running.push(row as u32);
@@ -96,11 +258,85 @@ pub fn greedy(
         let last: Vec<u32> = active.iter().map(|&s| *sequences[s].last().expect("non-empty")).collect();
         input = Tensor::new(last, device)?.unsqueeze(1)?;
     }
-    Ok(sequences)
+    Ok(sequences
+        .into_iter()
+        .zip(log_probs)
+        .map(|(tokens, log_prob)| {
+            let new_tokens = tokens.len() - prefix_len;
+            Generated { tokens, new_tokens, log_prob, score: log_prob / new_tokens as f32 }
+        })
+        .collect())
+}
+
+/// The processors transformers applies to every search, in its order: repetition penalty,
+/// n-gram ban, then the end token forbidden before `min_new_tokens`.
+fn apply_processors(scores: &mut [f32], sequence: &[u32], step: usize, eos_token_id: u32, options: &GenerationOptions) {
+    if options.repetition_penalty != 1.0 {
+        processors::repetition_penalty(scores, sequence, options.repetition_penalty);
+    }
+    if options.no_repeat_ngram_size > 0 {
+        processors::no_repeat_ngram(scores, sequence, options.no_repeat_ngram_size);
+    }
+    if step < options.min_new_tokens {
+        if let Some(score) = scores.get_mut(eos_token_id as usize) {
+            *score = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// The sampling warpers, in transformers' order: temperature, top-k, top-p.
+fn warp(scores: &mut [f32], options: &GenerationOptions) {
+    if options.temperature != 1.0 {
+        for score in scores.iter_mut() {
+            *score /= options.temperature;
+        }
+    }
+    if options.top_k != 0 {
+        processors::top_k(scores, options.top_k);
+    }
+    if options.top_p < 1.0 {
+        processors::top_p(scores, options.top_p, 1);
+    }
+}
+
+/// A seeded random stream for sampling (ChaCha8: the same draws on every platform and version).
+struct Sampler(rand_chacha::ChaCha8Rng);
+
+impl Sampler {
+    fn new(seed: u64, stream: u64) -> Self {
+        use rand_chacha::rand_core::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        Self(rng)
+    }
+
+    /// A token drawn with the given probabilities.
+    fn draw(&mut self, probs: &[f32]) -> u32 {
+        use rand_chacha::rand_core::RngCore;
+        let total: f64 = probs.iter().map(|&p| p as f64).sum();
+        // 53 random bits → uniform in [0, total)
+        let mut target = (self.0.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
+        let mut last = 0;
+        for (i, &p) in probs.iter().enumerate() {
+            if p > 0.0 {
+                last = i;
+                target -= p as f64;
+                if target < 0.0 {
+                    return i as u32;
+                }
+            }
+        }
+        last as u32
+    }
+}
+
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    nanos as u64 ^ ((std::process::id() as u64) << 32)
 }
 
 /// Index of the largest value, the first one on ties (as `torch.argmax`).
-fn argmax(values: &[f32]) -> u32 {
+pub(crate) fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in values.iter().enumerate() {
         if v > values[best] {
@@ -144,7 +380,11 @@ mod tests {
         let rows = (0..script.len()).collect();
         let prefixes = vec![vec![7]; script.len()];
         let mut decoder = Scripted { script, rows, step: 0, vocab: 12 };
-        greedy(&mut decoder, &prefixes, 5, &options, &Device::Cpu).unwrap()
+        generate(&mut decoder, &prefixes, 5, &options, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|mut g| g.remove(0).tokens)
+            .collect()
     }
 
     #[test]
@@ -155,9 +395,102 @@ mod tests {
 
     #[test]
     fn max_and_min_new_tokens() {
-        let opts = GenerationOptions { max_new_tokens: 3, min_new_tokens: 2 };
+        let opts = GenerationOptions { max_new_tokens: 3, min_new_tokens: 2, ..Default::default() };
         let out = run(vec![vec![5, 5, 5, 5]], opts);
         assert_eq!(out, vec![vec![7, 9, 9, 5]]);
+    }
+
+    /// The same logits for every row at every step.
+    struct Constant {
+        logits: Vec<f32>,
+        rows: usize,
+    }
+
+    impl Decoder for Constant {
+        fn next_logits(&mut self, _input: &Tensor) -> Result<Tensor> {
+            Tensor::from_vec(self.logits.repeat(self.rows), (self.rows, self.logits.len()), &Device::Cpu)
+        }
+
+        fn keep_rows(&mut self, rows: &[u32]) -> Result<()> {
+            self.rows = rows.len();
+            Ok(())
+        }
+    }
+
+    /// Frequencies of the first sampled token over `draws` independent samples.
+    fn frequencies(logits: &[f32], options: GenerationOptions, draws: usize) -> Vec<f64> {
+        let options = GenerationOptions { do_sample: true, max_new_tokens: 1, num_return_sequences: draws, ..options };
+        let mut decoder = Constant { logits: logits.to_vec(), rows: 1 };
+        let generated = generate(&mut decoder, &[vec![0]], 99, &options, &Device::Cpu).unwrap();
+        let mut counts = vec![0usize; logits.len()];
+        for g in &generated[0] {
+            counts[g.tokens[1] as usize] += 1;
+        }
+        counts.into_iter().map(|c| c as f64 / draws as f64).collect()
+    }
+
+    /// Each frequency within 4.5 standard deviations of its probability (a false alarm has odds
+    /// below 1e-5 per token; the seed makes the check repeatable anyway).
+    fn assert_frequencies(freqs: &[f64], probs: &[f64], draws: usize) {
+        for (token, (&f, &p)) in freqs.iter().zip(probs).enumerate() {
+            let bound = 4.5 * (p * (1.0 - p) / draws as f64).sqrt() + 1e-12;
+            assert!((f - p).abs() <= bound, "token {token}: frequency {f} vs probability {p}");
+        }
+    }
+
+    const LOGITS: [f32; 6] = [2.0, 1.0, 0.5, 0.0, -1.0, -3.0];
+
+    fn softmax64(logits: &[f32]) -> Vec<f64> {
+        let exps: Vec<f64> = logits.iter().map(|&l| (l as f64).exp()).collect();
+        let sum: f64 = exps.iter().sum();
+        exps.into_iter().map(|e| e / sum).collect()
+    }
+
+    #[test]
+    fn sampled_frequencies_follow_the_softmax() {
+        let draws = 20000;
+        let options = GenerationOptions { top_k: 0, seed: Some(11), ..Default::default() };
+        assert_frequencies(&frequencies(&LOGITS, options.clone(), draws), &softmax64(&LOGITS), draws);
+        // temperature 2 flattens the distribution: softmax(logits / 2)
+        let warm = GenerationOptions { temperature: 2.0, ..options };
+        let halved: Vec<f32> = LOGITS.iter().map(|l| l / 2.0).collect();
+        assert_frequencies(&frequencies(&LOGITS, warm, draws), &softmax64(&halved), draws);
+    }
+
+    #[test]
+    fn top_k_and_top_p_never_emit_tokens_outside_their_set() {
+        let draws = 20000;
+        // top_k 3: only the three best, renormalized
+        let options = GenerationOptions { top_k: 3, seed: Some(5), ..Default::default() };
+        let freqs = frequencies(&LOGITS, options, draws);
+        assert!(freqs[3..].iter().all(|&f| f == 0.0), "{freqs:?}");
+        assert_frequencies(&freqs[..3], &softmax64(&LOGITS[..3]), draws);
+
+        // top_p 0.8: the smallest set of best tokens reaching 0.8 of the probability
+        let probs = softmax64(&LOGITS);
+        let nucleus = (1..=probs.len()).find(|&n| probs[..n].iter().sum::<f64>() >= 0.8).unwrap();
+        let options = GenerationOptions { top_k: 0, top_p: 0.8, seed: Some(6), ..Default::default() };
+        let freqs = frequencies(&LOGITS, options, draws);
+        assert!(freqs[nucleus..].iter().all(|&f| f == 0.0), "nucleus {nucleus}: {freqs:?}");
+        assert_frequencies(&freqs[..nucleus], &softmax64(&LOGITS[..nucleus]), draws);
+    }
+
+    #[test]
+    fn contradictory_options_are_refused() {
+        let bad = [
+            GenerationOptions { top_p: 1.5, ..Default::default() },
+            GenerationOptions { temperature: 0.0, ..Default::default() },
+            GenerationOptions { num_beams: 2, num_return_sequences: 4, ..Default::default() },
+            GenerationOptions { num_return_sequences: 2, ..Default::default() },
+            GenerationOptions { do_sample: true, num_beams: 3, ..Default::default() },
+            GenerationOptions { min_new_tokens: 5, max_new_tokens: 3, ..Default::default() },
+        ];
+        for options in bad {
+            assert!(options.validate().is_err(), "{options:?}");
+        }
+        assert!(GenerationOptions { do_sample: true, num_return_sequences: 4, ..Default::default() }
+            .validate()
+            .is_ok());
     }
 
     #[test]

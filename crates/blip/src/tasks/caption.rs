@@ -6,7 +6,7 @@ use image::RgbImage;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{Error, Result};
-use crate::generation::{self, CachedDecoder, GenerationOptions};
+use crate::generation::{self, CachedDecoder, Generated, GenerationOptions};
 use crate::models::captioning::CaptioningModel;
 use crate::processor::image::{ImageProcessor, ResizeBackend};
 use crate::processor::text::TextProcessor;
@@ -20,13 +20,18 @@ pub struct CaptionOptions {
     pub generation: GenerationOptions,
 }
 
-/// One image's caption.
+/// One caption of an image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Caption {
     pub text: String,
     /// The whole sequence transformers' `generate` returns: bos 30522, the prompt, the new
     /// tokens and the final [SEP] 102 when produced.
     pub tokens: Vec<u32>,
+    /// Ranking score: the beam score for beam search, else the mean log-probability of the
+    /// generated tokens (see [`Generated`]).
+    pub score: f32,
+    /// Sum of the model's log-probabilities of the generated tokens.
+    pub log_prob: f32,
 }
 
 /// A loaded captioning checkpoint with its processors.
@@ -87,9 +92,14 @@ impl Captioner {
     /// The decoder's starting ids for these options, refused when prompt and new tokens cannot
     /// fit the model's positions. Call it to validate options before decoding any image.
     pub fn prefix(&self, options: &CaptionOptions) -> Result<Vec<u32>> {
-        let prefix = self.text_processor.caption_prefix(options.prompt.as_deref())?;
+        options.generation.validate().map_err(Error::InvalidInput)?;
+        self.prefix_for(options.prompt.as_deref(), &options.generation)
+    }
+
+    fn prefix_for(&self, prompt: Option<&str>, generation: &GenerationOptions) -> Result<Vec<u32>> {
+        let prefix = self.text_processor.caption_prefix(prompt)?;
         let positions = self.config.text_config.max_position_embeddings;
-        let needed = prefix.len() + options.generation.max_new_tokens;
+        let needed = prefix.len() + generation.max_new_tokens;
         if needed > positions {
             let room = positions.saturating_sub(prefix.len());
             return Err(Error::InvalidInput(if room == 0 {
@@ -101,33 +111,83 @@ impl Captioner {
                 format!(
                     "the prompt ({} tokens) plus max_new_tokens {} exceed the model's {positions} positions: shorten the prompt or set max_new_tokens to at most {room}",
                     prefix.len(),
-                    options.generation.max_new_tokens
+                    generation.max_new_tokens
                 )
             }));
         }
         Ok(prefix)
     }
 
-    /// Captions decoded images (one batch).
-    pub fn caption(&self, images: &[RgbImage], options: &CaptionOptions) -> Result<Vec<Caption>> {
+    /// Captions decoded images (one batch): `num_return_sequences` captions per image, best
+    /// first.
+    pub fn caption(&self, images: &[RgbImage], options: &CaptionOptions) -> Result<Vec<Vec<Caption>>> {
         let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
         self.caption_pixels(&pixel_values, options)
     }
 
     /// Captions preprocessed `pixel_values` [b, 3, H, W].
-    pub fn caption_pixels(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<Vec<Caption>> {
-        let prefix = self.prefix(options)?;
+    pub fn caption_pixels(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<Vec<Vec<Caption>>> {
+        let prompts = vec![options.prompt.as_deref(); pixel_values.dim(0)?];
+        self.caption_pixels_with_prompts(pixel_values, &prompts, &options.generation)
+    }
+
+    /// Captions image i continuing prompt i (or none).
+    pub fn caption_with_prompts(
+        &self,
+        images: &[RgbImage],
+        prompts: &[Option<&str>],
+        generation: &GenerationOptions,
+    ) -> Result<Vec<Vec<Caption>>> {
+        let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
+        self.caption_pixels_with_prompts(&pixel_values, prompts, generation)
+    }
+
+    /// [`Self::caption_with_prompts`] on preprocessed `pixel_values`. Images whose prompts
+    /// differ in length decode as separate batches, so every image gets what it gets alone
+    /// (transformers pads such batches and shifts positions).
+    pub fn caption_pixels_with_prompts(
+        &self,
+        pixel_values: &Tensor,
+        prompts: &[Option<&str>],
+        generation: &GenerationOptions,
+    ) -> Result<Vec<Vec<Caption>>> {
+        generation.validate().map_err(Error::InvalidInput)?;
+        let rows = pixel_values.dim(0)?;
+        if prompts.len() != rows {
+            return Err(Error::InvalidInput(format!("{} prompts for {rows} images", prompts.len())));
+        }
+        let prefixes = prompts.iter().map(|p| self.prefix_for(*p, generation)).collect::<Result<Vec<_>>>()?;
         let image_embeds = self.model.encode_images(pixel_values)?;
-        let rows = image_embeds.dim(0)?;
-        let mut decoder =
-            CachedDecoder { model: &self.model, cache: self.model.text_model.new_cache(&image_embeds, None)? };
-        let sequences = generation::greedy(
-            &mut decoder,
-            &vec![prefix; rows],
-            self.config.text_config.sep_token_id,
-            &options.generation,
-            &self.device,
-        )?;
-        sequences.into_iter().map(|tokens| Ok(Caption { text: self.text_processor.decode(&tokens)?, tokens })).collect()
+        let mut captions: Vec<Vec<Caption>> = vec![vec![]; rows];
+        let mut lengths: Vec<usize> = prefixes.iter().map(Vec::len).collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        for length in lengths {
+            let group: Vec<u32> = (0..rows as u32).filter(|&r| prefixes[r as usize].len() == length).collect();
+            let embeds = image_embeds.index_select(&Tensor::new(group.as_slice(), &self.device)?, 0)?;
+            let mut decoder =
+                CachedDecoder { model: &self.model, cache: self.model.text_model.new_cache(&embeds, None)? };
+            let group_prefixes: Vec<Vec<u32>> = group.iter().map(|&r| prefixes[r as usize].clone()).collect();
+            let generated = generation::generate(
+                &mut decoder,
+                &group_prefixes,
+                self.config.text_config.sep_token_id,
+                generation,
+                &self.device,
+            )?;
+            for (&row, sequences) in group.iter().zip(generated) {
+                captions[row as usize] = sequences.into_iter().map(|g| self.to_caption(g)).collect::<Result<_>>()?;
+            }
+        }
+        Ok(captions)
+    }
+
+    fn to_caption(&self, generated: Generated) -> Result<Caption> {
+        Ok(Caption {
+            text: self.text_processor.decode(&generated.tokens)?,
+            score: generated.score,
+            log_prob: generated.log_prob,
+            tokens: generated.tokens,
+        })
     }
 }

@@ -21,7 +21,7 @@ pub struct AnswerOptions {
 
 impl Default for AnswerOptions {
     fn default() -> Self {
-        Self { generation: GenerationOptions { max_new_tokens: 10, min_new_tokens: 0 } }
+        Self { generation: GenerationOptions { max_new_tokens: 10, ..Default::default() } }
     }
 }
 
@@ -32,6 +32,10 @@ pub struct Answer {
     /// The sequence transformers' `generate` returns: bos 30522, the answer tokens and the
     /// final [SEP] 102 when produced.
     pub tokens: Vec<u32>,
+    /// Ranking score: the beam score for beam search, else the mean log-probability.
+    pub score: f32,
+    /// Sum of the model's log-probabilities of the answer's tokens.
+    pub log_prob: f32,
 }
 
 /// How to rank a closed answer list.
@@ -130,8 +134,9 @@ impl QuestionAnswerer {
         self.image_processor.backend = backend;
     }
 
-    /// Refuses options the decoder's positions cannot hold (the answer starts at position 0).
+    /// Refuses contradictory options and lengths the decoder's positions cannot hold.
     pub fn check_options(&self, options: &AnswerOptions) -> Result<()> {
+        options.generation.validate().map_err(Error::InvalidInput)?;
         let positions = self.config.text_config.max_position_embeddings;
         if 1 + options.generation.max_new_tokens > positions {
             return Err(Error::InvalidInput(format!(
@@ -182,8 +187,8 @@ impl QuestionAnswerer {
         Ok((states, mask))
     }
 
-    /// Answers question i about image i, generated greedily.
-    pub fn answer(&self, images: &[RgbImage], questions: &[&str], options: &AnswerOptions) -> Result<Vec<Answer>> {
+    /// Answers question i about image i: `num_return_sequences` answers each, best first.
+    pub fn answer(&self, images: &[RgbImage], questions: &[&str], options: &AnswerOptions) -> Result<Vec<Vec<Answer>>> {
         let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
         self.answer_pixels(&pixel_values, questions, options)
     }
@@ -194,19 +199,34 @@ impl QuestionAnswerer {
         pixel_values: &Tensor,
         questions: &[&str],
         options: &AnswerOptions,
-    ) -> Result<Vec<Answer>> {
+    ) -> Result<Vec<Vec<Answer>>> {
         self.check_options(options)?;
         let (states, mask) = self.encode(pixel_values, questions)?;
         let mut decoder = CachedDecoder { model: &self.model, cache: self.model.new_cache(&states, Some(&mask))? };
         let bos = self.text_processor.bos_token_id();
-        let sequences = generation::greedy(
+        let generated = generation::generate(
             &mut decoder,
             &vec![vec![bos]; questions.len()],
             self.text_processor.sep_token_id(),
             &options.generation,
             &self.device,
         )?;
-        sequences.into_iter().map(|tokens| Ok(Answer { text: self.text_processor.decode(&tokens)?, tokens })).collect()
+        generated
+            .into_iter()
+            .map(|sequences| {
+                sequences
+                    .into_iter()
+                    .map(|g| {
+                        Ok(Answer {
+                            text: self.text_processor.decode(&g.tokens)?,
+                            score: g.score,
+                            log_prob: g.log_prob,
+                            tokens: g.tokens,
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Ranks `answers` for question i about image i, best first.
