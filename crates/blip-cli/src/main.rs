@@ -16,6 +16,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "blip", version, about, long_about = None)]
 struct Cli {
+    /// CPU threads for the model's computations [default: all cores].
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -37,6 +41,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        // candle's kernels and rayon's pool both size themselves from this variable; set before
+        // either starts a thread.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
     // Warnings on stderr by default; RUST_LOG=debug shows the library's timing spans too.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

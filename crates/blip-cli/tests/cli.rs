@@ -176,3 +176,17 @@ fn tempdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// `--threads` changes how the work is split, not the result.
+#[test]
+fn threads_option_gives_the_same_captions() {
+    let args = ["caption", "--model", &model("tiny-caption-bin"), &image("chelsea.png"), &image("rocket.jpg")];
+    let all = blip(&args);
+    let mut one_args = vec!["--threads", "1"];
+    one_args.extend(args);
+    let one = blip(&one_args);
+    assert!(all.status.success() && one.status.success(), "{}", stderr(&one));
+    assert_eq!(all.stdout, one.stdout);
+    let bad = blip(&["caption", "--threads", "0", &image("chelsea.png")]);
+    assert_eq!(bad.status.code(), Some(2));
+}
