@@ -40,6 +40,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
         // candle's kernels and rayon's pool both size themselves from this variable; set before
@@ -69,6 +70,19 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// glibc hands large blocks (activations of a few MB and up) straight back to the system when
+/// freed, so every layer's new tensors are fresh pages the kernel must fault in and zero: 7% of
+/// the time in a profile. Keeping freed blocks in the heap for reuse makes the vision tower
+/// 15–30% faster without raising peak memory (the same sizes recur every layer).
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes allocator thresholds; called first thing, before any thread.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
 

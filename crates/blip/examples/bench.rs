@@ -25,6 +25,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if images.len() != 8 {
         return Err("give 8 images".into());
     }
+    // As `blip` does: freed tensors stay in the heap for the next ones (see blip-cli's main).
+    // SAFETY: mallopt only changes allocator thresholds, before any thread starts.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
     let device = Device::Cpu;
     let started = Instant::now();
     let captioner = Captioner::load(model, &device)?;

@@ -115,23 +115,52 @@ impl WeightReader {
         let Some(at) = self.tensors.get(name) else {
             return Err(Error::CannotFindTensor { path: name.to_string() }.bt());
         };
-        let mut bytes = vec![0u8; at.dims.iter().product::<usize>() * at.dtype.size_in_bytes()];
-        {
+        // Read with the dimensions reversed when column-major, then transpose back.
+        let dims: Vec<usize> = if at.column_major { at.dims.iter().rev().copied().collect() } else { at.dims.clone() };
+        let read = |bytes: &mut [u8]| -> Result<()> {
             let (path, file) = &self.files[at.file];
             let mut file = file.lock().map_err(|_| Error::Msg("weights file lock poisoned".into()))?;
             file.seek(SeekFrom::Start(at.offset))?;
-            file.read_exact(&mut bytes)
-                .map_err(|e| Error::Msg(format!("{}: {name}: {e} (truncated checkpoint?)", path.display())))?;
-        }
+            file.read_exact(bytes)
+                .map_err(|e| Error::Msg(format!("{}: {name}: {e} (truncated checkpoint?)", path.display())))
+        };
+        let count = at.dims.iter().product::<usize>();
+        // Float weights are read straight into the tensor's buffer (no second copy).
+        let tensor = match at.dtype {
+            DType::F32 => Tensor::from_vec(read_into::<f32>(count, read)?, dims.as_slice(), &Device::Cpu)?,
+            DType::F16 => Tensor::from_vec(read_into::<half::f16>(count, read)?, dims.as_slice(), &Device::Cpu)?,
+            DType::BF16 => Tensor::from_vec(read_into::<half::bf16>(count, read)?, dims.as_slice(), &Device::Cpu)?,
+            dtype => {
+                let mut bytes = vec![0u8; count * dtype.size_in_bytes()];
+                read(&mut bytes)?;
+                Tensor::from_raw_buffer(&bytes, dtype, &dims, &Device::Cpu)?
+            }
+        };
         if at.column_major {
-            // Read with the dimensions reversed, then transpose back.
-            let reversed: Vec<usize> = at.dims.iter().rev().copied().collect();
-            let order: Vec<usize> = (0..at.dims.len()).rev().collect();
-            Tensor::from_raw_buffer(&bytes, at.dtype, &reversed, &Device::Cpu)?.permute(order)?.contiguous()
+            let order: Vec<usize> = (0..dims.len()).rev().collect();
+            tensor.permute(order)?.contiguous()
         } else {
-            Tensor::from_raw_buffer(&bytes, at.dtype, &at.dims, &Device::Cpu)
+            Ok(tensor)
         }
     }
+}
+
+/// Marker for element types any bit pattern is a valid value of (the float formats).
+trait AnyBits: Copy + Default {}
+impl AnyBits for f32 {}
+impl AnyBits for half::f16 {}
+impl AnyBits for half::bf16 {}
+
+/// `count` little-endian values read by `read` into a vector of `T` (x86 and ARM are
+/// little-endian, as both file formats are).
+fn read_into<T: AnyBits>(count: usize, read: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<Vec<T>> {
+    let mut values = vec![T::default(); count];
+    // SAFETY: the byte view covers exactly the vector's initialized elements, and every bit
+    // pattern is a valid T (AnyBits).
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), count * std::mem::size_of::<T>()) };
+    read(bytes)?;
+    Ok(values)
 }
 
 /// The candle dtype of a safetensors dtype name, for the ones candle holds.
