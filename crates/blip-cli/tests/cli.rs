@@ -1,36 +1,11 @@
 //! The real `blip` binary on the committed tiny checkpoints: outputs, and every bad input giving
 //! one clear line and the right exit code while the good images are still captioned.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../blip/tests/fixtures")
-}
+use common::*;
 
-fn model(name: &str) -> String {
-    fixtures().join("models").join(name).display().to_string()
-}
-
-fn image(name: &str) -> String {
-    fixtures().join("images-model").join(name).display().to_string()
-}
-
-fn blip(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_blip")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("runs")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-fn jsonl(out: &Output) -> Vec<serde_json::Value> {
-    stdout(out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
+use std::process::Command;
 
 /// The tokens transformers generated for the fixture images 0, 1, 2 (chelsea, astronaut,
 /// rocket), unconditionally, one image at a time.
@@ -168,13 +143,6 @@ fn cached_hub_model_works_offline() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(jsonl(&out)[0]["tokens"], expected_tokens("tiny-caption-bin")[0]);
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("blip-cli-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// `--threads` changes how the work is split, not the result.

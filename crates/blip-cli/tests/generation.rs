@@ -4,29 +4,15 @@
 //! search, the tokens and scores transformers' `generate` gave
 //! (`crates/blip/tests/fixtures/expected/generation.json`).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::*;
+
+use std::process::Output;
 
 use serde_json::Value;
 
-const IMAGES: [&str; 3] = ["chelsea.png", "astronaut.png", "rocket.jpg"];
 const QUESTION: &str = "what is in the picture?";
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../blip/tests/fixtures")
-}
-
-fn model(name: &str) -> String {
-    fixtures().join("models").join(name).display().to_string()
-}
-
-fn image(name: &str) -> String {
-    fixtures().join("images-model").join(name).display().to_string()
-}
-
-fn blip(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_blip")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("runs")
-}
 
 /// `blip caption` on the tiny captioning checkpoint with `args`, then `images`.
 fn caption(args: &[&str], images: &[&str]) -> Output {
@@ -48,15 +34,7 @@ fn vqa(args: &[&str], images: &[&str]) -> Output {
     blip(&all)
 }
 
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-/// The records of a successful JSONL run.
+/// The records of a successful JSONL run (shadows the shared `jsonl`, which accepts failed runs).
 fn jsonl(out: &Output) -> Vec<Value> {
     assert!(out.status.success(), "{}", stderr(out));
     stdout(out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()

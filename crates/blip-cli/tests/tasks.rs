@@ -2,52 +2,13 @@
 //! committed tiny checkpoints, compared with what transformers computed on them
 //! (`crates/blip/tests/fixtures/expected`), and every bad input giving a clear error.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
-
-/// The images of every expected-output file, in its order.
-const IMAGES: [&str; 3] = ["chelsea.png", "astronaut.png", "rocket.jpg"];
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../blip/tests/fixtures")
-}
-
-fn model(name: &str) -> String {
-    fixtures().join("models").join(name).display().to_string()
-}
-
-fn image(name: &str) -> String {
-    fixtures().join("images-model").join(name).display().to_string()
-}
-
-fn images() -> Vec<String> {
-    IMAGES.map(image).to_vec()
-}
-
-fn blip(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_blip")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("runs")
-}
-
-/// `blip` with `args` followed by `inputs`.
-fn blip_on(args: &[&str], inputs: &[String]) -> Output {
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(inputs.iter().map(String::as_str));
-    blip(&all)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8(out.stderr.clone()).unwrap()
-}
-
-fn jsonl(out: &Output) -> Vec<Value> {
-    stdout(out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
 
 fn expected(checkpoint: &str) -> Value {
     let path = fixtures().join("expected").join(format!("{checkpoint}.json"));
@@ -80,14 +41,6 @@ fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32, what: &str) {
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
         assert!((a - e).abs() <= tolerance, "{what}[{i}]: {a} vs transformers' {e} (off by {})", (a - e).abs());
     }
-}
-
-/// A fresh folder under the target directory's scratch space.
-fn tempdir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("blip-tasks-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn missing_image(name: &str) -> String {
