@@ -1,15 +1,14 @@
 //! Image captioning with `BlipForConditionalGeneration` checkpoints, with or without a prompt.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use crate::checkpoint::Checkpoint;
+use super::{Task, TaskModel};
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{Error, Result};
 use crate::generation::{self, CachedDecoder, Generated, GenerationOptions};
 use crate::models::captioning::CaptioningModel;
-use crate::processor::image::{ImageProcessor, ResizeBackend};
-use crate::processor::text::TextProcessor;
 
 /// How to caption.
 #[derive(Debug, Clone, Default)]
@@ -35,60 +34,19 @@ pub struct Caption {
 }
 
 /// A loaded captioning checkpoint with its processors.
-pub struct Captioner {
-    model: CaptioningModel,
-    config: BlipConfig,
-    image_processor: ImageProcessor,
-    text_processor: TextProcessor,
-    device: Device,
+pub type Captioner = Task<CaptioningModel>;
+
+impl TaskModel for CaptioningModel {
+    const ACCEPTS: &'static [Architecture] = &[Architecture::ConditionalGeneration];
+    const TASK: &'static str = "captioning";
+    const EXAMPLE: &'static str = "Salesforce/blip-image-captioning-base";
+
+    fn build(config: &BlipConfig, _: Architecture, weights: VarBuilder) -> candle_core::Result<Self> {
+        CaptioningModel::new(config, weights)
+    }
 }
 
 impl Captioner {
-    /// Loads a local folder or Hub repo id (see [`Checkpoint::locate`]).
-    pub fn load(model: &str, device: &Device) -> Result<Self> {
-        Self::from_checkpoint(&Checkpoint::locate(model)?, device)
-    }
-
-    pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
-        let loaded = super::load(
-            checkpoint,
-            &[Architecture::ConditionalGeneration],
-            "captioning",
-            "Salesforce/blip-image-captioning-base",
-            device,
-        )?;
-        let model = CaptioningModel::new(&loaded.config, loaded.weights)
-            .map_err(|e| super::weights_error(checkpoint, loaded.architecture, e))?;
-        Ok(Self {
-            model,
-            config: loaded.config,
-            image_processor: loaded.image_processor,
-            text_processor: loaded.text_processor,
-            device: device.clone(),
-        })
-    }
-
-    pub fn model(&self) -> &CaptioningModel {
-        &self.model
-    }
-
-    pub fn config(&self) -> &BlipConfig {
-        &self.config
-    }
-
-    pub fn image_processor(&self) -> &ImageProcessor {
-        &self.image_processor
-    }
-
-    pub fn text_processor(&self) -> &TextProcessor {
-        &self.text_processor
-    }
-
-    /// Chooses the resize of transformers 5 (torchvision, default) or 4 (PIL).
-    pub fn set_resize_backend(&mut self, backend: ResizeBackend) {
-        self.image_processor.backend = backend;
-    }
-
     /// The decoder's starting ids for these options, refused when prompt and new tokens cannot
     /// fit the model's positions. Call it to validate options before decoding any image.
     pub fn prefix(&self, options: &CaptionOptions) -> Result<Vec<u32>> {

@@ -2,16 +2,15 @@
 //! `BlipForImageTextRetrieval` checkpoints (ITM head and 256-d ITC embeddings) or `BlipModel`
 //! ones (512-d features and a learned logit scale, no ITM head).
 
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{IndexOp, Tensor};
+use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use crate::checkpoint::Checkpoint;
+use super::{Task, TaskModel};
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{Error, Result};
 use crate::models::contrastive::ContrastiveModel;
 use crate::models::retrieval::RetrievalModel;
-use crate::processor::image::{ImageProcessor, ResizeBackend};
-use crate::processor::text::TextProcessor;
 
 /// The two kinds of checkpoint that embed images and texts in one space.
 pub enum MatchingModel {
@@ -56,68 +55,22 @@ pub struct LabelScore {
 }
 
 /// A loaded retrieval or BlipModel checkpoint with its processors.
-pub struct ImageTextMatcher {
-    model: MatchingModel,
-    architecture: Architecture,
-    config: BlipConfig,
-    image_processor: ImageProcessor,
-    text_processor: TextProcessor,
-    device: Device,
+pub type ImageTextMatcher = Task<MatchingModel>;
+
+impl TaskModel for MatchingModel {
+    const ACCEPTS: &'static [Architecture] = &[Architecture::ImageTextRetrieval, Architecture::Model];
+    const TASK: &'static str = "image-text matching";
+    const EXAMPLE: &'static str = "Salesforce/blip-itm-base-coco";
+
+    fn build(config: &BlipConfig, architecture: Architecture, weights: VarBuilder) -> candle_core::Result<Self> {
+        match architecture {
+            Architecture::Model => ContrastiveModel::new(config, weights).map(MatchingModel::Contrastive),
+            _ => RetrievalModel::new(config, weights).map(MatchingModel::Retrieval),
+        }
+    }
 }
 
 impl ImageTextMatcher {
-    /// Loads a local folder or Hub repo id (see [`Checkpoint::locate`]).
-    pub fn load(model: &str, device: &Device) -> Result<Self> {
-        Self::from_checkpoint(&Checkpoint::locate(model)?, device)
-    }
-
-    pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
-        let loaded = super::load(
-            checkpoint,
-            &[Architecture::ImageTextRetrieval, Architecture::Model],
-            "image-text matching",
-            "Salesforce/blip-itm-base-coco",
-            device,
-        )?;
-        let architecture = loaded.architecture;
-        let model = match architecture {
-            Architecture::Model => {
-                ContrastiveModel::new(&loaded.config, loaded.weights).map(MatchingModel::Contrastive)
-            }
-            _ => RetrievalModel::new(&loaded.config, loaded.weights).map(MatchingModel::Retrieval),
-        }
-        .map_err(|e| super::weights_error(checkpoint, architecture, e))?;
-        Ok(Self {
-            model,
-            architecture,
-            config: loaded.config,
-            image_processor: loaded.image_processor,
-            text_processor: loaded.text_processor,
-            device: device.clone(),
-        })
-    }
-
-    pub fn model(&self) -> &MatchingModel {
-        &self.model
-    }
-
-    pub fn architecture(&self) -> Architecture {
-        self.architecture
-    }
-
-    pub fn config(&self) -> &BlipConfig {
-        &self.config
-    }
-
-    pub fn image_processor(&self) -> &ImageProcessor {
-        &self.image_processor
-    }
-
-    /// Chooses the resize of transformers 5 (torchvision, default) or 4 (PIL).
-    pub fn set_resize_backend(&mut self, backend: ResizeBackend) {
-        self.image_processor.backend = backend;
-    }
-
     /// Whether image-text matching (ITM) probabilities are available.
     pub fn has_itm_head(&self) -> bool {
         matches!(self.model, MatchingModel::Retrieval(_))

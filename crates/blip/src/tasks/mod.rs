@@ -13,23 +13,101 @@ use candle_nn::VarBuilder;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{Error, Result};
-use crate::processor::image::ImageProcessor;
+use crate::processor::image::{ImageProcessor, ResizeBackend};
 use crate::processor::text::TextProcessor;
 
+/// A loaded checkpoint of one task: its model, config and processors. The task's own methods
+/// are on the aliases [`caption::Captioner`], [`vqa::QuestionAnswerer`] and
+/// [`matching::ImageTextMatcher`].
+pub struct Task<M> {
+    model: M,
+    architecture: Architecture,
+    config: BlipConfig,
+    image_processor: ImageProcessor,
+    text_processor: TextProcessor,
+    device: Device,
+}
+
+/// A task's model: the architectures it serves and how it is built from their weights.
+pub trait TaskModel: Sized {
+    /// The accepted architectures, the first assumed when a config names none.
+    const ACCEPTS: &'static [Architecture];
+    /// The task, as refusals name it ("question answering").
+    const TASK: &'static str;
+    /// A public checkpoint that fits the task.
+    const EXAMPLE: &'static str;
+
+    fn build(config: &BlipConfig, architecture: Architecture, weights: VarBuilder) -> candle_core::Result<Self>;
+}
+
+impl<M: TaskModel> Task<M> {
+    /// Loads a local folder or Hub repo id (see [`Checkpoint::locate`]).
+    pub fn load(model: &str, device: &Device) -> Result<Self> {
+        Self::from_checkpoint(&Checkpoint::locate(model)?, device)
+    }
+
+    pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
+        let loaded = load(checkpoint, M::ACCEPTS, M::TASK, M::EXAMPLE, device)?;
+        let architecture = loaded.architecture;
+        let model = M::build(&loaded.config, architecture, loaded.weights).map_err(|e| {
+            Error::checkpoint(
+                &checkpoint.location,
+                format!("weights do not fit a {} model: {e}", architecture.class_name()),
+            )
+        })?;
+        Ok(Self {
+            model,
+            architecture,
+            config: loaded.config,
+            image_processor: loaded.image_processor,
+            text_processor: loaded.text_processor,
+            device: device.clone(),
+        })
+    }
+}
+
+impl<M> Task<M> {
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// The checkpoint's architecture (or the task's, when its config names none).
+    pub fn architecture(&self) -> Architecture {
+        self.architecture
+    }
+
+    pub fn config(&self) -> &BlipConfig {
+        &self.config
+    }
+
+    pub fn image_processor(&self) -> &ImageProcessor {
+        &self.image_processor
+    }
+
+    pub fn text_processor(&self) -> &TextProcessor {
+        &self.text_processor
+    }
+
+    /// Chooses the resize of transformers 5 (torchvision, default) or 4 (PIL).
+    pub fn set_resize_backend(&mut self, backend: ResizeBackend) {
+        self.image_processor.backend = backend;
+    }
+}
+
 /// What every task loads from a checkpoint before building its model.
-pub(crate) struct Loaded<'a> {
-    pub config: BlipConfig,
+struct Loaded<'a> {
+    config: BlipConfig,
     /// The declared architecture, or the task's first when the config names none.
-    pub architecture: Architecture,
-    pub image_processor: ImageProcessor,
-    pub text_processor: TextProcessor,
-    pub weights: VarBuilder<'a>,
+    architecture: Architecture,
+    image_processor: ImageProcessor,
+    text_processor: TextProcessor,
+    weights: VarBuilder<'a>,
 }
 
 /// Reads a checkpoint's config, refusing architectures the task cannot use before anything
 /// else is fetched, then its processors and weights. `task` names the task in messages
 /// ("question answering"), `example` a checkpoint that fits it.
-pub(crate) fn load<'a>(
+fn load<'a>(
     checkpoint: &Checkpoint,
     accepted: &[Architecture],
     task: &str,
@@ -73,9 +151,4 @@ pub(crate) fn load<'a>(
     let text_processor = TextProcessor::from_file(&checkpoint.tokenizer_file()?, &config.text_config)?;
     let weights = checkpoint.var_builder(DType::F32, device)?;
     Ok(Loaded { config, architecture, image_processor, text_processor, weights })
-}
-
-/// The error for weights that do not fit the declared model.
-pub(crate) fn weights_error(checkpoint: &Checkpoint, architecture: Architecture, err: candle_core::Error) -> Error {
-    Error::checkpoint(&checkpoint.location, format!("weights do not fit a {} model: {err}", architecture.class_name()))
 }

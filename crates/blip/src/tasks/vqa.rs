@@ -2,16 +2,15 @@
 //! generated as transformers' `generate` does, or answers ranked from a closed list as the
 //! original BLIP evaluates VQA.
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, IndexOp, Tensor, D};
+use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use crate::checkpoint::Checkpoint;
+use super::{Task, TaskModel};
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{Error, Result};
 use crate::generation::{self, CachedDecoder, CausalLm, GenerationOptions};
 use crate::models::question_answering::QuestionAnsweringModel;
-use crate::processor::image::{ImageProcessor, ResizeBackend};
-use crate::processor::text::TextProcessor;
 
 /// How to generate answers; `max_new_tokens` defaults to 10 (answers are short).
 #[derive(Debug, Clone)]
@@ -80,60 +79,19 @@ impl AnswerList {
 }
 
 /// A loaded VQA checkpoint with its processors.
-pub struct QuestionAnswerer {
-    model: QuestionAnsweringModel,
-    config: BlipConfig,
-    image_processor: ImageProcessor,
-    text_processor: TextProcessor,
-    device: Device,
+pub type QuestionAnswerer = Task<QuestionAnsweringModel>;
+
+impl TaskModel for QuestionAnsweringModel {
+    const ACCEPTS: &'static [Architecture] = &[Architecture::QuestionAnswering];
+    const TASK: &'static str = "question answering";
+    const EXAMPLE: &'static str = "Salesforce/blip-vqa-base";
+
+    fn build(config: &BlipConfig, _: Architecture, weights: VarBuilder) -> candle_core::Result<Self> {
+        QuestionAnsweringModel::new(config, weights)
+    }
 }
 
 impl QuestionAnswerer {
-    /// Loads a local folder or Hub repo id (see [`Checkpoint::locate`]).
-    pub fn load(model: &str, device: &Device) -> Result<Self> {
-        Self::from_checkpoint(&Checkpoint::locate(model)?, device)
-    }
-
-    pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
-        let loaded = super::load(
-            checkpoint,
-            &[Architecture::QuestionAnswering],
-            "question answering",
-            "Salesforce/blip-vqa-base",
-            device,
-        )?;
-        let model = QuestionAnsweringModel::new(&loaded.config, loaded.weights)
-            .map_err(|e| super::weights_error(checkpoint, loaded.architecture, e))?;
-        Ok(Self {
-            model,
-            config: loaded.config,
-            image_processor: loaded.image_processor,
-            text_processor: loaded.text_processor,
-            device: device.clone(),
-        })
-    }
-
-    pub fn model(&self) -> &QuestionAnsweringModel {
-        &self.model
-    }
-
-    pub fn config(&self) -> &BlipConfig {
-        &self.config
-    }
-
-    pub fn image_processor(&self) -> &ImageProcessor {
-        &self.image_processor
-    }
-
-    pub fn text_processor(&self) -> &TextProcessor {
-        &self.text_processor
-    }
-
-    /// Chooses the resize of transformers 5 (torchvision, default) or 4 (PIL).
-    pub fn set_resize_backend(&mut self, backend: ResizeBackend) {
-        self.image_processor.backend = backend;
-    }
-
     /// Refuses contradictory options and lengths the decoder's positions cannot hold.
     pub fn check_options(&self, options: &AnswerOptions) -> Result<()> {
         options.generation.validate().map_err(Error::InvalidInput)?;
