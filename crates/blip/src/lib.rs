@@ -37,4 +37,4 @@ pub use processor::image::load_image;
 pub use tasks::caption::{Caption, CaptionOptions, Captioner};
 pub use tasks::matching::{ClassifyOptions, ImageTextMatcher, LabelScore, MatchScore};
 pub use tasks::vqa::{Answer, AnswerList, AnswerOptions, QuestionAnswerer, RankOptions, RankedAnswer};
-pub use tasks::{Task, TaskModel};
+pub use tasks::{GeneratedText, Task, TaskModel};

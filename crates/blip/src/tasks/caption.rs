@@ -4,10 +4,10 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use super::{Task, TaskModel};
+use super::{GeneratedText, Task, TaskModel};
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{Error, Result};
-use crate::generation::{self, CachedDecoder, Generated, GenerationOptions};
+use crate::generation::{self, CachedDecoder, GenerationOptions};
 use crate::models::captioning::CaptioningModel;
 
 /// How to caption.
@@ -19,19 +19,9 @@ pub struct CaptionOptions {
     pub generation: GenerationOptions,
 }
 
-/// One caption of an image.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Caption {
-    pub text: String,
-    /// The whole sequence transformers' `generate` returns: bos 30522, the prompt, the new
-    /// tokens and the final [SEP] 102 when produced.
-    pub tokens: Vec<u32>,
-    /// Ranking score: the beam score for beam search, else the mean log-probability of the
-    /// generated tokens (see [`Generated`]).
-    pub score: f32,
-    /// Sum of the model's log-probabilities of the generated tokens.
-    pub log_prob: f32,
-}
+/// One caption of an image: `tokens` hold bos 30522, the prompt, the new tokens and the final
+/// [SEP] 102 when produced, as transformers' `generate` returns them.
+pub type Caption = GeneratedText;
 
 /// A loaded captioning checkpoint with its processors.
 pub type Captioner = Task<CaptioningModel>;
@@ -134,18 +124,10 @@ impl Captioner {
                 &self.device,
             )?;
             for (&row, sequences) in group.iter().zip(generated) {
-                captions[row as usize] = sequences.into_iter().map(|g| self.to_caption(g)).collect::<Result<_>>()?;
+                captions[row as usize] =
+                    sequences.into_iter().map(|g| self.decode_generated(g)).collect::<Result<_>>()?;
             }
         }
         Ok(captions)
-    }
-
-    fn to_caption(&self, generated: Generated) -> Result<Caption> {
-        Ok(Caption {
-            text: self.text_processor.decode(&generated.tokens)?,
-            score: generated.score,
-            log_prob: generated.log_prob,
-            tokens: generated.tokens,
-        })
     }
 }

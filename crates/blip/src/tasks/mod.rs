@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{Error, Result};
+use crate::generation::Generated;
 use crate::processor::image::{ImageProcessor, ResizeBackend};
 use crate::processor::text::TextProcessor;
 
@@ -92,6 +93,29 @@ impl<M> Task<M> {
     pub fn set_resize_backend(&mut self, backend: ResizeBackend) {
         self.image_processor.backend = backend;
     }
+
+    /// A generated sequence with its decoded text.
+    fn decode_generated(&self, generated: Generated) -> Result<GeneratedText> {
+        Ok(GeneratedText {
+            text: self.text_processor.decode(&generated.tokens)?,
+            score: generated.score,
+            log_prob: generated.log_prob,
+            tokens: generated.tokens,
+        })
+    }
+}
+
+/// A generated text (caption or answer) with its tokens and scores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedText {
+    pub text: String,
+    /// The whole sequence, as transformers' `generate` returns it.
+    pub tokens: Vec<u32>,
+    /// Ranking score: the beam score for beam search, else the mean log-probability of the
+    /// generated tokens (see [`Generated`]).
+    pub score: f32,
+    /// Sum of the model's log-probabilities of the generated tokens.
+    pub log_prob: f32,
 }
 
 /// What every task loads from a checkpoint before building its model.

@@ -6,7 +6,7 @@ use candle_core::{DType, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use super::{Task, TaskModel};
+use super::{GeneratedText, Task, TaskModel};
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{Error, Result};
 use crate::generation::{self, CachedDecoder, CausalLm, GenerationOptions};
@@ -24,18 +24,9 @@ impl Default for AnswerOptions {
     }
 }
 
-/// A generated answer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Answer {
-    pub text: String,
-    /// The sequence transformers' `generate` returns: bos 30522, the answer tokens and the
-    /// final [SEP] 102 when produced.
-    pub tokens: Vec<u32>,
-    /// Ranking score: the beam score for beam search, else the mean log-probability.
-    pub score: f32,
-    /// Sum of the model's log-probabilities of the answer's tokens.
-    pub log_prob: f32,
-}
+/// A generated answer: `tokens` hold bos 30522, the answer tokens and the final [SEP] 102 when
+/// produced, as transformers' `generate` returns them.
+pub type Answer = GeneratedText;
 
 /// How to rank a closed answer list.
 #[derive(Debug, Clone)]
@@ -171,19 +162,7 @@ impl QuestionAnswerer {
         )?;
         generated
             .into_iter()
-            .map(|sequences| {
-                sequences
-                    .into_iter()
-                    .map(|g| {
-                        Ok(Answer {
-                            text: self.text_processor.decode(&g.tokens)?,
-                            score: g.score,
-                            log_prob: g.log_prob,
-                            tokens: g.tokens,
-                        })
-                    })
-                    .collect()
-            })
+            .map(|sequences| sequences.into_iter().map(|g| self.decode_generated(g)).collect())
             .collect()
     }
 
