@@ -52,7 +52,7 @@ pub struct CaptionArgs {
 }
 
 /// Captions every readable image; unreadable ones are reported and make the exit code 1.
-pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: CaptionArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let options = CaptionOptions {
         prompt: args.prompt.clone(),
         generation: args.generation.options(args.max_new_tokens, args.min_new_tokens),
@@ -60,7 +60,7 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     common::check_generation(&options.generation, "--num-captions")?;
     let several = options.generation.num_return_sequences > 1;
     let device = blip::Device::Cpu;
-    let mut captioner = Captioner::load(&args.model, &device)?;
+    let mut captioner = Captioner::load_with_dtype(&args.model, &device, dtype)?;
     captioner.set_resize_backend(args.resize.into());
     captioner.prefix(&options)?;
 

@@ -48,7 +48,7 @@ pub struct ClassifyArgs {
 }
 
 /// Classifies every readable image; unreadable ones are reported and make the exit code 1.
-pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: ClassifyArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let labels = parse_labels(&args.labels)?;
     if !args.template.contains("{}") {
         anyhow::bail!("--template \"{}\" has no {{}} where the label goes", args.template);
@@ -58,7 +58,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         rerank: args.rerank.then_some(usize::from(args.rerank_top)),
     };
     let device = blip::Device::Cpu;
-    let mut matcher = ImageTextMatcher::load(&args.model, &device)?;
+    let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &device, dtype)?;
     if args.rerank && !matcher.has_itm_head() {
         anyhow::bail!(
             "{}: --rerank needs an ITM head, which only BlipForImageTextRetrieval checkpoints have; this one is a {}",

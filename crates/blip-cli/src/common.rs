@@ -34,6 +34,24 @@ impl From<Resize> for ResizeBackend {
     }
 }
 
+/// `--dtype`: what the weight matrices are held in.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<Dtype> for blip::DType {
+    fn from(dtype: Dtype) -> Self {
+        match dtype {
+            Dtype::F32 => blip::DType::F32,
+            Dtype::Bf16 => blip::DType::BF16,
+            Dtype::F16 => blip::DType::F16,
+        }
+    }
+}
+
 /// Batch size, output format and resize, as every image command takes them.
 #[derive(Args)]
 pub struct ImageRunArgs {

@@ -60,7 +60,7 @@ enum EmbedFormat {
 
 /// Embeds every readable image (or every text); unreadable images are reported, left out of the
 /// tensor and make the exit code 1.
-pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: EmbedArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     if args.out.is_none() && args.format.is_none() {
         anyhow::bail!("nowhere to put the embeddings: give --out FILE or --format jsonl");
     }
@@ -68,7 +68,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--text number {} is empty: give some words to embed", i + 1);
     }
     let device = blip::Device::Cpu;
-    let mut matcher = ImageTextMatcher::load(&args.model, &device)?;
+    let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &device, dtype)?;
     matcher.set_resize_backend(args.resize.into());
 
     let jsonl = args.format.is_some();

@@ -20,6 +20,10 @@ struct Cli {
     #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
 
+    /// Precision the weights are held in: bf16 and f16 halve the model's memory (sums stay f32).
+    #[arg(long, global = true, value_enum, default_value_t = common::Dtype::F32)]
+    dtype: common::Dtype,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -57,12 +61,13 @@ fn main() -> ExitCode {
         .without_time()
         .with_target(false)
         .init();
+    let dtype = cli.dtype.into();
     let outcome = match cli.command {
-        Command::Caption(args) => caption::run(args),
-        Command::Vqa(args) => vqa::run(args),
-        Command::Match(args) => matching::run(args),
-        Command::Embed(args) => embed::run(args),
-        Command::Classify(args) => classify::run(args),
+        Command::Caption(args) => caption::run(args, dtype),
+        Command::Vqa(args) => vqa::run(args, dtype),
+        Command::Match(args) => matching::run(args, dtype),
+        Command::Embed(args) => embed::run(args, dtype),
+        Command::Classify(args) => classify::run(args, dtype),
     };
     match outcome {
         Ok(code) => code,

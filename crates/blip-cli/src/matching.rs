@@ -34,12 +34,12 @@ pub struct MatchArgs {
 
 /// Scores every readable image against every text; unreadable images are reported and make the
 /// exit code 1.
-pub fn run(args: MatchArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: MatchArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     if let Some(i) = args.texts.iter().position(|t| t.trim().is_empty()) {
         anyhow::bail!("--text number {} is empty: give some words to match", i + 1);
     }
     let device = blip::Device::Cpu;
-    let mut matcher = ImageTextMatcher::load(&args.model, &device)?;
+    let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &device, dtype)?;
     matcher.set_resize_backend(args.run.resize.into());
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     let format = args.run.format;

@@ -61,7 +61,7 @@ pub struct VqaArgs {
 
 /// Answers the question about every readable image; unreadable ones are reported and make the
 /// exit code 1.
-pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     if args.question.trim().is_empty() {
         anyhow::bail!("--question is empty: ask something about the images");
     }
@@ -73,7 +73,7 @@ pub fn run(args: VqaArgs) -> anyhow::Result<ExitCode> {
     let answers = args.answers.as_deref().map(read_answers).transpose()?;
 
     let device = blip::Device::Cpu;
-    let mut answerer = QuestionAnswerer::load(&args.model, &device)?;
+    let mut answerer = QuestionAnswerer::load_with_dtype(&args.model, &device, dtype)?;
     answerer.set_resize_backend(args.run.resize.into());
     let format = args.run.format;
     let question = args.question.as_str();

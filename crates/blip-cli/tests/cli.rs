@@ -158,3 +158,19 @@ fn threads_option_gives_the_same_captions() {
     let bad = blip(&["caption", "--threads", "0", &image("chelsea.png")]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn half_precision_weights_caption_and_other_dtypes_are_refused() {
+    for dtype in ["bf16", "f16"] {
+        let out = blip(&["caption", "--dtype", dtype, "--model", &model("tiny-caption-bin"), &image("chelsea.png")]);
+        assert!(out.status.success(), "{dtype}: {}", stderr(&out));
+        assert!(stdout(&out).contains('\t'));
+    }
+    // global, so it may come before the command too
+    let out =
+        blip(&["--dtype", "bf16", "vqa", "--model", &model("tiny-vqa"), "--question", "what?", &image("chelsea.png")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = blip(&["caption", "--dtype", "f64", "--model", &model("tiny-caption-bin"), &image("chelsea.png")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("f64"), "{}", stderr(&out));
+}

@@ -1,12 +1,13 @@
 //! Times the captioning pipeline stage by stage on one checkpoint and prints JSON; the Rust half
 //! of `scripts/bench.py`, which runs transformers on the same inputs and writes BENCHMARKS.md.
 //!
-//! cargo run --release --example bench -- MODEL_DIR IMAGE... (8 images; the first 4 at batch 1)
+//! cargo run --release --example bench -- MODEL_DIR f32|bf16|f16 IMAGE... (8 images; the first 4
+//! at batch 1)
 
 use std::time::Instant;
 
 use blip::generation::GenerationOptions;
-use blip::{load_image, CaptionOptions, Captioner, Device};
+use blip::{load_image, CaptionOptions, Captioner, DType, Device};
 use candle_core::Tensor;
 
 /// New tokens per caption, forced (min = max) so that every run decodes the same number.
@@ -21,7 +22,14 @@ fn seconds<T, E>(f: impl FnOnce() -> Result<T, E>) -> Result<f64, E> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (model, images) = args.split_first().ok_or("usage: bench MODEL_DIR IMAGE...")?;
+    let usage = "usage: bench MODEL_DIR f32|bf16|f16 IMAGE...";
+    let [model, dtype, images @ ..] = args.as_slice() else { return Err(usage.into()) };
+    let dtype = match dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => return Err(usage.into()),
+    };
     if images.len() != 8 {
         return Err("give 8 images".into());
     }
@@ -34,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let device = Device::Cpu;
     let started = Instant::now();
-    let captioner = Captioner::load(model, &device)?;
+    let captioner = Captioner::load_with_dtype(model, &device, dtype)?;
     let load_s = started.elapsed().as_secs_f64();
 
     let decoded = images.iter().map(|p| load_image(std::path::Path::new(p))).collect::<Result<Vec<_>, _>>()?;

@@ -30,7 +30,7 @@ pub mod models;
 pub mod processor;
 pub mod tasks;
 
-pub use candle_core::Device;
+pub use candle_core::{DType, Device};
 pub use checkpoint::{Checkpoint, DEFAULT_MODEL};
 pub use error::{Error, Result};
 pub use processor::image::load_image;

@@ -88,8 +88,8 @@ impl Checkpoint {
             .missing(format!("no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH} in the checkpoint")))
     }
 
-    /// Opens the weights (read tensor by tensor when the model is built), converting stored
-    /// f16/bf16 to `dtype`.
+    /// Opens the weights (read tensor by tensor when the model is built), converting what is
+    /// stored to `dtype` (the models ask for f32 where they keep small tensors in f32).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         let opened = match self.weight_files()? {
             WeightFiles::Safetensors(files) => weights::WeightReader::open_safetensors(&files),

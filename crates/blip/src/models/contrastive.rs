@@ -2,7 +2,9 @@
 //! and their scaled cosine similarities.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
 
 use super::retrieval::l2_normalize;
 use super::text::{TextModel, TextPooler};
@@ -28,8 +30,8 @@ impl ContrastiveModel {
             vision_model: VisionModel::new(&cfg.vision_config, vb.pp("vision_model"))?,
             text_model: TextModel::new(&cfg.text_config, vb.pp("text_model"))?,
             text_pooler: TextPooler::new(&cfg.text_config, vb.pp("text_model.pooler"))?,
-            visual_projection: Linear::new(vb.get((p, v), "visual_projection.weight")?, None),
-            text_projection: Linear::new(vb.get((p, t), "text_projection.weight")?, None),
+            visual_projection: Linear::new(vb.get((p, v), "visual_projection.weight")?, None)?,
+            text_projection: Linear::new(vb.get((p, t), "text_projection.weight")?, None)?,
             logit_scale: logit_scale.exp(),
         })
     }

@@ -4,22 +4,28 @@
 pub mod cache;
 pub mod captioning;
 pub mod contrastive;
+pub mod linear;
 pub mod question_answering;
 pub mod retrieval;
 pub mod text;
 pub mod vision;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// `nn.Linear` with bias, as every BLIP projection has.
-pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
+use linear::Linear;
+
+/// `nn.Linear` with bias, as every BLIP projection has. The weight is read in the builder's
+/// dtype (the model's load dtype), the bias in f32.
+pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = vb.to_dtype(DType::F32).get(out_dim, "bias")?;
+    Linear::new(weight, Some(bias))
 }
 
-/// `nn.LayerNorm` with the config's eps.
+/// `nn.LayerNorm` with the config's eps, in f32 whatever the load dtype.
 pub(crate) fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<candle_nn::LayerNorm> {
-    candle_nn::layer_norm(dim, eps, vb)
+    candle_nn::layer_norm(dim, eps, vb.to_dtype(DType::F32))
 }
 
 /// The exact (erf) GELU that `hidden_act: "gelu"` means in transformers. On contiguous f32 CPU

@@ -3,7 +3,9 @@
 //! tokens of the two unimodal encoders).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
 
 use super::linear;
 use super::text::TextModel;

@@ -3,13 +3,15 @@
 //! (causal, cached) and the question, matching and contrastive encoders (bidirectional).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 use super::cache::{DecoderCache, KeyValue};
+use super::linear::Linear;
 use super::{attention, gelu, layer_norm, linear, merge_heads, split_heads};
 use crate::config::TextConfig;
 
-/// `BlipTextEmbeddings`: word + absolute position embeddings, LayerNorm.
+/// `BlipTextEmbeddings`: word + absolute position embeddings, LayerNorm. The word embeddings
+/// (tied to the LM head) stay in the load dtype; looked-up rows are widened to f32.
 struct TextEmbeddings {
     word_embeddings: Embedding,
     position_embeddings: Embedding,
@@ -19,7 +21,9 @@ struct TextEmbeddings {
 impl TextEmbeddings {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let word = vb.get((cfg.vocab_size, cfg.hidden_size), "word_embeddings.weight")?;
-        let position = vb.get((cfg.max_position_embeddings, cfg.hidden_size), "position_embeddings.weight")?;
+        let position = vb
+            .to_dtype(DType::F32)
+            .get((cfg.max_position_embeddings, cfg.hidden_size), "position_embeddings.weight")?;
         Ok(Self {
             word_embeddings: Embedding::new(word, cfg.hidden_size),
             position_embeddings: Embedding::new(position, cfg.hidden_size),
@@ -31,7 +35,7 @@ impl TextEmbeddings {
     fn forward(&self, input_ids: &Tensor, past_len: usize) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let positions = Tensor::arange(past_len as u32, (past_len + t) as u32, input_ids.device())?;
-        let words = self.word_embeddings.forward(input_ids)?;
+        let words = self.word_embeddings.forward(input_ids)?.to_dtype(DType::F32)?;
         let positions = self.position_embeddings.forward(&positions)?.unsqueeze(0)?;
         self.layer_norm.forward(&words.broadcast_add(&positions)?)
     }
@@ -274,11 +278,12 @@ impl LmHead {
         } else {
             tied_embeddings.clone()
         };
-        let bias = if vb.contains_tensor("bias") { vb.get(vocab, "bias")? } else { vb.get(vocab, "decoder.bias")? };
+        let bias_name = if vb.contains_tensor("bias") { "bias" } else { "decoder.bias" };
+        let bias = vb.to_dtype(DType::F32).get(vocab, bias_name)?;
         Ok(Self {
             dense: linear(d, d, vb.pp("transform.dense"))?,
             layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("transform.LayerNorm"))?,
-            decoder: Linear::new(decoder_weight, Some(bias)),
+            decoder: Linear::new(decoder_weight, Some(bias))?,
         })
     }
 

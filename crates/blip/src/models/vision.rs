@@ -1,8 +1,10 @@
 //! The ViT image encoder (`BlipVisionModel`): patch embedding, pre-norm transformer layers,
 //! post LayerNorm.
 
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{LayerNorm, VarBuilder};
+
+use super::linear::Linear;
 
 use super::{attention, gelu, layer_norm, linear, merge_heads};
 use crate::config::VisionConfig;
@@ -20,7 +22,9 @@ struct VisionEmbeddings {
 }
 
 impl VisionEmbeddings {
+    /// Kept in f32 whatever the load dtype: the patch kernel is small and sees raw pixels.
     fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.to_dtype(DType::F32);
         let (d, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
         let positions = cfg.patches_per_side().pow(2) + 1;
         let patch_weight = vb.get((d, c, p, p), "patch_embedding.weight")?.reshape((d, c * p * p))?;

@@ -42,13 +42,26 @@ pub trait TaskModel: Sized {
 }
 
 impl<M: TaskModel> Task<M> {
-    /// Loads a local folder or Hub repo id (see [`Checkpoint::locate`]).
+    /// Loads a local folder or Hub repo id (see [`Checkpoint::locate`]) with f32 weights.
     pub fn load(model: &str, device: &Device) -> Result<Self> {
-        Self::from_checkpoint(&Checkpoint::locate(model)?, device)
+        Self::load_with_dtype(model, device, DType::F32)
     }
 
-    pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device) -> Result<Self> {
-        let loaded = load(checkpoint, M::ACCEPTS, M::TASK, M::EXAMPLE, device)?;
+    /// Loads with the weight matrices held in `dtype` (f32, bf16 or f16), whatever the
+    /// checkpoint stores. Activations and sums stay f32: bf16/f16 halve the memory and the
+    /// weight traffic, at the cost of rounding the weights.
+    pub fn load_with_dtype(model: &str, device: &Device, dtype: DType) -> Result<Self> {
+        Self::from_checkpoint(&Checkpoint::locate(model)?, device, dtype)
+    }
+
+    pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::checkpoint(
+                &checkpoint.location,
+                format!("cannot hold weights in {dtype:?}: use f32, bf16 or f16"),
+            ));
+        }
+        let loaded = load(checkpoint, M::ACCEPTS, M::TASK, M::EXAMPLE, device, dtype)?;
         let architecture = loaded.architecture;
         let model = M::build(&loaded.config, architecture, loaded.weights).map_err(|e| {
             Error::checkpoint(
@@ -137,6 +150,7 @@ fn load<'a>(
     task: &str,
     example: &str,
     device: &Device,
+    dtype: DType,
 ) -> Result<Loaded<'a>> {
     let location = &checkpoint.location;
     let config = BlipConfig::from_file(&checkpoint.config_file()?)?;
@@ -173,6 +187,6 @@ fn load<'a>(
         ));
     }
     let text_processor = TextProcessor::from_file(&checkpoint.tokenizer_file()?, &config.text_config)?;
-    let weights = checkpoint.var_builder(DType::F32, device)?;
+    let weights = checkpoint.var_builder(dtype, device)?;
     Ok(Loaded { config, architecture, image_processor, text_processor, weights })
 }

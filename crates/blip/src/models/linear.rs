@@ -1,0 +1,300 @@
+//! `nn.Linear` over f32 activations with the weight kept in the dtype the model was loaded in
+//! (f32, bf16 or f16): products always accumulate in f32, so bf16/f16 only round the weights,
+//! and the weights take half the memory and half the bandwidth of f32.
+//!
+//! On the CPU two kernels serve it, both adding the bias in the same pass:
+//! - a few input rows (decoding steps, the LM head): each weight row is read once, converted to
+//!   f32 in cache and dotted with every input row; decoding is bound by reading the weights;
+//! - many rows (vision, cross-attention keys/values, prompts): the `gemm` crate's blocked matrix
+//!   product, bf16/f16 weights widened to f32 first.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Input rows up to which the row-dot kernel runs; above, the blocked product is faster.
+const DOT_ROWS: usize = 16;
+/// Weight rows per parallel task in the row-dot kernel.
+const DOT_BLOCK: usize = 64;
+
+/// `y = x·Wᵀ + b` with `W` [out, in] as checkpoints store it.
+#[derive(Clone)]
+pub struct Linear {
+    weight: Tensor,
+    /// f32 [out]; zeros for the bias-free projections (BlipModel's).
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_dim, _) = weight.dims2()?;
+        let bias = match bias {
+            Some(bias) => bias.to_dtype(DType::F32)?,
+            None => Tensor::zeros(out_dim, DType::F32, weight.device())?,
+        };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    /// xs [..., in] (f32) → [..., out] (f32).
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let mut dims = xs.dims().to_vec();
+        let rows = xs.elem_count() / in_dim.max(1);
+        let flat = xs.reshape((rows, in_dim))?;
+        let ys = if xs.device().is_cpu() {
+            flat.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &LinearOp)?
+        } else {
+            flat.matmul(&self.weight.to_dtype(xs.dtype())?.t()?)?.broadcast_add(&self.bias)?
+        };
+        *dims.last_mut().expect("an input with a feature dimension") = out_dim;
+        ys.reshape(dims)
+    }
+}
+
+/// The weight matrix [out, in] in its stored precision.
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    F32(&'a [f32]),
+    BF16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Weights<'a> {
+    /// Row `j` of `k` values as f32: borrowed when stored so, else widened into `buf`.
+    fn row<'b>(self, j: usize, k: usize, buf: &'b mut [f32]) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        let range = j * k..(j + 1) * k;
+        match self {
+            Weights::F32(w) => &w[range],
+            Weights::BF16(w) => {
+                w[range].convert_to_f32_slice(buf);
+                buf
+            }
+            Weights::F16(w) => {
+                w[range].convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    }
+
+    /// The whole matrix as f32, borrowed or widened on all threads.
+    fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
+        fn widen<T: Sync>(src: &[T], convert: impl Fn(&[T], &mut [f32]) + Sync) -> Vec<f32> {
+            const CHUNK: usize = 1 << 16;
+            let mut dst = vec![0f32; src.len()];
+            dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| convert(s, d));
+            dst
+        }
+        match self {
+            Weights::F32(w) => std::borrow::Cow::Borrowed(w),
+            Weights::BF16(w) => std::borrow::Cow::Owned(widen(w, |s, d| s.convert_to_f32_slice(d))),
+            Weights::F16(w) => std::borrow::Cow::Owned(widen(w, |s, d| s.convert_to_f32_slice(d))),
+        }
+    }
+}
+
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = xs_layout.shape().dims2()?;
+        let (n, weight_k) = weight_layout.shape().dims2()?;
+        if weight_k != k {
+            candle_core::bail!("linear: input has {k} features, the weight takes {weight_k}");
+        }
+        let xs = f32_slice(xs, xs_layout, "input")?;
+        let bias = f32_slice(bias, bias_layout, "bias")?;
+        let Some((start, end)) = weight_layout.contiguous_offsets() else {
+            candle_core::bail!("linear: the weight must be contiguous");
+        };
+        let weights = match weight {
+            CpuStorage::F32(w) => Weights::F32(&w[start..end]),
+            CpuStorage::BF16(w) => Weights::BF16(&w[start..end]),
+            CpuStorage::F16(w) => Weights::F16(&w[start..end]),
+            other => candle_core::bail!("linear: weights of dtype {:?} are not supported", other.dtype()),
+        };
+        let ys = if m <= DOT_ROWS {
+            row_dot_product(xs, m, k, weights, n, bias)
+        } else {
+            blocked_product(xs, m, k, weights, n, bias)
+        };
+        Ok((CpuStorage::F32(ys), Shape::from((m, n))))
+    }
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("linear: the {what} must be contiguous f32"),
+    }
+}
+
+/// Few input rows: every weight row is read from memory once and dotted with each input row.
+fn row_dot_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
+    let dot = dot_kernel();
+    // Transposed [n, m], so that each task owns whole output rows; transposed back below.
+    let mut transposed = vec![0f32; n * m];
+    transposed.par_chunks_mut(DOT_BLOCK * m).enumerate().for_each(|(block, outs)| {
+        let mut buf = vec![0f32; k];
+        for (offset, out) in outs.chunks_mut(m).enumerate() {
+            let j = block * DOT_BLOCK + offset;
+            let w = weights.row(j, k, &mut buf);
+            for (i, y) in out.iter_mut().enumerate() {
+                *y = bias[j] + dot(&xs[i * k..(i + 1) * k], w);
+            }
+        }
+    });
+    let mut ys = vec![0f32; m * n];
+    for (j, column) in transposed.chunks(m).enumerate() {
+        for (i, &y) in column.iter().enumerate() {
+            ys[i * n + j] = y;
+        }
+    }
+    ys
+}
+
+/// Many input rows: `gemm`'s blocked product, accumulating onto the bias rows.
+fn blocked_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
+    let w = weights.to_f32();
+    let mut ys = vec![0f32; m * n];
+    ys.par_chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the strides describe xs [m, k] row-major, Wᵀ [k, n] read from W [n, k] row-major
+    // and ys [m, n] row-major, all within the slices' lengths (checked by the callers' shapes).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            ys.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            xs.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    ys
+}
+
+/// The fastest dot product this CPU runs.
+fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the features dot_avx2 is compiled for are present.
+        return |x, w| unsafe { dot_avx2(x, w) };
+    }
+    dot_lanes::<false>
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(x: &[f32], w: &[f32]) -> f32 {
+    dot_lanes::<true>(x, w)
+}
+
+/// x·w in 32 independent lanes (four AVX registers' worth), which the compiler vectorizes.
+#[inline(always)]
+fn dot_lanes<const FMA: bool>(x: &[f32], w: &[f32]) -> f32 {
+    const LANES: usize = 32;
+    let mut acc = [0f32; LANES];
+    let (x_chunks, w_chunks) = (x.chunks_exact(LANES), w.chunks_exact(LANES));
+    let tail: f32 = x_chunks.remainder().iter().zip(w_chunks.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in x_chunks.zip(w_chunks) {
+        for lane in 0..LANES {
+            acc[lane] = if FMA { a[lane].mul_add(b[lane], acc[lane]) } else { acc[lane] + a[lane] * b[lane] };
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The same product in f64 from the f32 values, as the reference.
+    fn reference(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
+        let w = weight.to_dtype(DType::F64).unwrap();
+        let x = xs.to_dtype(DType::F64).unwrap();
+        x.broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn both_kernels_match_the_product_in_every_weight_dtype() {
+        let dev = Device::Cpu;
+        // 3·7 = 21 rows (blocked), 2·3 = 6 rows (row-dot); 70 features leave a remainder lane.
+        for rows in [(3, 7), (2, 3), (1, 1)] {
+            let xs = Tensor::randn(0f32, 1.0, (rows.0, rows.1, 70), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (130, 70), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let stored = weight.to_dtype(dtype).unwrap();
+                let ours = Linear::new(stored.clone(), Some(bias.clone())).unwrap().forward(&xs).unwrap();
+                assert_eq!(ours.dims(), &[rows.0, rows.1, 130]);
+                // the reference uses the same rounded weights: only the f32 summation differs
+                let expected = reference(&xs, &stored.to_dtype(DType::F32).unwrap(), &bias);
+                assert!(max_diff(&ours, &expected) < 1e-4, "{rows:?} {dtype:?}: {}", max_diff(&ours, &expected));
+            }
+        }
+    }
+
+    #[test]
+    fn the_blocked_kernel_equals_candles_matmul_then_bias_bit_for_bit() {
+        let dev = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (2, 40, 96), &dev).unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (64, 96), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 64, &dev).unwrap();
+        let ours = Linear::new(weight.clone(), Some(bias.clone())).unwrap().forward(&xs).unwrap();
+        let candle = candle_nn::Linear::new(weight, Some(bias)).forward(&xs).unwrap();
+        assert_eq!(max_diff(&ours, &candle), 0.0);
+    }
+
+    #[test]
+    fn no_bias_is_zero_bias() {
+        let dev = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (1, 32), &dev).unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (8, 32), &dev).unwrap();
+        let ours = Linear::new(weight.clone(), None).unwrap().forward(&xs).unwrap();
+        let expected = reference(&xs, &weight, &Tensor::zeros(8, DType::F32, &dev).unwrap());
+        assert!(max_diff(&ours, &expected) < 1e-5);
+    }
+}

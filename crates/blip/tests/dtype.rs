@@ -1,0 +1,76 @@
+//! Weights held in bf16 or f16 against the same checkpoint in f32: the bar is a logits
+//! cosine ≥ 0.999 and the same top-1 token on ≥ 95% of teacher-forced steps. The steps are the
+//! f32 model's own greedy captions, fed back through both models. Set BLIP_FULL_FIXTURE to run it
+//! on a full-size checkpoint too (`cargo test --release --test dtype -- --ignored full_size`).
+
+use std::path::{Path, PathBuf};
+
+use blip::generation::GenerationOptions;
+use blip::{load_image, CaptionOptions, Captioner, DType, Device};
+use candle_core::Tensor;
+
+/// New tokens per caption, forced, so that every image gives as many steps.
+const STEPS: usize = 30;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn images(root: &Path) -> Vec<image::RgbImage> {
+    ["chelsea.png", "astronaut.png", "rocket.jpg"]
+        .iter()
+        .map(|name| load_image(&root.join("images-model").join(name)).unwrap())
+        .collect()
+}
+
+/// The smallest logits cosine and the share of steps with the same top-1 token, over all
+/// images and teacher-forced steps.
+fn compare(model_dir: &Path, images: &[image::RgbImage], dtype: DType) -> (f32, f32) {
+    let model_dir = model_dir.to_str().unwrap();
+    let reference = Captioner::load(model_dir, &Device::Cpu).unwrap();
+    let reduced = Captioner::load_with_dtype(model_dir, &Device::Cpu, dtype).unwrap();
+    let pixels = reference.image_processor().preprocess_batch(images, &Device::Cpu).unwrap();
+    let options = CaptionOptions {
+        prompt: None,
+        generation: GenerationOptions { max_new_tokens: STEPS, min_new_tokens: STEPS, ..Default::default() },
+    };
+    let captions = reference.caption_pixels(&pixels, &options).unwrap();
+    let tokens: Vec<u32> = captions.iter().flat_map(|c| c[0].tokens.clone()).collect();
+    let ids = Tensor::from_vec(tokens, (images.len(), STEPS + 1), &Device::Cpu).unwrap();
+
+    let logits = |captioner: &Captioner| {
+        let model = captioner.model();
+        let (_, logits) = model.decode(&ids, &model.encode_images(&pixels).unwrap()).unwrap();
+        logits.flatten_to(1).unwrap()
+    };
+    let (ours, theirs) = (logits(&reduced), logits(&reference));
+    let dot = (&ours * &theirs).unwrap().sum(1).unwrap();
+    let norms =
+        (ours.sqr().unwrap().sum(1).unwrap().sqrt().unwrap() * theirs.sqr().unwrap().sum(1).unwrap().sqrt()).unwrap();
+    let cosines = (dot / norms).unwrap().to_vec1::<f32>().unwrap();
+    let agree = ours.argmax(1).unwrap().eq(&theirs.argmax(1).unwrap()).unwrap();
+    let agreeing = agree.to_dtype(DType::F32).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let min_cosine = cosines.iter().copied().fold(f32::INFINITY, f32::min);
+    (min_cosine, agreeing / cosines.len() as f32)
+}
+
+fn check(model_dir: &Path, images: &[image::RgbImage]) {
+    for dtype in [DType::BF16, DType::F16] {
+        let (min_cosine, top1) = compare(model_dir, images, dtype);
+        eprintln!("{dtype:?} against f32: smallest logits cosine {min_cosine:.6}, same top-1 on {:.1}%", top1 * 100.0);
+        assert!(min_cosine >= 0.999, "{dtype:?}: logits cosine {min_cosine} < 0.999");
+        assert!(top1 >= 0.95, "{dtype:?}: same top-1 token on {top1} < 95% of steps");
+    }
+}
+
+#[test]
+fn half_precision_weights_keep_the_tiny_models_logits() {
+    check(&fixtures().join("models/tiny-caption-bin"), &images(&fixtures()));
+}
+
+#[test]
+#[ignore = "needs a full-size fixture: BLIP_FULL_FIXTURE=/tmp/blip-full (scripts/make_model_fixtures.py --full)"]
+fn full_size() {
+    let root = PathBuf::from(std::env::var("BLIP_FULL_FIXTURE").expect("BLIP_FULL_FIXTURE"));
+    check(&root.join("model"), &images(&fixtures()));
+}
