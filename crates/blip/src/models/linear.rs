@@ -3,8 +3,8 @@
 //! and the weights take half the memory and half the bandwidth of f32.
 //!
 //! On the CPU two kernels serve it, both adding the bias in the same pass:
-//! - a few input rows (decoding steps, the LM head): each weight row is read once, converted to
-//!   f32 in cache and dotted with every input row; decoding is bound by reading the weights;
+//! - a few input rows (decoding steps, the LM head): each weight row is read once and dotted with
+//!   every input row, bf16 widened in the dot itself; decoding is bound by reading the weights;
 //! - many rows (vision, cross-attention keys/values, prompts): the `gemm` crate's blocked matrix
 //!   product, bf16/f16 weights widened to f32 first.
 
@@ -13,6 +13,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
+
+use super::kernels::dot_kernel;
 
 /// Input rows up to which the row-dot kernel runs; above, the blocked product is faster.
 const DOT_ROWS: usize = 16;
@@ -64,25 +66,6 @@ enum Weights<'a> {
 }
 
 impl<'a> Weights<'a> {
-    /// Row `j` of `k` values as f32: borrowed when stored so, else widened into `buf`.
-    fn row<'b>(self, j: usize, k: usize, buf: &'b mut [f32]) -> &'b [f32]
-    where
-        'a: 'b,
-    {
-        let range = j * k..(j + 1) * k;
-        match self {
-            Weights::F32(w) => &w[range],
-            Weights::BF16(w) => {
-                w[range].convert_to_f32_slice(buf);
-                buf
-            }
-            Weights::F16(w) => {
-                w[range].convert_to_f32_slice(buf);
-                buf
-            }
-        }
-    }
-
     /// The whole matrix as f32, borrowed or widened on all threads.
     fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
         fn widen<T: Sync>(src: &[T], convert: impl Fn(&[T], &mut [f32]) + Sync) -> Vec<f32> {
@@ -93,7 +76,9 @@ impl<'a> Weights<'a> {
         }
         match self {
             Weights::F32(w) => std::borrow::Cow::Borrowed(w),
-            Weights::BF16(w) => std::borrow::Cow::Owned(widen(w, |s, d| s.convert_to_f32_slice(d))),
+            Weights::BF16(w) => std::borrow::Cow::Owned(widen(w, |s, d| {
+                d.iter_mut().zip(s).for_each(|(f, b)| *f = f32::from_bits((b.to_bits() as u32) << 16))
+            })),
             Weights::F16(w) => std::borrow::Cow::Owned(widen(w, |s, d| s.convert_to_f32_slice(d))),
         }
     }
@@ -149,16 +134,21 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result
 
 /// Few input rows: every weight row is read from memory once and dotted with each input row.
 fn row_dot_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
-    let dot = dot_kernel();
+    let (dot_f32, dot_bf16) = (dot_kernel::<f32>(), dot_kernel::<bf16>());
     // Transposed [n, m], so that each task owns whole output rows; transposed back below.
     let mut transposed = vec![0f32; n * m];
     transposed.par_chunks_mut(DOT_BLOCK * m).enumerate().for_each(|(block, outs)| {
         let mut buf = vec![0f32; k];
         for (offset, out) in outs.chunks_mut(m).enumerate() {
             let j = block * DOT_BLOCK + offset;
-            let w = weights.row(j, k, &mut buf);
-            for (i, y) in out.iter_mut().enumerate() {
-                *y = bias[j] + dot(&xs[i * k..(i + 1) * k], w);
+            let range = j * k..(j + 1) * k;
+            match weights {
+                Weights::F32(w) => dot_rows(xs, &w[range], bias[j], out, dot_f32),
+                Weights::BF16(w) => dot_rows(xs, &w[range], bias[j], out, dot_bf16),
+                Weights::F16(w) => {
+                    w[range].convert_to_f32_slice(&mut buf);
+                    dot_rows(xs, &buf, bias[j], out, dot_f32)
+                }
             }
         }
     });
@@ -169,6 +159,13 @@ fn row_dot_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, b
         }
     }
     ys
+}
+
+/// One weight row against every input row: `out[i] = bias + xs[i]·w`.
+fn dot_rows<W>(xs: &[f32], w: &[W], bias: f32, out: &mut [f32], dot: fn(&[f32], &[W]) -> f32) {
+    for (x, y) in xs.chunks_exact(w.len()).zip(out) {
+        *y = bias + dot(x, w);
+    }
 }
 
 /// Many input rows: `gemm`'s blocked product, accumulating onto the bias rows.
@@ -204,37 +201,6 @@ fn blocked_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, b
         );
     }
     ys
-}
-
-/// The fastest dot product this CPU runs.
-fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the features dot_avx2 is compiled for are present.
-        return |x, w| unsafe { dot_avx2(x, w) };
-    }
-    dot_lanes::<false>
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(x: &[f32], w: &[f32]) -> f32 {
-    dot_lanes::<true>(x, w)
-}
-
-/// x·w in 32 independent lanes (four AVX registers' worth), which the compiler vectorizes.
-#[inline(always)]
-fn dot_lanes<const FMA: bool>(x: &[f32], w: &[f32]) -> f32 {
-    const LANES: usize = 32;
-    let mut acc = [0f32; LANES];
-    let (x_chunks, w_chunks) = (x.chunks_exact(LANES), w.chunks_exact(LANES));
-    let tail: f32 = x_chunks.remainder().iter().zip(w_chunks.remainder()).map(|(a, b)| a * b).sum();
-    for (a, b) in x_chunks.zip(w_chunks) {
-        for lane in 0..LANES {
-            acc[lane] = if FMA { a[lane].mul_add(b[lane], acc[lane]) } else { acc[lane] + a[lane] * b[lane] };
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
