@@ -70,6 +70,27 @@ fn dot_lanes<W: Widen, const FMA: bool>(x: &[f32], w: &[W]) -> f32 {
     acc[0] + tail
 }
 
+/// Widens bf16 values to f32 (`dst` as long as `src`).
+pub(crate) fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features widen_bf16_avx2 is compiled for are present.
+        return unsafe { widen_bf16_avx2(src, dst) };
+    }
+    widen_lanes(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn widen_bf16_avx2(src: &[half::bf16], dst: &mut [f32]) {
+    widen_lanes(src, dst)
+}
+
+#[inline(always)]
+fn widen_lanes<W: Widen>(src: &[W], dst: &mut [f32]) {
+    dst.iter_mut().zip(src).for_each(|(f, w)| *f = w.widen());
+}
+
 /// The exact GELU, `x·½·(1 + erf(x/√2))`, as PyTorch's vectorized CPU kernel computes it: erf by
 /// Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7, PyTorch's own choice), exp by a Cephes
 /// polynomial. `output` gets gelu of `input`, on all threads.
@@ -97,6 +118,39 @@ fn gelu_lanes(input: &[f32], output: &mut [f32]) {
     }
 }
 
+/// Softmax of `scale`·x over each row of `row_len` values, into `output`, on all threads.
+pub(crate) fn softmax(input: &[f32], output: &mut [f32], row_len: usize, scale: f32) {
+    let rows_per_task = (1 << 14) / row_len.max(1) + 1;
+    let chunk = rows_per_task * row_len;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        output.par_chunks_mut(chunk).zip(input.par_chunks(chunk)).for_each(|(o, i)| {
+            // SAFETY: the features softmax_avx2 is compiled for are present.
+            o.chunks_mut(row_len).zip(i.chunks(row_len)).for_each(|(o, i)| unsafe { softmax_avx2(i, o, scale) })
+        });
+        return;
+    }
+    output.par_chunks_mut(chunk).zip(input.par_chunks(chunk)).for_each(|(o, i)| {
+        o.chunks_mut(row_len).zip(i.chunks(row_len)).for_each(|(o, i)| softmax_row(i, o, scale))
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(input: &[f32], output: &mut [f32], scale: f32) {
+    softmax_row(input, output, scale)
+}
+
+#[inline(always)]
+fn softmax_row(input: &[f32], output: &mut [f32], scale: f32) {
+    let max = input.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+    for (o, &x) in output.iter_mut().zip(input) {
+        *o = exp(x * scale - max);
+    }
+    let sum: f32 = output.iter().sum();
+    output.iter_mut().for_each(|o| *o /= sum);
+}
+
 /// erf by Abramowitz & Stegun 7.1.26, branch-free (PyTorch's `Vectorized<float>::erf`).
 #[inline(always)]
 fn erf(x: f32) -> f32 {
@@ -107,16 +161,21 @@ fn erf(x: f32) -> f32 {
 }
 
 /// eˣ for x ≤ 88, branch-free: x = n·ln2 + r, e^r by Cephes' expf polynomial (≤ 1 ulp or so),
-/// 2ⁿ from the exponent bits. Below −87 it flushes towards the smallest normal number.
+/// 2ⁿ from the exponent bits. Below −87 (where eˣ turns subnormal) it is 0, so that masked
+/// attention scores get exactly zero weight.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let clamped = x.max(-87.0);
+    let n = (clamped * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = clamped - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
         + 0.5;
-    let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    let y = (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        y
+    }
 }
 
 /// The sizes of an attention call: q [batch, heads, queries, head_dim], k and v
@@ -203,6 +262,21 @@ mod tests {
             1.0 - (-a * a).exp() / (f * std::f64::consts::PI.sqrt())
         };
         value.copysign(x)
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_follow_exp() {
+        let input: Vec<f32> = (0..3 * 577).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.7).collect();
+        let mut output = vec![0f32; input.len()];
+        softmax(&input, &mut output, 577, 0.125);
+        for (row, probs) in input.chunks(577).zip(output.chunks(577)) {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64 * 0.125));
+            let sum: f64 = row.iter().map(|&x| (x as f64 * 0.125 - max).exp()).sum();
+            for (&x, &p) in row.iter().zip(probs) {
+                let exact = (x as f64 * 0.125 - max).exp() / sum;
+                assert!((p as f64 - exact).abs() <= 1e-6 * exact + 1e-9, "{p} against {exact}");
+            }
+        }
     }
 
     #[test]

@@ -14,12 +14,17 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::kernels::dot_kernel;
+use super::kernels::{dot_kernel, widen_bf16};
 
-/// Input rows up to which the row-dot kernel runs; above, the blocked product is faster.
-const DOT_ROWS: usize = 16;
+/// Input rows below which each weight row is dotted with each input row; from there up to
+/// [`STREAMED_ROWS`], blocks of weight rows are multiplied as they stream in; above, one blocked
+/// product over the whole matrix is fastest.
+const DOT_ROWS: usize = 4;
+const STREAMED_ROWS: usize = 32;
 /// Weight rows per parallel task in the row-dot kernel.
 const DOT_BLOCK: usize = 64;
+/// Weight rows per parallel task in the streamed product (widened, they stay in L2).
+const STREAM_BLOCK: usize = 128;
 
 /// `y = x·Wᵀ + b` with `W` [out, in] as checkpoints store it.
 #[derive(Clone)]
@@ -66,21 +71,43 @@ enum Weights<'a> {
 }
 
 impl<'a> Weights<'a> {
-    /// The whole matrix as f32, borrowed or widened on all threads.
-    fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
-        fn widen<T: Sync>(src: &[T], convert: impl Fn(&[T], &mut [f32]) + Sync) -> Vec<f32> {
-            const CHUNK: usize = 1 << 16;
-            let mut dst = vec![0f32; src.len()];
-            dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| convert(s, d));
-            dst
-        }
+    fn len(self) -> usize {
         match self {
-            Weights::F32(w) => std::borrow::Cow::Borrowed(w),
-            Weights::BF16(w) => std::borrow::Cow::Owned(widen(w, |s, d| {
-                d.iter_mut().zip(s).for_each(|(f, b)| *f = f32::from_bits((b.to_bits() as u32) << 16))
-            })),
-            Weights::F16(w) => std::borrow::Cow::Owned(widen(w, |s, d| s.convert_to_f32_slice(d))),
+            Weights::F32(w) => w.len(),
+            Weights::BF16(w) => w.len(),
+            Weights::F16(w) => w.len(),
         }
+    }
+
+    /// The values at `range` of the flattened matrix.
+    fn slice(self, range: std::ops::Range<usize>) -> Self {
+        match self {
+            Weights::F32(w) => Weights::F32(&w[range]),
+            Weights::BF16(w) => Weights::BF16(&w[range]),
+            Weights::F16(w) => Weights::F16(&w[range]),
+        }
+    }
+
+    /// Writes the values as f32 into `dst` (of the same length).
+    fn widen_into(self, dst: &mut [f32]) {
+        match self {
+            Weights::F32(w) => dst.copy_from_slice(w),
+            Weights::BF16(w) => widen_bf16(w, dst),
+            Weights::F16(w) => w.convert_to_f32_slice(dst),
+        }
+    }
+
+    /// The values as f32: borrowed when stored so, else widened on all threads.
+    fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
+        const CHUNK: usize = 1 << 16;
+        if let Weights::F32(w) = self {
+            return std::borrow::Cow::Borrowed(w);
+        }
+        let mut dst = vec![0f32; self.len()];
+        dst.par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, d)| {
+            self.slice(chunk * CHUNK..chunk * CHUNK + d.len()).widen_into(d);
+        });
+        std::borrow::Cow::Owned(dst)
     }
 }
 
@@ -152,13 +179,70 @@ fn row_dot_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, b
             }
         }
     });
-    let mut ys = vec![0f32; m * n];
-    for (j, column) in transposed.chunks(m).enumerate() {
-        for (i, &y) in column.iter().enumerate() {
-            ys[i * n + j] = y;
+    transpose(&transposed, n, m)
+}
+
+/// [rows, cols] row-major → [cols, rows] row-major.
+fn transpose(xs: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut ys = vec![0f32; rows * cols];
+    for (r, row) in xs.chunks(cols).enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            ys[c * rows + r] = x;
         }
     }
     ys
+}
+
+/// A few input rows (batched decoding): each task widens a block of weight rows into cache and
+/// multiplies it with all input rows (`gemm`, one thread), so the weights stream in once.
+fn streamed_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
+    // Transposed [n, m], as in row_dot_product.
+    let mut transposed = vec![0f32; n * m];
+    transposed.par_chunks_mut(STREAM_BLOCK * m).enumerate().for_each(|(block, outs)| {
+        let (first, rows) = (block * STREAM_BLOCK, outs.len() / m);
+        let block_weights = weights.slice(first * k..(first + rows) * k);
+        let widened;
+        let w = match block_weights {
+            Weights::F32(w) => w,
+            _ => {
+                widened = {
+                    let mut buf = vec![0f32; rows * k];
+                    block_weights.widen_into(&mut buf);
+                    buf
+                };
+                &widened
+            }
+        };
+        for (column, &b) in outs.chunks_mut(m).zip(&bias[first..first + rows]) {
+            column.fill(b);
+        }
+        // SAFETY: xs [m, k] row-major; the block's Wᵀ [k, rows] read from W [rows, k]
+        // row-major; outs [rows, m] row-major written as its transpose [m, rows].
+        unsafe {
+            gemm::gemm(
+                m,
+                rows,
+                k,
+                outs.as_mut_ptr(),
+                m as isize,
+                1,
+                true,
+                xs.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    transpose(&transposed, n, m)
 }
 
 /// One weight row against every input row: `out[i] = bias + xs[i]·w`.

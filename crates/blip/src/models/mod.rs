@@ -93,12 +93,42 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Op
         let context = kernels::attend(q, k, v, bias.as_deref(), scale as f32, shape);
         return Tensor::from_vec(context, (batch, heads, queries, head_dim), &candle_core::Device::Cpu);
     }
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = match bias {
-        Some(bias) => scores.broadcast_add(bias)?,
-        None => scores,
+    let scores = q.matmul(&k.t()?)?;
+    let probs = match bias {
+        Some(bias) => softmax_last_dim((scores * scale)?.broadcast_add(bias)?, 1.0)?,
+        None => softmax_last_dim(scores, scale)?,
     };
-    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+    probs.matmul(v)
+}
+
+/// softmax(scale·x) over the last dimension; on contiguous f32 CPU tensors in one vectorized
+/// pass on all threads (the vision tower's attention has 4M scores per image and layer).
+fn softmax_last_dim(xs: Tensor, scale: f64) -> Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.is_contiguous() {
+        return xs.apply_op1_no_bwd(&ScaledSoftmax(scale as f32));
+    }
+    candle_nn::ops::softmax_last_dim(&(xs * scale)?)
+}
+
+struct ScaledSoftmax(f32);
+
+impl candle_core::CustomOp1 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("softmax: contiguous f32 only");
+        };
+        let mut output = vec![0f32; end - start];
+        kernels::softmax(&data[start..end], &mut output, layout.shape().dims().last().copied().unwrap_or(1), self.0);
+        Ok((candle_core::CpuStorage::F32(output), layout.shape().clone()))
+    }
 }
 
 /// The values of a contiguous CPU f32 tensor, borrowed.
