@@ -93,63 +93,156 @@ fn widen_lanes<W: Widen>(src: &[W], dst: &mut [f32]) {
 
 /// The exact GELU, `x·½·(1 + erf(x/√2))`, as PyTorch's vectorized CPU kernel computes it: erf by
 /// Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7, PyTorch's own choice), exp by a Cephes
-/// polynomial. `output` gets gelu of `input`, on all threads.
-pub(crate) fn gelu(input: &[f32], output: &mut [f32]) {
+/// polynomial. In place, on all threads.
+pub(crate) fn gelu(data: &mut [f32]) {
     const CHUNK: usize = 1 << 14;
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the features gelu_avx2 is compiled for are present.
-        output.par_chunks_mut(CHUNK).zip(input.par_chunks(CHUNK)).for_each(|(o, i)| unsafe { gelu_avx2(i, o) });
+        data.par_chunks_mut(CHUNK).for_each(|chunk| unsafe { gelu_avx2(chunk) });
         return;
     }
-    output.par_chunks_mut(CHUNK).zip(input.par_chunks(CHUNK)).for_each(|(o, i)| gelu_lanes(i, o));
+    data.par_chunks_mut(CHUNK).for_each(gelu_lanes);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_avx2(input: &[f32], output: &mut [f32]) {
-    gelu_lanes(input, output)
+unsafe fn gelu_avx2(data: &mut [f32]) {
+    gelu_lanes(data)
 }
 
 #[inline(always)]
-fn gelu_lanes(input: &[f32], output: &mut [f32]) {
-    for (o, &x) in output.iter_mut().zip(input) {
-        *o = x * 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+fn gelu_lanes(data: &mut [f32]) {
+    for x in data.iter_mut() {
+        *x = *x * 0.5 * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
     }
 }
 
-/// Softmax of `scale`·x over each row of `row_len` values, into `output`, on all threads.
-pub(crate) fn softmax(input: &[f32], output: &mut [f32], row_len: usize, scale: f32) {
-    let rows_per_task = (1 << 14) / row_len.max(1) + 1;
-    let chunk = rows_per_task * row_len;
+/// Softmax of `scale`·x over each row of `row_len` values, in place, on all threads.
+pub(crate) fn softmax(data: &mut [f32], row_len: usize, scale: f32) {
+    let chunk = ((1 << 14) / row_len.max(1) + 1) * row_len;
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        output.par_chunks_mut(chunk).zip(input.par_chunks(chunk)).for_each(|(o, i)| {
+        data.par_chunks_mut(chunk).for_each(|rows| {
             // SAFETY: the features softmax_avx2 is compiled for are present.
-            o.chunks_mut(row_len).zip(i.chunks(row_len)).for_each(|(o, i)| unsafe { softmax_avx2(i, o, scale) })
+            rows.chunks_mut(row_len).for_each(|row| unsafe { softmax_avx2(row, scale) })
         });
         return;
     }
-    output.par_chunks_mut(chunk).zip(input.par_chunks(chunk)).for_each(|(o, i)| {
-        o.chunks_mut(row_len).zip(i.chunks(row_len)).for_each(|(o, i)| softmax_row(i, o, scale))
-    });
+    data.par_chunks_mut(chunk).for_each(|rows| rows.chunks_mut(row_len).for_each(|row| softmax_row(row, scale)));
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_avx2(input: &[f32], output: &mut [f32], scale: f32) {
-    softmax_row(input, output, scale)
+unsafe fn softmax_avx2(row: &mut [f32], scale: f32) {
+    softmax_row(row, scale)
 }
 
 #[inline(always)]
-fn softmax_row(input: &[f32], output: &mut [f32], scale: f32) {
-    let max = input.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-    for (o, &x) in output.iter_mut().zip(input) {
-        *o = exp(x * scale - max);
-    }
-    let sum: f32 = output.iter().sum();
-    output.iter_mut().for_each(|o| *o /= sum);
+fn softmax_row(row: &mut [f32], scale: f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+    row.iter_mut().for_each(|x| *x = exp(*x * scale - max));
+    let sum: f32 = row.iter().sum();
+    row.iter_mut().for_each(|x| *x /= sum);
 }
+
+/// Softmax of `scale`·x over each row of `row_len` values, in place, on this thread.
+fn softmax_rows(data: &mut [f32], row_len: usize, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features softmax_avx2 is compiled for are present.
+        return data.chunks_mut(row_len).for_each(|row| unsafe { softmax_avx2(row, scale) });
+    }
+    data.chunks_mut(row_len).for_each(|row| softmax_row(row, scale));
+}
+
+/// Self-attention straight from a fused projection's output `qkv` [batch, tokens, 3, heads,
+/// head_dim] (the vision tower's layout) to the context with heads merged [batch, tokens,
+/// heads·head_dim]: one task per image and head, each with its own [tokens, tokens] scores
+/// (1.3 MB at 577 tokens, cache-resident) and no copies of q, k and v.
+pub(crate) fn attend_packed(
+    qkv: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let (n, d, width) = (tokens, head_dim, heads * head_dim);
+    let mut out = vec![0f32; batch * n * width];
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..batch * heads).into_par_iter().for_each(|task| {
+        let (b, h) = (task / heads, task % heads);
+        let base = b * n * 3 * width + h * d;
+        let (q, k, v) = (&qkv[base..], &qkv[base + width..], &qkv[base + 2 * width..]);
+        let mut scores = vec![0f32; n * n];
+        let row = (3 * width) as isize;
+        // SAFETY: q, k and v are read within qkv (the last row of v ends at its last element);
+        // scores is [n, n]; each task writes only its own head's columns of its own image's rows
+        // of out, which no other task touches.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                d,
+                scores.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                q.as_ptr(),
+                1,
+                row,
+                k.as_ptr(),
+                row,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+            softmax_rows(&mut scores, n, scale);
+            let out = out_ptr.at(b * n * width + h * d);
+            gemm::gemm(
+                n,
+                d,
+                n,
+                out,
+                1,
+                width as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                n as isize,
+                v.as_ptr(),
+                1,
+                row,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    out
+}
+
+/// The output buffer of [`attend_packed`], written by all tasks at disjoint places.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+impl SharedOut {
+    /// SAFETY: `offset` must lie within the buffer.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+// SAFETY: tasks write disjoint elements (see attend_packed).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
 
 /// erf by Abramowitz & Stegun 7.1.26, branch-free (PyTorch's `Vectorized<float>::erf`).
 #[inline(always)]
@@ -231,8 +324,8 @@ mod tests {
     #[test]
     fn gelu_is_within_pytorchs_erf_error_of_the_exact_one() {
         let input: Vec<f32> = (-200_000..200_000).map(|i| i as f32 * 5e-5).chain([-90.0, -20.0, 20.0, 90.0]).collect();
-        let mut output = vec![0f32; input.len()];
-        gelu(&input, &mut output);
+        let mut output = input.clone();
+        gelu(&mut output);
         for (&x, &y) in input.iter().zip(&output) {
             let exact = (x as f64) * 0.5 * (1.0 + erf_f64(x as f64 / std::f64::consts::SQRT_2));
             // erf within 6e-7 (A&S's 1.5e-7 plus the f32 rounding of its evaluation), scaled by
@@ -267,8 +360,8 @@ mod tests {
     #[test]
     fn softmax_rows_sum_to_one_and_follow_exp() {
         let input: Vec<f32> = (0..3 * 577).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.7).collect();
-        let mut output = vec![0f32; input.len()];
-        softmax(&input, &mut output, 577, 0.125);
+        let mut output = input.clone();
+        softmax(&mut output, 577, 0.125);
         for (row, probs) in input.chunks(577).zip(output.chunks(577)) {
             let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64 * 0.125));
             let sum: f64 = row.iter().map(|&x| (x as f64 * 0.125 - max).exp()).sum();

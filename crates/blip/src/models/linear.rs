@@ -19,7 +19,7 @@ use super::kernels::{dot_kernel, widen_bf16};
 /// Input rows below which each weight row is dotted with each input row; from there up to
 /// [`STREAMED_ROWS`], blocks of weight rows are multiplied as they stream in; above, one blocked
 /// product over the whole matrix is fastest.
-const DOT_ROWS: usize = 4;
+const DOT_ROWS: usize = 2;
 const STREAMED_ROWS: usize = 32;
 /// Weight rows per parallel task in the row-dot kernel.
 const DOT_BLOCK: usize = 64;
@@ -143,8 +143,10 @@ impl CustomOp3 for LinearOp {
             CpuStorage::F16(w) => Weights::F16(&w[start..end]),
             other => candle_core::bail!("linear: weights of dtype {:?} are not supported", other.dtype()),
         };
-        let ys = if m <= DOT_ROWS {
+        let ys = if m < DOT_ROWS {
             row_dot_product(xs, m, k, weights, n, bias)
+        } else if m <= STREAMED_ROWS {
+            streamed_product(xs, m, k, weights, n, bias)
         } else {
             blocked_product(xs, m, k, weights, n, bias)
         };

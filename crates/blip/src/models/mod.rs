@@ -29,12 +29,14 @@ pub(crate) fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<candle_
     candle_nn::layer_norm(dim, eps, vb.to_dtype(DType::F32))
 }
 
-/// The exact (erf) GELU that `hidden_act: "gelu"` means in transformers. On contiguous f32 CPU
-/// tensors it runs PyTorch's own vectorized formula on all threads (candle's runs libm's erf
-/// on one thread, a quarter of the vision tower's time).
-pub(crate) fn gelu(xs: &Tensor) -> Result<Tensor> {
+/// The exact (erf) GELU that `hidden_act: "gelu"` means in transformers, of a fresh tensor (a
+/// layer's output, which nothing else holds). On contiguous f32 CPU tensors it runs in place,
+/// with PyTorch's own vectorized formula, on all threads (candle's runs libm's erf on one thread
+/// into a new buffer, a quarter of the vision tower's time).
+pub(crate) fn gelu(xs: Tensor) -> Result<Tensor> {
     if xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.is_contiguous() {
-        xs.apply_op1_no_bwd(&Gelu)
+        xs.inplace_op1(&Gelu)?;
+        Ok(xs)
     } else {
         xs.gelu_erf()
     }
@@ -42,22 +44,17 @@ pub(crate) fn gelu(xs: &Tensor) -> Result<Tensor> {
 
 struct Gelu;
 
-impl candle_core::CustomOp1 for Gelu {
+impl candle_core::InplaceOp1 for Gelu {
     fn name(&self) -> &'static str {
         "gelu"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<()> {
         let (candle_core::CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
             candle_core::bail!("gelu: contiguous f32 only");
         };
-        let mut output = vec![0f32; end - start];
-        kernels::gelu(&data[start..end], &mut output);
-        Ok((candle_core::CpuStorage::F32(output), layout.shape().clone()))
+        kernels::gelu(&mut data[start..end]);
+        Ok(())
     }
 }
 
@@ -71,6 +68,22 @@ pub(crate) fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
 pub(crate) fn merge_heads(xs: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = xs.dims4()?;
     xs.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
+/// Self-attention from a fused projection `qkv` [b, t, 3·width] laid out as [b, t, 3, heads,
+/// head_dim] (transformers' `reshape(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4)`), to the
+/// context with heads merged [b, t, width].
+pub(crate) fn attention_packed(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, t, three_width) = qkv.dims3()?;
+    let head_dim = three_width / 3 / heads;
+    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && qkv.is_contiguous() {
+        let (storage, layout) = qkv.storage_and_layout();
+        let context = kernels::attend_packed(cpu_f32(&storage, layout)?, b, t, heads, head_dim, scale as f32);
+        return Tensor::from_vec(context, (b, t, heads * head_dim), &candle_core::Device::Cpu);
+    }
+    let qkv = qkv.reshape((b, t, 3, heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
+    let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+    merge_heads(&attention(&q, &k, &v, scale, None)?)
 }
 
 /// Up to this many queries (decoding steps), attention runs as one fused kernel on the CPU.
@@ -93,6 +106,19 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Op
         let context = kernels::attend(q, k, v, bias.as_deref(), scale as f32, shape);
         return Tensor::from_vec(context, (batch, heads, queries, head_dim), &candle_core::Device::Cpu);
     }
+    if batch > 1 && q.device().is_cpu() {
+        // One batch row at a time: a batch's scores [b, heads, t, t] are 16 MB per image.
+        let rows = (0..batch)
+            .map(|i| {
+                let bias = match bias {
+                    Some(bias) if bias.rank() == 4 && bias.dim(0)? == batch => Some(bias.narrow(0, i, 1)?),
+                    other => other.cloned(),
+                };
+                attention(&q.narrow(0, i, 1)?, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?, scale, bias.as_ref())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Tensor::cat(&rows, 0);
+    }
     let scores = q.matmul(&k.t()?)?;
     let probs = match bias {
         Some(bias) => softmax_last_dim((scores * scale)?.broadcast_add(bias)?, 1.0)?,
@@ -101,33 +127,30 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Op
     probs.matmul(v)
 }
 
-/// softmax(scale·x) over the last dimension; on contiguous f32 CPU tensors in one vectorized
-/// pass on all threads (the vision tower's attention has 4M scores per image and layer).
+/// softmax(scale·x) over the last dimension; on contiguous f32 CPU tensors in place, in one
+/// vectorized pass on all threads (the vision tower's attention has 4M scores per image and
+/// layer: no second buffer for them).
 fn softmax_last_dim(xs: Tensor, scale: f64) -> Result<Tensor> {
     if xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.is_contiguous() {
-        return xs.apply_op1_no_bwd(&ScaledSoftmax(scale as f32));
+        xs.inplace_op1(&ScaledSoftmax(scale as f32))?;
+        return Ok(xs);
     }
     candle_nn::ops::softmax_last_dim(&(xs * scale)?)
 }
 
 struct ScaledSoftmax(f32);
 
-impl candle_core::CustomOp1 for ScaledSoftmax {
+impl candle_core::InplaceOp1 for ScaledSoftmax {
     fn name(&self) -> &'static str {
         "scaled-softmax"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<()> {
         let (candle_core::CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
             candle_core::bail!("softmax: contiguous f32 only");
         };
-        let mut output = vec![0f32; end - start];
-        kernels::softmax(&data[start..end], &mut output, layout.shape().dims().last().copied().unwrap_or(1), self.0);
-        Ok((candle_core::CpuStorage::F32(output), layout.shape().clone()))
+        kernels::softmax(&mut data[start..end], layout.shape().dims().last().copied().unwrap_or(1), self.0);
+        Ok(())
     }
 }
 
@@ -146,8 +169,21 @@ mod tests {
     #[test]
     fn gelu_tensor_matches_candles_exact_one() {
         let xs = (Tensor::randn(0f32, 3.0, (3, 577, 301), &candle_core::Device::Cpu).unwrap() - 0.5).unwrap();
-        let diff = (gelu(&xs).unwrap() - xs.gelu_erf().unwrap()).unwrap().abs().unwrap();
+        let diff = (gelu(xs.copy().unwrap()).unwrap() - xs.gelu_erf().unwrap()).unwrap().abs().unwrap();
         assert!(diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() < 2e-6);
+    }
+
+    #[test]
+    fn packed_attention_matches_the_split_heads_one() {
+        let dev = candle_core::Device::Cpu;
+        let (b, t, heads, d) = (2, 37, 3, 16);
+        let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * d), &dev).unwrap();
+        let packed = attention_packed(&qkv, heads, 0.25).unwrap();
+        let split = qkv.reshape((b, t, 3, heads, d)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();
+        let part = |i| split.get(i).unwrap().contiguous().unwrap();
+        let expected = merge_heads(&attention(&part(0), &part(1), &part(2), 0.25, None).unwrap()).unwrap();
+        let diff = (packed - expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 
     #[test]

@@ -129,7 +129,7 @@ impl TextLayer {
         if let (Some(crossattention), Some((cross, cross_bias))) = (&self.crossattention, cross) {
             hidden = crossattention.attend(&hidden, cross, cross_bias)?;
         }
-        let ffn = self.output.forward(&gelu(&self.intermediate.forward(&hidden)?)?)?;
+        let ffn = self.output.forward(&gelu(self.intermediate.forward(&hidden)?)?)?;
         self.output_layer_norm.forward(&(ffn + hidden)?)
     }
 }
@@ -289,7 +289,7 @@ impl LmHead {
 
     /// hidden [b, t, hidden] → logits [b, t, vocab].
     pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
-        let xs = self.layer_norm.forward(&gelu(&self.dense.forward(hidden)?)?)?;
+        let xs = self.layer_norm.forward(&gelu(self.dense.forward(hidden)?)?)?;
         self.decoder.forward(&xs)
     }
 }

@@ -6,7 +6,7 @@ use candle_nn::{LayerNorm, VarBuilder};
 
 use super::linear::Linear;
 
-use super::{attention, gelu, layer_norm, linear, merge_heads};
+use super::{attention_packed, gelu, layer_norm, linear};
 use crate::config::VisionConfig;
 
 /// `BlipVisionEmbeddings`: a stride-16 conv over patches, a class token, learned positions.
@@ -82,14 +82,8 @@ impl VisionAttention {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = xs.dims3()?;
-        // transformers: reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        let qkv = self.qkv.forward(xs)?.reshape((b, n, 3, self.heads, d / self.heads))?.permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let context = attention(&q, &k, &v, self.scale, None)?;
-        self.projection.forward(&merge_heads(&context)?)
+        let context = attention_packed(&self.qkv.forward(xs)?, self.heads, self.scale)?;
+        self.projection.forward(&context)
     }
 }
 
@@ -116,7 +110,7 @@ impl VisionLayer {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
-        let mlp = self.fc2.forward(&gelu(&self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?)?;
+        let mlp = self.fc2.forward(&gelu(self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?)?;
         xs + mlp
     }
 }

@@ -112,7 +112,11 @@ impl Captioner {
         lengths.dedup();
         for length in lengths {
             let group: Vec<u32> = (0..rows as u32).filter(|&r| prefixes[r as usize].len() == length).collect();
-            let embeds = image_embeds.index_select(&Tensor::new(group.as_slice(), &self.device)?, 0)?;
+            let embeds = if group.len() == rows {
+                image_embeds.clone()
+            } else {
+                image_embeds.index_select(&Tensor::new(group.as_slice(), &self.device)?, 0)?
+            };
             let mut decoder =
                 CachedDecoder { model: &self.model, cache: self.model.text_model.new_cache(&embeds, None)? };
             let group_prefixes: Vec<Vec<u32>> = group.iter().map(|&r| prefixes[r as usize].clone()).collect();
