@@ -142,8 +142,9 @@ unsafe fn softmax_avx2(row: &mut [f32], scale: f32) {
 fn softmax_row(row: &mut [f32], scale: f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
     row.iter_mut().for_each(|x| *x = exp(*x * scale - max));
-    let sum: f32 = row.iter().sum();
-    row.iter_mut().for_each(|x| *x /= sum);
+    // one division per row, as PyTorch's vectorized softmax does
+    let inverse = 1.0 / row.iter().sum::<f32>();
+    row.iter_mut().for_each(|x| *x *= inverse);
 }
 
 /// Softmax of `scale`·x over each row of `row_len` values, in place, on this thread.
