@@ -1,17 +1,17 @@
-//! Weight files read tensor by tensor, each with one positioned read: `model.safetensors`
+//! Weight files read tensor by tensor with positioned reads: `model.safetensors`
 //! (single or sharded) and `pytorch_model.bin` (PyTorch's zip of a pickled state dict, whose
 //! storages are stored uncompressed). Not a memory map: mapped pages count in the process's
 //! memory on top of the loaded copy, doubling peak memory while a model loads. Asking whether a
 //! weight exists costs nothing.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use candle_core::pickle::read_pth_tensor_info;
 use candle_core::{bail, DType, Device, Error, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
+use rayon::prelude::*;
 use serde::Deserialize;
 
 /// Where one tensor's bytes are and how to read them.
@@ -25,7 +25,7 @@ struct TensorAt {
 }
 
 pub struct WeightReader {
-    files: Vec<(PathBuf, Mutex<std::fs::File>)>,
+    files: Vec<(PathBuf, std::fs::File)>,
     tensors: HashMap<String, TensorAt>,
 }
 
@@ -71,7 +71,7 @@ impl WeightReader {
                     TensorAt { file: index, offset: data_start + start, dtype, dims: entry.shape, column_major: false };
                 tensors.insert(name, at);
             }
-            files.push((path.clone(), Mutex::new(file)));
+            files.push((path.clone(), file));
         }
         Ok(Self { files, tensors })
     }
@@ -108,7 +108,7 @@ impl WeightReader {
             tensors.insert(info.name.clone(), at);
         }
         drop(zip);
-        Ok(Self { files: vec![(path.to_path_buf(), Mutex::new(file))], tensors })
+        Ok(Self { files: vec![(path.to_path_buf(), file)], tensors })
     }
 
     fn load(&self, name: &str) -> Result<Tensor> {
@@ -117,11 +117,15 @@ impl WeightReader {
         };
         // Read with the dimensions reversed when column-major, then transpose back.
         let dims: Vec<usize> = if at.column_major { at.dims.iter().rev().copied().collect() } else { at.dims.clone() };
+        // In 8 MB pieces on all threads: the copy out of the page cache and the first touch of
+        // the tensor's fresh pages are most of a load's time.
         let read = |bytes: &mut [u8]| -> Result<()> {
+            const PIECE: usize = 8 << 20;
             let (path, file) = &self.files[at.file];
-            let mut file = file.lock().map_err(|_| Error::Msg("weights file lock poisoned".into()))?;
-            file.seek(SeekFrom::Start(at.offset))?;
-            file.read_exact(bytes)
+            bytes
+                .par_chunks_mut(PIECE)
+                .enumerate()
+                .try_for_each(|(i, piece)| read_exact_at(file, piece, at.offset + (i * PIECE) as u64))
                 .map_err(|e| Error::Msg(format!("{}: {name}: {e} (truncated checkpoint?)", path.display())))
         };
         let count = at.dims.iter().product::<usize>();
@@ -145,6 +149,45 @@ impl WeightReader {
     }
 }
 
+/// Fills `buf` from `offset` without moving a shared cursor, so that threads can read at once.
+#[cfg(unix)]
+fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &std::fs::File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match std::os::windows::fs::FileExt::seek_read(file, buf, offset)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asks Linux to back a large buffer with 2 MB pages when it is first touched (transparent huge
+/// pages in "madvise" mode, the common default): loading then takes one page fault per 2 MB
+/// instead of one per 4 KB, which were most of its time. A hint only; nothing changes elsewhere.
+fn prefer_huge_pages<T>(values: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = values.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(values);
+        let (aligned_start, aligned_end) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if aligned_end > aligned_start {
+            // SAFETY: the range lies within the buffer; MADV_HUGEPAGE changes no contents.
+            unsafe {
+                libc::madvise(aligned_start as *mut libc::c_void, aligned_end - aligned_start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+}
+
 /// Marker for element types any bit pattern is a valid value of (the float formats).
 trait AnyBits: Copy + Default {}
 impl AnyBits for f32 {}
@@ -155,6 +198,7 @@ impl AnyBits for half::bf16 {}
 /// little-endian, as both file formats are).
 fn read_into<T: AnyBits>(count: usize, read: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<Vec<T>> {
     let mut values = vec![T::default(); count];
+    prefer_huge_pages(&mut values);
     // SAFETY: the byte view covers exactly the vector's initialized elements, and every bit
     // pattern is a valid T (AnyBits).
     let bytes =
