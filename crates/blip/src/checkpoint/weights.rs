@@ -169,25 +169,6 @@ fn read_exact_at(file: &std::fs::File, mut buf: &mut [u8], mut offset: u64) -> s
     Ok(())
 }
 
-/// Asks Linux to back a large buffer with 2 MB pages when it is first touched (transparent huge
-/// pages in "madvise" mode, the common default): loading then takes one page fault per 2 MB
-/// instead of one per 4 KB, which were most of its time. A hint only; nothing changes elsewhere.
-fn prefer_huge_pages<T>(values: &mut [T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = values.as_mut_ptr() as usize;
-        let end = start + std::mem::size_of_val(values);
-        let (aligned_start, aligned_end) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
-        if aligned_end > aligned_start {
-            // SAFETY: the range lies within the buffer; MADV_HUGEPAGE changes no contents.
-            unsafe {
-                libc::madvise(aligned_start as *mut libc::c_void, aligned_end - aligned_start, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-}
-
 /// Marker for element types any bit pattern is a valid value of (the float formats).
 trait AnyBits: Copy + Default {}
 impl AnyBits for f32 {}
@@ -198,7 +179,6 @@ impl AnyBits for half::bf16 {}
 /// little-endian, as both file formats are).
 fn read_into<T: AnyBits>(count: usize, read: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<Vec<T>> {
     let mut values = vec![T::default(); count];
-    prefer_huge_pages(&mut values);
     // SAFETY: the byte view covers exactly the vector's initialized elements, and every bit
     // pattern is a valid T (AnyBits).
     let bytes =
