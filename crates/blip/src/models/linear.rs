@@ -2,11 +2,14 @@
 //! (f32, bf16 or f16): products always accumulate in f32, so bf16/f16 only round the weights,
 //! and the weights take half the memory and half the bandwidth of f32.
 //!
-//! On the CPU two kernels serve it, both adding the bias in the same pass:
-//! - a few input rows (decoding steps, the LM head): each weight row is read once and dotted with
-//!   every input row, bf16 widened in the dot itself; decoding is bound by reading the weights;
-//! - many rows (vision, cross-attention keys/values, prompts): the `gemm` crate's blocked matrix
-//!   product, bf16/f16 weights widened to f32 first.
+//! On the CPU three kernels serve it, by the number of input rows, all adding the bias in the
+//! same pass:
+//! - one row (a decoding step at batch 1, the LM head): each weight row is read once and dotted
+//!   with the input, bf16 widened in the dot itself; this is bound by reading the weights;
+//! - a few rows (batched or beam decoding, short texts): each task widens a block of weight rows
+//!   into cache and multiplies it with all input rows (`gemm`, one thread per block);
+//! - many rows (vision, cross-attention keys/values): the `gemm` crate's blocked product over the
+//!   whole matrix on all threads, bf16/f16 weights widened to f32 first.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
