@@ -147,6 +147,53 @@ fn softmax_row(row: &mut [f32], scale: f32) {
     row.iter_mut().for_each(|x| *x *= inverse);
 }
 
+/// A matrix operand for [`matmul`]: where element (0, 0) is and the steps between rows and
+/// between columns, in elements.
+pub(crate) struct Strided<P> {
+    pub ptr: P,
+    pub row: isize,
+    pub col: isize,
+}
+
+/// `dst = a·b`, or `dst += a·b` when `accumulate`, for a [m, k], b [k, n] and dst [m, n] with
+/// any strides: the `gemm` crate's call with the arguments this project uses.
+///
+/// # Safety
+/// Every element the three views address must lie within its buffer, and dst must not overlap
+/// a or b.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    accumulate: bool,
+    a: Strided<*const f32>,
+    b: Strided<*const f32>,
+    parallelism: gemm::Parallelism,
+) {
+    let alpha = if accumulate { 1.0 } else { 0.0 };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.ptr,
+        dst.col,
+        dst.row,
+        accumulate,
+        a.ptr,
+        a.col,
+        a.row,
+        b.ptr,
+        b.col,
+        b.row,
+        alpha,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
 /// Softmax of `scale`·x over each row of `row_len` values, in place, on this thread.
 fn softmax_rows(data: &mut [f32], row_len: usize, scale: f32) {
     #[cfg(target_arch = "x86_64")]
@@ -182,50 +229,14 @@ pub(crate) fn attend_packed(
         // scores is [n, n]; each task writes only its own head's columns of its own image's rows
         // of out, which no other task touches.
         unsafe {
-            gemm::gemm(
-                n,
-                n,
-                d,
-                scores.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                q.as_ptr(),
-                1,
-                row,
-                k.as_ptr(),
-                row,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            let none = gemm::Parallelism::None;
+            let key_t = Strided { ptr: k.as_ptr(), row: 1, col: row };
+            let query = Strided { ptr: q.as_ptr(), row, col: 1 };
+            matmul((n, n, d), Strided { ptr: scores.as_mut_ptr(), row: n as isize, col: 1 }, false, query, key_t, none);
             softmax_rows(&mut scores, n, scale);
-            let out = out_ptr.at(b * n * width + h * d);
-            gemm::gemm(
-                n,
-                d,
-                n,
-                out,
-                1,
-                width as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                n as isize,
-                v.as_ptr(),
-                1,
-                row,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            let context = Strided { ptr: out_ptr.at(b * n * width + h * d), row: width as isize, col: 1 };
+            let probs = Strided { ptr: scores.as_ptr(), row: n as isize, col: 1 };
+            matmul((n, d, n), context, false, probs, Strided { ptr: v.as_ptr(), row, col: 1 }, none);
         }
     });
     out

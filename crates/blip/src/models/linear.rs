@@ -17,7 +17,7 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::kernels::{dot_kernel, widen_bf16};
+use super::kernels::{dot_kernel, matmul, widen_bf16, Strided};
 
 /// Input rows below which each weight row is dotted with each input row; from there up to
 /// [`STREAMED_ROWS`], blocks of weight rows are multiplied as they stream in; above, one blocked
@@ -224,27 +224,10 @@ fn streamed_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, 
         // SAFETY: xs [m, k] row-major; the block's Wᵀ [k, rows] read from W [rows, k]
         // row-major; outs [rows, m] row-major written as its transpose [m, rows].
         unsafe {
-            gemm::gemm(
-                m,
-                rows,
-                k,
-                outs.as_mut_ptr(),
-                m as isize,
-                1,
-                true,
-                xs.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            let outs_t = Strided { ptr: outs.as_mut_ptr(), row: 1, col: m as isize };
+            let inputs = Strided { ptr: xs.as_ptr(), row: k as isize, col: 1 };
+            let weights_t = Strided { ptr: w.as_ptr(), row: 1, col: k as isize };
+            matmul((m, rows, k), outs_t, true, inputs, weights_t, gemm::Parallelism::None);
         }
     });
     transpose(&transposed, n, m)
@@ -267,27 +250,9 @@ fn blocked_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, b
     // SAFETY: the strides describe xs [m, k] row-major, Wᵀ [k, n] read from W [n, k] row-major
     // and ys [m, n] row-major, all within the slices' lengths (checked by the callers' shapes).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            ys.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            xs.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+        let outs = Strided { ptr: ys.as_mut_ptr(), row: n as isize, col: 1 };
+        let inputs = Strided { ptr: xs.as_ptr(), row: k as isize, col: 1 };
+        matmul((m, n, k), outs, true, inputs, Strided { ptr: w.as_ptr(), row: 1, col: k as isize }, parallelism);
     }
     ys
 }
