@@ -53,6 +53,10 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let mut dims = xs.dims().to_vec();
+        match dims.last_mut() {
+            Some(features) if *features == in_dim => *features = out_dim,
+            _ => candle_core::bail!("linear: input {:?} does not end in the weight's {in_dim} features", xs.dims()),
+        }
         let rows = xs.elem_count() / in_dim.max(1);
         let flat = xs.reshape((rows, in_dim))?;
         let ys = if xs.device().is_cpu() {
@@ -60,7 +64,6 @@ impl Module for Linear {
         } else {
             flat.matmul(&self.weight.to_dtype(xs.dtype())?.t()?)?.broadcast_add(&self.bias)?
         };
-        *dims.last_mut().expect("an input with a feature dimension") = out_dim;
         ys.reshape(dims)
     }
 }
@@ -306,6 +309,15 @@ mod tests {
         let ours = Linear::new(weight.clone(), Some(bias.clone())).unwrap().forward(&xs).unwrap();
         let candle = candle_nn::Linear::new(weight, Some(bias)).forward(&xs).unwrap();
         assert_eq!(max_diff(&ours, &candle), 0.0);
+    }
+
+    #[test]
+    fn inputs_of_the_wrong_width_are_an_error() {
+        let weight = Tensor::zeros((8, 32), DType::F32, &Device::Cpu).unwrap();
+        let linear = Linear::new(weight, None).unwrap();
+        for xs in [Tensor::zeros((2, 31), DType::F32, &Device::Cpu), Tensor::new(1f32, &Device::Cpu)] {
+            assert!(linear.forward(&xs.unwrap()).is_err());
+        }
     }
 
     #[test]
