@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building blip needs beyond a Rust toolchain: cmake and nasm build the bundled
-# libjpeg-turbo that decodes JPEG exactly as PIL does. Debian/Ubuntu; no-op when present.
+# libjpeg-turbo that decodes JPEG exactly as PIL does; OpenBLAS (libopenblas-dev, found with
+# pkg-config, linked statically) runs the large matrix products. Debian/Ubuntu; no-op when present.
 set -euo pipefail
-if command -v cmake >/dev/null && command -v nasm >/dev/null; then
+if command -v cmake >/dev/null && command -v nasm >/dev/null && pkg-config --exists openblas 2>/dev/null; then
     exit 0
 fi
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq cmake nasm
+$SUDO apt-get install -y -qq cmake nasm pkg-config libopenblas-dev
