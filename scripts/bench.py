@@ -123,7 +123,8 @@ def main():
     torch.set_num_threads(os.cpu_count())
     transformers.utils.logging.set_verbosity_error()
 
-    subprocess.run(["cargo", "build", "--release", "--example", "bench", "--bin", "blip"], cwd=REPO, check=True)
+    subprocess.run(["cargo", "build", "--release", "--example", "bench", "--bin", "blip",
+                    "--features", "blip/openblas"], cwd=REPO, check=True)
 
     def ours_with(dtype):
         cmd = [str(REPO / "target/release/examples/bench"), str(model_dir), dtype] + [str(p) for p in paths]
@@ -144,7 +145,7 @@ def main():
     py_wall, py_rss, py_out = whole_program(py_cmd)
     same = [l.split("\t")[1] for l in blip_out.splitlines()] == [l.split("\t")[1] for l in py_out.splitlines()]
 
-    test = subprocess.run(["cargo", "test", "--release", "-p", "blip", "--test", "dtype", "--", "--ignored",
+    test = subprocess.run(["cargo", "test", "--release", "-p", "blip", "--features", "openblas", "--test", "dtype", "--", "--ignored",
                            "full_size", "--nocapture"], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "BLIP_FULL_FIXTURE": str(work)})
     agreement = [l.strip() for l in test.stderr.splitlines() if "against f32" in l]
@@ -203,7 +204,7 @@ def main():
         "",
         "Throughput:",
         "",
-        f"- f32 matrix product 4616×768×3072 (the vision MLP at batch 8): this project (candle + gemm) "
+        f"- f32 matrix product 4616×768×3072 (the vision MLP at batch 8): this project (its Linear: OpenBLAS sgemm) "
         f"{ours['matmul_gflops_4616x768x3072']:.0f} GFLOP/s, PyTorch {torch_mm:.0f} GFLOP/s.",
         f"- Vision tower at batch 8, f32: {gflop:.0f} GFLOP per image → this project "
         f"{gflop / ours['vision_b8_s_per_image']:.0f} GFLOP/s "
