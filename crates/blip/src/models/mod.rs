@@ -155,6 +155,34 @@ impl candle_core::InplaceOp1 for ScaledSoftmax {
 }
 
 /// The values of a contiguous CPU f32 tensor, borrowed.
+/// Whether two tensors hold the same dtype, shape and bits (CPU; elsewhere only the former two
+/// are compared, and the answer is false).
+pub(crate) fn same_bits(a: &Tensor, b: &Tensor) -> Result<bool> {
+    if a.dtype() != b.dtype() || a.shape() != b.shape() {
+        return Ok(false);
+    }
+    let (a_storage, a_layout) = a.storage_and_layout();
+    let (b_storage, b_layout) = b.storage_and_layout();
+    let (candle_core::Storage::Cpu(a_cpu), candle_core::Storage::Cpu(b_cpu)) = (&*a_storage, &*b_storage) else {
+        return Ok(false);
+    };
+    let (Some(a_range), Some(b_range)) = (a_layout.contiguous_offsets(), b_layout.contiguous_offsets()) else {
+        return Ok(false);
+    };
+    fn bytes<T>(data: &[T], (start, end): (usize, usize)) -> &[u8] {
+        let data = &data[start..end];
+        // SAFETY: plain numbers, read as the bytes they occupy.
+        unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), std::mem::size_of_val(data)) }
+    }
+    use candle_core::CpuStorage::{BF16, F16, F32};
+    Ok(match (a_cpu, b_cpu) {
+        (F32(x), F32(y)) => bytes(x, a_range) == bytes(y, b_range),
+        (BF16(x), BF16(y)) => bytes(x, a_range) == bytes(y, b_range),
+        (F16(x), F16(y)) => bytes(x, a_range) == bytes(y, b_range),
+        _ => false,
+    })
+}
+
 fn cpu_f32<'a>(storage: &'a candle_core::Storage, layout: &candle_core::Layout) -> Result<&'a [f32]> {
     match (storage, layout.contiguous_offsets()) {
         (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((start, end))) => Ok(&data[start..end]),
@@ -165,6 +193,21 @@ fn cpu_f32<'a>(storage: &'a candle_core::Storage, layout: &candle_core::Layout) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_bits_tells_tied_copies_from_different_tensors() {
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::new(&[[1f32, 0.0], [2.5, -3.0]], &dev).unwrap();
+        assert!(same_bits(&a, &a.copy().unwrap()).unwrap());
+        let bf16 = a.to_dtype(DType::BF16).unwrap();
+        assert!(same_bits(&bf16, &bf16.copy().unwrap()).unwrap());
+        assert!(!same_bits(&a, &bf16).unwrap());
+        // -0.0 == 0.0 as numbers, not as bits
+        assert!(!same_bits(&a, &Tensor::new(&[[1f32, -0.0], [2.5, -3.0]], &dev).unwrap()).unwrap());
+        assert!(!same_bits(&a, &a.reshape(4).unwrap()).unwrap());
+        // views that are not contiguous are not compared
+        assert!(!same_bits(&a.t().unwrap(), &a.t().unwrap().contiguous().unwrap()).unwrap());
+    }
 
     #[test]
     fn gelu_tensor_matches_candles_exact_one() {

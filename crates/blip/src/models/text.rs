@@ -7,7 +7,7 @@ use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 use super::cache::{DecoderCache, KeyValue};
 use super::linear::Linear;
-use super::{attention, gelu, layer_norm, linear, merge_heads, split_heads};
+use super::{attention, gelu, layer_norm, linear, merge_heads, same_bits, split_heads};
 use crate::config::TextConfig;
 
 /// `BlipTextEmbeddings`: word + absolute position embeddings, LayerNorm. The word embeddings
@@ -270,11 +270,17 @@ pub struct LmHead {
 
 impl LmHead {
     /// `tied_embeddings` stand in for `decoder.weight` when the checkpoint leaves the tied key
-    /// out (transformers 5 saves it so).
+    /// out (transformers 5 saves it so), and are shared when it holds the same values (the Hub's
+    /// checkpoints do): one copy in memory, as in PyTorch, not two (47 MB in bf16, 94 in f32).
     pub fn new(cfg: &TextConfig, tied_embeddings: &Tensor, vb: VarBuilder) -> Result<Self> {
         let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let decoder_weight = if vb.contains_tensor("decoder.weight") {
-            vb.get((vocab, d), "decoder.weight")?
+            let stored = vb.get((vocab, d), "decoder.weight")?;
+            if same_bits(&stored, tied_embeddings)? {
+                tied_embeddings.clone()
+            } else {
+                stored
+            }
         } else {
             tied_embeddings.clone()
         };
