@@ -62,13 +62,17 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let dtype = cli.dtype.into();
-    let outcome = match cli.command {
-        Command::Caption(args) => caption::run(args, dtype),
-        Command::Vqa(args) => vqa::run(args, dtype),
-        Command::Match(args) => matching::run(args, dtype),
-        Command::Embed(args) => embed::run(args, dtype),
-        Command::Classify(args) => classify::run(args, dtype),
-    };
+    let outcome = rayon::join(
+        || match cli.command {
+            Command::Caption(args) => caption::run(args, dtype),
+            Command::Vqa(args) => vqa::run(args, dtype),
+            Command::Match(args) => matching::run(args, dtype),
+            Command::Embed(args) => embed::run(args, dtype),
+            Command::Classify(args) => classify::run(args, dtype),
+        },
+        || (),
+    )
+    .0;
     match outcome {
         Ok(code) => code,
         Err(err) => {
