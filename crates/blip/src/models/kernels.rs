@@ -260,8 +260,8 @@ mod blas {
         fn openblas_set_num_threads(threads: c_int);
     }
 
-    /// Fewest rows of dst per thread worth a split.
-    const ROWS_PER_THREAD: usize = 64;
+    /// Fewest rows or columns of dst per thread worth a split.
+    const MIN_PART: usize = 64;
 
     /// A product whose views BLAS can address: the layout dst is in, and how a and b are read.
     pub(super) struct SgemmCall {
@@ -272,6 +272,8 @@ mod blas {
         b: (CBLAS_TRANSPOSE, usize),
         /// Elements between rows of dst and of a, to split the rows among threads.
         row_steps: (isize, isize),
+        /// Elements between columns of dst and of b, to split the columns among threads.
+        col_steps: (isize, isize),
     }
 
     impl SgemmCall {
@@ -313,6 +315,7 @@ mod blas {
                 a: operand(a.row, a.col, m, k)?,
                 b: operand(b.row, b.col, k, n)?,
                 row_steps: (dst.row, a.row),
+                col_steps: (dst.col, b.col),
             })
         }
 
@@ -329,31 +332,41 @@ mod blas {
             static SINGLE_THREADED: Once = Once::new();
             // SAFETY: sets a global of OpenBLAS's, before its first product.
             SINGLE_THREADED.call_once(|| unsafe { openblas_set_num_threads(1) });
-            let m = self.dims.0;
+            let (m, n, _) = self.dims;
+            // Each thread packs its share of the split operand and all of the other: split the
+            // larger of dst's rows (a) and columns (b).
+            let split_rows = m >= n;
+            let along = if split_rows { m } else { n };
             let threads = match parallelism {
-                gemm::Parallelism::Rayon(threads) => threads.clamp(1, m.div_ceil(ROWS_PER_THREAD)),
+                gemm::Parallelism::Rayon(threads) => threads.clamp(1, along.div_ceil(MIN_PART)),
                 _ => 1,
             };
             if threads == 1 {
-                return self.sgemm(m, dst, accumulate, a, b);
+                return self.sgemm((m, n), dst, accumulate, a, b);
             }
-            let rows_per_part = m.div_ceil(threads);
-            // Pointers cross threads as addresses; each part writes its own rows of dst.
+            let per_part = along.div_ceil(threads);
+            // Pointers cross threads as addresses; each part writes its own block of dst.
             let (dst, a, b) = (dst as usize, a as usize, b as usize);
             (0..threads).into_par_iter().for_each(|part| {
-                let first = part * rows_per_part;
-                let rows = rows_per_part.min(m - first);
-                // SAFETY: rows first..first + rows of dst and a, within the caller's views.
+                let first = (part * per_part) as isize;
+                let len = per_part.min(along - part * per_part);
+                // SAFETY: rows (or columns) first..first + len of dst and a (or b), within the
+                // caller's views.
                 unsafe {
-                    let dst = (dst as *mut f32).offset(first as isize * self.row_steps.0);
-                    let a = (a as *const f32).offset(first as isize * self.row_steps.1);
-                    self.sgemm(rows, dst, accumulate, a, b as *const f32)
+                    let (dst, a, b) = (dst as *mut f32, a as *const f32, b as *const f32);
+                    if split_rows {
+                        let dst = dst.offset(first * self.row_steps.0);
+                        self.sgemm((len, n), dst, accumulate, a.offset(first * self.row_steps.1), b)
+                    } else {
+                        let dst = dst.offset(first * self.col_steps.0);
+                        self.sgemm((m, len), dst, accumulate, a, b.offset(first * self.col_steps.1))
+                    }
                 }
             });
         }
 
-        unsafe fn sgemm(&self, m: usize, dst: *mut f32, accumulate: bool, a: *const f32, b: *const f32) {
-            let (_, n, k) = self.dims;
+        unsafe fn sgemm(&self, (m, n): (usize, usize), dst: *mut f32, accumulate: bool, a: *const f32, b: *const f32) {
+            let k = self.dims.2;
             let beta = if accumulate { 1.0 } else { 0.0 };
             cblas_sys::cblas_sgemm(
                 self.layout,
@@ -515,11 +528,16 @@ mod tests {
     use super::*;
 
     /// Every way this project lays out a product's operands (each row- or column-major) and
-    /// its destination, alone and split over threads, with and without accumulating: the same
-    /// as the product in f64.
+    /// its destination, alone and split over threads (by rows, then by columns), with and
+    /// without accumulating: the same as the product in f64.
     #[test]
     fn matmul_matches_the_product_in_every_layout() {
-        let (m, n, k) = (150, 37, 70);
+        for dims in [(150, 37, 70), (37, 150, 70)] {
+            matmul_matches_the_product_in_every_layout_for(dims);
+        }
+    }
+
+    fn matmul_matches_the_product_in_every_layout_for((m, n, k): (usize, usize, usize)) {
         let values = |len: usize, seed: usize| -> Vec<f32> {
             (0..len).map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 - 500.0) / 250.0).collect()
         };
