@@ -12,10 +12,10 @@ use std::arch::x86_64::*;
 pub(crate) trait Widen: Copy {
     fn widen(self) -> f32;
 
-    /// Eight elements from `src`, widened; for kernels compiled with AVX2.
+    /// Eight elements from `src`, widened; for kernels compiled with AVX2 (and F16C).
     ///
     /// # Safety
-    /// Eight elements must be readable at `src`, and the CPU must have AVX2.
+    /// Eight elements must be readable at `src`, and the CPU must have AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn widen8(src: *const Self) -> __m256;
 }
@@ -30,6 +30,19 @@ impl Widen for f32 {
     #[inline(always)]
     unsafe fn widen8(src: *const Self) -> __m256 {
         _mm256_loadu_ps(src)
+    }
+}
+
+impl Widen for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(src: *const Self) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(src.cast()))
     }
 }
 
@@ -58,15 +71,18 @@ pub(crate) fn dot_kernel<W: Widen>() -> fn(&[f32], &[W]) -> f32 {
     dot_lanes::<W>
 }
 
+/// AVX2 and FMA, and F16C for the f16 loads (every CPU with the former two has it).
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
-    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
 }
 
 /// x·w with four AVX registers of independent sums: the compiler's own vectorization of
 /// [`dot_lanes`] used 2-wide registers, a quarter of the width.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_avx2<W: Widen>(x: &[f32], w: &[W]) -> f32 {
     let len = x.len().min(w.len());
     let (xs, ws) = (x.as_ptr(), w.as_ptr());

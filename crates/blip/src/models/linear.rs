@@ -5,7 +5,7 @@
 //! On the CPU three kernels serve it, by the number of input rows, all adding the bias in the
 //! same pass:
 //! - one row (a decoding step at batch 1, the LM head): each weight row is read once and dotted
-//!   with the input, bf16 widened in the dot itself; this is bound by reading the weights;
+//!   with the input, bf16/f16 widened in the dot itself; this is bound by reading the weights;
 //! - a few rows (batched or beam decoding, short texts): each task widens a block of weight rows
 //!   into cache and multiplies it with all input rows (`gemm`, one thread per block);
 //! - many rows (vision, cross-attention keys/values): the `gemm` crate's blocked product over the
@@ -169,21 +169,17 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result
 
 /// Few input rows: every weight row is read from memory once and dotted with each input row.
 fn row_dot_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
-    let (dot_f32, dot_bf16) = (dot_kernel::<f32>(), dot_kernel::<bf16>());
+    let (dot_f32, dot_bf16, dot_f16) = (dot_kernel::<f32>(), dot_kernel::<bf16>(), dot_kernel::<f16>());
     // Transposed [n, m], so that each task owns whole output rows; transposed back below.
     let mut transposed = vec![0f32; n * m];
     transposed.par_chunks_mut(DOT_BLOCK * m).enumerate().for_each(|(block, outs)| {
-        let mut buf = vec![0f32; k];
         for (offset, out) in outs.chunks_mut(m).enumerate() {
             let j = block * DOT_BLOCK + offset;
             let range = j * k..(j + 1) * k;
             match weights {
                 Weights::F32(w) => dot_rows(xs, &w[range], bias[j], out, dot_f32),
                 Weights::BF16(w) => dot_rows(xs, &w[range], bias[j], out, dot_bf16),
-                Weights::F16(w) => {
-                    w[range].convert_to_f32_slice(&mut buf);
-                    dot_rows(xs, &buf, bias[j], out, dot_f32)
-                }
+                Weights::F16(w) => dot_rows(xs, &w[range], bias[j], out, dot_f16),
             }
         }
     });
