@@ -198,12 +198,35 @@ unsafe fn softmax_avx2(row: &mut [f32], scale: f32) {
     softmax_row(row, scale)
 }
 
+/// The max and the sum run in 8 independent lanes, as PyTorch's vectorized softmax does (a
+/// single running sum would be a chain of dependent additions the compiler cannot vectorize).
 #[inline(always)]
 fn softmax_row(row: &mut [f32], scale: f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-    row.iter_mut().for_each(|x| *x = exp(*x * scale - max));
+    const LANES: usize = 8;
+    let mut maxes = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail_max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+    for chunk in chunks {
+        for lane in 0..LANES {
+            maxes[lane] = maxes[lane].max(chunk[lane] * scale);
+        }
+    }
+    let max = maxes.iter().fold(tail_max, |m, &x| m.max(x));
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for lane in 0..LANES {
+            chunk[lane] = exp(chunk[lane] * scale - max);
+            sums[lane] += chunk[lane];
+        }
+    }
+    let mut tail_sum = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp(*x * scale - max);
+        tail_sum += *x;
+    }
     // one division per row, as PyTorch's vectorized softmax does
-    let inverse = 1.0 / row.iter().sum::<f32>();
+    let inverse = 1.0 / (sums.iter().sum::<f32>() + tail_sum);
     row.iter_mut().for_each(|x| *x *= inverse);
 }
 
@@ -485,7 +508,11 @@ fn exp(x: f32) -> f32 {
     let r = clamped - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
         + 0.5;
-    let y = (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2ⁿ from the biased exponent n + 127, an integer in [0, 255]: added to 2²³, it lands in the
+    // low mantissa bits. The same bits as `(n as i32 + 127) << 23`, but `as i32` saturates, which
+    // the compiler does not vectorize.
+    let biased = (n + 127.0 + 8_388_608.0).to_bits() - 0x4B00_0000;
+    let y = (p * r * r + r + 1.0) * f32::from_bits(biased << 23);
     if x < -87.0 {
         0.0
     } else {
