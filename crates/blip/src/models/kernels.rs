@@ -456,23 +456,40 @@ pub(crate) fn attend_packed(
         let (b, h) = (task / heads, task % heads);
         let base = b * n * 3 * width + h * d;
         let (q, k, v) = (&qkv[base..], &qkv[base + width..], &qkv[base + 2 * width..]);
-        let mut scores = vec![0f32; n * n];
-        let row = (3 * width) as isize;
-        // SAFETY: q, k and v are read within qkv (the last row of v ends at its last element);
-        // scores is [n, n]; each task writes only its own head's columns of its own image's rows
-        // of out, which no other task touches.
-        unsafe {
-            let none = gemm::Parallelism::None;
-            let key_t = Strided { ptr: k.as_ptr(), row: 1, col: row };
-            let query = Strided { ptr: q.as_ptr(), row, col: 1 };
-            matmul((n, n, d), Strided { ptr: scores.as_mut_ptr(), row: n as isize, col: 1 }, false, query, key_t, none);
-            softmax_rows(&mut scores, n, scale);
-            let context = Strided { ptr: out_ptr.at(b * n * width + h * d), row: width as isize, col: 1 };
-            let probs = Strided { ptr: scores.as_ptr(), row: n as isize, col: 1 };
-            matmul((n, d, n), context, false, probs, Strided { ptr: v.as_ptr(), row, col: 1 }, none);
-        }
+        SCORES.with_borrow_mut(|scores| {
+            // Each thread's [n, n] buffer is reused from task to task and layer to layer: no 1.3 MB
+            // allocation and zeroing per head, and it stays in cache.
+            scores.resize(n * n, 0.0);
+            let row = (3 * width) as isize;
+            // SAFETY: q, k and v are read within qkv (the last row of v ends at its last element);
+            // scores is [n, n]; each task writes only its own head's columns of its own image's rows
+            // of out, which no other task touches. Nothing here re-enters rayon, so no other task
+            // runs on this thread while it holds its scores.
+            unsafe {
+                let none = gemm::Parallelism::None;
+                let key_t = Strided { ptr: k.as_ptr(), row: 1, col: row };
+                let query = Strided { ptr: q.as_ptr(), row, col: 1 };
+                matmul(
+                    (n, n, d),
+                    Strided { ptr: scores.as_mut_ptr(), row: n as isize, col: 1 },
+                    false,
+                    query,
+                    key_t,
+                    none,
+                );
+                softmax_rows(scores, n, scale);
+                let context = Strided { ptr: out_ptr.at(b * n * width + h * d), row: width as isize, col: 1 };
+                let probs = Strided { ptr: scores.as_ptr(), row: n as isize, col: 1 };
+                matmul((n, d, n), context, false, probs, Strided { ptr: v.as_ptr(), row, col: 1 }, none);
+            }
+        })
     });
     out
+}
+
+thread_local! {
+    /// [`attend_packed`]'s attention scores, per thread.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The output buffer of [`attend_packed`], written by all tasks at disjoint places.

@@ -242,8 +242,15 @@ fn dot_rows<W>(xs: &[f32], w: &[W], bias: f32, out: &mut [f32], dot: fn(&[f32], 
 /// Many input rows: `gemm`'s blocked product, accumulating onto the bias rows.
 fn blocked_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
     let w = weights.to_f32();
-    let mut ys = vec![0f32; m * n];
-    ys.par_chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+    // The bias rows written straight into fresh memory (no zeroing pass first).
+    let mut ys = Vec::with_capacity(m * n);
+    ys.spare_capacity_mut()[..m * n].par_chunks_mut(n).for_each(|row| {
+        row.iter_mut().zip(bias).for_each(|(y, &b)| {
+            y.write(b);
+        })
+    });
+    // SAFETY: the m·n elements were all written just above.
+    unsafe { ys.set_len(m * n) };
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the strides describe xs [m, k] row-major, Wᵀ [k, n] read from W [n, k] row-major
