@@ -62,6 +62,9 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let dtype = cli.dtype.into();
+    // On a worker of rayon's pool, so that the model's small parallel steps (a decoding step has
+    // hundreds) run inline and share out their work, instead of each waking a worker from this
+    // thread and sleeping until it is done.
     let outcome = rayon::join(
         || match cli.command {
             Command::Caption(args) => caption::run(args, dtype),

@@ -239,9 +239,9 @@ pub(crate) struct Strided<P> {
 }
 
 /// `dst = a·b`, or `dst += a·b` when `accumulate`, for a [m, k], b [k, n] and dst [m, n] with
-/// any strides, on this thread or split by rows over `parallelism`'s threads. With the
-/// `openblas` feature OpenBLAS's sgemm computes it wherever the strides fit BLAS's layouts (all
-/// of this project's calls), otherwise the `gemm` crate.
+/// any strides, on this thread or over `parallelism`'s threads. With the `openblas` feature
+/// OpenBLAS's sgemm computes it wherever the strides fit BLAS's layouts (all of this project's
+/// calls), otherwise the `gemm` crate.
 ///
 /// # Safety
 /// Every element the three views address must lie within its buffer, and dst must not overlap

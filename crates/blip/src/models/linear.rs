@@ -7,9 +7,12 @@
 //! - one row (a decoding step at batch 1, the LM head): each weight row is read once and dotted
 //!   with the input, bf16/f16 widened in the dot itself; this is bound by reading the weights;
 //! - a few rows (batched or beam decoding, short texts): each task widens a block of weight rows
-//!   into cache and multiplies it with all input rows (`gemm`, one thread per block);
-//! - many rows (vision, cross-attention keys/values): the `gemm` crate's blocked product over the
-//!   whole matrix on all threads, bf16/f16 weights widened to f32 first.
+//!   into cache and multiplies it with all input rows (one thread per block);
+//! - many rows (vision, cross-attention keys/values): one blocked product over the whole matrix
+//!   on all threads, bf16/f16 weights widened to f32 first.
+//!
+//! The products are OpenBLAS's sgemm with the `openblas` feature, else the `gemm` crate's
+//! (see [`super::kernels::matmul`]).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
@@ -239,7 +242,7 @@ fn dot_rows<W>(xs: &[f32], w: &[W], bias: f32, out: &mut [f32], dot: fn(&[f32], 
     }
 }
 
-/// Many input rows: `gemm`'s blocked product, accumulating onto the bias rows.
+/// Many input rows: one blocked product, accumulating onto the bias rows.
 fn blocked_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
     let w = weights.to_f32();
     // The bias rows written straight into fresh memory (no zeroing pass first).

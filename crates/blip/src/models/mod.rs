@@ -155,8 +155,8 @@ impl candle_core::InplaceOp1 for ScaledSoftmax {
 }
 
 /// The values of a contiguous CPU f32 tensor, borrowed.
-/// Whether two tensors hold the same dtype, shape and bits (CPU; elsewhere only the former two
-/// are compared, and the answer is false).
+/// Whether two contiguous CPU tensors hold the same dtype, shape and bits (false for other
+/// devices and for views that are not contiguous: it only spares a copy, never decides values).
 pub(crate) fn same_bits(a: &Tensor, b: &Tensor) -> Result<bool> {
     if a.dtype() != b.dtype() || a.shape() != b.shape() {
         return Ok(false);
