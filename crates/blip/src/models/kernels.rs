@@ -181,15 +181,7 @@ fn gelu_lanes(data: &mut [f32]) {
 /// Softmax of `scale`·x over each row of `row_len` values, in place, on all threads.
 pub(crate) fn softmax(data: &mut [f32], row_len: usize, scale: f32) {
     let chunk = ((1 << 14) / row_len.max(1) + 1) * row_len;
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        data.par_chunks_mut(chunk).for_each(|rows| {
-            // SAFETY: the features softmax_avx2 is compiled for are present.
-            rows.chunks_mut(row_len).for_each(|row| unsafe { softmax_avx2(row, scale) })
-        });
-        return;
-    }
-    data.par_chunks_mut(chunk).for_each(|rows| rows.chunks_mut(row_len).for_each(|row| softmax_row(row, scale)));
+    data.par_chunks_mut(chunk).for_each(|rows| softmax_rows(rows, row_len, scale));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -322,7 +314,10 @@ mod blas {
             a: &Strided<*const f32>,
             b: &Strided<*const f32>,
         ) -> Option<Self> {
-            if m == 0 || n == 0 || k == 0 {
+            // BLAS takes sizes and strides as C ints.
+            let fits = |x: usize| x > 0 && x <= c_int::MAX as usize;
+            let strides = [dst.row, dst.col, a.row, a.col, b.row, b.col];
+            if ![m, n, k].into_iter().all(fits) || !strides.into_iter().all(|x| fits(x.unsigned_abs())) {
                 return None;
             }
             // In BLAS terms a view is (lead, unit): the step between its rows (row-major) or

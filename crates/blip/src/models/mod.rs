@@ -154,7 +154,6 @@ impl candle_core::InplaceOp1 for ScaledSoftmax {
     }
 }
 
-/// The values of a contiguous CPU f32 tensor, borrowed.
 /// Whether two contiguous CPU tensors hold the same dtype, shape and bits (false for other
 /// devices and for views that are not contiguous: it only spares a copy, never decides values).
 pub(crate) fn same_bits(a: &Tensor, b: &Tensor) -> Result<bool> {
@@ -183,6 +182,7 @@ pub(crate) fn same_bits(a: &Tensor, b: &Tensor) -> Result<bool> {
     })
 }
 
+/// The values of a contiguous CPU f32 tensor, borrowed.
 fn cpu_f32<'a>(storage: &'a candle_core::Storage, layout: &candle_core::Layout) -> Result<&'a [f32]> {
     match (storage, layout.contiguous_offsets()) {
         (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((start, end))) => Ok(&data[start..end]),
