@@ -145,8 +145,8 @@ def main():
     py_wall, py_rss, py_out = whole_program(py_cmd)
     same = [l.split("\t")[1] for l in blip_out.splitlines()] == [l.split("\t")[1] for l in py_out.splitlines()]
 
-    test = subprocess.run(["cargo", "test", "--release", "-p", "blip", "--features", "openblas", "--test", "dtype", "--", "--ignored",
-                           "full_size", "--nocapture"], cwd=REPO, capture_output=True, text=True,
+    test = subprocess.run(["cargo", "test", "--release", "-p", "blip", "--features", "openblas", "--test", "dtype",
+                           "--", "--ignored", "full_size", "--nocapture"], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "BLIP_FULL_FIXTURE": str(work)})
     agreement = [l.strip() for l in test.stderr.splitlines() if "against f32" in l]
 
