@@ -6,8 +6,9 @@
 //! same pass:
 //! - one row (a decoding step at batch 1, the LM head): each weight row is read once and dotted
 //!   with the input, bf16/f16 widened in the dot itself; this is bound by reading the weights;
-//! - a few rows (batched or beam decoding, short texts): each task widens a block of weight rows
-//!   into cache and multiplies it with all input rows (one thread per block);
+//! - a few rows (batched or beam decoding, short texts): each task multiplies all input rows with
+//!   a block of weight rows in register tiles, each weight read once from where it is stored
+//!   (no packed copy, which was a third of sgemm's time at these sizes);
 //! - many rows (vision, cross-attention keys/values): one blocked product over the whole matrix
 //!   on all threads, bf16/f16 weights widened to f32 first.
 //!
@@ -20,16 +21,16 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::kernels::{dot_kernel, matmul, widen_bf16, Strided};
+use super::kernels::{dot_kernel, matmul, rows_times_weights, widen_bf16, Strided};
 
-/// Input rows below which each weight row is dotted with each input row; from there up to
-/// [`STREAMED_ROWS`], blocks of weight rows are multiplied as they stream in; above, one blocked
-/// product over the whole matrix is fastest.
+/// Input rows below which each weight row is dotted with the input row; from there up to
+/// [`STREAMED_ROWS`], blocks of weight rows are multiplied in register tiles as they stream in;
+/// above, one blocked product over the whole matrix is fastest.
 const DOT_ROWS: usize = 2;
 const STREAMED_ROWS: usize = 32;
 /// Weight rows per parallel task in the row-dot kernel.
 const DOT_BLOCK: usize = 64;
-/// Weight rows per parallel task in the streamed product (widened, they stay in L2).
+/// Weight rows per parallel task in the streamed product.
 const STREAM_BLOCK: usize = 128;
 
 /// `y = x·Wᵀ + b` with `W` [out, in] as checkpoints store it.
@@ -200,36 +201,20 @@ fn transpose(xs: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     ys
 }
 
-/// A few input rows (batched decoding): each task widens a block of weight rows into cache and
-/// multiplies it with all input rows (`gemm`, one thread), so the weights stream in once.
+/// A few input rows (batched or beam decoding): each task multiplies all input rows with a
+/// block of weight rows, read once from where they are stored and widened in registers.
 fn streamed_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
     // Transposed [n, m], as in row_dot_product.
     let mut transposed = vec![0f32; n * m];
     transposed.par_chunks_mut(STREAM_BLOCK * m).enumerate().for_each(|(block, outs)| {
         let (first, rows) = (block * STREAM_BLOCK, outs.len() / m);
-        let block_weights = weights.slice(first * k..(first + rows) * k);
-        let widened;
-        let w = match block_weights {
-            Weights::F32(w) => w,
-            _ => {
-                widened = {
-                    let mut buf = vec![0f32; rows * k];
-                    block_weights.widen_into(&mut buf);
-                    buf
-                };
-                &widened
-            }
-        };
         for (column, &b) in outs.chunks_mut(m).zip(&bias[first..first + rows]) {
             column.fill(b);
         }
-        // SAFETY: xs [m, k] row-major; the block's Wᵀ [k, rows] read from W [rows, k]
-        // row-major; outs [rows, m] row-major written as its transpose [m, rows].
-        unsafe {
-            let outs_t = Strided { ptr: outs.as_mut_ptr(), row: 1, col: m as isize };
-            let inputs = Strided { ptr: xs.as_ptr(), row: k as isize, col: 1 };
-            let weights_t = Strided { ptr: w.as_ptr(), row: 1, col: k as isize };
-            matmul((m, rows, k), outs_t, true, inputs, weights_t, gemm::Parallelism::None);
+        match weights.slice(first * k..(first + rows) * k) {
+            Weights::F32(w) => rows_times_weights(xs, m, k, w, outs),
+            Weights::BF16(w) => rows_times_weights(xs, m, k, w, outs),
+            Weights::F16(w) => rows_times_weights(xs, m, k, w, outs),
         }
     });
     transpose(&transposed, n, m)
