@@ -290,7 +290,23 @@ pub(crate) fn softmax(data: &mut [f32], row_len: usize, scale: f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_avx2(row: &mut [f32], scale: f32) {
-    softmax_row(row, scale)
+    softmax_row(row, scale);
+}
+
+/// x ← exp(x − `max`) over the row, in place; returns the sum.
+fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features exp_shifted_avx2 is compiled for are present.
+        return unsafe { exp_shifted_avx2(row, max) };
+    }
+    exp_and_sum(row, 1.0, max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(row: &mut [f32], max: f32) -> f32 {
+    exp_and_sum(row, 1.0, max)
 }
 
 /// The max and the sum run in 8 independent lanes, as PyTorch's vectorized softmax does (a
@@ -307,6 +323,16 @@ fn softmax_row(row: &mut [f32], scale: f32) {
         }
     }
     let max = maxes.iter().fold(tail_max, |m, &x| m.max(x));
+    let sum = exp_and_sum(row, scale, max);
+    // one division per row, as PyTorch's vectorized softmax does
+    let inverse = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inverse);
+}
+
+/// x ← exp(`scale`·x − `max`) over the row, in place; returns the sum, in 8 lanes.
+#[inline(always)]
+fn exp_and_sum(row: &mut [f32], scale: f32, max: f32) -> f32 {
+    const LANES: usize = 8;
     let mut sums = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
@@ -320,9 +346,7 @@ fn softmax_row(row: &mut [f32], scale: f32) {
         *x = exp(*x * scale - max);
         tail_sum += *x;
     }
-    // one division per row, as PyTorch's vectorized softmax does
-    let inverse = 1.0 / (sums.iter().sum::<f32>() + tail_sum);
-    row.iter_mut().for_each(|x| *x *= inverse);
+    sums.iter().sum::<f32>() + tail_sum
 }
 
 /// A matrix operand for [`matmul`]: where element (0, 0) is and the steps between rows and
@@ -633,6 +657,330 @@ fn exp(x: f32) -> f32 {
     } else {
         y
     }
+}
+
+/// `out[i][e] += Σ_l coef[i][l] · w[l][e]` for i < m, l < len, e < width: the rows of `w`
+/// weighted by the rows of `coef`. Each matrix is given by its first element and the step
+/// between its rows.
+///
+/// # Safety
+/// Every element addressed must lie within its buffer, and `out` must not overlap the others.
+#[allow(clippy::too_many_arguments)]
+unsafe fn combine_rows<W: Widen>(
+    (coef, coef_row): (*const f32, usize),
+    (m, len): (usize, usize),
+    (w, w_row): (*const W, usize),
+    width: usize,
+    (out, out_row): (*mut f32, usize),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        return combine_rows_avx2((coef, coef_row), (m, len), (w, w_row), width, (out, out_row));
+    }
+    for i in 0..m {
+        for l in 0..len {
+            let c = *coef.add(i * coef_row + l);
+            for e in 0..width {
+                *out.add(i * out_row + e) += c * (*w.add(l * w_row + e)).widen();
+            }
+        }
+    }
+}
+
+/// Rows of `w` per pass: a pass updates all of `out` from 32 rows of `w` (24 KB at 192 columns),
+/// which stay in L1 while every tile of `out` reads them.
+const COMBINE_BLOCK: usize = 32;
+
+/// Tiles of up to 6 rows × 16 columns (12 sums; 2 loads and 6 broadcasts per 12 FMAs), or, for
+/// a single row, 1 × 64 (8 sums), over passes of [`COMBINE_BLOCK`] rows of `w`. Each pass first
+/// copies its coefficients, interleaved by row, so that a tile's broadcasts read one pointer at
+/// fixed offsets (strided rows had the compiler spill their addresses).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn combine_rows_avx2<W: Widen>(
+    (coef, coef_row): (*const f32, usize),
+    (m, len): (usize, usize),
+    (w, w_row): (*const W, usize),
+    width: usize,
+    (out, out_row): (*mut f32, usize),
+) {
+    let mut packed = [0f32; COMBINE_BLOCK * 6];
+    for first in (0..len).step_by(COMBINE_BLOCK) {
+        let block = (len - first).min(COMBINE_BLOCK);
+        let mut i = 0;
+        while i < m {
+            let rows = (m - i).min(6);
+            for l in 0..block {
+                for r in 0..rows {
+                    packed[l * rows + r] = *coef.add((i + r) * coef_row + first + l);
+                }
+            }
+            let tile = |e: usize| CombineTile {
+                coef: packed.as_ptr(),
+                len: block,
+                w: w.add(first * w_row + e),
+                w_row,
+                out: out.add(i * out_row + e),
+                out_row,
+            };
+            let mut e = 0;
+            if rows == 1 {
+                while e + 64 <= width {
+                    tile(e).run::<1, 8>();
+                    e += 64;
+                }
+            } else {
+                while e + 16 <= width {
+                    match rows {
+                        6 => tile(e).run::<6, 2>(),
+                        5 => tile(e).run::<5, 2>(),
+                        4 => tile(e).run::<4, 2>(),
+                        3 => tile(e).run::<3, 2>(),
+                        _ => tile(e).run::<2, 2>(),
+                    }
+                    e += 16;
+                }
+            }
+            while e + 8 <= width {
+                match rows {
+                    6 => tile(e).run::<6, 1>(),
+                    5 => tile(e).run::<5, 1>(),
+                    4 => tile(e).run::<4, 1>(),
+                    3 => tile(e).run::<3, 1>(),
+                    2 => tile(e).run::<2, 1>(),
+                    _ => tile(e).run::<1, 1>(),
+                }
+                e += 8;
+            }
+            for r in 0..rows {
+                for e in e..width {
+                    let sum: f32 =
+                        (0..block).map(|l| packed[l * rows + r] * (*w.add((first + l) * w_row + e)).widen()).sum();
+                    *out.add((i + r) * out_row + e) += sum;
+                }
+            }
+            i += rows;
+        }
+    }
+}
+
+/// One tile of [`combine_rows_avx2`], from its first row and column; the coefficients packed
+/// [len, R].
+#[cfg(target_arch = "x86_64")]
+struct CombineTile<W> {
+    coef: *const f32,
+    len: usize,
+    w: *const W,
+    w_row: usize,
+    out: *mut f32,
+    out_row: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<W: Widen> CombineTile<W> {
+    /// R rows × V registers of 8 columns, accumulated onto `out`.
+    ///
+    /// # Safety
+    /// As [`combine_rows`]', on a CPU with AVX2, FMA and F16C.
+    #[inline(always)]
+    unsafe fn run<const R: usize, const V: usize>(&self) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        for (r, sums) in acc.iter_mut().enumerate() {
+            for (v, sum) in sums.iter_mut().enumerate() {
+                *sum = _mm256_loadu_ps(self.out.add(r * self.out_row + 8 * v));
+            }
+        }
+        let (mut coef, mut w) = (self.coef, self.w);
+        for _ in 0..self.len {
+            let mut weights = [_mm256_setzero_ps(); V];
+            for (v, weight) in weights.iter_mut().enumerate() {
+                *weight = W::widen8(w.add(8 * v));
+            }
+            for (r, sums) in acc.iter_mut().enumerate() {
+                let c = _mm256_broadcast_ss(&*coef.add(r));
+                for (sum, &weight) in sums.iter_mut().zip(&weights) {
+                    *sum = _mm256_fmadd_ps(c, weight, *sum);
+                }
+            }
+            coef = coef.add(R);
+            w = w.add(self.w_row);
+        }
+        for (r, sums) in acc.iter().enumerate() {
+            for (v, &sum) in sums.iter().enumerate() {
+                _mm256_storeu_ps(self.out.add(r * self.out_row + 8 * v), sum);
+            }
+        }
+    }
+}
+
+/// The sizes of [`attend_encoder`]: queries [batch, queries, heads·head_dim], encoder states
+/// [batch, keys, width].
+#[derive(Clone, Copy)]
+pub(crate) struct EncoderAttentionShape {
+    pub batch: usize,
+    pub queries: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub keys: usize,
+    pub width: usize,
+}
+
+/// A projection `x·Wᵀ + b`: W [out, in] in its stored precision, b [out].
+#[derive(Clone, Copy)]
+pub(crate) struct Projection<'a, W> {
+    pub weight: &'a [W],
+    pub bias: &'a [f32],
+}
+
+/// Encoder states per block: 64 states of 768 are 192 KB, which stay in L2 between their two
+/// uses (the scores, then the mixing).
+const KEY_BLOCK: usize = 64;
+
+/// Cross-attention straight from the encoder states E, without their keys and values:
+/// softmax(q·kᵀ·scale + bias)·v with k = E·Wkᵀ + bk and v = E·Wvᵀ + bv is computed as
+/// q·kᵀ = (q·Wk)·Eᵀ + q·bk and p·v = (p·E)·Wvᵀ + bv (each row of p sums to 1). The same
+/// function, summed in another order. For a few queries it is far less work than the keys and
+/// values of every encoder state (for 20 decoded tokens, 6 against 16 GFLOP per image), and each
+/// step reads E (1.8 MB per image, which stays in cache from layer to layer) instead of 42 MB of
+/// keys and values per image.
+///
+/// `q` [batch, queries, heads·head_dim] (projected, bias added), `states` [batch, keys, width],
+/// `bias` [batch, keys] (additive, shared by heads and queries). Returns the context with heads
+/// merged, [batch, queries, heads·head_dim].
+pub(crate) fn attend_encoder<W: Widen + Sync>(
+    q: &[f32],
+    states: &[f32],
+    (key, value): (Projection<W>, Projection<W>),
+    bias: Option<&[f32]>,
+    scale: f32,
+    s: EncoderAttentionShape,
+) -> Vec<f32> {
+    let EncoderAttentionShape { batch, queries: t, heads, head_dim, keys: n, width } = s;
+    let dim = heads * head_dim;
+    assert!(q.len() == batch * t * dim && states.len() == batch * n * width);
+    assert!(key.weight.len() == dim * width && value.weight.len() == dim * width);
+    assert!(key.bias.len() == dim && value.bias.len() == dim && bias.is_none_or(|b| b.len() == batch * n));
+    // Query rows: of the batch, image-major [batch, t]; of one image, head-major [heads, t].
+    let (m, rows) = (batch * t, heads * t);
+
+    // The queries in the encoder's space, q·Wk per head: [heads, batch·t, width]. One task per
+    // head, which reads its rows of Wk once for the whole batch.
+    let mut projected = vec![0f32; heads * m * width];
+    projected.par_chunks_mut(m * width).enumerate().for_each(|(head, projected)| {
+        // SAFETY: the head's columns of all rows of q [batch·t, dim], its rows of Wk
+        // [head_dim, width], and this task's own [batch·t, width].
+        unsafe {
+            combine_rows(
+                (q.as_ptr().add(head * head_dim), dim),
+                (m, head_dim),
+                (key.weight.as_ptr().add(head * head_dim * width), width),
+                width,
+                (projected.as_mut_ptr(), width),
+            );
+        }
+    });
+
+    // Each image's states are split in as many parts as keep all threads busy; each part's task
+    // runs a softmax over its states block by block (rescaling what it has summed whenever the
+    // running max grows), so that each block is read once (into cache) for its scores and again
+    // for mixing them. Its result: per query row, the max, the sum of exponentials and the
+    // states mixed by them (not yet divided by the sum).
+    let parts_per_image = (2 * rayon::current_num_threads()).div_ceil(batch).min(n.div_ceil(KEY_BLOCK)).max(1);
+    let part_len = n.div_ceil(parts_per_image);
+    let mut parts = vec![(f32::NEG_INFINITY, 0f32); batch * parts_per_image * rows];
+    let mut part_mixed = vec![0f32; batch * parts_per_image * rows * width];
+    parts.par_chunks_mut(rows).zip(part_mixed.par_chunks_mut(rows * width)).enumerate().for_each(
+        |(task, (parts, mixed))| {
+            let (image, first) = (task / parts_per_image, task % parts_per_image * part_len);
+            let end = (first + part_len).min(n);
+            // this image's query rows in the encoder's space, [heads, t, width]
+            let mut queries = Vec::with_capacity(rows * width);
+            for head in 0..heads {
+                queries.extend_from_slice(&projected[(head * m + image * t) * width..][..t * width]);
+            }
+            // The key bias' share q·bk, the same for every state: softmax would not see it, but
+            // transformers adds it, and so it is added here.
+            let shifts: Vec<f32> = (0..rows)
+                .map(|row| {
+                    let (head, i) = (row / t, row % t);
+                    let query = &q[(image * t + i) * dim + head * head_dim..][..head_dim];
+                    query.iter().zip(&key.bias[head * head_dim..][..head_dim]).map(|(a, b)| a * b).sum()
+                })
+                .collect();
+            let mut scores = vec![0f32; KEY_BLOCK * rows];
+            let mut probs = vec![0f32; rows * KEY_BLOCK];
+            for block in (first..end).step_by(KEY_BLOCK) {
+                let len = KEY_BLOCK.min(end - block);
+                let block_states = &states[(image * n + block) * width..(image * n + block + len) * width];
+                // scores [len, rows] (transposed), then probabilities [rows, len]
+                let scores = &mut scores[..len * rows];
+                scores.fill(0.0);
+                rows_times_weights(&queries, rows, width, block_states, scores);
+                for (row, p) in probs[..rows * len].chunks_mut(len).enumerate() {
+                    for (j, p) in p.iter_mut().enumerate() {
+                        let bias = bias.map_or(0.0, |bias| bias[image * n + block + j]);
+                        *p = (scores[j * rows + row] + shifts[row]) * scale + bias;
+                    }
+                    let (max, sum) = &mut parts[row];
+                    let new_max = p.iter().fold(*max, |m, &x| m.max(x));
+                    let rescale = exp(*max - new_max);
+                    *sum = *sum * rescale + exp_shifted(p, new_max);
+                    if rescale != 1.0 {
+                        mixed[row * width..(row + 1) * width].iter_mut().for_each(|x| *x *= rescale);
+                    }
+                    *max = new_max;
+                }
+                // SAFETY: probs [rows, len], the block's states [len, width] and this task's
+                // own [rows, width].
+                unsafe {
+                    combine_rows(
+                        (probs.as_ptr(), len),
+                        (rows, len),
+                        (block_states.as_ptr(), width),
+                        width,
+                        (mixed.as_mut_ptr(), width),
+                    );
+                }
+            }
+        },
+    );
+
+    // The parts merged, each weighted by its share of the whole softmax: the states mixed by the
+    // probabilities, p·E, [batch, heads, t, width].
+    let mut mixed = vec![0f32; batch * rows * width];
+    mixed.par_chunks_mut(width).enumerate().for_each(|(row, mixed)| {
+        let (image, r) = (row / rows, row % rows);
+        let part = |index: usize| parts[(image * parts_per_image + index) * rows + r];
+        let max = (0..parts_per_image).map(|index| part(index).0).fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = (0..parts_per_image).map(|index| part(index).1 * exp(part(index).0 - max)).sum();
+        for index in 0..parts_per_image {
+            let weight = exp(part(index).0 - max) / total;
+            let part_mixed = &part_mixed[((image * parts_per_image + index) * rows + r) * width..][..width];
+            mixed.iter_mut().zip(part_mixed).for_each(|(m, x)| *m += weight * x);
+        }
+    });
+
+    // Back to the model's width through each head's rows of Wv, bias added: [batch, t, dim].
+    let mut out = vec![0f32; batch * t * dim];
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..heads).into_par_iter().for_each(|head| {
+        let mut xs = Vec::with_capacity(m * width);
+        for image in 0..batch {
+            xs.extend_from_slice(&mixed[(image * rows + head * t) * width..][..t * width]);
+        }
+        let mut outs = vec![0f32; head_dim * m];
+        for (column, &b) in outs.chunks_mut(m).zip(&value.bias[head * head_dim..][..head_dim]) {
+            column.fill(b);
+        }
+        rows_times_weights(&xs, m, width, &value.weight[head * head_dim * width..][..head_dim * width], &mut outs);
+        for (o, column) in outs.chunks(m).enumerate() {
+            for (row, &x) in column.iter().enumerate() {
+                // SAFETY: this head's columns of out, which no other task writes.
+                unsafe { *out_ptr.at(row * dim + head * head_dim + o) = x };
+            }
+        }
+    });
+    out
 }
 
 /// The sizes of an attention call: q [batch, heads, queries, head_dim], k and v

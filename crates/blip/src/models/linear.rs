@@ -50,6 +50,16 @@ impl Linear {
         };
         Ok(Self { weight, bias })
     }
+
+    /// [out, in], in the dtype the model was loaded in.
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// [out], f32.
+    pub(crate) fn bias(&self) -> &Tensor {
+        &self.bias
+    }
 }
 
 impl Module for Linear {

@@ -127,6 +127,57 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Op
     probs.matmul(v)
 }
 
+/// Up to this many queries per call, CPU cross-attention starts from the encoder states
+/// instead of their keys and values (see [`attention_to_states`]): below about 50 queries that
+/// is less work than projecting every encoder state.
+pub(crate) const STATES_ATTENTION_QUERIES: usize = 32;
+
+/// Cross-attention of `q` [b, t, heads·head_dim] (projected, heads not split) to `states`
+/// [b, n, width] through the `key` and `value` projections, on the CPU without computing keys
+/// and values (see `kernels::attend_encoder`). `bias` [b, 1, 1, n] is additive. Returns the
+/// context with heads merged, [b, t, heads·head_dim].
+pub(crate) fn attention_to_states(
+    q: &Tensor,
+    states: &Tensor,
+    (key, value): (&Linear, &Linear),
+    heads: usize,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (batch, queries, dim) = q.dims3()?;
+    let (_, keys, width) = states.dims3()?;
+    let shape = kernels::EncoderAttentionShape { batch, queries, heads, head_dim: dim / heads, keys, width };
+    let bias = bias.map(|bias| bias.flatten_all()?.to_vec1::<f32>()).transpose()?;
+    let (q, states) = (q.contiguous()?, states.contiguous()?);
+    let (q, states) = (q.storage_and_layout(), states.storage_and_layout());
+    let (q, states) = (cpu_f32(&q.0, q.1)?, cpu_f32(&states.0, states.1)?);
+    let (key_bias, value_bias) = (key.bias().storage_and_layout(), value.bias().storage_and_layout());
+    let (key_bias, value_bias) = (cpu_f32(&key_bias.0, key_bias.1)?, cpu_f32(&value_bias.0, value_bias.1)?);
+    let (key_weight, value_weight) = (key.weight().storage_and_layout(), value.weight().storage_and_layout());
+    let (Some(key_range), Some(value_range)) = (key_weight.1.contiguous_offsets(), value_weight.1.contiguous_offsets())
+    else {
+        candle_core::bail!("cross-attention: the key and value weights must be contiguous");
+    };
+    let (key_range, value_range) = (key_range.0..key_range.1, value_range.0..value_range.1);
+    // The kernel for the weights' dtype.
+    macro_rules! attend {
+        ($key:expr, $value:expr) => {{
+            let key = kernels::Projection { weight: &$key[key_range], bias: key_bias };
+            let value = kernels::Projection { weight: &$value[value_range], bias: value_bias };
+            kernels::attend_encoder(q, states, (key, value), bias.as_deref(), scale as f32, shape)
+        }};
+    }
+    use candle_core::CpuStorage::{BF16, F16, F32};
+    use candle_core::Storage::Cpu;
+    let context = match (&*key_weight.0, &*value_weight.0) {
+        (Cpu(F32(k)), Cpu(F32(v))) => attend!(k, v),
+        (Cpu(BF16(k)), Cpu(BF16(v))) => attend!(k, v),
+        (Cpu(F16(k)), Cpu(F16(v))) => attend!(k, v),
+        _ => candle_core::bail!("cross-attention: key and value weights of one CPU float dtype expected"),
+    };
+    Tensor::from_vec(context, (batch, queries, dim), &candle_core::Device::Cpu)
+}
+
 /// softmax(scale·x) over the last dimension; on contiguous f32 CPU tensors in place, in one
 /// vectorized pass on all threads (the vision tower's attention has 4M scores per image and
 /// layer: no second buffer for them).
@@ -227,6 +278,51 @@ mod tests {
         let expected = merge_heads(&attention(&part(0), &part(1), &part(2), 0.25, None).unwrap()).unwrap();
         let diff = (packed - expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    /// Cross-attention from the encoder states (several blocks and parts of states, a padded
+    /// image whose last blocks are all padding, widths with remainders, each weight dtype)
+    /// against keys and values computed first, then softmax(q·kᵀ·scale + bias)·v.
+    #[test]
+    fn attention_to_states_matches_keys_and_values() {
+        let dev = candle_core::Device::Cpu;
+        let (heads, head_dim, width, keys) = (3, 16, 43, 150);
+        let dim = heads * head_dim;
+        let random = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (key_weight, value_weight) = (random(&[dim, width]), random(&[dim, width]));
+        let (key_bias, value_bias) = (random(&[dim]), random(&[dim]));
+        for batch in [1, 2] {
+            let states = random(&[batch, keys, width]);
+            let padding: Vec<f32> =
+                (0..batch * keys).map(|i| if i / keys == 1 && i % keys >= 20 { f32::MIN } else { 0.0 }).collect();
+            let padding = Tensor::from_vec(padding, (batch, 1, 1, keys), &dev).unwrap();
+            for (queries, bias) in [(1, None), (3, Some(&padding))] {
+                let q = random(&[batch, queries, dim]);
+                for dtype in [DType::F32, DType::BF16, DType::F16] {
+                    let stored = |w: &Tensor| w.to_dtype(dtype).unwrap();
+                    let key = Linear::new(stored(&key_weight), Some(key_bias.clone())).unwrap();
+                    let value = Linear::new(stored(&value_weight), Some(value_bias.clone())).unwrap();
+                    let ours = attention_to_states(&q, &states, (&key, &value), heads, 0.25, bias).unwrap();
+                    // the reference from the same rounded weights, in plain tensor operations
+                    let project = |w: &Tensor, b: &Tensor| {
+                        let w = stored(w).to_dtype(DType::F32).unwrap();
+                        let projected = states.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap();
+                        split_heads(&projected, heads).unwrap()
+                    };
+                    let (k, v) = (project(&key_weight, &key_bias), project(&value_weight, &value_bias));
+                    let scores = (split_heads(&q, heads).unwrap().matmul(&k.t().unwrap()).unwrap() * 0.25).unwrap();
+                    let scores = match bias {
+                        Some(bias) => scores.broadcast_add(bias).unwrap(),
+                        None => scores,
+                    };
+                    let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+                    let expected = merge_heads(&probs.matmul(&v).unwrap()).unwrap();
+                    let diff = (ours - expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                    let diff = diff.to_scalar::<f32>().unwrap();
+                    assert!(diff < 1e-4, "batch {batch}, {queries} queries, {dtype:?}: {diff}");
+                }
+            }
+        }
     }
 
     #[test]

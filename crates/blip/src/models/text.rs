@@ -5,9 +5,12 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
-use super::cache::{DecoderCache, KeyValue};
+use super::cache::{CrossAttention, DecoderCache, KeyValue};
 use super::linear::Linear;
-use super::{attention, gelu, layer_norm, linear, merge_heads, same_bits, split_heads};
+use super::{
+    attention, attention_to_states, gelu, layer_norm, linear, merge_heads, same_bits, split_heads,
+    STATES_ATTENTION_QUERIES,
+};
 use crate::config::TextConfig;
 
 /// `BlipTextEmbeddings`: word + absolute position embeddings, LayerNorm. The word embeddings
@@ -81,6 +84,26 @@ impl TextAttention {
         let context = merge_heads(&attention(&q, &kv.key, &kv.value, self.scale, bias)?)?;
         self.layer_norm.forward(&(self.dense.forward(&context)? + xs)?)
     }
+
+    /// Cross-attention to encoder `states` [b, n, encoder_hidden]: LayerNorm(x + dense(context)).
+    /// On the CPU, for a few queries, without computing the states' keys and values at all.
+    fn attend_states(&self, xs: &Tensor, states: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let queries = xs.dim(1)?;
+        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !(f32_cpu(xs) && f32_cpu(states) && queries <= STATES_ATTENTION_QUERIES) {
+            return self.attend(xs, &self.key_value(states)?, bias);
+        }
+        let q = self.query.forward(xs)?;
+        let context = attention_to_states(&q, states, (&self.key, &self.value), self.heads, self.scale, bias)?;
+        self.layer_norm.forward(&(self.dense.forward(&context)? + xs)?)
+    }
+}
+
+/// What a layer's cross-attention attends to: the encoder states, or their keys and values.
+#[derive(Clone, Copy)]
+enum Encoder<'a> {
+    States(&'a Tensor),
+    KeyValue(&'a KeyValue),
 }
 
 /// `BlipTextLayer`: self-attention, cross-attention (when encoder states are given), FFN.
@@ -109,13 +132,13 @@ impl TextLayer {
         })
     }
 
-    /// `cross` holds the encoder keys/values and the additive bias masking their padding.
+    /// `cross` holds the encoder side and the additive bias masking its padding.
     fn forward(
         &self,
         xs: &Tensor,
         self_bias: Option<&Tensor>,
         past: &mut Option<KeyValue>,
-        cross: Option<(&KeyValue, Option<&Tensor>)>,
+        cross: Option<(Encoder, Option<&Tensor>)>,
     ) -> Result<Tensor> {
         let mut kv = self.attention.key_value(xs)?;
         if let Some(past) = past.as_ref() {
@@ -126,8 +149,11 @@ impl TextLayer {
         }
         let mut hidden = self.attention.attend(xs, &kv, self_bias)?;
         *past = Some(kv);
-        if let (Some(crossattention), Some((cross, cross_bias))) = (&self.crossattention, cross) {
-            hidden = crossattention.attend(&hidden, cross, cross_bias)?;
+        if let (Some(crossattention), Some((encoder, bias))) = (&self.crossattention, cross) {
+            hidden = match encoder {
+                Encoder::States(states) => crossattention.attend_states(&hidden, states, bias)?,
+                Encoder::KeyValue(kv) => crossattention.attend(&hidden, kv, bias)?,
+            };
         }
         let ffn = self.output.forward(&gelu(self.intermediate.forward(&hidden)?)?)?;
         self.output_layer_norm.forward(&(ffn + hidden)?)
@@ -157,19 +183,26 @@ impl TextModel {
         self.embeddings.word_embeddings.embeddings()
     }
 
-    /// A cache for decoding against `encoder_states` [b, n, encoder_hidden]: the cross-attention
+    /// A cache for decoding against `encoder_states` [b, n, encoder_hidden]. On the CPU it keeps
+    /// the states, which each step attends to directly; elsewhere the cross-attention
     /// keys/values are computed here, once. `encoder_mask` [b, n] (1 = real, 0 = padding) keeps
     /// the decoder off padded encoder positions (transformers ignores it since 4.54; images are
     /// never padded, padded question batches are).
     pub fn new_cache(&self, encoder_states: &Tensor, encoder_mask: Option<&Tensor>) -> Result<DecoderCache> {
-        let cross_attention = self
+        let cross_layers = self
             .layers
             .iter()
             .map(|layer| match &layer.crossattention {
-                Some(cross) => cross.key_value(encoder_states),
+                Some(cross) => Ok(cross),
                 None => candle_core::bail!("this text model has no cross-attention weights"),
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<_>>>()?;
+        let cross_attention = if encoder_states.device().is_cpu() {
+            CrossAttention::States(encoder_states.clone())
+        } else {
+            let key_values = cross_layers.iter().map(|cross| cross.key_value(encoder_states));
+            CrossAttention::KeyValues(key_values.collect::<Result<_>>()?)
+        };
         Ok(DecoderCache {
             self_attention: vec![None; self.layers.len()],
             cross_attention,
@@ -195,11 +228,11 @@ impl TextModel {
         let mut xs = self.embeddings.forward(input_ids, 0)?;
         for layer in &self.layers {
             let cross = match (encoder_states, &layer.crossattention) {
-                (Some(states), Some(cross)) => Some(cross.key_value(states)?),
+                (Some(states), Some(_)) => Some((Encoder::States(states), None)),
                 (Some(_), None) => candle_core::bail!("this text model has no cross-attention weights"),
                 (None, _) => None,
             };
-            xs = layer.forward(&xs, bias.as_ref(), &mut None, cross.as_ref().map(|kv| (kv, None)))?;
+            xs = layer.forward(&xs, bias.as_ref(), &mut None, cross)?;
         }
         Ok(xs)
     }
@@ -219,7 +252,11 @@ impl TextModel {
         let bias = if t > 1 { Some(causal_bias(t, past_len, input_ids.device())?) } else { None };
         let mut xs = self.embeddings.forward(input_ids, past_len)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let cross = (&cache.cross_attention[i], cache.cross_attention_bias.as_ref());
+            let encoder = match &cache.cross_attention {
+                CrossAttention::States(states) => Encoder::States(states),
+                CrossAttention::KeyValues(key_values) => Encoder::KeyValue(&key_values[i]),
+            };
+            let cross = (encoder, cache.cross_attention_bias.as_ref());
             xs = layer.forward(&xs, bias.as_ref(), &mut cache.self_attention[i], Some(cross))?;
         }
         cache.past_len += t;
