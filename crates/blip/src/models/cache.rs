@@ -1,5 +1,5 @@
-//! Decoding state: self-attention keys/values grown one step at a time, and cross-attention
-//! keys/values computed once from the image (they never change while decoding).
+//! Decoding state: self-attention keys/values grown one step at a time, and what the
+//! cross-attention attends to (the encoder states, or their keys/values), fixed while decoding.
 
 use candle_core::{Result, Tensor};
 

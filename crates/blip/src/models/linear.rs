@@ -9,8 +9,8 @@
 //! - a few rows (batched or beam decoding, short texts): each task multiplies all input rows with
 //!   a block of weight rows in register tiles, each weight read once from where it is stored
 //!   (no packed copy, which was a third of sgemm's time at these sizes);
-//! - many rows (vision, cross-attention keys/values): one blocked product over the whole matrix
-//!   on all threads, bf16/f16 weights widened to f32 first.
+//! - many rows (vision, long texts): one blocked product over the whole matrix on all threads,
+//!   bf16/f16 weights widened to f32 first.
 //!
 //! The products are OpenBLAS's sgemm with the `openblas` feature, else the `gemm` crate's
 //! (see [`super::kernels::matmul`]).

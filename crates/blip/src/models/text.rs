@@ -198,7 +198,7 @@ impl TextModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let cross_attention = if encoder_states.device().is_cpu() {
-            CrossAttention::States(encoder_states.clone())
+            CrossAttention::States(encoder_states.contiguous()?)
         } else {
             let key_values = cross_layers.iter().map(|cross| cross.key_value(encoder_states));
             CrossAttention::KeyValues(key_values.collect::<Result<_>>()?)
