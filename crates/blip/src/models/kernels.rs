@@ -665,7 +665,6 @@ fn exp(x: f32) -> f32 {
 ///
 /// # Safety
 /// Every element addressed must lie within its buffer, and `out` must not overlap the others.
-#[allow(clippy::too_many_arguments)]
 unsafe fn combine_rows<W: Widen>(
     (coef, coef_row): (*const f32, usize),
     (m, len): (usize, usize),

@@ -147,6 +147,15 @@ pub(crate) fn attention_to_states(
     let (batch, queries, dim) = q.dims3()?;
     let (_, keys, width) = states.dims3()?;
     let shape = kernels::EncoderAttentionShape { batch, queries, heads, head_dim: dim / heads, keys, width };
+    if let Some(bias) = bias {
+        if bias.elem_count() != batch * keys {
+            candle_core::bail!(
+                "cross-attention: the encoder mask has shape {:?}, the encoder states {:?} (one mask value per state)",
+                bias.dims(),
+                states.dims()
+            );
+        }
+    }
     let bias = bias.map(|bias| bias.flatten_all()?.to_vec1::<f32>()).transpose()?;
     let (q, states) = (q.contiguous()?, states.contiguous()?);
     let (q, states) = (q.storage_and_layout(), states.storage_and_layout());
@@ -323,6 +332,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A mask that does not match the states is an error, not a panic in the kernel.
+    #[test]
+    fn attention_to_states_rejects_a_mask_of_another_length() {
+        let dev = candle_core::Device::Cpu;
+        let linear = || Linear::new(Tensor::zeros((8, 6), DType::F32, &dev).unwrap(), None).unwrap();
+        let (key, value) = (linear(), linear());
+        let q = Tensor::zeros((2, 1, 8), DType::F32, &dev).unwrap();
+        let states = Tensor::zeros((2, 5, 6), DType::F32, &dev).unwrap();
+        let mask = Tensor::zeros((2, 1, 1, 4), DType::F32, &dev).unwrap();
+        let error = attention_to_states(&q, &states, (&key, &value), 2, 0.5, Some(&mask)).unwrap_err();
+        assert!(error.to_string().contains("encoder mask"), "{error}");
     }
 
     #[test]
