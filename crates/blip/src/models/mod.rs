@@ -279,14 +279,24 @@ mod tests {
     #[test]
     fn packed_attention_matches_the_split_heads_one() {
         let dev = candle_core::Device::Cpu;
-        let (b, t, heads, d) = (2, 37, 3, 16);
-        let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * d), &dev).unwrap();
-        let packed = attention_packed(&qkv, heads, 0.25).unwrap();
-        let split = qkv.reshape((b, t, 3, heads, d)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();
-        let part = |i| split.get(i).unwrap().contiguous().unwrap();
-        let expected = merge_heads(&attention(&part(0), &part(1), &part(2), 0.25, None).unwrap()).unwrap();
-        let diff = (packed - expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        // Query blocks and key groups with remainders, head_dim 64 as in BLIP, a scale that is
+        // not a power of two, and a head_dim the register tiles do not take (sgemm instead).
+        let shapes = [(2, 37, 3, 16, 0.25), (1, 50, 2, 64, 0.125), (1, 23, 2, 64, 0.3), (2, 21, 2, 24, 0.2)];
+        for (b, t, heads, d, scale) in shapes {
+            let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * d), &dev).unwrap();
+            let packed = attention_packed(&qkv, heads, scale).unwrap();
+            // softmax(q·kᵀ·scale)·v in f64, from the same f32 values.
+            let split = qkv.to_dtype(DType::F64).unwrap().reshape((b, t, 3, heads, d)).unwrap();
+            let split = split.permute((2, 0, 3, 1, 4)).unwrap();
+            let part = |i| split.get(i).unwrap().contiguous().unwrap();
+            let scores = (part(0).matmul(&part(1).t().unwrap()).unwrap() * scale).unwrap();
+            let weights = scores.broadcast_sub(&scores.max_keepdim(3).unwrap()).unwrap().exp().unwrap();
+            let probs = weights.broadcast_div(&weights.sum_keepdim(3).unwrap()).unwrap();
+            let expected = merge_heads(&probs.matmul(&part(2)).unwrap()).unwrap();
+            let diff = (packed.to_dtype(DType::F64).unwrap() - expected).unwrap().abs().unwrap();
+            let diff = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff < 2e-6, "{b}x{t} tokens, {heads} heads of {d}: {diff}");
+        }
     }
 
     /// Cross-attention from the encoder states (several blocks and parts of states, a padded
