@@ -281,9 +281,29 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         // Query blocks and key groups with remainders, head_dim 64 as in BLIP, a scale that is
         // not a power of two, and a head_dim the register tiles do not take (sgemm instead).
-        let shapes = [(2, 37, 3, 16, 0.25), (1, 50, 2, 64, 0.125), (1, 23, 2, 64, 0.3), (2, 21, 2, 24, 0.2)];
-        for (b, t, heads, d, scale) in shapes {
-            let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * d), &dev).unwrap();
+        // The tolerances are f32's noise at these scores: over 200 random draws both the tiles
+        // and the sgemm route stayed under 1e-6 on the first shape and under 4e-6 on the
+        // others (scale 0.3 at head_dim 64 gives scores up to ~10). Fixed inputs (a seeded
+        // generator), so that the test cannot pass or fail by the draw.
+        let shapes = [
+            (2, 37, 3, 16, 0.25, 1e-6),
+            (1, 50, 2, 64, 0.125, 4e-6),
+            (1, 23, 2, 64, 0.3, 4e-6),
+            (2, 21, 2, 24, 0.2, 4e-6),
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut uniform = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        for (b, t, heads, d, scale, tolerance) in shapes {
+            // standard normal values (Box–Muller)
+            let values: Vec<f32> = (0..b * t * 3 * heads * d)
+                .map(|_| ((-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos()) as f32)
+                .collect();
+            let qkv = Tensor::from_vec(values, (b, t, 3 * heads * d), &dev).unwrap();
             let packed = attention_packed(&qkv, heads, scale).unwrap();
             // softmax(q·kᵀ·scale)·v in f64, from the same f32 values.
             let split = qkv.to_dtype(DType::F64).unwrap().reshape((b, t, 3, heads, d)).unwrap();
@@ -295,7 +315,7 @@ mod tests {
             let expected = merge_heads(&probs.matmul(&part(2)).unwrap()).unwrap();
             let diff = (packed.to_dtype(DType::F64).unwrap() - expected).unwrap().abs().unwrap();
             let diff = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
-            assert!(diff < 2e-6, "{b}x{t} tokens, {heads} heads of {d}: {diff}");
+            assert!(diff < tolerance, "{b}x{t} tokens, {heads} heads of {d}: {diff}");
         }
     }
 
