@@ -580,7 +580,7 @@ pub(crate) fn attend_packed(
         let (b, h) = (task / heads, task % heads);
         let base = b * n * 3 * width + h * d;
         let (q, k, v) = (&qkv[base..], &qkv[base + width..], &qkv[base + 2 * width..]);
-        SCORES.with_borrow_mut(|scratch| {
+        SCRATCH.with_borrow_mut(|scratch| {
             // SAFETY: q, k and v are read within qkv (the last row of v ends at its last element);
             // each task writes only its own head's columns of its own image's rows of out, which
             // no other task touches. Nothing here re-enters rayon, so no other task runs on this
@@ -738,7 +738,7 @@ unsafe fn attend_head(
 
 thread_local! {
     /// [`attend_packed`]'s scratch (scores, and the copies of k and v), per thread.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The output buffer of [`attend_packed`], written by all tasks at disjoint places.
@@ -859,13 +859,7 @@ unsafe fn combine_rows_avx2<W: Widen>(
                 }
             } else {
                 while e + 16 <= width {
-                    match rows {
-                        6 => tile(e).run::<6, 2>(),
-                        5 => tile(e).run::<5, 2>(),
-                        4 => tile(e).run::<4, 2>(),
-                        3 => tile(e).run::<3, 2>(),
-                        _ => tile(e).run::<2, 2>(),
-                    }
+                    tile(e).run_rows(rows);
                     e += 16;
                 }
             }
