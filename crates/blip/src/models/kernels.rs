@@ -271,7 +271,31 @@ pub(crate) fn gelu(data: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gelu_avx2(data: &mut [f32]) {
-    gelu_lanes(data)
+    let mut chunks = data.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        _mm256_storeu_ps(chunk.as_mut_ptr(), gelu8(_mm256_loadu_ps(chunk.as_ptr())));
+    }
+    gelu_lanes(chunks.into_remainder())
+}
+
+/// [`gelu_lanes`]' formula on eight lanes, with fused multiply-adds (the compiler, bound to
+/// Rust's separate rounding of `a * b + c`, cannot fuse them itself).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn gelu8(x: __m256) -> __m256 {
+    let set = _mm256_set1_ps;
+    let z = _mm256_mul_ps(x, set(std::f32::consts::FRAC_1_SQRT_2));
+    let sign = _mm256_and_ps(z, set(-0.0));
+    let a = _mm256_andnot_ps(set(-0.0), z);
+    let t = _mm256_div_ps(set(1.0), _mm256_fmadd_ps(set(0.327_591_1), a, set(1.0)));
+    let mut r = _mm256_fmadd_ps(set(1.061_405_4), t, set(-1.453_152));
+    r = _mm256_fmadd_ps(r, t, set(1.421_413_8));
+    r = _mm256_fmadd_ps(r, t, set(-0.284_496_74));
+    r = _mm256_fmadd_ps(r, t, set(0.254_829_6));
+    let e = exp8(_mm256_mul_ps(_mm256_xor_ps(a, set(-0.0)), a));
+    let erf = _mm256_or_ps(_mm256_fnmadd_ps(_mm256_mul_ps(r, t), e, set(1.0)), sign);
+    let half_x = _mm256_mul_ps(x, set(0.5));
+    _mm256_fmadd_ps(half_x, erf, half_x)
 }
 
 #[inline(always)]
@@ -290,7 +314,17 @@ pub(crate) fn softmax(data: &mut [f32], row_len: usize, scale: f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_avx2(row: &mut [f32], scale: f32) {
-    softmax_row(row, scale);
+    let mut maxes = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        maxes = _mm256_max_ps(maxes, _mm256_loadu_ps(chunk.as_ptr()));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), maxes);
+    // the max of the scaled values (scale > 0)
+    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
+    let inverse = 1.0 / exp_and_sum_avx2(row, scale, max);
+    row.iter_mut().for_each(|x| *x *= inverse);
 }
 
 /// x ← exp(x − `max`) over the row, in place; returns the sum.
@@ -306,7 +340,25 @@ fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_shifted_avx2(row: &mut [f32], max: f32) -> f32 {
-    exp_and_sum(row, 1.0, max)
+    exp_and_sum_avx2(row, 1.0, max)
+}
+
+/// [`exp_and_sum`] through [`exp8`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp_and_sum_avx2(row: &mut [f32], scale: f32, max: f32) -> f32 {
+    let (scale8, max8) = (_mm256_set1_ps(scale), _mm256_set1_ps(max));
+    let mut sums = [_mm256_setzero_ps(); 2];
+    let mut chunks = row.chunks_exact_mut(16);
+    for chunk in &mut chunks {
+        for (half, sum) in sums.iter_mut().enumerate() {
+            let at = chunk.as_mut_ptr().add(8 * half);
+            let e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(at), scale8, max8));
+            _mm256_storeu_ps(at, e);
+            *sum = _mm256_add_ps(*sum, e);
+        }
+    }
+    horizontal_sum(_mm256_add_ps(sums[0], sums[1])) + exp_and_sum(chunks.into_remainder(), scale, max)
 }
 
 /// The max and the sum run in 8 independent lanes, as PyTorch's vectorized softmax does (a
@@ -664,7 +716,7 @@ unsafe fn attend_head_blocked(
             };
             tile.run_rows(size);
         }
-        softmax_columns::<B>(scores_t);
+        let inverses = exp_columns16(scores_t);
         for group in (0..rows).step_by(6) {
             for (c, panel) in value_panels.chunks_exact(n * B).enumerate() {
                 let tile = CombineTile {
@@ -680,32 +732,39 @@ unsafe fn attend_head_blocked(
                 tile.run_rows((rows - group).min(6));
             }
         }
+        for (r, &inverse) in inverses[..rows].iter().enumerate() {
+            let mixed = std::slice::from_raw_parts_mut(out.add((first + r) * out_row), d);
+            mixed.iter_mut().for_each(|x| *x *= inverse);
+        }
     }
 }
 
-/// Softmax down each of the L columns of `data` [rows, L], in place: as [`softmax_row`], with
-/// each column's max and sum in its own lane.
+/// The exponentials of softmax down each of the 16 columns of `data` [rows, 16], in place:
+/// exp(x − the column's max), two registers a row. Returns each column's 1 / sum, which the
+/// caller applies to the 16 mixed rows instead of to every probability.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn softmax_columns<const L: usize>(data: &mut [f32]) {
-    let mut maxes = [f32::NEG_INFINITY; L];
-    for row in data.chunks_exact(L) {
-        for lane in 0..L {
-            maxes[lane] = maxes[lane].max(row[lane]);
+unsafe fn exp_columns16(data: &mut [f32]) -> [f32; 16] {
+    let mut maxes = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
+    for row in data.chunks_exact(16) {
+        for (half, max) in maxes.iter_mut().enumerate() {
+            *max = _mm256_max_ps(*max, _mm256_loadu_ps(row.as_ptr().add(8 * half)));
         }
     }
-    let mut sums = [0f32; L];
-    for row in data.chunks_exact_mut(L) {
-        for lane in 0..L {
-            row[lane] = exp(row[lane] - maxes[lane]);
-            sums[lane] += row[lane];
+    let mut sums = [_mm256_setzero_ps(); 2];
+    for row in data.chunks_exact_mut(16) {
+        for (half, (sum, &max)) in sums.iter_mut().zip(&maxes).enumerate() {
+            let at = row.as_mut_ptr().add(8 * half);
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(at), max));
+            _mm256_storeu_ps(at, e);
+            *sum = _mm256_add_ps(*sum, e);
         }
     }
-    let inverses = sums.map(|sum| 1.0 / sum);
-    for row in data.chunks_exact_mut(L) {
-        for lane in 0..L {
-            row[lane] *= inverses[lane];
-        }
+    let mut inverses = [0f32; 16];
+    for (half, &sum) in sums.iter().enumerate() {
+        _mm256_storeu_ps(inverses.as_mut_ptr().add(8 * half), _mm256_div_ps(_mm256_set1_ps(1.0), sum));
     }
+    inverses
 }
 
 /// One head of [`attend_packed`] with sgemm: [n, n] scores, softmax, mixing of v. Arguments as
@@ -784,6 +843,26 @@ fn exp(x: f32) -> f32 {
     } else {
         y
     }
+}
+
+/// [`exp`] on eight lanes, its polynomial in fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let set = _mm256_set1_ps;
+    let clamped = _mm256_max_ps(x, set(-87.0));
+    let n = _mm256_floor_ps(_mm256_fmadd_ps(clamped, set(std::f32::consts::LOG2_E), set(0.5)));
+    let r = _mm256_fmadd_ps(n, set(2.121_944_4e-4), _mm256_fnmadd_ps(n, set(0.693_359_4), clamped));
+    let mut p = _mm256_fmadd_ps(set(1.987_569_1e-4), r, set(1.398_199_9e-3));
+    p = _mm256_fmadd_ps(p, r, set(8.333_452e-3));
+    p = _mm256_fmadd_ps(p, r, set(4.166_579_6e-2));
+    p = _mm256_fmadd_ps(p, r, set(0.166_666_65));
+    p = _mm256_fmadd_ps(p, r, set(0.5));
+    let y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, set(1.0)));
+    // 2ⁿ: n + 127 in [0, 255] shifted into the exponent bits
+    let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    let scaled = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)));
+    _mm256_and_ps(scaled, _mm256_cmp_ps::<_CMP_NLT_UQ>(x, set(-87.0)))
 }
 
 /// `out[i][e] += Σ_l coef[i][l] · w[l][e]` for i < m, l < len, e < width: the rows of `w`
@@ -1307,6 +1386,28 @@ mod tests {
                 let exact = (x as f64 * 0.125 - max).exp() / sum;
                 assert!((p as f64 - exact).abs() <= 1e-6 * exact + 1e-9, "{p} against {exact}");
             }
+        }
+    }
+
+    /// The AVX2 exp and GELU against their scalar forms, over the whole range each sees.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_exp_and_gelu_match_the_scalar_ones() {
+        if !has_avx2_fma() {
+            return;
+        }
+        let xs: Vec<f32> = (-90_000..88_000).map(|i| i as f32 * 1e-3 + 3.3e-4).collect();
+        let (mut exps, mut gelus) = (vec![0f32; xs.len()], xs.clone());
+        for (x, e) in xs.chunks_exact(8).zip(exps.chunks_exact_mut(8)) {
+            // SAFETY: AVX2 and FMA are present; eight lanes each side.
+            unsafe { _mm256_storeu_ps(e.as_mut_ptr(), exp8(_mm256_loadu_ps(x.as_ptr()))) };
+        }
+        // SAFETY: as above.
+        unsafe { gelu_avx2(&mut gelus) };
+        for ((&x, &e), &g) in xs.iter().zip(&exps).zip(&gelus) {
+            let (scalar_exp, scalar_gelu) = (exp(x), x * 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)));
+            assert!((e - scalar_exp).abs() <= 2.5e-7 * scalar_exp, "exp({x}): {e} against {scalar_exp}");
+            assert!((g - scalar_gelu).abs() <= 1e-6 * (1.0 + scalar_gelu.abs()), "gelu({x}): {g} against {scalar_gelu}");
         }
     }
 
