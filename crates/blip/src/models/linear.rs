@@ -62,9 +62,24 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    /// xs [..., in] (f32) → [..., out] (f32).
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl Linear {
+    /// `residual + xs·Wᵀ + b`, the residual branch of a transformer layer in one pass: on the
+    /// CPU the residual is where the product starts from, instead of an addition afterwards
+    /// over the whole output.
+    pub(crate) fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !(cpu_f32(xs) && cpu_f32(residual)) {
+            return self.forward(xs)? + residual;
+        }
+        let ys = self.apply(xs, &LinearOp { residual: Some(residual.contiguous()?) })?;
+        if ys.shape() != residual.shape() {
+            candle_core::bail!("linear: output {:?} and residual {:?} differ in shape", ys.dims(), residual.dims());
+        }
+        Ok(ys)
+    }
+
+    /// The product on the CPU kernels (or candle's ops elsewhere), [..., in] → [..., out].
+    fn apply(&self, xs: &Tensor, op: &LinearOp) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let mut dims = xs.dims().to_vec();
         match dims.last_mut() {
@@ -74,11 +89,18 @@ impl Module for Linear {
         let rows = xs.elem_count() / in_dim.max(1);
         let flat = xs.reshape((rows, in_dim))?;
         let ys = if xs.device().is_cpu() {
-            flat.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &LinearOp)?
+            flat.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, op)?
         } else {
             flat.matmul(&self.weight.to_dtype(xs.dtype())?.t()?)?.broadcast_add(&self.bias)?
         };
         ys.reshape(dims)
+    }
+}
+
+impl Module for Linear {
+    /// xs [..., in] (f32) → [..., out] (f32).
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.apply(xs, &LinearOp { residual: None })
     }
 }
 
@@ -131,7 +153,10 @@ impl<'a> Weights<'a> {
     }
 }
 
-struct LinearOp;
+/// The product, starting from the bias rows, or from bias + `residual` [m, n] (contiguous f32).
+struct LinearOp {
+    residual: Option<Tensor>,
+}
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
@@ -163,12 +188,28 @@ impl CustomOp3 for LinearOp {
             CpuStorage::F16(w) => Weights::F16(&w[start..end]),
             other => candle_core::bail!("linear: weights of dtype {:?} are not supported", other.dtype()),
         };
-        let ys = if m < DOT_ROWS {
-            row_dot_product(xs, m, k, weights, n, bias)
-        } else if m <= STREAMED_ROWS {
-            streamed_product(xs, m, k, weights, n, bias)
+        let residual_storage = self.residual.as_ref().map(|residual| residual.storage_and_layout());
+        let residual = match &residual_storage {
+            Some((storage, layout)) => match (&**storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) if end - start == m * n => {
+                    Some(&data[start..end])
+                }
+                _ => candle_core::bail!("linear: the residual must be contiguous f32 of the output's size"),
+            },
+            None => None,
+        };
+        let ys = if m > STREAMED_ROWS {
+            blocked_product(xs, m, k, weights, n, bias, residual)
         } else {
-            blocked_product(xs, m, k, weights, n, bias)
+            let mut ys = if m < DOT_ROWS {
+                row_dot_product(xs, m, k, weights, n, bias)
+            } else {
+                streamed_product(xs, m, k, weights, n, bias)
+            };
+            if let Some(residual) = residual {
+                ys.iter_mut().zip(residual).for_each(|(y, r)| *y += r);
+            }
+            ys
         };
         Ok((CpuStorage::F32(ys), Shape::from((m, n))))
     }
@@ -237,15 +278,26 @@ fn dot_rows<W>(xs: &[f32], w: &[W], bias: f32, out: &mut [f32], dot: fn(&[f32], 
     }
 }
 
-/// Many input rows: one blocked product, accumulating onto the bias rows.
-fn blocked_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
+/// Many input rows: one blocked product, accumulating onto the bias rows (plus the residual's).
+fn blocked_product(
+    xs: &[f32],
+    m: usize,
+    k: usize,
+    weights: Weights,
+    n: usize,
+    bias: &[f32],
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
     let w = weights.to_f32();
-    // The bias rows written straight into fresh memory (no zeroing pass first).
+    // The starting rows written straight into fresh memory (no zeroing pass first).
     let mut ys = Vec::with_capacity(m * n);
-    ys.spare_capacity_mut()[..m * n].par_chunks_mut(n).for_each(|row| {
-        row.iter_mut().zip(bias).for_each(|(y, &b)| {
+    ys.spare_capacity_mut()[..m * n].par_chunks_mut(n).enumerate().for_each(|(i, row)| match residual {
+        Some(residual) => row.iter_mut().zip(bias).zip(&residual[i * n..]).for_each(|((y, &b), &r)| {
+            y.write(b + r);
+        }),
+        None => row.iter_mut().zip(bias).for_each(|(y, &b)| {
             y.write(b);
-        })
+        }),
     });
     // SAFETY: the m·n elements were all written just above.
     unsafe { ys.set_len(m * n) };
@@ -313,6 +365,25 @@ mod tests {
         let ours = Linear::new(weight.clone(), Some(bias.clone())).unwrap().forward(&xs).unwrap();
         let candle = candle_nn::Linear::new(weight, Some(bias)).forward(&xs).unwrap();
         assert_eq!(max_diff(&ours, &candle), 0.0);
+    }
+
+    #[test]
+    fn the_residual_is_added_by_every_kernel() {
+        let dev = Device::Cpu;
+        // 65 rows (blocked), 6 (streamed), 1 (row-dot)
+        for rows in [65, 6, 1] {
+            let xs = Tensor::randn(0f32, 1.0, (rows, 70), &dev).unwrap();
+            let residual = Tensor::randn(0f32, 1.0, (rows, 130), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (130, 70), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
+            let ours =
+                Linear::new(weight.clone(), Some(bias.clone())).unwrap().forward_residual(&xs, &residual).unwrap();
+            let expected = (reference(&xs, &weight, &bias) + &residual).unwrap();
+            assert!(max_diff(&ours, &expected) < 1e-4, "{rows} rows: {}", max_diff(&ours, &expected));
+        }
+        let linear = Linear::new(Tensor::zeros((8, 32), DType::F32, &dev).unwrap(), None).unwrap();
+        let xs = Tensor::zeros((3, 32), DType::F32, &dev).unwrap();
+        assert!(linear.forward_residual(&xs, &Tensor::zeros((3, 9), DType::F32, &dev).unwrap()).is_err());
     }
 
     #[test]

@@ -3,12 +3,12 @@
 //! (causal, cached) and the question, matching and contrastive encoders (bidirectional).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::cache::{CrossAttention, DecoderCache, KeyValue};
 use super::linear::Linear;
 use super::{
-    attention, attention_to_states, gelu, layer_norm, linear, merge_heads, same_bits, split_heads,
+    attention, attention_to_states, gelu, layer_norm, linear, merge_heads, same_bits, split_heads, LayerNorm,
     STATES_ATTENTION_QUERIES,
 };
 use crate::config::TextConfig;
@@ -82,7 +82,7 @@ impl TextAttention {
     fn attend(&self, xs: &Tensor, kv: &KeyValue, bias: Option<&Tensor>) -> Result<Tensor> {
         let q = split_heads(&self.query.forward(xs)?, self.heads)?;
         let context = merge_heads(&attention(&q, &kv.key, &kv.value, self.scale, bias)?)?;
-        self.layer_norm.forward(&(self.dense.forward(&context)? + xs)?)
+        self.layer_norm.forward(&self.dense.forward_residual(&context, xs)?)
     }
 
     /// Cross-attention to encoder `states` [b, n, encoder_hidden]: LayerNorm(x + dense(context)).
@@ -95,7 +95,7 @@ impl TextAttention {
         }
         let q = self.query.forward(xs)?;
         let context = attention_to_states(&q, states, (&self.key, &self.value), self.heads, self.scale, bias)?;
-        self.layer_norm.forward(&(self.dense.forward(&context)? + xs)?)
+        self.layer_norm.forward(&self.dense.forward_residual(&context, xs)?)
     }
 }
 
@@ -155,8 +155,8 @@ impl TextLayer {
                 Encoder::KeyValue(kv) => crossattention.attend(&hidden, kv, bias)?,
             };
         }
-        let ffn = self.output.forward(&gelu(self.intermediate.forward(&hidden)?)?)?;
-        self.output_layer_norm.forward(&(ffn + hidden)?)
+        let ffn = self.output.forward_residual(&gelu(self.intermediate.forward(&hidden)?)?, &hidden)?;
+        self.output_layer_norm.forward(&ffn)
     }
 }
 

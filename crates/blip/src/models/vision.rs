@@ -2,11 +2,11 @@
 //! post LayerNorm.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::linear::Linear;
 
-use super::{attention_packed, gelu, layer_norm, linear};
+use super::{attention_packed, gelu, layer_norm, linear, LayerNorm};
 use crate::config::VisionConfig;
 
 /// `BlipVisionEmbeddings`: a stride-16 conv over patches, a class token, learned positions.
@@ -81,9 +81,10 @@ impl VisionAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `residual` + attention(xs).
+    fn forward(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let context = attention_packed(&self.qkv.forward(xs)?, self.heads, self.scale)?;
-        self.projection.forward(&context)
+        self.projection.forward_residual(&context, residual)
     }
 }
 
@@ -109,9 +110,8 @@ impl VisionLayer {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
-        let mlp = self.fc2.forward(&gelu(self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?)?;
-        xs + mlp
+        let xs = self.self_attn.forward(&self.layer_norm1.forward(xs)?, xs)?;
+        self.fc2.forward_residual(&gelu(self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?, &xs)
     }
 }
 
