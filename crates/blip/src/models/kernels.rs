@@ -376,15 +376,16 @@ pub(crate) fn softmax(data: &mut [f32], row_len: usize, scale: f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_avx2(row: &mut [f32], scale: f32) {
-    let mut maxes = _mm256_set1_ps(f32::NEG_INFINITY);
+    // the max of the scaled values, as softmax_row takes it (whatever the scale's sign)
+    let (mut maxes, scale8) = (_mm256_set1_ps(f32::NEG_INFINITY), _mm256_set1_ps(scale));
     let mut chunks = row.chunks_exact(8);
     for chunk in &mut chunks {
-        maxes = _mm256_max_ps(maxes, _mm256_loadu_ps(chunk.as_ptr()));
+        maxes = _mm256_max_ps(maxes, _mm256_mul_ps(_mm256_loadu_ps(chunk.as_ptr()), scale8));
     }
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), maxes);
-    // the max of the scaled values (scale > 0)
-    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
+    let tail = chunks.remainder().iter().map(|&x| x * scale);
+    let max = tail.chain(lanes).fold(f32::NEG_INFINITY, f32::max);
     let inverse = 1.0 / exp_and_sum_avx2(row, scale, max);
     row.iter_mut().for_each(|x| *x *= inverse);
 }
@@ -718,8 +719,9 @@ const QUERY_BLOCK: usize = 16;
 /// One head of [`attend_packed`] by blocks of 16 queries: `q`, `k`, `v` [n, d] with rows `row`
 /// apart (d a multiple of 16), the context written to `out` [n, d] with rows `out_row` apart.
 /// The block's scores are kept transposed, [n, 16] (37 KB at 577 tokens): q·kᵀ
-/// writes them in register tiles of 6 keys × 16 queries, softmax runs down the columns in
-/// whole registers, and the mixing of v reads each key's 16 probabilities in order. The
+/// writes them in register tiles of 6 keys × 16 queries, softmax's exponentials run down the
+/// columns in whole registers, the mixing of v reads each key's 16 weights in order, and each
+/// mixed row is then divided by its sum. The
 /// operands are contiguous copies: k by groups of 6 keys [d, 6], the block's qᵀ [d, 16], v
 /// in panels [n, 16] of 16 columns.
 ///
@@ -738,6 +740,7 @@ unsafe fn attend_head_blocked(
     (out, out_row): (*mut f32, usize),
 ) {
     const B: usize = QUERY_BLOCK;
+    const { assert!(B == 16, "exp_columns16 takes blocks of 16 queries") };
     // Every element of the scratch is written before it is read.
     scratch.resize(2 * n * d + d * B + n * B, 0.0);
     let (key_groups, rest) = scratch.split_at_mut(n * d);

@@ -71,11 +71,14 @@ impl Linear {
         if !(cpu_f32(xs) && cpu_f32(residual)) {
             return self.forward(xs)? + residual;
         }
-        let ys = self.apply(xs, &LinearOp { residual: Some(residual.contiguous()?) })?;
-        if ys.shape() != residual.shape() {
-            candle_core::bail!("linear: output {:?} and residual {:?} differ in shape", ys.dims(), residual.dims());
+        let mut output_dims = xs.dims().to_vec();
+        if let Some(features) = output_dims.last_mut() {
+            *features = self.weight.dim(0)?;
         }
-        Ok(ys)
+        if output_dims != residual.dims() {
+            candle_core::bail!("linear: output {output_dims:?} and residual {:?} differ in shape", residual.dims());
+        }
+        self.apply(xs, &LinearOp { residual: Some(residual.contiguous()?) })
     }
 
     /// The product on the CPU kernels (or candle's ops elsewhere), [..., in] → [..., out].
