@@ -9,8 +9,10 @@ run and on the same 8 scikit-image photos at 384 px, greedy decoding of exactly 
 (min = max = 20):
   - PyTorch (transformers 5.24) f32 and bf16: vision tower and whole `generate` at batch 1 and 8;
   - this project (examples/bench.rs) with f32 and bf16 weights: the same stages;
-  - f32 in 3 rounds, each running this project then PyTorch, and each stage's best of the 3 on
-    either side (the machine is shared: a busy moment should not decide a ratio); bf16 in one;
+  - f32 in 5 rounds, each running both (this project first in every other round, PyTorch first in
+    the rest, so that neither side always follows the other), and each stage's best of the 5 on
+    either side (the machine is shared: a busy moment should not decide a ratio); each round's
+    own ratios are listed too; bf16 in one round;
   - whole programs captioning 4 images: `blip caption` (f32 and --dtype bf16) against
     scripts/bench_caption_transformers.py, wall time and peak RSS (/usr/bin/time, best of 2);
   - the f32 matrix-product throughput each reaches on a 4616x768x3072 product;
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGES = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
           "retina.jpg", "motorcycle_left.png", "color.png"]
 NEW_TOKENS = 20
-F32_ROUNDS = 3
+F32_ROUNDS = 5
 VISION_GFLOP = None  # computed from the config below
 
 
@@ -144,11 +147,14 @@ def main():
         return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
     ours_runs, torch_runs, torch_mm = [], [], 0.0
-    for _ in range(F32_ROUNDS):
-        ours_runs.append(ours_with("f32"))
+    for round_index in range(F32_ROUNDS):
+        if round_index % 2 == 0:
+            ours_runs.append(ours_with("f32"))
         run, cfg = bench_torch(model_dir, paths, torch.float32)
         torch_runs.append(run)
         torch_mm = max(torch_mm, torch_matmul_gflops())
+        if round_index % 2 == 1:
+            ours_runs.append(ours_with("f32"))
     ours, torch_f32 = best_of(ours_runs), best_of(torch_runs)
     ours_bf16 = ours_with("bf16")
     torch_bf16, _ = bench_torch(model_dir, paths, torch.bfloat16)
@@ -183,9 +189,10 @@ def main():
         f"Measured by `scripts/bench.py` on {time.strftime('%Y-%m-%d')}: {machine()}. PyTorch "
         f"{torch.__version__} with transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
         f"this project with {ours['threads']} threads. All numbers from the same run of the script; f32: "
-        f"{F32_ROUNDS} rounds, each running this project then PyTorch, and for each stage the best of the "
-        f"{F32_ROUNDS} on either side (per-token decoding from the best whole and vision times); bf16: one "
-        "round. The machine is shared: single figures drift by 10–20% between runs; compare ratios.",
+        f"{F32_ROUNDS} rounds, each running both (this project first in every other round, PyTorch first in "
+        f"the rest), and for each stage the best of the {F32_ROUNDS} on either side (per-token decoding from "
+        "the best whole and vision times); bf16: one round. The machine is shared: single figures drift by "
+        "10–20% between runs; compare ratios.",
         "",
         "Model: a full-size random `Salesforce/blip-image-captioning-base` (real config, Hub-layout "
         "pytorch_model.bin). Inputs: 8 scikit-image photos at 384 px; greedy decoding of exactly 20 new "
@@ -200,7 +207,15 @@ def main():
         lines.append(f"| {label} | {ours[key]:.3f} | {torch_f32[key]:.3f} | {ratio(ours[key], torch_f32[key])} "
                      f"| {ours_bf16[key]:.3f} | {torch_bf16[key]:.3f} | {ratio(ours_bf16[key], torch_bf16[key])} "
                      f"| {ratio(ours_bf16[key], torch_f32[key])} |")
+    def per_round(key):
+        ratios = [o[key] / t[key] for o, t in zip(ours_runs, torch_runs)]
+        listed = ", ".join(f"{r:.2f}×" for r in ratios)
+        return f"{listed} (median {statistics.median(ratios):.2f}×)"
+
     lines += [
+        "",
+        "Each f32 round's own ratio of whole `generate` times (this project / PyTorch, same round), in order: "
+        f"batch 1 {per_round('generate_b1_s')}; batch 8 {per_round('generate_b8_s_per_image')}.",
         "",
         "This project's bf16 holds the weight matrices in bf16 and computes in f32 (products accumulate in "
         "f32); PyTorch's bf16 is the whole model in bf16 (`from_pretrained(dtype=torch.bfloat16)`).",
@@ -259,7 +274,8 @@ def main():
         ]
     (REPO / "BENCHMARKS.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    print(json.dumps({"ours": ours, "ours_bf16": ours_bf16, "torch_f32": torch_f32, "torch_bf16": torch_bf16}, indent=1))
+    print(json.dumps({"ours": ours, "ours_bf16": ours_bf16, "torch_f32": torch_f32, "torch_bf16": torch_bf16,
+                      "ours_f32_rounds": ours_runs, "torch_f32_rounds": torch_runs}, indent=1))
 
 
 if __name__ == "__main__":
