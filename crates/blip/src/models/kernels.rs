@@ -1129,9 +1129,10 @@ const KEY_BLOCK: usize = 64;
 /// softmax(q·kᵀ·scale + bias)·v with k = E·Wkᵀ + bk and v = E·Wvᵀ + bv is computed as
 /// q·kᵀ = (q·Wk)·Eᵀ + q·bk and p·v = (p·E)·Wvᵀ + bv (each row of p sums to 1). The same
 /// function, summed in another order. For a few queries it is far less work than the keys and
-/// values of every encoder state (for 20 decoded tokens, 6 against 16 GFLOP per image), and each
-/// step reads E (1.8 MB per image, which stays in cache from layer to layer) instead of 42 MB of
-/// keys and values per image.
+/// values of every encoder state (for 20 decoded tokens, 6 against 16 GFLOP per image). Each step
+/// reads E in every layer (1.8 MB per image, from memory: the decoder's weights streamed between
+/// two layers evict it) and Wk, Wv (shared by the batch), where cached keys and values would be
+/// 3.5 MB per image and layer, computed first.
 ///
 /// `q` [batch, queries, heads·head_dim] (projected, bias added), `states` [batch, keys, width],
 /// `bias` [batch, keys] (additive, shared by heads and queries). Returns the context with heads
