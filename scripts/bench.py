@@ -192,13 +192,13 @@ def main():
         f"{F32_ROUNDS} rounds, each running both (this project first in every other round, PyTorch first in "
         f"the rest), and for each stage the best of the {F32_ROUNDS} on either side (per-token decoding from "
         "the best whole and vision times); bf16: one round. The machine is shared: single figures drift by "
-        "10–20% between runs; compare ratios.",
+        "10–30% from round to round and run to run; compare ratios.",
         "",
         "Model: a full-size random `Salesforce/blip-image-captioning-base` (real config, Hub-layout "
         "pytorch_model.bin). Inputs: 8 scikit-image photos at 384 px; greedy decoding of exactly 20 new "
         "tokens (`min_new_tokens = max_new_tokens = 20`). Batch-1 figures are the mean over the first 4 photos.",
         "",
-        "Command: `/opt/fixenv/bin/python scripts/bench.py`",
+        f"Command: `{sys.executable} scripts/bench.py{''.join(' ' + a for a in sys.argv[1:])}`",
         "",
         "| | this project f32 | PyTorch f32 | ratio | this project bf16 | PyTorch bf16 | ratio | this project bf16 / PyTorch f32 |",
         "|---|---|---|---|---|---|---|---|",
