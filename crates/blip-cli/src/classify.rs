@@ -9,13 +9,12 @@ use blip::{ClassifyOptions, ImageTextMatcher, LabelScore};
 use clap::Args;
 use serde::Serialize;
 
-use crate::common::{self, Format, ImageRunArgs};
-use crate::matching::DEFAULT_MATCHING_MODEL;
+use crate::common::{self, Format, ImageRunArgs, OutputArgs};
 
 #[derive(Args)]
 pub struct ClassifyArgs {
     /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
-    #[arg(long, short, default_value = DEFAULT_MATCHING_MODEL)]
+    #[arg(long, short, default_value = ImageTextMatcher::DEFAULT_MODEL)]
     model: String,
 
     /// The labels, separated by commas, e.g. "cat,dog,car".
@@ -42,6 +41,9 @@ pub struct ClassifyArgs {
     #[command(flatten)]
     run: ImageRunArgs,
 
+    #[command(flatten)]
+    output: OutputArgs,
+
     /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -49,25 +51,15 @@ pub struct ClassifyArgs {
 
 /// Classifies every readable image; unreadable ones are reported and make the exit code 1.
 pub fn run(args: ClassifyArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
-    let labels = parse_labels(&args.labels)?;
-    if !args.template.contains("{}") {
-        anyhow::bail!("--template \"{}\" has no {{}} where the label goes", args.template);
-    }
-    let options = ClassifyOptions {
-        template: args.template.clone(),
-        rerank: args.rerank.then_some(usize::from(args.rerank_top)),
-    };
-    let device = blip::Device::Cpu;
-    let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &device, dtype)?;
-    if args.rerank && !matcher.has_itm_head() {
-        anyhow::bail!(
-            "{}: --rerank needs an ITM head, which only BlipForImageTextRetrieval checkpoints have; this one is a {}",
-            args.model,
-            matcher.architecture().class_name()
-        );
-    }
+    let labels: Vec<&str> = args.labels.split(',').map(str::trim).collect();
+    let mut options = ClassifyOptions::default();
+    options.template = args.template.clone();
+    options.rerank = args.rerank.then_some(usize::from(args.rerank_top));
+    options.validate(&labels)?;
+    let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &blip::Device::Cpu, dtype)?;
+    matcher.validate_classify(&labels, &options)?;
     matcher.set_resize_backend(args.run.resize.into());
-    let format = args.run.format;
+    let format = args.output.format;
     let shown = args.top.map_or(labels.len(), usize::from);
     let mut out = std::io::stdout().lock();
     let ended = common::for_each_image(
@@ -79,20 +71,6 @@ pub fn run(args: ClassifyArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
         |out, path, scores| write_labels(out, format, path, &scores[..shown.min(scores.len())]),
     )?;
     Ok(common::exit_code(ended, args.images.len(), "classified"))
-}
-
-/// Comma-separated labels, trimmed; none empty, none twice.
-fn parse_labels(labels: &str) -> anyhow::Result<Vec<&str>> {
-    let labels: Vec<&str> = labels.split(',').map(str::trim).collect();
-    if labels.iter().any(|l| l.is_empty()) {
-        anyhow::bail!("--labels has an empty label: give labels separated by commas, e.g. \"cat,dog,car\"");
-    }
-    for (i, label) in labels.iter().enumerate() {
-        if labels[..i].contains(label) {
-            anyhow::bail!("--labels has \"{label}\" twice");
-        }
-    }
-    Ok(labels)
 }
 
 #[derive(Serialize)]

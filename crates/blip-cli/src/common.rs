@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use blip::generation::GenerationOptions;
-use blip::processor::image::{load_image, ResizeBackend};
+use blip::{load_image, GeneratedText, GenerationOptions, Param, ResizeBackend};
 use clap::{Arg, Args, Command, ValueEnum};
 use image::RgbImage;
 use serde::Serialize;
@@ -52,20 +51,24 @@ impl From<Dtype> for blip::DType {
     }
 }
 
-/// Batch size, output format and resize, as every image command takes them.
+/// Batch size and resize, as every image command takes them.
 #[derive(Args)]
 pub struct ImageRunArgs {
     /// Images processed together in one forward pass.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
 
-    /// Output: `text` (tab-separated columns) or `jsonl` (one JSON object per record).
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
-
     /// Image resize: `torchvision` (transformers 5, default) or `pil` (transformers 4).
     #[arg(long, value_enum, default_value_t = Resize::Torchvision)]
     pub resize: Resize,
+}
+
+/// The output format of the commands that print one record per result.
+#[derive(Args)]
+pub struct OutputArgs {
+    /// Output: `text` (tab-separated columns) or `jsonl` (one JSON object per record).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 /// When beam search stops: transformers' `early_stopping` False, True or "never".
@@ -79,7 +82,7 @@ pub enum EarlyStopping {
     Never,
 }
 
-impl From<EarlyStopping> for blip::generation::EarlyStopping {
+impl From<EarlyStopping> for blip::EarlyStopping {
     fn from(early_stopping: EarlyStopping) -> Self {
         match early_stopping {
             EarlyStopping::False => Self::Heuristic,
@@ -89,50 +92,59 @@ impl From<EarlyStopping> for blip::generation::EarlyStopping {
     }
 }
 
-/// The options of transformers' `generate` (same names, kebab-case, same defaults) but the
-/// lengths, which every generating command declares with its own default.
+/// The options of transformers' `generate`, same names in kebab-case. Unset, each takes the
+/// checkpoint's default: its `generation_config.json`, else transformers' (and for answers at
+/// most 10 new tokens).
 #[derive(Args)]
 #[command(next_help_heading = "Generation")]
 pub struct GenerationArgs {
-    /// Beams of beam search; 1 is greedy search, or sampling with --do-sample.
-    #[arg(long, default_value_t = 1)]
-    pub num_beams: usize,
+    /// Most new tokens to generate, the prompt not counted [default: 20 for captions, 10 for answers].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
 
-    /// Beam search: a finished sequence scores sum(log p) / length ** this (> 0 favours longer ones).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub length_penalty: f32,
+    /// Fewest new tokens before the text may end [default: 0].
+    #[arg(long)]
+    pub min_new_tokens: Option<usize>,
 
-    /// Beam search: when to stop (transformers' early_stopping False, True or "never").
-    #[arg(long, value_enum, default_value_t = EarlyStopping::False)]
-    pub early_stopping: EarlyStopping,
+    /// Beams of beam search; 1 is greedy search, or sampling with --do-sample [default: 1].
+    #[arg(long)]
+    pub num_beams: Option<usize>,
 
-    /// Sequences returned per input, best first: the best beams, or independent samples.
-    #[arg(long, default_value_t = 1)]
-    pub num_return_sequences: usize,
+    /// Beam search: a finished sequence scores sum(log p) / length ** this (> 0 favours longer ones) [default: 1.0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub length_penalty: Option<f32>,
+
+    /// Beam search: when to stop (transformers' early_stopping False, True or "never") [default: false].
+    #[arg(long, value_enum)]
+    pub early_stopping: Option<EarlyStopping>,
+
+    /// Sequences returned per input, best first: the best beams, or independent samples [default: 1].
+    #[arg(long)]
+    pub num_return_sequences: Option<usize>,
 
     /// Sample each token from the model's distribution instead of taking the most likely one.
     #[arg(long)]
     pub do_sample: bool,
 
-    /// Sampling: logits are divided by it (< 1 sharper, > 1 flatter).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub temperature: f32,
+    /// Sampling: logits are divided by it (< 1 sharper, > 1 flatter) [default: 1.0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
 
-    /// Sampling: only the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 50)]
-    pub top_k: usize,
+    /// Sampling: only the k most likely tokens (0: all) [default: 50].
+    #[arg(long)]
+    pub top_k: Option<usize>,
 
-    /// Sampling: only the most likely tokens whose probabilities add up to p (nucleus sampling).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub top_p: f32,
+    /// Sampling: only the most likely tokens whose probabilities add up to p (nucleus sampling) [default: 1.0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
 
-    /// Scores of tokens already in the sequence are penalized by this factor (1: none; BLIP's demo uses 1.1).
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub repetition_penalty: f32,
+    /// Scores of tokens already in the sequence are penalized by this factor (1: none; BLIP's demo uses 1.1) [default: 1.0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub repetition_penalty: Option<f32>,
 
-    /// No n-gram of this size may occur twice (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    pub no_repeat_ngram_size: usize,
+    /// No n-gram of this size may occur twice (0: no limit) [default: 0].
+    #[arg(long)]
+    pub no_repeat_ngram_size: Option<usize>,
 
     /// Sampling: seed of the random stream, for repeatable samples [default: a random one].
     #[arg(long)]
@@ -140,22 +152,136 @@ pub struct GenerationArgs {
 }
 
 impl GenerationArgs {
-    /// The library's options with these lengths.
-    pub fn options(&self, max_new_tokens: usize, min_new_tokens: usize) -> GenerationOptions {
-        GenerationOptions {
-            max_new_tokens,
-            min_new_tokens,
-            num_beams: self.num_beams,
-            length_penalty: self.length_penalty,
-            early_stopping: self.early_stopping.into(),
-            num_return_sequences: self.num_return_sequences,
-            do_sample: self.do_sample,
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            repetition_penalty: self.repetition_penalty,
-            no_repeat_ngram_size: self.no_repeat_ngram_size,
-            seed: self.seed,
+    /// `defaults` with the options given on the command line.
+    pub fn apply(&self, defaults: &GenerationOptions) -> GenerationOptions {
+        let mut options = defaults.clone();
+        macro_rules! set {
+            ($($field:ident),*) => {$(
+                if let Some(value) = self.$field {
+                    options.$field = value.into();
+                }
+            )*};
+        }
+        set!(max_new_tokens, min_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences);
+        set!(temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size);
+        if self.do_sample {
+            options.do_sample = true;
+        }
+        if self.seed.is_some() {
+            options.seed = self.seed;
+        }
+        options
+    }
+
+    /// The options given on the command line.
+    pub fn given(&self) -> Vec<Param> {
+        [
+            (Param::MaxNewTokens, self.max_new_tokens.is_some()),
+            (Param::MinNewTokens, self.min_new_tokens.is_some()),
+            (Param::NumBeams, self.num_beams.is_some()),
+            (Param::LengthPenalty, self.length_penalty.is_some()),
+            (Param::EarlyStopping, self.early_stopping.is_some()),
+            (Param::NumReturnSequences, self.num_return_sequences.is_some()),
+            (Param::DoSample, self.do_sample),
+            (Param::Temperature, self.temperature.is_some()),
+            (Param::TopK, self.top_k.is_some()),
+            (Param::TopP, self.top_p.is_some()),
+            (Param::RepetitionPenalty, self.repetition_penalty.is_some()),
+            (Param::NoRepeatNgramSize, self.no_repeat_ngram_size.is_some()),
+            (Param::Seed, self.seed.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(param, given)| given.then_some(param))
+        .collect()
+    }
+
+    /// Before anything is loaded: refuses what the given options get wrong among themselves
+    /// (the library's check on transformers' defaults, kept when it involves only given
+    /// options; the rest waits for the checkpoint's defaults).
+    pub fn check_given(&self) -> Result<(), blip::Error> {
+        let given = self.given();
+        match self.apply(&GenerationOptions::default()).validate() {
+            Err(refused) if refused.params().iter().all(|p| given.contains(p)) => Err(refused.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The options to generate with: the checkpoint's defaults under the given options,
+    /// checked by the library; warns on stderr about given options that have no effect with
+    /// the others, as transformers does.
+    pub fn resolve(&self, defaults: &GenerationOptions) -> Result<GenerationOptions, blip::Error> {
+        let options = self.apply(defaults);
+        options.validate()?;
+        let given = self.given();
+        let ignored = options.ignored();
+        let sampling = [Param::Temperature, Param::TopK, Param::TopP, Param::Seed];
+        let (sampling, beams): (Vec<Param>, Vec<Param>) =
+            ignored.into_iter().filter(|p| given.contains(p)).partition(|p| sampling.contains(p));
+        warn_no_effect(&sampling, "without --do-sample");
+        warn_no_effect(&beams, "without beam search (--num-beams 2 or more)");
+        Ok(options)
+    }
+}
+
+fn warn_no_effect(params: &[Param], condition: &str) {
+    let flags: Vec<String> = params.iter().map(|&p| flag(p, "")).collect();
+    match flags.as_slice() {
+        [] => {}
+        [one] => eprintln!("warning: {one} has no effect {condition}"),
+        several => eprintln!("warning: {} have no effect {condition}", several.join(", ")),
+    }
+}
+
+/// Generated texts of one image (captions or answers) as a record: text output has a
+/// `path<TAB>text` line per text, best first; JSONL one record per image,
+/// `{"image", ["question",] key, "tokens", "score", "log_prob"}`, or when `several` are asked
+/// for `{"image", ["question",] key + "s": [{key, "tokens", "score", "log_prob"}, ...]}`.
+pub struct GeneratedRecord<'a> {
+    pub key: &'static str,
+    pub question: Option<&'a str>,
+    pub several: bool,
+}
+
+impl GeneratedRecord<'_> {
+    pub fn write(
+        &self,
+        out: &mut dyn Write,
+        format: Format,
+        path: &Path,
+        texts: &[GeneratedText],
+    ) -> std::io::Result<()> {
+        let image = path.display().to_string();
+        match format {
+            Format::Text => {
+                for text in texts {
+                    writeln!(out, "{image}\t{}", text.text)?;
+                }
+                Ok(())
+            }
+            Format::Jsonl => {
+                let mut record = serde_json::Map::new();
+                record.insert("image".into(), image.into());
+                if let Some(question) = self.question {
+                    record.insert("question".into(), question.into());
+                }
+                let scored = |text: &GeneratedText| {
+                    let mut fields = serde_json::Map::new();
+                    fields.insert(self.key.into(), text.text.clone().into());
+                    fields.insert("tokens".into(), text.tokens.clone().into());
+                    fields.insert("score".into(), text.score.into());
+                    fields.insert("log_prob".into(), text.log_prob.into());
+                    fields
+                };
+                if self.several {
+                    let all = texts.iter().map(|t| serde_json::Value::Object(scored(t))).collect();
+                    record.insert(format!("{}s", self.key), serde_json::Value::Array(all));
+                } else {
+                    let first =
+                        texts.first().ok_or_else(|| std::io::Error::other(format!("no {} generated", self.key)))?;
+                    record.extend(scored(first));
+                }
+                write_json_line(out, &record)
+            }
         }
     }
 }
@@ -168,93 +294,48 @@ pub fn generation_conflicts_with(other: &'static str) -> impl FnMut(Arg) -> Arg 
     move |arg| if ids.contains(arg.get_id()) { arg.conflicts_with(other) } else { arg }
 }
 
-/// Refuses contradictory or out-of-range generation options with the library's message, its
-/// option names written as the flags that set them; `num_return_sequences` is the flag the
-/// command calls it (`--num-captions`, `--num-return-sequences`). Then warns on stderr about
-/// options that have no effect with these others, as transformers does.
-pub fn check_generation(options: &GenerationOptions, num_return_sequences: &str) -> anyhow::Result<()> {
-    if options.do_sample && options.num_beams > 1 {
-        anyhow::bail!(
-            "--do-sample samples with one beam, not --num-beams {}: beam-search multinomial sampling is not supported",
-            options.num_beams
-        );
-    }
-    if let Err(message) = options.validate() {
-        anyhow::bail!("{}", flag_names(&message, num_return_sequences));
-    }
-    let defaults = GenerationOptions::default();
-    if !options.do_sample {
-        let ignored: Vec<&str> = [
-            ("--temperature", options.temperature != defaults.temperature),
-            ("--top-k", options.top_k != defaults.top_k),
-            ("--top-p", options.top_p != defaults.top_p),
-            ("--seed", options.seed.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(flag, set)| set.then_some(flag))
-        .collect();
-        warn_no_effect(&ignored, "without --do-sample");
-    }
-    if options.num_beams == 1 {
-        let ignored: Vec<&str> = [
-            ("--length-penalty", options.length_penalty != defaults.length_penalty),
-            ("--early-stopping", options.early_stopping != defaults.early_stopping),
-        ]
-        .into_iter()
-        .filter_map(|(flag, set)| set.then_some(flag))
-        .collect();
-        warn_no_effect(&ignored, "without beam search (--num-beams 2 or more)");
-    }
-    Ok(())
-}
-
-fn warn_no_effect(flags: &[&str], condition: &str) {
-    match flags {
-        [] => {}
-        [flag] => eprintln!("warning: {flag} has no effect {condition}"),
-        _ => eprintln!("warning: {} have no effect {condition}", flags.join(", ")),
+/// The flag that sets a library option; `num_return_sequences` is the flag the command calls
+/// it (`--num-captions`), empty for the default one.
+pub fn flag(param: Param, num_return_sequences: &str) -> String {
+    match param {
+        Param::NumReturnSequences if !num_return_sequences.is_empty() => num_return_sequences.to_string(),
+        Param::Label => "--labels".into(),
+        Param::Images => "images".into(),
+        other => format!("--{}", other.name().replace('_', "-")),
     }
 }
 
-/// `message` with every whole word that names a [`GenerationOptions`] field replaced by its flag.
-fn flag_names(message: &str, num_return_sequences: &str) -> String {
-    const FIELDS: [&str; 13] = [
-        "max_new_tokens",
-        "min_new_tokens",
-        "num_beams",
-        "length_penalty",
-        "early_stopping",
-        "num_return_sequences",
-        "do_sample",
-        "temperature",
-        "top_k",
-        "top_p",
-        "repetition_penalty",
-        "no_repeat_ngram_size",
-        "seed",
-    ];
-    let is_word = |c: char| c.is_alphanumeric() || c == '_';
-    let mut named = String::with_capacity(message.len() + 16);
-    let mut rest = message;
-    while let Some(start) = rest.find(is_word) {
-        named.push_str(&rest[..start]);
-        let tail = &rest[start..];
-        let end = tail.find(|c: char| !is_word(c)).unwrap_or(tail.len());
-        let word = &tail[..end];
-        // A flag already written (`--top-p`) stays as it is.
-        let after_dashes = named.ends_with("--");
-        match word {
-            "num_return_sequences" if !after_dashes => named.push_str(num_return_sequences),
-            _ if !after_dashes && FIELDS.contains(&word) => {
-                named.push_str("--");
-                named.push_str(&word.replace('_', "-"));
+/// An error as the command line says it: the library's validation errors with its options
+/// written as flags, and a hint at the command that uses a checkpoint of another kind.
+pub fn describe(err: &anyhow::Error, num_return_sequences: &str) -> String {
+    err.chain()
+        .map(|cause| match cause.downcast_ref::<blip::Error>() {
+            Some(blip::Error::InvalidInput(invalid)) => invalid.message(&|p| flag(p, num_return_sequences)),
+            Some(wrong @ blip::Error::WrongArchitecture { found, .. }) => {
+                format!("{wrong} (it is for {})", commands_for(*found))
             }
-            _ => named.push_str(word),
+            _ => cause.to_string(),
+        })
+        // anyhow's chain repeats a transparent cause's text: keep each message once.
+        .fold(Vec::<String>::new(), |mut parts, part| {
+            if parts.last().is_none_or(|last| !last.ends_with(&part)) {
+                parts.push(part);
+            }
+            parts
+        })
+        .join(": ")
+}
+
+/// What a checkpoint's architecture is for, in this program's commands.
+fn commands_for(architecture: blip::Architecture) -> &'static str {
+    match architecture {
+        blip::Architecture::ConditionalGeneration => "captioning: use it with `blip caption`",
+        blip::Architecture::QuestionAnswering => "visual question answering: use it with `blip vqa`",
+        blip::Architecture::ImageTextRetrieval => {
+            "image-text matching: use it with `blip match`, `blip embed` or `blip classify`"
         }
-        rest = &tail[end..];
+        _ => "image and text features: use it with `blip embed`, `blip classify` or `blip match`",
     }
-    named.push_str(rest);
-    named
 }
 
 /// How a run over the inputs ended.
@@ -360,23 +441,4 @@ pub fn progress_bar(total: usize, inputs: &str) -> indicatif::ProgressBar {
         .expect("valid template"),
     );
     bar
-}
-
-#[cfg(test)]
-mod tests {
-    use super::flag_names;
-
-    #[test]
-    fn option_names_become_flags() {
-        assert_eq!(
-            flag_names("num_return_sequences 4 is larger than num_beams 2: beam search", "--num-captions"),
-            "--num-captions 4 is larger than --num-beams 2: beam search"
-        );
-        assert_eq!(flag_names("top_p must be in (0, 1], not 1.5", "-"), "--top-p must be in (0, 1], not 1.5");
-        assert_eq!(
-            flag_names("temperature must be a positive number, not 0", "-"),
-            "--temperature must be a positive number, not 0"
-        );
-        assert_eq!(flag_names("the top_pp and --top_p stay", "-"), "the top_pp and --top_p stay");
-    }
 }

@@ -7,17 +7,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use blip::ImageTextMatcher;
+use blip::{ImageTextMatcher, Param};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use crate::common::{self, Ended, Format, Resize};
-use crate::matching::DEFAULT_MATCHING_MODEL;
+use crate::common::{self, Ended, Format, ImageRunArgs};
 
 #[derive(Args)]
 pub struct EmbedArgs {
     /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
-    #[arg(long, short, default_value = DEFAULT_MATCHING_MODEL)]
+    #[arg(long, short, default_value = ImageTextMatcher::DEFAULT_MODEL)]
     model: String,
 
     #[command(flatten)]
@@ -31,13 +30,8 @@ pub struct EmbedArgs {
     #[arg(long, value_enum)]
     format: Option<EmbedFormat>,
 
-    /// Inputs embedded together in one forward pass.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
-    batch_size: u16,
-
-    /// Image resize: `torchvision` (transformers 5, default) or `pil` (transformers 4).
-    #[arg(long, value_enum, default_value_t = Resize::Torchvision)]
-    resize: Resize,
+    #[command(flatten)]
+    run: ImageRunArgs,
 }
 
 /// Images or texts, not both.
@@ -64,23 +58,23 @@ pub fn run(args: EmbedArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     if args.out.is_none() && args.format.is_none() {
         anyhow::bail!("nowhere to put the embeddings: give --out FILE or --format jsonl");
     }
-    if let Some(i) = args.inputs.texts.iter().position(|t| t.trim().is_empty()) {
-        anyhow::bail!("--text number {} is empty: give some words to embed", i + 1);
+    if !args.inputs.texts.is_empty() {
+        blip::tasks::check_not_empty(Param::Text, &args.inputs.texts)?;
     }
     let device = blip::Device::Cpu;
     let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &device, dtype)?;
-    matcher.set_resize_backend(args.resize.into());
+    matcher.set_resize_backend(args.run.resize.into());
 
     let jsonl = args.format.is_some();
     // With a file to write, a closed stdout only stops the printing: the file is still written whole.
     let mut out = UnlessClosed { inner: std::io::stdout().lock(), closed: false, forgive: args.out.is_some() };
     let mut embedded = Embedded::default();
     let (kind, ended) = if args.inputs.images.is_empty() {
-        ("text", embed_texts(&matcher, &args.inputs.texts, args.batch_size, jsonl, &mut out, &mut embedded)?)
+        ("text", embed_texts(&matcher, &args.inputs.texts, args.run.batch_size, jsonl, &mut out, &mut embedded)?)
     } else {
         let ended = common::for_each_image(
             &args.inputs.images,
-            args.batch_size,
+            args.run.batch_size,
             // Without JSONL nothing goes to stdout, failures included (as in text output).
             if jsonl { Format::Jsonl } else { Format::Text },
             &mut out,

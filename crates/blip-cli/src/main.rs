@@ -62,6 +62,10 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let dtype = cli.dtype.into();
+    let num_return_sequences = match cli.command {
+        Command::Caption(_) => caption::NUM_CAPTIONS,
+        _ => "",
+    };
     // On a worker of rayon's pool, so that the model's small parallel steps (a decoding step has
     // hundreds) run inline and share out their work, instead of each waking a worker from this
     // thread and sleeping until it is done.
@@ -79,7 +83,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", common::describe(&err, num_return_sequences));
             ExitCode::FAILURE
         }
     }

@@ -5,19 +5,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use blip::{ImageTextMatcher, MatchScore};
+use blip::{ImageTextMatcher, MatchScore, Param};
 use clap::Args;
 use serde::Serialize;
 
-use crate::common::{self, Format, ImageRunArgs};
-
-/// The default checkpoint of `blip match`, `blip embed` and `blip classify`.
-pub const DEFAULT_MATCHING_MODEL: &str = "Salesforce/blip-itm-base-coco";
+use crate::common::{self, Format, ImageRunArgs, OutputArgs};
 
 #[derive(Args)]
 pub struct MatchArgs {
     /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
-    #[arg(long, short, default_value = DEFAULT_MATCHING_MODEL)]
+    #[arg(long, short, default_value = ImageTextMatcher::DEFAULT_MODEL)]
     model: String,
 
     /// A text to score against every image; repeat for more texts.
@@ -27,6 +24,9 @@ pub struct MatchArgs {
     #[command(flatten)]
     run: ImageRunArgs,
 
+    #[command(flatten)]
+    output: OutputArgs,
+
     /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -35,21 +35,19 @@ pub struct MatchArgs {
 /// Scores every readable image against every text; unreadable images are reported and make the
 /// exit code 1.
 pub fn run(args: MatchArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
-    if let Some(i) = args.texts.iter().position(|t| t.trim().is_empty()) {
-        anyhow::bail!("--text number {} is empty: give some words to match", i + 1);
-    }
+    blip::tasks::check_not_empty(Param::Text, &args.texts)?;
     let device = blip::Device::Cpu;
     let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &device, dtype)?;
     matcher.set_resize_backend(args.run.resize.into());
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
-    let format = args.run.format;
+    let format = args.output.format;
     let mut out = std::io::stdout().lock();
     let ended = common::for_each_image(
         &args.images,
         args.run.batch_size,
         format,
         &mut out,
-        |images| Ok(matcher.match_images(images, &texts)?),
+        |images| Ok(matcher.match_texts(images, &texts)?),
         |out, path, scores| write_scores(out, format, path, &texts, &scores),
     )?;
     Ok(common::exit_code(ended, args.images.len(), "matched"))

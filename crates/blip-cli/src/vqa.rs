@@ -6,21 +6,21 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use blip::{Answer, AnswerOptions, QuestionAnswerer, RankOptions, RankedAnswer};
+use blip::{Checkpoint, Param, QuestionAnswerer, RankOptions, RankedAnswer};
 use clap::Args;
 use serde::Serialize;
 
-use crate::common::{self, Format, GenerationArgs, ImageRunArgs};
+use crate::common::{self, Format, GeneratedRecord, GenerationArgs, ImageRunArgs, OutputArgs};
 
 #[derive(Args)]
 #[command(
     mut_arg("num_return_sequences", |arg| arg
-        .help("Answers per image, best first: the best beams (needs --num-beams at least as large) or independent samples (--do-sample)")),
+        .help("Answers per image, best first: the best beams (needs --num-beams at least as large) or independent samples (--do-sample) [default: 1]")),
     mut_args(common::generation_conflicts_with("answers")),
 )]
 pub struct VqaArgs {
     /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
-    #[arg(long, short, default_value = "Salesforce/blip-vqa-base")]
+    #[arg(long, short, default_value = QuestionAnswerer::DEFAULT_MODEL)]
     model: String,
 
     /// The question asked about every image, e.g. "how many dogs are there?".
@@ -39,16 +39,11 @@ pub struct VqaArgs {
     #[arg(long, requires = "answers", value_parser = clap::value_parser!(u16).range(1..))]
     candidates: Option<u16>,
 
-    /// Most new tokens of a generated answer.
-    #[arg(long, default_value_t = 10, conflicts_with = "answers", help_heading = "Generation")]
-    max_new_tokens: usize,
-
-    /// Fewest new tokens before a generated answer may end.
-    #[arg(long, default_value_t = 0, conflicts_with = "answers", help_heading = "Generation")]
-    min_new_tokens: usize,
-
     #[command(flatten)]
     run: ImageRunArgs,
+
+    #[command(flatten)]
+    output: OutputArgs,
 
     /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
     #[arg(required = true)]
@@ -62,41 +57,44 @@ pub struct VqaArgs {
 /// Answers the question about every readable image; unreadable ones are reported and make the
 /// exit code 1.
 pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
-    if args.question.trim().is_empty() {
-        anyhow::bail!("--question is empty: ask something about the images");
-    }
-    let generation = args.generation.options(args.max_new_tokens, args.min_new_tokens);
-    if args.answers.is_none() {
-        common::check_generation(&generation, "--num-return-sequences")?;
-    }
-    let several = generation.num_return_sequences > 1;
+    let question = args.question.as_str();
+    blip::tasks::check_not_empty(Param::Question, &[question])?;
+    args.generation.check_given()?;
     let answers = args.answers.as_deref().map(read_answers).transpose()?;
 
-    let device = blip::Device::Cpu;
-    let mut answerer = QuestionAnswerer::load_with_dtype(&args.model, &device, dtype)?;
+    let checkpoint = Checkpoint::locate(&args.model)?;
+    let generation = match answers {
+        None => Some(args.generation.resolve(&QuestionAnswerer::generation_defaults(&checkpoint)?)?),
+        Some(_) => None,
+    };
+    let mut answerer = QuestionAnswerer::from_checkpoint(&checkpoint, &blip::Device::Cpu, dtype)?;
     answerer.set_resize_backend(args.run.resize.into());
-    let format = args.run.format;
-    let question = args.question.as_str();
+    let format = args.output.format;
     let mut out = std::io::stdout().lock();
     let ended = match answers {
         None => {
-            let options = AnswerOptions { generation };
-            answerer.check_options(&options)?;
+            let mut options = answerer.default_options();
+            options.generation = generation.expect("resolved without --answers");
+            answerer.validate(&options)?;
+            let record = GeneratedRecord {
+                key: "answer",
+                question: Some(question),
+                several: options.generation.num_return_sequences > 1,
+            };
             common::for_each_image(
                 &args.images,
                 args.run.batch_size,
                 format,
                 &mut out,
                 |images| Ok(answerer.answer(images, &vec![question; images.len()], &options)?),
-                |out, path, answers| write_answers(out, format, path, question, &answers, several),
+                |out, path, answers| record.write(out, format, path, &answers),
             )?
         }
         Some((file, answers)) => {
             let list = answerer.answer_list(&answers).with_context(|| format!("answers in {}", file.display()))?;
-            let options = RankOptions {
-                candidates: args.candidates.map_or(128, usize::from),
-                top: args.top.map_or(1, usize::from),
-            };
+            let mut options = RankOptions::default();
+            options.candidates = args.candidates.map_or(options.candidates, usize::from);
+            options.top = args.top.map_or(options.top, usize::from);
             common::for_each_image(
                 &args.images,
                 args.run.batch_size,
@@ -115,68 +113,9 @@ fn read_answers(file: &Path) -> anyhow::Result<(&Path, Vec<String>)> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read the answer list {}", file.display()))?;
     let answers: Vec<String> = text.lines().map(str::trim).filter(|line| !line.is_empty()).map(String::from).collect();
-    if answers.is_empty() {
-        anyhow::bail!("the answer list {} has no answers: put one answer on each line", file.display());
-    }
+    blip::tasks::check_not_empty(Param::Answers, &answers)
+        .with_context(|| format!("the answer list {} (one answer per line)", file.display()))?;
     Ok((file, answers))
-}
-
-#[derive(Serialize)]
-struct AnswerRecord<'a> {
-    image: String,
-    question: &'a str,
-    #[serde(flatten)]
-    answer: GeneratedAnswer<'a>,
-}
-
-#[derive(Serialize)]
-struct AnswersRecord<'a> {
-    image: String,
-    question: &'a str,
-    answers: Vec<GeneratedAnswer<'a>>,
-}
-
-#[derive(Serialize)]
-struct GeneratedAnswer<'a> {
-    answer: &'a str,
-    tokens: &'a [u32],
-    score: f32,
-    log_prob: f32,
-}
-
-impl<'a> From<&'a Answer> for GeneratedAnswer<'a> {
-    fn from(answer: &'a Answer) -> Self {
-        Self { answer: &answer.text, tokens: &answer.tokens, score: answer.score, log_prob: answer.log_prob }
-    }
-}
-
-/// Text: one `path<TAB>answer` line per answer, best first. JSONL: one record per image, with its
-/// answer, or, when `several` are asked for, its `answers` best first.
-fn write_answers(
-    out: &mut dyn Write,
-    format: Format,
-    path: &Path,
-    question: &str,
-    answers: &[Answer],
-    several: bool,
-) -> std::io::Result<()> {
-    let image = path.display().to_string();
-    match format {
-        Format::Text => {
-            for answer in answers {
-                writeln!(out, "{image}\t{}", answer.text)?;
-            }
-            Ok(())
-        }
-        Format::Jsonl if several => common::write_json_line(
-            out,
-            &AnswersRecord { image, question, answers: answers.iter().map(GeneratedAnswer::from).collect() },
-        ),
-        Format::Jsonl => {
-            let answer = answers.first().ok_or_else(|| std::io::Error::other("no answer generated"))?;
-            common::write_json_line(out, &AnswerRecord { image, question, answer: answer.into() })
-        }
-    }
 }
 
 #[derive(Serialize)]

@@ -77,14 +77,13 @@ fn assert_close(actual: f32, expected: f32, what: &str) {
 #[test]
 fn bad_generation_options_are_refused_before_loading() {
     let chelsea = image("chelsea.png");
-    let cases: [(&[&str], &[&str]); 12] = [
+    let cases: [(&[&str], &[&str]); 11] = [
         (&["--top-p", "1.5"], &["--top-p", "1.5"]),
         (&["--top-p", "0"], &["--top-p"]),
         (&["--temperature", "0"], &["--temperature"]),
         (&["--temperature", "-1"], &["--temperature"]),
         (&["--num-captions", "4", "--num-beams", "2"], &["--num-captions 4", "--num-beams 2"]),
         (&["--num-return-sequences", "4", "--num-beams", "2"], &["--num-captions 4", "--num-beams 2"]),
-        (&["--num-captions", "2"], &["--num-captions 2", "--num-beams"]),
         (&["--do-sample", "--num-beams", "3"], &["--do-sample", "--num-beams 3"]),
         (&["--min-new-tokens", "9", "--max-new-tokens", "3"], &["--min-new-tokens 9", "--max-new-tokens 3"]),
         (&["--max-new-tokens", "0"], &["--max-new-tokens"]),
@@ -107,8 +106,7 @@ fn bad_generation_options_are_refused_before_loading() {
 #[test]
 fn bad_vqa_generation_options_are_refused_before_loading() {
     let chelsea = image("chelsea.png");
-    let cases: [(&[&str], &str); 4] = [
-        (&["--num-return-sequences", "2"], "--num-return-sequences 2"),
+    let cases: [(&[&str], &str); 3] = [
         (&["--num-return-sequences", "3", "--num-beams", "2"], "--num-return-sequences 3"),
         (&["--top-p", "1.5"], "--top-p"),
         (&["--do-sample", "--num-beams", "2"], "--do-sample"),
@@ -120,6 +118,20 @@ fn bad_vqa_generation_options_are_refused_before_loading() {
         assert!(err.contains(named) && !err.contains("no/such/model"), "{args:?}: {err}");
         assert!(stdout(&out).is_empty());
     }
+}
+
+/// Options that contradict the checkpoint's generation defaults (its generation_config.json,
+/// transformers' defaults without one) are refused once those are read, before the weights.
+#[test]
+fn options_against_the_checkpoints_defaults_are_refused() {
+    let out = caption(&["--num-captions", "2"], &["chelsea.png"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("--num-captions 2") && err.contains("--num-beams"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = vqa(&["--num-return-sequences", "2"], &["chelsea.png"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--num-return-sequences 2"), "{}", stderr(&out));
 }
 
 /// Ranking a closed answer list generates nothing: clap refuses every generation flag with it.

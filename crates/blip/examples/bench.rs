@@ -51,23 +51,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pixels = captioner.image_processor().preprocess_batch(&decoded, &device)?;
     let preprocess_s = started.elapsed().as_secs_f64() / 8.0;
 
-    let options = CaptionOptions {
-        prompt: None,
-        generation: GenerationOptions { max_new_tokens: NEW_TOKENS, min_new_tokens: NEW_TOKENS, ..Default::default() },
-    };
+    let options = CaptionOptions::new(
+        blip::Prompt::None,
+        GenerationOptions::default().max_new_tokens(NEW_TOKENS).min_new_tokens(NEW_TOKENS),
+    );
     let model = captioner.model();
     // warm-up: first-touch allocations, thread pool start
-    captioner.caption_pixels(&pixels.narrow(0, 0, 1)?, &options)?;
+    captioner.caption(&pixels.narrow(0, 0, 1)?, &options)?;
 
     let mut vision_b1 = 0.0;
     let mut generate_b1 = 0.0;
     for i in 0..4 {
         let one = pixels.narrow(0, i, 1)?;
         vision_b1 += seconds(|| model.encode_images(&one))? / 4.0;
-        generate_b1 += seconds(|| captioner.caption_pixels(&one, &options))? / 4.0;
+        generate_b1 += seconds(|| captioner.caption(&one, &options))? / 4.0;
     }
     let vision_b8 = seconds(|| model.encode_images(&pixels))? / 8.0;
-    let generate_b8 = seconds(|| captioner.caption_pixels(&pixels, &options))? / 8.0;
+    let generate_b8 = seconds(|| captioner.caption(&pixels, &options))? / 8.0;
 
     // The matrix-product throughput this project's Linear reaches here, on the vision MLP's
     // shape at batch 8 (f32 weights [n, k] as checkpoints store them).

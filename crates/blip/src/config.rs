@@ -87,6 +87,7 @@ impl VisionConfig {
 
 /// The model classes of `transformers.models.blip` a checkpoint can declare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Architecture {
     /// Captioning: `BlipForConditionalGeneration`.
     ConditionalGeneration,
@@ -105,18 +106,6 @@ impl Architecture {
             Architecture::QuestionAnswering => "BlipForQuestionAnswering",
             Architecture::ImageTextRetrieval => "BlipForImageTextRetrieval",
             Architecture::Model => "BlipModel",
-        }
-    }
-
-    /// What the architecture is for and the `blip` commands that use it.
-    pub fn use_with(self) -> &'static str {
-        match self {
-            Architecture::ConditionalGeneration => "captioning: use it with `blip caption`",
-            Architecture::QuestionAnswering => "visual question answering: use it with `blip vqa`",
-            Architecture::ImageTextRetrieval => {
-                "image-text matching: use it with `blip match`, `blip embed` or `blip classify`"
-            }
-            Architecture::Model => "image and text features: use it with `blip embed`, `blip classify` or `blip match`",
         }
     }
 

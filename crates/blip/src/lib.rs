@@ -6,16 +6,18 @@
 //! networks, [`generation`] decodes, and [`tasks`] ties them into what users ask for.
 //!
 //! ```no_run
-//! use blip::{load_image, AnswerOptions, CaptionOptions, Captioner, ClassifyOptions, Device, ImageTextMatcher, QuestionAnswerer};
+//! use blip::{load_image, Captioner, ClassifyOptions, Device, ImageTextMatcher, QuestionAnswerer};
 //!
 //! # fn main() -> blip::Result<()> {
 //! let images = vec![load_image(std::path::Path::new("cat.jpg"))?];
-//! let captions = Captioner::load("Salesforce/blip-image-captioning-base", &Device::Cpu)?
-//!     .caption(&images, &CaptionOptions::default())?; // per image: captions best first
-//! let answers = QuestionAnswerer::load("Salesforce/blip-vqa-base", &Device::Cpu)?
-//!     .answer(&images, &["how many cats are there?"], &AnswerOptions::default())?; // per image: answers
-//! let matcher = ImageTextMatcher::load("Salesforce/blip-itm-base-coco", &Device::Cpu)?;
-//! let scores = matcher.match_images(&images, &["a cat on a sofa", "a rocket"])?; // [image][text]: itm, itc
+//! let captioner = Captioner::load(Captioner::DEFAULT_MODEL, &Device::Cpu)?;
+//! let mut options = captioner.default_options(); // the checkpoint's generation defaults
+//! options.generation.num_beams = 3;
+//! let captions = captioner.caption(&images, &options)?; // per image: captions best first
+//! let vqa = QuestionAnswerer::load(QuestionAnswerer::DEFAULT_MODEL, &Device::Cpu)?;
+//! let answers = vqa.answer(&images, &["how many cats are there?"], &vqa.default_options())?;
+//! let matcher = ImageTextMatcher::load(ImageTextMatcher::DEFAULT_MODEL, &Device::Cpu)?;
+//! let scores = matcher.match_texts(&images, &["a cat on a sofa", "a rocket"])?; // [image][text]: itm, itc
 //! let image_embeds = matcher.embed_images(&images)?; // [n, 256], unit norm
 //! let labels = matcher.classify(&images, &["cat", "dog"], &ClassifyOptions::default())?;
 //! # Ok(())
@@ -30,11 +32,14 @@ pub mod models;
 pub mod processor;
 pub mod tasks;
 
-pub use candle_core::{DType, Device};
-pub use checkpoint::{Checkpoint, DEFAULT_MODEL};
-pub use error::{Error, Result};
-pub use processor::image::load_image;
-pub use tasks::caption::{Caption, CaptionOptions, Captioner};
+pub use candle_core::{DType, Device, Tensor};
+pub use checkpoint::Checkpoint;
+pub use config::Architecture;
+pub use error::{Error, InvalidInput, Param, Result};
+pub use generation::{EarlyStopping, GenerationOptions};
+pub use image::RgbImage;
+pub use processor::image::{load_image, load_image_from_memory, ResizeBackend};
+pub use tasks::caption::{Caption, CaptionOptions, Captioner, Prompt};
 pub use tasks::matching::{ClassifyOptions, ImageTextMatcher, LabelScore, MatchScore};
 pub use tasks::vqa::{Answer, AnswerList, AnswerOptions, QuestionAnswerer, RankOptions, RankedAnswer};
-pub use tasks::{GeneratedText, Task, TaskModel};
+pub use tasks::{GeneratedText, Images, Task, TaskModel};

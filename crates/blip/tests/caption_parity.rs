@@ -101,17 +101,15 @@ fn check_generation(e: &Expected) {
         let name = case["name"].as_str().unwrap();
         let rows: Vec<u32> = case["images"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
         let kwargs = &case["generate_kwargs"];
-        let options = CaptionOptions {
-            prompt: case["prompt"].as_str().map(String::from),
-            generation: GenerationOptions {
-                max_new_tokens: kwargs["max_new_tokens"].as_u64().unwrap_or(20) as usize,
-                min_new_tokens: kwargs["min_new_tokens"].as_u64().unwrap_or(0) as usize,
-                ..Default::default()
-            },
-        };
+        let options = CaptionOptions::new(
+            case["prompt"].as_str().map(String::from),
+            GenerationOptions::default()
+                .max_new_tokens(kwargs["max_new_tokens"].as_u64().unwrap_or(20) as usize)
+                .min_new_tokens(kwargs["min_new_tokens"].as_u64().unwrap_or(0) as usize),
+        );
         let batch = pixel_values.index_select(&Tensor::new(rows.as_slice(), &Device::Cpu).unwrap(), 0).unwrap();
-        let captions = e.captioner.caption_pixels(&batch, &options).unwrap();
-        let prefix_len = e.captioner.prefix(&options).unwrap().len();
+        let captions = e.captioner.caption(&batch, &options).unwrap();
+        let prefix_len = e.captioner.text_processor().caption_prefix(case["prompt"].as_str()).unwrap().len();
         for (row, (caption, sequence)) in
             captions.iter().map(|c| &c[0]).zip(case["sequences"].as_array().unwrap()).enumerate()
         {

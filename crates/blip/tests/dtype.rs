@@ -30,11 +30,11 @@ fn compare(model_dir: &Path, images: &[image::RgbImage], dtype: DType) -> (f32, 
     let reference = Captioner::load(model_dir, &Device::Cpu).unwrap();
     let reduced = Captioner::load_with_dtype(model_dir, &Device::Cpu, dtype).unwrap();
     let pixels = reference.image_processor().preprocess_batch(images, &Device::Cpu).unwrap();
-    let options = CaptionOptions {
-        prompt: None,
-        generation: GenerationOptions { max_new_tokens: STEPS, min_new_tokens: STEPS, ..Default::default() },
-    };
-    let captions = reference.caption_pixels(&pixels, &options).unwrap();
+    let options = CaptionOptions::new(
+        blip::Prompt::None,
+        GenerationOptions::default().max_new_tokens(STEPS).min_new_tokens(STEPS),
+    );
+    let captions = reference.caption(&pixels, &options).unwrap();
     let tokens: Vec<u32> = captions.iter().flat_map(|c| c[0].tokens.clone()).collect();
     let ids = Tensor::from_vec(tokens, (images.len(), STEPS + 1), &Device::Cpu).unwrap();
 

@@ -29,21 +29,19 @@ fn images(e: &Value) -> Vec<RgbImage> {
 fn options(kwargs: &Value, default_max_new: usize) -> GenerationOptions {
     let int = |k: &str, d: usize| kwargs[k].as_u64().map_or(d, |v| v as usize);
     let float = |k: &str, d: f32| kwargs[k].as_f64().map_or(d, |v| v as f32);
-    GenerationOptions {
-        max_new_tokens: int("max_new_tokens", default_max_new),
-        min_new_tokens: int("min_new_tokens", 0),
-        num_beams: int("num_beams", 1),
-        num_return_sequences: int("num_return_sequences", 1),
-        length_penalty: float("length_penalty", 1.0),
-        repetition_penalty: float("repetition_penalty", 1.0),
-        no_repeat_ngram_size: int("no_repeat_ngram_size", 0),
-        early_stopping: match &kwargs["early_stopping"] {
+    GenerationOptions::default()
+        .max_new_tokens(int("max_new_tokens", default_max_new))
+        .min_new_tokens(int("min_new_tokens", 0))
+        .num_beams(int("num_beams", 1))
+        .num_return_sequences(int("num_return_sequences", 1))
+        .length_penalty(float("length_penalty", 1.0))
+        .repetition_penalty(float("repetition_penalty", 1.0))
+        .no_repeat_ngram_size(int("no_repeat_ngram_size", 0))
+        .early_stopping(match &kwargs["early_stopping"] {
             Value::Bool(true) => EarlyStopping::Done,
             Value::String(s) if s == "never" => EarlyStopping::Never,
             _ => EarlyStopping::Heuristic,
-        },
-        ..Default::default()
-    }
+        })
 }
 
 fn tokens(v: &Value) -> Vec<u32> {
@@ -77,12 +75,10 @@ fn captions_match_transformers_generate() {
     for case in e["caption_cases"].as_array().unwrap().iter().filter(|c| c["name"] != "ragged_single") {
         let name = case["name"].as_str().unwrap();
         let rows: Vec<u32> = case["images"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
-        let options = CaptionOptions {
-            prompt: case["prompt"].as_str().map(String::from),
-            generation: options(&case["generate_kwargs"], 20),
-        };
+        let options =
+            CaptionOptions::new(case["prompt"].as_str().map(String::from), options(&case["generate_kwargs"], 20));
         let batch = pixels.index_select(&candle_core::Tensor::new(rows.as_slice(), &Device::Cpu).unwrap(), 0).unwrap();
-        let captions = captioner.caption_pixels(&batch, &options).unwrap();
+        let captions = captioner.caption(&batch, &options).unwrap();
         let per_image = options.generation.num_return_sequences;
         let sequences = case["sequences"].as_array().unwrap();
         assert_eq!(sequences.len(), rows.len() * per_image, "{name}");
@@ -124,8 +120,9 @@ fn ragged_prompts_in_one_batch_equal_one_by_one() {
             batch_prompts.push(Some(prompts[(image + shift) % 3]));
         }
     }
+    let per_image = blip::Prompt::PerImage(batch_prompts.iter().map(|p| p.map(String::from)).collect());
     let captions =
-        captioner.caption_with_prompts(&batch_images, &batch_prompts, &GenerationOptions::default()).unwrap();
+        captioner.caption(&batch_images, &CaptionOptions::new(per_image, GenerationOptions::default())).unwrap();
     for (row, caption) in captions.iter().enumerate() {
         let (image, prompt) = (row % 3, batch_prompts[row].unwrap());
         assert_same_tokens(&caption[0].tokens, &alone(image, prompt), &format!("image {image} {prompt:?}"));
@@ -145,7 +142,7 @@ fn vqa_answers_match_transformers_generate() {
             case["image"].as_u64().unwrap() as usize,
             case["question"].as_str().unwrap(),
         );
-        let options = AnswerOptions { generation: options(&case["generate_kwargs"], 20) };
+        let options = AnswerOptions::new(options(&case["generate_kwargs"], 20));
         let answers = &qa.answer(&images[image..image + 1], &[question], &options).unwrap()[0];
         let sequences = case["sequences"].as_array().unwrap();
         assert_eq!(answers.len(), sequences.len(), "{name}");
@@ -168,43 +165,29 @@ fn sampling_with_top_k_1_is_greedy_and_a_seed_repeats() {
     let images = images(&e);
     let captioner =
         Captioner::load(fixtures().join(e["caption_model"].as_str().unwrap()).to_str().unwrap(), &Device::Cpu).unwrap();
-    let greedy = captioner.caption(&images, &CaptionOptions::default()).unwrap();
-    let top1 = CaptionOptions {
-        generation: GenerationOptions { do_sample: true, top_k: 1, seed: Some(3), ..Default::default() },
-        ..Default::default()
-    };
+    let greedy = captioner.caption(&images, &captioner.default_options()).unwrap();
+    let top1 =
+        CaptionOptions::new(blip::Prompt::None, GenerationOptions::default().do_sample(true).top_k(1).seed(Some(3)));
     assert_eq!(
         captioner.caption(&images, &top1).unwrap().iter().map(|c| &c[0].tokens).collect::<Vec<_>>(),
         greedy.iter().map(|c| &c[0].tokens).collect::<Vec<_>>()
     );
 
     let sampled = |seed| {
-        let options = CaptionOptions {
-            generation: GenerationOptions {
-                do_sample: true,
-                top_p: 0.9,
-                seed: Some(seed),
-                num_return_sequences: 2,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
+        let options = CaptionOptions::new(
+            blip::Prompt::None,
+            GenerationOptions::default().do_sample(true).top_p(0.9).seed(Some(seed)).num_return_sequences(2),
+        );
         captioner.caption(&images, &options).unwrap()
     };
     let (a, b, c) = (sampled(7), sampled(7), sampled(8));
     assert_eq!(a, b);
     assert_ne!(a, c);
     // an image samples the same alone as in a batch
-    let options = CaptionOptions {
-        generation: GenerationOptions {
-            do_sample: true,
-            top_p: 0.9,
-            seed: Some(7),
-            num_return_sequences: 2,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let options = CaptionOptions::new(
+        blip::Prompt::None,
+        GenerationOptions::default().do_sample(true).top_p(0.9).seed(Some(7)).num_return_sequences(2),
+    );
     let alone = captioner.caption(&images[1..2], &options).unwrap();
     assert_eq!(
         alone[0].iter().map(|c| &c.tokens).collect::<Vec<_>>(),
@@ -214,7 +197,7 @@ fn sampling_with_top_k_1_is_greedy_and_a_seed_repeats() {
 
 /// Records the logits of every step while the captioning model decodes one image.
 struct Recording<'a> {
-    inner: blip::generation::CachedDecoder<'a, blip::models::captioning::CaptioningModel>,
+    inner: blip::models::text_decoder::Decoding<'a>,
     steps: Vec<Vec<f32>>,
 }
 
@@ -243,10 +226,10 @@ fn sampled_tokens_stay_inside_top_k_and_top_p() {
     for (image, seed) in [(0usize, 1u64), (1, 2), (2, 3), (0, 4), (1, 5)] {
         for (top_k, top_p) in [(5usize, 1.0f32), (0, 0.5), (50, 0.9)] {
             let embeds = captioner.model().encode_images(&pixels.narrow(0, image, 1).unwrap()).unwrap();
-            let cache = captioner.model().text_model.new_cache(&embeds, None).unwrap();
-            let mut decoder =
-                Recording { inner: blip::generation::CachedDecoder { model: captioner.model(), cache }, steps: vec![] };
-            let options = GenerationOptions { do_sample: true, top_k, top_p, seed: Some(seed), ..Default::default() };
+            let text_decoder = &captioner.model().text_decoder;
+            let cache = text_decoder.new_cache(&embeds, None).unwrap();
+            let mut decoder = Recording { inner: text_decoder.decoding(cache), steps: vec![] };
+            let options = GenerationOptions::default().do_sample(true).top_k(top_k).top_p(top_p).seed(Some(seed));
             let generated =
                 blip::generation::generate(&mut decoder, &[vec![30522]], 102, &options, &Device::Cpu).unwrap();
             let tokens = &generated[0][0].tokens[1..];

@@ -66,6 +66,7 @@ fn backend_name(b: ResizeBackend) -> &'static str {
     match b {
         ResizeBackend::Torchvision => "torchvision",
         ResizeBackend::Pil => "pil",
+        other => unimplemented!("{other:?}"),
     }
 }
 
@@ -174,6 +175,7 @@ fn pixel_values_bit_exact_at_384() {
             let resized = match backend {
                 ResizeBackend::Torchvision => resize_torchvision(&image, 384, 384),
                 ResizeBackend::Pil => resize_pil(&image, 384, 384),
+                other => unimplemented!("{other:?}"),
             };
             let level_diffs = diff_count(&resized, &resized_expected).unwrap();
             println!(
@@ -251,6 +253,7 @@ fn resize_sweep_matches_torch_and_pil() {
             let got = match backend {
                 ResizeBackend::Torchvision => resize_torchvision(&input, h, w),
                 ResizeBackend::Pil => resize_pil(&input, h, w),
+                other => unimplemented!("{other:?}"),
             };
             let d = diff_count(&got, &want).unwrap();
             if d != 0 {

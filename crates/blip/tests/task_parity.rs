@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use blip::processor::image::load_image;
-use blip::{AnswerOptions, ClassifyOptions, Device, ImageTextMatcher, QuestionAnswerer, RankOptions};
+use blip::{ClassifyOptions, Device, ImageTextMatcher, QuestionAnswerer, RankOptions};
 use candle_core::{IndexOp, Tensor};
 use image::RgbImage;
 use serde_json::Value;
@@ -115,7 +115,7 @@ fn check_vqa_generate(e: &Expected, qa: &QuestionAnswerer) {
             ACTIVATIONS,
         );
         for max_new in [10, 20] {
-            let mut options = AnswerOptions::default();
+            let mut options = qa.default_options();
             options.generation.max_new_tokens = max_new;
             let answer = &qa.answer(&images[i..i + 1], &[question], &options).unwrap()[0][0];
             assert_eq!(answer.tokens, tokens(&case[format!("generate_max_new_{max_new}")]), "image {i} {question:?}");
@@ -141,7 +141,7 @@ fn vqa_batch_of_ragged_questions_equals_one_by_one() {
         expected.push(tokens(&case["generate_max_new_10"]));
     }
     assert!(questions.iter().map(|q| q.len()).collect::<std::collections::HashSet<_>>().len() > 1);
-    let answers = qa.answer(&batch_images, &batch_questions, &AnswerOptions::default()).unwrap();
+    let answers = qa.answer(&batch_images, &batch_questions, &qa.default_options()).unwrap();
     let got: Vec<Vec<u32>> = answers.into_iter().map(|mut a| a.remove(0).tokens).collect();
     assert_eq!(got, expected);
 
@@ -149,9 +149,9 @@ fn vqa_batch_of_ragged_questions_equals_one_by_one() {
     // question padding visible to the answer decoder, changes some answers.
     let pixels = qa.image_processor().preprocess_batch(&batch_images, &Device::Cpu).unwrap();
     let (states, _) = qa.encode(&pixels, &batch_questions).unwrap();
-    let mut decoder =
-        blip::generation::CachedDecoder { model: qa.model(), cache: qa.model().new_cache(&states, None).unwrap() };
-    let options = AnswerOptions::default().generation;
+    let text_decoder = &qa.model().text_decoder;
+    let mut decoder = text_decoder.decoding(text_decoder.new_cache(&states, None).unwrap());
+    let options = qa.default_options().generation;
     let unmasked: Vec<Vec<u32>> =
         blip::generation::generate(&mut decoder, &vec![vec![30522]; 9], 102, &options, &Device::Cpu)
             .unwrap()
@@ -181,7 +181,7 @@ fn check_vqa_rank(e: &Expected, qa: &QuestionAnswerer) {
             case["first_token_probs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
 
         // every answer scored: the scores are transformers' log-likelihoods, best first
-        let all = RankOptions { candidates: answers.len(), top: answers.len() };
+        let all = RankOptions::new(answers.len(), answers.len());
         let ranked = &qa.rank(&images[i..i + 1], &[question], &list, &all).unwrap()[0];
         assert_eq!(ranked.len(), answers.len());
         let mut max_diff = 0f32;
@@ -201,7 +201,7 @@ fn check_vqa_rank(e: &Expected, qa: &QuestionAnswerer) {
         let cutoff = probs[by_first[k - 1]];
         let eligible: Vec<usize> = by_first.iter().copied().filter(|&a| probs[a] >= cutoff).collect();
         let best = eligible.iter().copied().max_by(|&a, &b| lls[a].total_cmp(&lls[b])).unwrap();
-        let top = &qa.rank(&images[i..i + 1], &[question], &list, &RankOptions { candidates: k, top: 1 }).unwrap()[0];
+        let top = &qa.rank(&images[i..i + 1], &[question], &list, &RankOptions::new(k, 1)).unwrap()[0];
         assert_eq!(top.len(), 1);
         if eligible.len() == k {
             assert_eq!(top[0].answer, answers[best], "image {i} {question:?}");
@@ -242,7 +242,7 @@ fn check_itm(e: &Expected, m: &ImageTextMatcher) {
         assert_close("text alone", &one.squeeze(0).unwrap(), &e.tensor("text_embeds").i(j).unwrap(), SCORES);
     }
 
-    let scores = m.match_images(&images, &texts).unwrap();
+    let scores = m.match_texts(&images, &texts).unwrap();
     let itm: Vec<Vec<f32>> = scores.iter().map(|row| row.iter().map(|s| s.itm.unwrap()).collect()).collect();
     let itc: Vec<Vec<f32>> = scores.iter().map(|row| row.iter().map(|s| s.itc).collect()).collect();
     let to_tensor = |rows: Vec<Vec<f32>>| Tensor::new(rows, &Device::Cpu).unwrap();
@@ -258,11 +258,11 @@ fn classification_is_a_softmax_of_itc_cosines() {
     let (e, m) = itm();
     let images = e.images();
     let labels = ["cat", "astronaut", "rocket", "dog"];
-    let options = ClassifyOptions { template: "a picture of {}".into(), rerank: None };
+    let options = ClassifyOptions::new("a picture of {}", None);
     let results = m.classify(&images, &labels, &options).unwrap();
     let prompts: Vec<String> = labels.iter().map(|l| format!("a picture of {l}")).collect();
     let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let scores = m.match_images(&images, &prompts).unwrap();
+    let scores = m.match_texts(&images, &prompts).unwrap();
     let scale = m.logit_scale();
     assert!((scale - 2.6592f32.exp()).abs() < 1e-4);
     for (i, ranked) in results.iter().enumerate() {
@@ -281,7 +281,7 @@ fn classification_is_a_softmax_of_itc_cosines() {
     }
 
     // reranking rescored the top 2 with ITM, which then lead, ordered by ITM probability
-    let rerank = ClassifyOptions { rerank: Some(2), ..options };
+    let rerank = ClassifyOptions::new(options.template.clone(), Some(2));
     for (i, ranked) in m.classify(&images, &labels, &rerank).unwrap().iter().enumerate() {
         let itm: Vec<f32> = ranked.iter().map_while(|s| s.itm).collect();
         assert_eq!(itm.len(), 2);
@@ -314,7 +314,7 @@ fn blip_model_features_embeddings_and_logits() {
     assert_close("logits_per_image", &m.logits_per_image(&images, &texts).unwrap(), e.tensor("logits_per_image"), 1e-4);
 
     // classification without a template change is the softmax of logits_per_image
-    let probs = m.classify(&images, &texts, &ClassifyOptions { template: "{}".into(), rerank: None }).unwrap();
+    let probs = m.classify(&images, &texts, &ClassifyOptions::new("{}", None)).unwrap();
     let expected = e.tensor("probs").to_vec2::<f32>().unwrap();
     for (i, ranked) in probs.iter().enumerate() {
         for s in ranked {
@@ -322,27 +322,47 @@ fn blip_model_features_embeddings_and_logits() {
             assert!((s.probability - expected[i][j]).abs() <= SCORES, "{} vs {}", s.probability, expected[i][j]);
         }
     }
-    let scores = m.match_images(&images, &texts).unwrap();
+    let scores = m.match_texts(&images, &texts).unwrap();
     assert!(scores.iter().flatten().all(|s| s.itm.is_none()));
-    let err = m.classify(&images, &texts, &ClassifyOptions { template: "{}".into(), rerank: Some(2) }).unwrap_err();
+    let err = m.classify(&images, &texts, &ClassifyOptions::new("{}", Some(2))).unwrap_err();
     assert!(err.to_string().contains("BlipForImageTextRetrieval"), "{err}");
 }
 
+/// A checkpoint of another kind is refused, typed (a front end can name its own command for
+/// it), naming both classes and a checkpoint that fits.
 #[test]
-fn checkpoints_of_another_task_are_refused_with_the_command_that_fits() {
-    let err = QuestionAnswerer::load(&model_dir("tiny-caption-bin"), &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("BlipForConditionalGeneration") && err.contains("blip caption"), "{err}");
-    let err = ImageTextMatcher::load(&model_dir("tiny-vqa"), &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("BlipForQuestionAnswering") && err.contains("blip vqa"), "{err}");
-    let err = blip::Captioner::load(&model_dir("tiny-itm"), &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("BlipForImageTextRetrieval") && err.contains("blip match"), "{err}");
+fn checkpoints_of_another_task_are_refused_with_the_class_that_fits() {
+    use blip::{Architecture, Error};
+    let cases: [(Result<(), Error>, Architecture, &str); 3] = [
+        (
+            QuestionAnswerer::load(&model_dir("tiny-caption-bin"), &Device::Cpu).map(drop),
+            Architecture::ConditionalGeneration,
+            "BlipForQuestionAnswering",
+        ),
+        (
+            ImageTextMatcher::load(&model_dir("tiny-vqa"), &Device::Cpu).map(drop),
+            Architecture::QuestionAnswering,
+            "BlipForImageTextRetrieval or BlipModel",
+        ),
+        (
+            blip::Captioner::load(&model_dir("tiny-itm"), &Device::Cpu).map(drop),
+            Architecture::ImageTextRetrieval,
+            "BlipForConditionalGeneration",
+        ),
+    ];
+    for (result, class, wanted) in cases {
+        let err = result.unwrap_err();
+        assert!(matches!(err, Error::WrongArchitecture { found, .. } if found == class), "{err}");
+        let message = err.to_string();
+        assert!(message.contains(class.class_name()) && message.contains(wanted), "{message}");
+    }
 }
 
 #[test]
 fn empty_and_over_long_texts() {
     let (_, m) = itm();
     let err = m.embed_texts(&["a cat", "  "]).unwrap_err().to_string();
-    assert!(err.contains("empty text"), "{err}");
+    assert!(err.contains("text number 2 is empty"), "{err}");
     // 64 positions in the tiny model: a longer text is truncated, keeping its final [SEP]
     let long = "cat ".repeat(200);
     let truncated = m.embed_texts(&[&long]).unwrap();

@@ -9,9 +9,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
-
-/// The Hub model used when none is given.
-pub const DEFAULT_MODEL: &str = "Salesforce/blip-image-captioning-base";
+use crate::processor::image::ImageProcessor;
 
 /// Weight files, in the order of preference transformers uses.
 #[derive(Debug, Clone)]
@@ -37,6 +35,8 @@ enum Source {
 
 const CONFIG: &str = "config.json";
 const PREPROCESSOR_CONFIG: &str = "preprocessor_config.json";
+const PROCESSOR_CONFIG: &str = "processor_config.json";
+const GENERATION_CONFIG: &str = "generation_config.json";
 const SAFETENSORS: &str = "model.safetensors";
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 const PYTORCH: &str = "pytorch_model.bin";
@@ -61,9 +61,27 @@ impl Checkpoint {
         self.require(CONFIG)
     }
 
-    /// `preprocessor_config.json`, when the checkpoint has one.
-    pub fn preprocessor_config_file(&self) -> Result<Option<PathBuf>> {
-        self.first_of(&[PREPROCESSOR_CONFIG])
+    /// The image processor's settings, where transformers reads them: `preprocessor_config.json`,
+    /// or (as transformers 5's `save_pretrained` writes them) the `image_processor` entry of
+    /// `processor_config.json`. A checkpoint with neither is refused, as transformers does:
+    /// default settings could silently give other pixels.
+    pub fn image_processor(&self) -> Result<ImageProcessor> {
+        if let Some(path) = self.first_of(&[PREPROCESSOR_CONFIG])? {
+            return ImageProcessor::from_file(&path);
+        }
+        if let Some(path) = self.first_of(&[PROCESSOR_CONFIG])? {
+            if let Some(processor) = ImageProcessor::from_processor_config(&path)? {
+                return Ok(processor);
+            }
+        }
+        Err(self.missing(format!(
+            "no image processor settings: neither {PREPROCESSOR_CONFIG} nor an \"image_processor\" entry in {PROCESSOR_CONFIG}; save the processor with the model (BlipProcessor.save_pretrained) or copy {PREPROCESSOR_CONFIG} from the checkpoint it was fine-tuned from"
+        )))
+    }
+
+    /// `generation_config.json`, when the checkpoint has one: it sets `generate`'s defaults.
+    pub fn generation_config_file(&self) -> Result<Option<PathBuf>> {
+        self.first_of(&[GENERATION_CONFIG])
     }
 
     /// `tokenizer.json`, or failing that `vocab.txt`.

@@ -5,14 +5,16 @@
 //! alone.
 
 mod beam;
+pub(crate) mod config;
 pub mod processors;
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::models::cache::DecoderCache;
+use crate::error::{InvalidInput, Param};
 
 /// When beam search stops (transformers' `early_stopping`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum EarlyStopping {
     /// `False` (the default): stop when the best running beam, at its current length, can no
     /// longer beat the worst finished one.
@@ -25,8 +27,10 @@ pub enum EarlyStopping {
     Never,
 }
 
-/// Options of transformers' `generate`, with its defaults.
+/// Options of transformers' `generate`, with its defaults. Start from `Default` (or a task's
+/// defaults, which a checkpoint's `generation_config.json` sets) and change fields.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct GenerationOptions {
     /// New tokens at most (the prompt not counted).
     pub max_new_tokens: usize,
@@ -77,56 +81,151 @@ impl Default for GenerationOptions {
 }
 
 impl GenerationOptions {
-    /// Refuses contradictory or out-of-range options, naming them as transformers does.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// Refuses contradictory or out-of-range options, naming them as transformers does (the
+    /// [`InvalidInput::params`] of a refusal are the options it involves).
+    pub fn validate(&self) -> std::result::Result<(), InvalidInput> {
+        let out_of_range = |param, value: &dyn std::fmt::Display, accepted| {
+            Err(InvalidInput::OutOfRange { param, value: value.to_string(), accepted })
+        };
         if self.max_new_tokens == 0 {
-            return Err("max_new_tokens must be at least 1".into());
+            return out_of_range(Param::MaxNewTokens, &0, "at least 1");
         }
         if self.min_new_tokens > self.max_new_tokens {
-            return Err(format!(
-                "min_new_tokens {} is larger than max_new_tokens {}",
-                self.min_new_tokens, self.max_new_tokens
-            ));
+            return Err(InvalidInput::MinAboveMax { min: self.min_new_tokens, max: self.max_new_tokens });
         }
         if self.num_beams == 0 {
-            return Err("num_beams must be at least 1".into());
+            return out_of_range(Param::NumBeams, &0, "at least 1");
         }
         if self.num_return_sequences == 0 {
-            return Err("num_return_sequences must be at least 1".into());
-        }
-        if self.num_beams > 1 && self.num_return_sequences > self.num_beams {
-            return Err(format!(
-                "num_return_sequences {} is larger than num_beams {}: beam search returns at most its beams",
-                self.num_return_sequences, self.num_beams
-            ));
-        }
-        if self.num_beams == 1 && !self.do_sample && self.num_return_sequences > 1 {
-            return Err(format!(
-                "greedy search gives one sequence, not num_return_sequences {}: use beam search (num_beams >= {}) or sampling",
-                self.num_return_sequences, self.num_return_sequences
-            ));
+            return out_of_range(Param::NumReturnSequences, &0, "at least 1");
         }
         if self.do_sample && self.num_beams > 1 {
-            return Err("sampling with several beams (beam-search multinomial sampling) is not supported: use num_beams 1 to sample".into());
+            return Err(InvalidInput::SamplingWithBeams { beams: self.num_beams });
+        }
+        if self.num_beams > 1 && self.num_return_sequences > self.num_beams {
+            return Err(InvalidInput::MoreSequencesThanBeams {
+                sequences: self.num_return_sequences,
+                beams: self.num_beams,
+            });
+        }
+        if self.num_beams == 1 && !self.do_sample && self.num_return_sequences > 1 {
+            return Err(InvalidInput::SeveralFromGreedy { sequences: self.num_return_sequences });
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be a positive number, not {}", self.temperature));
+            return out_of_range(Param::Temperature, &self.temperature, "a positive number");
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], not {}", self.top_p));
+            return out_of_range(Param::TopP, &self.top_p, "in (0, 1]");
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(format!("repetition_penalty must be a positive number, not {}", self.repetition_penalty));
+            return out_of_range(Param::RepetitionPenalty, &self.repetition_penalty, "a positive number");
         }
         if !self.length_penalty.is_finite() {
-            return Err(format!("length_penalty must be a number, not {}", self.length_penalty));
+            return out_of_range(Param::LengthPenalty, &self.length_penalty, "a finite number");
         }
         Ok(())
+    }
+
+    /// These options with `max_new_tokens` set; one such setter per field, for chaining.
+    pub fn max_new_tokens(mut self, max_new_tokens: usize) -> Self {
+        self.max_new_tokens = max_new_tokens;
+        self
+    }
+
+    pub fn min_new_tokens(mut self, min_new_tokens: usize) -> Self {
+        self.min_new_tokens = min_new_tokens;
+        self
+    }
+
+    pub fn num_beams(mut self, num_beams: usize) -> Self {
+        self.num_beams = num_beams;
+        self
+    }
+
+    pub fn length_penalty(mut self, length_penalty: f32) -> Self {
+        self.length_penalty = length_penalty;
+        self
+    }
+
+    pub fn early_stopping(mut self, early_stopping: EarlyStopping) -> Self {
+        self.early_stopping = early_stopping;
+        self
+    }
+
+    pub fn num_return_sequences(mut self, num_return_sequences: usize) -> Self {
+        self.num_return_sequences = num_return_sequences;
+        self
+    }
+
+    pub fn do_sample(mut self, do_sample: bool) -> Self {
+        self.do_sample = do_sample;
+        self
+    }
+
+    pub fn temperature(mut self, temperature: f32) -> Self {
+        self.temperature = temperature;
+        self
+    }
+
+    pub fn top_k(mut self, top_k: usize) -> Self {
+        self.top_k = top_k;
+        self
+    }
+
+    pub fn top_p(mut self, top_p: f32) -> Self {
+        self.top_p = top_p;
+        self
+    }
+
+    pub fn repetition_penalty(mut self, repetition_penalty: f32) -> Self {
+        self.repetition_penalty = repetition_penalty;
+        self
+    }
+
+    pub fn no_repeat_ngram_size(mut self, no_repeat_ngram_size: usize) -> Self {
+        self.no_repeat_ngram_size = no_repeat_ngram_size;
+        self
+    }
+
+    pub fn seed(mut self, seed: Option<u64>) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// The options that have no effect with the others (sampling warpers without sampling,
+    /// beam settings without beams), as transformers warns about them.
+    pub fn ignored(&self) -> Vec<Param> {
+        let defaults = Self::default();
+        let mut ignored = vec![];
+        if !self.do_sample {
+            for (param, set) in [
+                (Param::Temperature, self.temperature != defaults.temperature),
+                (Param::TopK, self.top_k != defaults.top_k),
+                (Param::TopP, self.top_p != defaults.top_p),
+                (Param::Seed, self.seed.is_some()),
+            ] {
+                if set {
+                    ignored.push(param);
+                }
+            }
+        }
+        if self.num_beams == 1 {
+            for (param, set) in [
+                (Param::LengthPenalty, self.length_penalty != defaults.length_penalty),
+                (Param::EarlyStopping, self.early_stopping != defaults.early_stopping),
+            ] {
+                if set {
+                    ignored.push(param);
+                }
+            }
+        }
+        ignored
     }
 }
 
 /// One generated sequence and how likely the model finds it.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Generated {
     /// The whole sequence: the prefix, the new tokens and the end token when produced.
     pub tokens: Vec<u32>,
@@ -161,28 +260,6 @@ pub trait Decoder {
     fn keep_rows(&mut self, rows: &[u32]) -> Result<()>;
 }
 
-/// A text decoder with its LM head that continues the sequences held in a cache.
-pub trait CausalLm {
-    /// Feeds `input_ids` [b, t]; returns the next-token logits [b, vocab].
-    fn next_token_logits(&self, input_ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor>;
-}
-
-/// A [`CausalLm`] bound to one batch's cache: the [`Decoder`] the engine drives.
-pub struct CachedDecoder<'a, M> {
-    pub model: &'a M,
-    pub cache: DecoderCache,
-}
-
-impl<M: CausalLm> Decoder for CachedDecoder<'_, M> {
-    fn next_logits(&mut self, input_ids: &Tensor) -> Result<Tensor> {
-        self.model.next_token_logits(input_ids, &mut self.cache)
-    }
-
-    fn keep_rows(&mut self, rows: &[u32]) -> Result<()> {
-        self.cache.select_rows(rows)
-    }
-}
-
 /// Generates from every prefix (all of one length) until `eos_token_id` or `max_new_tokens`:
 /// `num_return_sequences` sequences per prefix, best first for beam search. The decoder starts
 /// with one batch row per prefix; it is expanded for beams and samples with `keep_rows`.
@@ -206,7 +283,7 @@ fn generate_here(
     options: &GenerationOptions,
     device: &Device,
 ) -> Result<Vec<Vec<Generated>>> {
-    options.validate().map_err(candle_core::Error::Msg)?;
+    options.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let Some(first) = prefixes.first() else { return Ok(vec![]) };
     if prefixes.iter().any(|p| p.len() != first.len()) {
         candle_core::bail!("generation needs prefixes of equal length");
@@ -408,7 +485,7 @@ mod tests {
 
     #[test]
     fn max_and_min_new_tokens() {
-        let opts = GenerationOptions { max_new_tokens: 3, min_new_tokens: 2, ..Default::default() };
+        let opts = GenerationOptions::default().max_new_tokens(3).min_new_tokens(2);
         let out = run(vec![vec![5, 5, 5, 5]], opts);
         assert_eq!(out, vec![vec![7, 9, 9, 5]]);
     }
@@ -432,7 +509,7 @@ mod tests {
 
     /// Frequencies of the first sampled token over `draws` independent samples.
     fn frequencies(logits: &[f32], options: GenerationOptions, draws: usize) -> Vec<f64> {
-        let options = GenerationOptions { do_sample: true, max_new_tokens: 1, num_return_sequences: draws, ..options };
+        let options = options.do_sample(true).max_new_tokens(1).num_return_sequences(draws);
         let mut decoder = Constant { logits: logits.to_vec(), rows: 1 };
         let generated = generate(&mut decoder, &[vec![0]], 99, &options, &Device::Cpu).unwrap();
         let mut counts = vec![0usize; logits.len()];
@@ -462,10 +539,10 @@ mod tests {
     #[test]
     fn sampled_frequencies_follow_the_softmax() {
         let draws = 20000;
-        let options = GenerationOptions { top_k: 0, seed: Some(11), ..Default::default() };
+        let options = GenerationOptions::default().top_k(0).seed(Some(11));
         assert_frequencies(&frequencies(&LOGITS, options.clone(), draws), &softmax64(&LOGITS), draws);
         // temperature 2 flattens the distribution: softmax(logits / 2)
-        let warm = GenerationOptions { temperature: 2.0, ..options };
+        let warm = options.temperature(2.0);
         let halved: Vec<f32> = LOGITS.iter().map(|l| l / 2.0).collect();
         assert_frequencies(&frequencies(&LOGITS, warm, draws), &softmax64(&halved), draws);
     }
@@ -474,7 +551,7 @@ mod tests {
     fn top_k_and_top_p_never_emit_tokens_outside_their_set() {
         let draws = 20000;
         // top_k 3: only the three best, renormalized
-        let options = GenerationOptions { top_k: 3, seed: Some(5), ..Default::default() };
+        let options = GenerationOptions::default().top_k(3).seed(Some(5));
         let freqs = frequencies(&LOGITS, options, draws);
         assert!(freqs[3..].iter().all(|&f| f == 0.0), "{freqs:?}");
         assert_frequencies(&freqs[..3], &softmax64(&LOGITS[..3]), draws);
@@ -482,7 +559,7 @@ mod tests {
         // top_p 0.8: the smallest set of best tokens reaching 0.8 of the probability
         let probs = softmax64(&LOGITS);
         let nucleus = (1..=probs.len()).find(|&n| probs[..n].iter().sum::<f64>() >= 0.8).unwrap();
-        let options = GenerationOptions { top_k: 0, top_p: 0.8, seed: Some(6), ..Default::default() };
+        let options = GenerationOptions::default().top_k(0).top_p(0.8).seed(Some(6));
         let freqs = frequencies(&LOGITS, options, draws);
         assert!(freqs[nucleus..].iter().all(|&f| f == 0.0), "nucleus {nucleus}: {freqs:?}");
         assert_frequencies(&freqs[..nucleus], &softmax64(&LOGITS[..nucleus]), draws);
@@ -491,19 +568,17 @@ mod tests {
     #[test]
     fn contradictory_options_are_refused() {
         let bad = [
-            GenerationOptions { top_p: 1.5, ..Default::default() },
-            GenerationOptions { temperature: 0.0, ..Default::default() },
-            GenerationOptions { num_beams: 2, num_return_sequences: 4, ..Default::default() },
-            GenerationOptions { num_return_sequences: 2, ..Default::default() },
-            GenerationOptions { do_sample: true, num_beams: 3, ..Default::default() },
-            GenerationOptions { min_new_tokens: 5, max_new_tokens: 3, ..Default::default() },
+            GenerationOptions::default().top_p(1.5),
+            GenerationOptions::default().temperature(0.0),
+            GenerationOptions::default().num_beams(2).num_return_sequences(4),
+            GenerationOptions::default().num_return_sequences(2),
+            GenerationOptions::default().do_sample(true).num_beams(3),
+            GenerationOptions::default().min_new_tokens(5).max_new_tokens(3),
         ];
         for options in bad {
             assert!(options.validate().is_err(), "{options:?}");
         }
-        assert!(GenerationOptions { do_sample: true, num_return_sequences: 4, ..Default::default() }
-            .validate()
-            .is_ok());
+        assert!(GenerationOptions::default().do_sample(true).num_return_sequences(4).validate().is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod linear;
 pub mod question_answering;
 pub mod retrieval;
 pub mod text;
+pub mod text_decoder;
 pub mod vision;
 
 use candle_core::{DType, Result, Tensor};

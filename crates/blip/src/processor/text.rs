@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::config::TextConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidInput, Param, Result};
 
 /// Tokenizer plus the special ids of the model (bos/[DEC] exists only in the model's vocabulary).
 pub struct TextProcessor {
@@ -48,7 +48,7 @@ impl TextProcessor {
     pub fn encode_for_encoder(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
         let mut ids = self.encode(text)?;
         if ids.len() <= 2 {
-            return Err(Error::InvalidInput("empty text: give some words to encode".into()));
+            return Err(InvalidInput::Empty { param: Param::Text, index: None }.into());
         }
         if ids.len() > max_len {
             tracing::warn!(
@@ -81,7 +81,7 @@ impl TextProcessor {
     pub fn answer_ids(&self, answer: &str) -> Result<Vec<u32>> {
         let mut ids = self.encode(answer)?;
         if ids.len() <= 2 {
-            return Err(Error::InvalidInput("empty answer in the answer list".into()));
+            return Err(InvalidInput::Empty { param: Param::Answers, index: None }.into());
         }
         ids[0] = self.bos_token_id;
         Ok(ids)

@@ -2,21 +2,69 @@
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use image::RgbImage;
 
-use super::{GeneratedText, Task, TaskModel};
+use super::{check_count, GeneratedText, Images, Task, TaskModel, DEFAULT_CAPTION_MODEL};
 use crate::config::{Architecture, BlipConfig};
-use crate::error::{Error, Result};
-use crate::generation::{self, CachedDecoder, GenerationOptions};
+use crate::error::{InvalidInput, Param, Result};
+use crate::generation::{self, GenerationOptions};
 use crate::models::captioning::CaptioningModel;
 
-/// How to caption.
-#[derive(Debug, Clone, Default)]
+/// The text captions continue.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub enum Prompt {
+    /// Unconditional captions.
+    #[default]
+    None,
+    /// Every image's caption continues this text (e.g. "a picture of").
+    Same(String),
+    /// Image i's caption continues prompt i (or none).
+    PerImage(Vec<Option<String>>),
+}
+
+impl Prompt {
+    /// Prompt of image `i` of `images`.
+    fn for_image(&self, i: usize) -> Option<&str> {
+        match self {
+            Prompt::None => None,
+            Prompt::Same(prompt) => Some(prompt),
+            Prompt::PerImage(prompts) => prompts.get(i).and_then(|p| p.as_deref()),
+        }
+    }
+}
+
+/// How to caption: get them from [`Captioner::default_options`] (the checkpoint's generation
+/// defaults) and change fields.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct CaptionOptions {
-    /// Text the caption continues (e.g. "a picture of"); it is part of the returned caption,
-    /// as in transformers.
-    pub prompt: Option<String>,
+    /// Text the caption continues; it is part of the returned caption, as in transformers.
+    pub prompt: Prompt,
     pub generation: GenerationOptions,
+}
+
+impl From<Option<String>> for Prompt {
+    fn from(prompt: Option<String>) -> Self {
+        prompt.map_or(Prompt::None, Prompt::Same)
+    }
+}
+
+impl From<&str> for Prompt {
+    fn from(prompt: &str) -> Self {
+        Prompt::Same(prompt.to_string())
+    }
+}
+
+impl CaptionOptions {
+    pub fn new(prompt: impl Into<Prompt>, generation: GenerationOptions) -> Self {
+        Self { prompt: prompt.into(), generation }
+    }
+
+    /// These options with every caption continuing `prompt`.
+    pub fn with_prompt(mut self, prompt: impl Into<String>) -> Self {
+        self.prompt = Prompt::Same(prompt.into());
+        self
+    }
 }
 
 /// One caption of an image: `tokens` hold bos 30522, the prompt, the new tokens and the final
@@ -29,7 +77,7 @@ pub type Captioner = Task<CaptioningModel>;
 impl TaskModel for CaptioningModel {
     const ACCEPTS: &'static [Architecture] = &[Architecture::ConditionalGeneration];
     const TASK: &'static str = "captioning";
-    const EXAMPLE: &'static str = "Salesforce/blip-image-captioning-base";
+    const DEFAULT_MODEL: &'static str = DEFAULT_CAPTION_MODEL;
 
     fn build(config: &BlipConfig, _: Architecture, weights: VarBuilder) -> candle_core::Result<Self> {
         CaptioningModel::new(config, weights)
@@ -37,75 +85,55 @@ impl TaskModel for CaptioningModel {
 }
 
 impl Captioner {
-    /// The decoder's starting ids for these options, refused when prompt and new tokens cannot
-    /// fit the model's positions. Call it to validate options before decoding any image.
-    pub fn prefix(&self, options: &CaptionOptions) -> Result<Vec<u32>> {
-        options.generation.validate().map_err(Error::InvalidInput)?;
-        self.prefix_for(options.prompt.as_deref(), &options.generation)
+    /// transformers' `generate` defaults (greedy, 20 new tokens) under the checkpoint's
+    /// `generation_config.json`, no prompt.
+    pub fn default_options(&self) -> CaptionOptions {
+        CaptionOptions { prompt: Prompt::None, generation: self.generation.clone() }
     }
 
-    fn prefix_for(&self, prompt: Option<&str>, generation: &GenerationOptions) -> Result<Vec<u32>> {
+    /// Refuses contradictory options and prompts that cannot fit the model's positions with
+    /// `max_new_tokens` more, before any image is decoded.
+    pub fn validate(&self, options: &CaptionOptions) -> Result<()> {
+        options.generation.validate()?;
+        match &options.prompt {
+            Prompt::None => self.prefix(None, &options.generation).map(drop),
+            Prompt::Same(prompt) => self.prefix(Some(prompt), &options.generation).map(drop),
+            Prompt::PerImage(prompts) => {
+                prompts.iter().try_for_each(|p| self.prefix(p.as_deref(), &options.generation).map(drop))
+            }
+        }
+    }
+
+    /// The decoder's starting ids for a prompt, refused when prompt and new tokens cannot fit
+    /// the model's positions.
+    fn prefix(&self, prompt: Option<&str>, generation: &GenerationOptions) -> Result<Vec<u32>> {
         let prefix = self.text_processor.caption_prefix(prompt)?;
         let positions = self.config.text_config.max_position_embeddings;
-        let needed = prefix.len() + generation.max_new_tokens;
-        if needed > positions {
-            let room = positions.saturating_sub(prefix.len());
-            return Err(Error::InvalidInput(if room == 0 {
-                format!(
-                    "the prompt is {} tokens long; the model has only {positions} positions: shorten the prompt",
-                    prefix.len()
-                )
-            } else {
-                format!(
-                    "the prompt ({} tokens) plus max_new_tokens {} exceed the model's {positions} positions: shorten the prompt or set max_new_tokens to at most {room}",
-                    prefix.len(),
-                    generation.max_new_tokens
-                )
-            }));
+        if prefix.len() + generation.max_new_tokens > positions {
+            return Err(InvalidInput::PromptTooLong {
+                prompt_tokens: prefix.len(),
+                max_new_tokens: generation.max_new_tokens,
+                positions,
+            }
+            .into());
         }
         Ok(prefix)
     }
 
-    /// Captions decoded images (one batch): `num_return_sequences` captions per image, best
-    /// first.
-    pub fn caption(&self, images: &[RgbImage], options: &CaptionOptions) -> Result<Vec<Vec<Caption>>> {
-        let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
-        self.caption_pixels(&pixel_values, options)
-    }
-
-    /// Captions preprocessed `pixel_values` [b, 3, H, W].
-    pub fn caption_pixels(&self, pixel_values: &Tensor, options: &CaptionOptions) -> Result<Vec<Vec<Caption>>> {
-        let prompts = vec![options.prompt.as_deref(); pixel_values.dim(0)?];
-        self.caption_pixels_with_prompts(pixel_values, &prompts, &options.generation)
-    }
-
-    /// Captions image i continuing prompt i (or none).
-    pub fn caption_with_prompts(
-        &self,
-        images: &[RgbImage],
-        prompts: &[Option<&str>],
-        generation: &GenerationOptions,
-    ) -> Result<Vec<Vec<Caption>>> {
-        let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
-        self.caption_pixels_with_prompts(&pixel_values, prompts, generation)
-    }
-
-    /// [`Self::caption_with_prompts`] on preprocessed `pixel_values`. Images whose prompts
-    /// differ in length decode as separate batches, so every image gets what it gets alone
-    /// (transformers pads such batches and shifts positions).
-    pub fn caption_pixels_with_prompts(
-        &self,
-        pixel_values: &Tensor,
-        prompts: &[Option<&str>],
-        generation: &GenerationOptions,
-    ) -> Result<Vec<Vec<Caption>>> {
-        generation.validate().map_err(Error::InvalidInput)?;
+    /// Captions images (one batch): `num_return_sequences` captions per image, best first.
+    /// Images whose prompts differ in length decode as separate batches, so every image gets
+    /// what it gets alone (transformers pads such batches and shifts positions).
+    pub fn caption<'a>(&self, images: impl Into<Images<'a>>, options: &CaptionOptions) -> Result<Vec<Vec<Caption>>> {
+        let pixel_values = self.pixel_values(images.into())?;
         let rows = pixel_values.dim(0)?;
-        if prompts.len() != rows {
-            return Err(Error::InvalidInput(format!("{} prompts for {rows} images", prompts.len())));
+        options.generation.validate()?;
+        if let Prompt::PerImage(prompts) = &options.prompt {
+            check_count(Param::Prompt, prompts.len(), rows)?;
         }
-        let prefixes = prompts.iter().map(|p| self.prefix_for(*p, generation)).collect::<Result<Vec<_>>>()?;
-        let image_embeds = self.model.encode_images(pixel_values)?;
+        let prefixes = (0..rows)
+            .map(|i| self.prefix(options.prompt.for_image(i), &options.generation))
+            .collect::<Result<Vec<_>>>()?;
+        let image_embeds = self.model.encode_images(&pixel_values)?;
         let mut captions: Vec<Vec<Caption>> = vec![vec![]; rows];
         let mut lengths: Vec<usize> = prefixes.iter().map(Vec::len).collect();
         lengths.sort_unstable();
@@ -117,14 +145,14 @@ impl Captioner {
             } else {
                 image_embeds.index_select(&Tensor::new(group.as_slice(), &self.device)?, 0)?
             };
-            let mut decoder =
-                CachedDecoder { model: &self.model, cache: self.model.text_model.new_cache(&embeds, None)? };
+            let decoder = &self.model.text_decoder;
+            let mut decoding = decoder.decoding(decoder.new_cache(&embeds, None)?);
             let group_prefixes: Vec<Vec<u32>> = group.iter().map(|&r| prefixes[r as usize].clone()).collect();
             let generated = generation::generate(
-                &mut decoder,
+                &mut decoding,
                 &group_prefixes,
                 self.config.text_config.sep_token_id,
-                generation,
+                &options.generation,
                 &self.device,
             )?;
             for (&row, sequences) in group.iter().zip(generated) {

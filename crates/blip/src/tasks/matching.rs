@@ -4,15 +4,15 @@
 
 use candle_core::{IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use image::RgbImage;
 
-use super::{Task, TaskModel};
+use super::{check_not_empty, Images, Task, TaskModel, DEFAULT_MATCHING_MODEL};
 use crate::config::{Architecture, BlipConfig};
-use crate::error::{Error, Result};
+use crate::error::{InvalidInput, Param, Result};
 use crate::models::contrastive::ContrastiveModel;
 use crate::models::retrieval::RetrievalModel;
 
 /// The two kinds of checkpoint that embed images and texts in one space.
+#[non_exhaustive]
 pub enum MatchingModel {
     Retrieval(RetrievalModel),
     Contrastive(ContrastiveModel),
@@ -20,6 +20,7 @@ pub enum MatchingModel {
 
 /// How well one text fits one image.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct MatchScore {
     /// ITM match probability (softmax of itm_head, index 1); `None` for BlipModel checkpoints,
     /// which have no ITM head.
@@ -29,12 +30,30 @@ pub struct MatchScore {
 }
 
 /// Zero-shot classification settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct ClassifyOptions {
     /// Text each label is put into; `{}` marks the label.
     pub template: String,
     /// Rescore this many top labels with the ITM head (retrieval checkpoints only).
     pub rerank: Option<usize>,
+}
+
+impl ClassifyOptions {
+    pub fn new(template: impl Into<String>, rerank: Option<usize>) -> Self {
+        Self { template: template.into(), rerank }
+    }
+
+    /// Refuses a template without its `{}`, empty or repeated labels and reranking no label,
+    /// whatever the checkpoint; returns the texts the labels become.
+    pub fn validate(&self, labels: &[&str]) -> Result<Vec<String>> {
+        if self.rerank == Some(0) {
+            return Err(
+                InvalidInput::OutOfRange { param: Param::Rerank, value: "0".into(), accepted: "at least 1" }.into()
+            );
+        }
+        class_prompts(labels, &self.template)
+    }
 }
 
 impl Default for ClassifyOptions {
@@ -45,6 +64,7 @@ impl Default for ClassifyOptions {
 
 /// One label's scores for one image.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct LabelScore {
     pub label: String,
     /// Softmax over the labels of the ITC cosines times the logit scale.
@@ -60,7 +80,7 @@ pub type ImageTextMatcher = Task<MatchingModel>;
 impl TaskModel for MatchingModel {
     const ACCEPTS: &'static [Architecture] = &[Architecture::ImageTextRetrieval, Architecture::Model];
     const TASK: &'static str = "image-text matching";
-    const EXAMPLE: &'static str = "Salesforce/blip-itm-base-coco";
+    const DEFAULT_MODEL: &'static str = DEFAULT_MATCHING_MODEL;
 
     fn build(config: &BlipConfig, architecture: Architecture, weights: VarBuilder) -> candle_core::Result<Self> {
         match architecture {
@@ -109,45 +129,36 @@ impl ImageTextMatcher {
         })
     }
 
-    /// Tokenized, padded texts: input_ids and attention_mask [n, t].
-    fn encode_texts(&self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
-        if texts.is_empty() {
-            return Err(Error::InvalidInput("no texts given".into()));
-        }
+    /// Tokenized, padded texts (`param` names them in errors): input_ids and attention_mask
+    /// [n, t].
+    fn encode_texts(&self, param: Param, texts: &[&str]) -> Result<(Tensor, Tensor)> {
+        check_not_empty(param, texts)?;
         let positions = self.config.text_config.max_position_embeddings;
-        let ids = texts
-            .iter()
-            .map(|t| {
-                self.text_processor
-                    .encode_for_encoder(t, positions)
-                    .map_err(|e| Error::InvalidInput(format!("text \"{t}\": {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let ids =
+            texts.iter().map(|t| self.text_processor.encode_for_encoder(t, positions)).collect::<Result<Vec<_>>>()?;
         self.text_processor.pad_batch(&ids, &self.device)
     }
 
     /// Unit-norm image embeddings [n, dim].
-    pub fn embed_images(&self, images: &[RgbImage]) -> Result<Tensor> {
-        let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
-        self.embed_pixels(&pixel_values)
-    }
-
-    /// [`Self::embed_images`] on preprocessed `pixel_values` [n, 3, H, W].
-    pub fn embed_pixels(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.image_embeds_from_states(&self.vision_states(pixel_values)?)
+    pub fn embed_images<'a>(&self, images: impl Into<Images<'a>>) -> Result<Tensor> {
+        let pixel_values = self.pixel_values(images.into())?;
+        self.image_embeds_from_states(&self.vision_states(&pixel_values)?)
     }
 
     /// Unit-norm text embeddings [n, dim] (each text as `[CLS] text [SEP]`, batch padded).
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Tensor> {
-        let (ids, mask) = self.encode_texts(texts)?;
+        let (ids, mask) = self.encode_texts(Param::Text, texts)?;
         self.text_embeds(&ids, &mask)
     }
 
     /// Unnormalized BlipModel features (`get_image_features`), [n, projection_dim].
-    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    pub fn image_features<'a>(&self, images: impl Into<Images<'a>>) -> Result<Tensor> {
         match &self.model {
-            MatchingModel::Contrastive(m) => Ok(m.image_features(&m.vision_model.forward(pixel_values)?)?),
-            MatchingModel::Retrieval(_) => Err(self.not_blip_model("image_features")),
+            MatchingModel::Contrastive(m) => {
+                let pixel_values = self.pixel_values(images.into())?;
+                Ok(m.image_features(&m.vision_model.forward(&pixel_values)?)?)
+            }
+            MatchingModel::Retrieval(_) => Err(self.needs(Param::Images, Architecture::Model)),
         }
     }
 
@@ -155,36 +166,30 @@ impl ImageTextMatcher {
     pub fn text_features(&self, texts: &[&str]) -> Result<Tensor> {
         match &self.model {
             MatchingModel::Contrastive(m) => {
-                let (ids, mask) = self.encode_texts(texts)?;
+                let (ids, mask) = self.encode_texts(Param::Text, texts)?;
                 Ok(m.text_features(&ids, Some(&mask))?)
             }
-            MatchingModel::Retrieval(_) => Err(self.not_blip_model("text_features")),
+            MatchingModel::Retrieval(_) => Err(self.needs(Param::Text, Architecture::Model)),
         }
     }
 
-    fn not_blip_model(&self, what: &str) -> Error {
-        Error::InvalidInput(format!(
-            "{what} exists only for BlipModel checkpoints; this one is {}",
-            self.architecture.class_name()
-        ))
+    /// The refusal of `param` on a checkpoint without the head it needs.
+    fn needs(&self, param: Param, needs: Architecture) -> crate::Error {
+        InvalidInput::NeedsArchitecture { param, needs, found: self.architecture }.into()
     }
 
     /// `logits_per_image` [images, texts]: cosine × logit scale, as `BlipModel.forward`.
-    pub fn logits_per_image(&self, images: &[RgbImage], texts: &[&str]) -> Result<Tensor> {
+    pub fn logits_per_image<'a>(&self, images: impl Into<Images<'a>>, texts: &[&str]) -> Result<Tensor> {
         let cosines = self.embed_images(images)?.matmul(&self.embed_texts(texts)?.t()?)?;
         Ok((cosines * self.logit_scale() as f64)?)
     }
 
-    /// Every image against every text: scores[image][text].
-    pub fn match_images(&self, images: &[RgbImage], texts: &[&str]) -> Result<Vec<Vec<MatchScore>>> {
-        let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
-        self.match_pixels(&pixel_values, texts)
-    }
-
-    /// [`Self::match_images`] on preprocessed `pixel_values`.
-    pub fn match_pixels(&self, pixel_values: &Tensor, texts: &[&str]) -> Result<Vec<Vec<MatchScore>>> {
-        let states = self.vision_states(pixel_values)?;
-        let (ids, mask) = self.encode_texts(texts)?;
+    /// Every image against every text: scores[image][text] (ITM for retrieval checkpoints,
+    /// ITC for both kinds).
+    pub fn match_texts<'a>(&self, images: impl Into<Images<'a>>, texts: &[&str]) -> Result<Vec<Vec<MatchScore>>> {
+        let (ids, mask) = self.encode_texts(Param::Text, texts)?;
+        let pixel_values = self.pixel_values(images.into())?;
+        let states = self.vision_states(&pixel_values)?;
         let text_embeds = self.text_embeds(&ids, &mask)?;
         let itc = self.image_embeds_from_states(&states)?.matmul(&text_embeds.t()?)?.to_vec2::<f32>()?;
         let all: Vec<u32> = (0..texts.len() as u32).collect();
@@ -214,10 +219,7 @@ impl ImageTextMatcher {
     /// [1, n, v].
     fn itm(&self, image_states: &Tensor, ids: &Tensor, mask: &Tensor, which: &[u32]) -> Result<Vec<f32>> {
         let MatchingModel::Retrieval(model) = &self.model else {
-            return Err(Error::InvalidInput(format!(
-                "image-text matching (ITM) needs a BlipForImageTextRetrieval checkpoint; this one is {}",
-                self.architecture.class_name()
-            )));
+            return Err(self.needs(Param::Text, Architecture::ImageTextRetrieval));
         };
         let rows = Tensor::new(which, &self.device)?;
         let repeat = Tensor::zeros(which.len(), candle_core::DType::U32, &self.device)?;
@@ -230,35 +232,28 @@ impl ImageTextMatcher {
         Ok(probs.i((.., 1))?.to_vec1()?)
     }
 
-    /// Zero-shot classification: labels ranked by probability per image (reranked labels, when
-    /// asked, first and ordered by ITM probability).
-    pub fn classify(
-        &self,
-        images: &[RgbImage],
-        labels: &[&str],
-        options: &ClassifyOptions,
-    ) -> Result<Vec<Vec<LabelScore>>> {
-        let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
-        self.classify_pixels(&pixel_values, labels, options)
+    /// Refuses labels, template or reranking that cannot classify with this checkpoint,
+    /// before any image is decoded; returns the texts the labels become.
+    pub fn validate_classify(&self, labels: &[&str], options: &ClassifyOptions) -> Result<Vec<String>> {
+        if options.rerank.is_some() && !self.has_itm_head() {
+            return Err(self.needs(Param::Rerank, Architecture::ImageTextRetrieval));
+        }
+        options.validate(labels)
     }
 
-    /// [`Self::classify`] on preprocessed `pixel_values`.
-    pub fn classify_pixels(
+    /// Zero-shot classification: labels ranked by probability per image (reranked labels, when
+    /// asked, first and ordered by ITM probability).
+    pub fn classify<'a>(
         &self,
-        pixel_values: &Tensor,
+        images: impl Into<Images<'a>>,
         labels: &[&str],
         options: &ClassifyOptions,
     ) -> Result<Vec<Vec<LabelScore>>> {
-        let prompts = class_prompts(labels, &options.template)?;
-        if options.rerank.is_some() && !self.has_itm_head() {
-            return Err(Error::InvalidInput(format!(
-                "reranking needs an ITM head (a BlipForImageTextRetrieval checkpoint); this one is {}",
-                self.architecture.class_name()
-            )));
-        }
+        let prompts = self.validate_classify(labels, options)?;
+        let pixel_values = self.pixel_values(images.into())?;
         let prompt_refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        let (ids, mask) = self.encode_texts(&prompt_refs)?;
-        let states = self.vision_states(pixel_values)?;
+        let (ids, mask) = self.encode_texts(Param::Label, &prompt_refs)?;
+        let states = self.vision_states(&pixel_values)?;
         let cosines = self.image_embeds_from_states(&states)?.matmul(&self.text_embeds(&ids, &mask)?.t()?)?;
         let probs = candle_nn::ops::softmax_last_dim(&(&cosines * self.logit_scale() as f64)?)?.to_vec2::<f32>()?;
         let cosines = cosines.to_vec2::<f32>()?;
@@ -290,20 +285,15 @@ impl ImageTextMatcher {
 /// must mark the label's place.
 fn class_prompts(labels: &[&str], template: &str) -> Result<Vec<String>> {
     if !template.contains("{}") {
-        return Err(Error::InvalidInput(format!("template \"{template}\" has no {{}} where the label goes")));
+        return Err(InvalidInput::NoPlaceholder { template: template.to_string() }.into());
     }
-    if labels.is_empty() {
-        return Err(Error::InvalidInput("no labels given".into()));
-    }
+    check_not_empty(Param::Label, labels)?;
     let mut seen = std::collections::HashSet::new();
     labels
         .iter()
         .map(|label| {
-            if label.trim().is_empty() {
-                return Err(Error::InvalidInput("empty label".into()));
-            }
             if !seen.insert(*label) {
-                return Err(Error::InvalidInput(format!("label \"{label}\" is given twice")));
+                return Err(InvalidInput::Duplicate { param: Param::Label, value: label.to_string() }.into());
             }
             Ok(template.replace("{}", label))
         })

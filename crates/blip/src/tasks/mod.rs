@@ -7,15 +7,26 @@ pub mod caption;
 pub mod matching;
 pub mod vqa;
 
-use candle_core::{DType, Device};
+use std::borrow::Cow;
+
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use image::RgbImage;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, BlipConfig};
-use crate::error::{Error, Result};
-use crate::generation::Generated;
+use crate::error::{Error, InvalidInput, Param, Result};
+use crate::generation::{config::GenerationConfigFile, Generated, GenerationOptions};
 use crate::processor::image::{ImageProcessor, ResizeBackend};
 use crate::processor::text::TextProcessor;
+
+/// The public checkpoint each task loads when none is named, and suggests when given a
+/// checkpoint of another kind.
+pub const DEFAULT_CAPTION_MODEL: &str = "Salesforce/blip-image-captioning-base";
+/// See [`DEFAULT_CAPTION_MODEL`].
+pub const DEFAULT_VQA_MODEL: &str = "Salesforce/blip-vqa-base";
+/// See [`DEFAULT_CAPTION_MODEL`].
+pub const DEFAULT_MATCHING_MODEL: &str = "Salesforce/blip-itm-base-coco";
 
 /// A loaded checkpoint of one task: its model, config and processors. The task's own methods
 /// are on the aliases [`caption::Captioner`], [`vqa::QuestionAnswerer`] and
@@ -26,6 +37,9 @@ pub struct Task<M> {
     config: BlipConfig,
     image_processor: ImageProcessor,
     text_processor: TextProcessor,
+    /// `generate`'s defaults for this checkpoint: the task's, overridden by the checkpoint's
+    /// `generation_config.json`.
+    generation: GenerationOptions,
     device: Device,
 }
 
@@ -35,13 +49,54 @@ pub trait TaskModel: Sized {
     const ACCEPTS: &'static [Architecture];
     /// The task, as refusals name it ("question answering").
     const TASK: &'static str;
-    /// A public checkpoint that fits the task.
-    const EXAMPLE: &'static str;
+    /// The public checkpoint loaded when none is named.
+    const DEFAULT_MODEL: &'static str;
+    /// `generate`'s defaults before a checkpoint's `generation_config.json` (for the tasks that
+    /// generate).
+    fn default_generation() -> GenerationOptions {
+        GenerationOptions::default()
+    }
 
     fn build(config: &BlipConfig, architecture: Architecture, weights: VarBuilder) -> candle_core::Result<Self>;
 }
 
+/// The images of a request: decoded images, or `pixel_values` [b, 3, H, W] already made by the
+/// checkpoint's image processor.
+#[derive(Clone, Copy)]
+#[non_exhaustive]
+pub enum Images<'a> {
+    Decoded(&'a [RgbImage]),
+    Pixels(&'a Tensor),
+}
+
+impl<'a> From<&'a [RgbImage]> for Images<'a> {
+    fn from(images: &'a [RgbImage]) -> Self {
+        Images::Decoded(images)
+    }
+}
+
+impl<'a> From<&'a Vec<RgbImage>> for Images<'a> {
+    fn from(images: &'a Vec<RgbImage>) -> Self {
+        Images::Decoded(images)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [RgbImage; N]> for Images<'a> {
+    fn from(images: &'a [RgbImage; N]) -> Self {
+        Images::Decoded(images)
+    }
+}
+
+impl<'a> From<&'a Tensor> for Images<'a> {
+    fn from(pixel_values: &'a Tensor) -> Self {
+        Images::Pixels(pixel_values)
+    }
+}
+
 impl<M: TaskModel> Task<M> {
+    /// The public checkpoint loaded when none is named.
+    pub const DEFAULT_MODEL: &'static str = M::DEFAULT_MODEL;
+
     /// Loads a local folder or Hub repo id (see [`Checkpoint::locate`]) with f32 weights.
     pub fn load(model: &str, device: &Device) -> Result<Self> {
         Self::load_with_dtype(model, device, DType::F32)
@@ -54,29 +109,70 @@ impl<M: TaskModel> Task<M> {
         Self::from_checkpoint(&Checkpoint::locate(model)?, device, dtype)
     }
 
+    /// Reads the config first, refusing an architecture the task cannot use before anything
+    /// else is fetched, then the processors, the generation defaults and the weights.
     pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device, dtype: DType) -> Result<Self> {
+        let location = &checkpoint.location;
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::checkpoint(location, format!("cannot hold weights in {dtype:?}: use f32, bf16 or f16")));
+        }
+        let (config, architecture) = Self::read_config(checkpoint)?;
+        let generation = Self::generation_defaults(checkpoint)?;
+        let image_processor = checkpoint.image_processor()?;
+        let image_size = config.vision_config.image_size;
+        if (image_processor.height, image_processor.width) != (image_size, image_size) {
             return Err(Error::checkpoint(
-                &checkpoint.location,
-                format!("cannot hold weights in {dtype:?}: use f32, bf16 or f16"),
+                location,
+                format!(
+                    "the image processor's size {}x{} differs from the vision model's image_size {image_size}; resized position embeddings are not supported",
+                    image_processor.height, image_processor.width
+                ),
             ));
         }
-        let loaded = load(checkpoint, M::ACCEPTS, M::TASK, M::EXAMPLE, device, dtype)?;
-        let architecture = loaded.architecture;
-        let model = M::build(&loaded.config, architecture, loaded.weights).map_err(|e| {
-            Error::checkpoint(
-                &checkpoint.location,
-                format!("weights do not fit a {} model: {e}", architecture.class_name()),
-            )
+        let text_processor = TextProcessor::from_file(&checkpoint.tokenizer_file()?, &config.text_config)?;
+        let weights = checkpoint.var_builder(dtype, device)?;
+        let model = M::build(&config, architecture, weights).map_err(|e| {
+            Error::checkpoint(location, format!("weights do not fit a {} model: {e}", architecture.class_name()))
         })?;
-        Ok(Self {
-            model,
-            architecture,
-            config: loaded.config,
-            image_processor: loaded.image_processor,
-            text_processor: loaded.text_processor,
-            device: device.clone(),
-        })
+        Ok(Self { model, architecture, config, image_processor, text_processor, generation, device: device.clone() })
+    }
+
+    /// `generate`'s defaults for a checkpoint of this task, read without loading its weights
+    /// (so that options can be checked against them first): the task's, under the checkpoint's
+    /// `generation_config.json`.
+    pub fn generation_defaults(checkpoint: &Checkpoint) -> Result<GenerationOptions> {
+        Self::read_config(checkpoint)?;
+        let mut generation = M::default_generation();
+        if let Some(path) = checkpoint.generation_config_file()? {
+            // Unprompted, the decoder starts from bos alone: max_length counts it.
+            GenerationConfigFile::from_file(&path)?.apply(&mut generation, 1, &path)?;
+        }
+        Ok(generation)
+    }
+
+    /// The checkpoint's config and the architecture the task runs it as.
+    fn read_config(checkpoint: &Checkpoint) -> Result<(BlipConfig, Architecture)> {
+        let config = BlipConfig::from_file(&checkpoint.config_file()?)?;
+        let architecture = match config.architecture() {
+            None => M::ACCEPTS[0],
+            Some(Ok(arch)) if M::ACCEPTS.contains(&arch) => arch,
+            Some(Ok(found)) => {
+                return Err(Error::WrongArchitecture {
+                    location: checkpoint.location.clone(),
+                    found,
+                    task: M::TASK,
+                    wanted: M::ACCEPTS,
+                    example: M::DEFAULT_MODEL,
+                })
+            }
+            Some(Err(name)) => {
+                return Err(Error::checkpoint(
+                    &checkpoint.location,
+                    format!("architecture {name} is not a BLIP model"),
+                ));
+            }
+        };
+        Ok((config, architecture))
     }
 }
 
@@ -107,6 +203,14 @@ impl<M> Task<M> {
         self.image_processor.backend = backend;
     }
 
+    /// `pixel_values` of the images, made by the checkpoint's image processor unless given.
+    pub fn pixel_values<'a>(&self, images: Images<'a>) -> Result<Cow<'a, Tensor>> {
+        Ok(match images {
+            Images::Decoded(images) => Cow::Owned(self.image_processor.preprocess_batch(images, &self.device)?),
+            Images::Pixels(pixel_values) => Cow::Borrowed(pixel_values),
+        })
+    }
+
     /// A generated sequence with its decoded text.
     fn decode_generated(&self, generated: Generated) -> Result<GeneratedText> {
         Ok(GeneratedText {
@@ -118,8 +222,29 @@ impl<M> Task<M> {
     }
 }
 
+/// Per-image inputs (prompts, questions) must match the images in number.
+fn check_count(param: Param, given: usize, images: usize) -> Result<()> {
+    if given != images {
+        return Err(InvalidInput::CountMismatch { param, given, images }.into());
+    }
+    Ok(())
+}
+
+/// Texts that must hold words (`param`: what they are): none given, or the first empty one,
+/// is refused.
+pub fn check_not_empty<S: AsRef<str>>(param: Param, texts: &[S]) -> Result<()> {
+    if texts.is_empty() {
+        return Err(InvalidInput::NoneGiven { param }.into());
+    }
+    match texts.iter().position(|t| t.as_ref().trim().is_empty()) {
+        Some(i) => Err(InvalidInput::Empty { param, index: (texts.len() > 1).then_some(i) }.into()),
+        None => Ok(()),
+    }
+}
+
 /// A generated text (caption or answer) with its tokens and scores.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct GeneratedText {
     pub text: String,
     /// The whole sequence, as transformers' `generate` returns it.
@@ -131,62 +256,11 @@ pub struct GeneratedText {
     pub log_prob: f32,
 }
 
-/// What every task loads from a checkpoint before building its model.
-struct Loaded<'a> {
-    config: BlipConfig,
-    /// The declared architecture, or the task's first when the config names none.
-    architecture: Architecture,
-    image_processor: ImageProcessor,
-    text_processor: TextProcessor,
-    weights: VarBuilder<'a>,
-}
-
-/// Reads a checkpoint's config, refusing architectures the task cannot use before anything
-/// else is fetched, then its processors and weights. `task` names the task in messages
-/// ("question answering"), `example` a checkpoint that fits it.
-fn load<'a>(
-    checkpoint: &Checkpoint,
-    accepted: &[Architecture],
-    task: &str,
-    example: &str,
-    device: &Device,
-    dtype: DType,
-) -> Result<Loaded<'a>> {
-    let location = &checkpoint.location;
-    let config = BlipConfig::from_file(&checkpoint.config_file()?)?;
-    let architecture = match config.architecture() {
-        None => accepted[0],
-        Some(Ok(arch)) if accepted.contains(&arch) => arch,
-        Some(Ok(other)) => {
-            let wanted = accepted.iter().map(|a| a.class_name()).collect::<Vec<_>>().join(" or ");
-            return Err(Error::checkpoint(
-                location,
-                format!(
-                    "is a {} checkpoint ({}); {task} needs a {wanted} checkpoint such as {example}",
-                    other.class_name(),
-                    other.use_with()
-                ),
-            ));
-        }
-        Some(Err(name)) => {
-            return Err(Error::checkpoint(location, format!("architecture {name} is not a BLIP model")));
-        }
-    };
-    let image_processor = match checkpoint.preprocessor_config_file()? {
-        Some(path) => ImageProcessor::from_file(&path)?,
-        None => ImageProcessor::default(),
-    };
-    let image_size = config.vision_config.image_size;
-    if (image_processor.height, image_processor.width) != (image_size, image_size) {
-        return Err(Error::checkpoint(
-            location,
-            format!(
-                "preprocessor size {}x{} differs from the vision model's image_size {image_size}; resized position embeddings are not supported",
-                image_processor.height, image_processor.width
-            ),
-        ));
-    }
-    let text_processor = TextProcessor::from_file(&checkpoint.tokenizer_file()?, &config.text_config)?;
-    let weights = checkpoint.var_builder(dtype, device)?;
-    Ok(Loaded { config, architecture, image_processor, text_processor, weights })
-}
+/// The tasks are shared between threads (a server's workers): they must stay `Send + Sync`.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<caption::Captioner>();
+    shareable::<vqa::QuestionAnswerer>();
+    shareable::<matching::ImageTextMatcher>();
+    shareable::<vqa::AnswerList>();
+};

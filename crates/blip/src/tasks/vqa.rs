@@ -4,23 +4,25 @@
 
 use candle_core::{DType, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
-use image::RgbImage;
 
-use super::{GeneratedText, Task, TaskModel};
+use super::{check_count, check_not_empty, GeneratedText, Images, Task, TaskModel, DEFAULT_VQA_MODEL};
 use crate::config::{Architecture, BlipConfig};
-use crate::error::{Error, Result};
-use crate::generation::{self, CachedDecoder, CausalLm, GenerationOptions};
+use crate::error::{InvalidInput, Param, Result};
+use crate::generation::{self, GenerationOptions};
 use crate::models::question_answering::QuestionAnsweringModel;
 
-/// How to generate answers; `max_new_tokens` defaults to 10 (answers are short).
-#[derive(Debug, Clone)]
+/// How to generate answers: get them from [`QuestionAnswerer::default_options`] (the
+/// checkpoint's generation defaults; 10 new tokens at most without them, answers being short)
+/// and change fields.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct AnswerOptions {
     pub generation: GenerationOptions,
 }
 
-impl Default for AnswerOptions {
-    fn default() -> Self {
-        Self { generation: GenerationOptions { max_new_tokens: 10, ..Default::default() } }
+impl AnswerOptions {
+    pub fn new(generation: GenerationOptions) -> Self {
+        Self { generation }
     }
 }
 
@@ -29,13 +31,20 @@ impl Default for AnswerOptions {
 pub type Answer = GeneratedText;
 
 /// How to rank a closed answer list.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct RankOptions {
     /// Candidates scored in full: the answers whose first token is most likely (original
     /// BLIP's k = 128), capped by the list's length.
     pub candidates: usize,
     /// Ranked answers returned per question, best first.
     pub top: usize,
+}
+
+impl RankOptions {
+    pub fn new(candidates: usize, top: usize) -> Self {
+        Self { candidates, top }
+    }
 }
 
 impl Default for RankOptions {
@@ -46,6 +55,7 @@ impl Default for RankOptions {
 
 /// One answer of the list with its log-likelihood given image and question.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct RankedAnswer {
     pub answer: String,
     /// Sum of the log-probabilities of the answer's tokens and its final [SEP] (≤ 0).
@@ -53,6 +63,7 @@ pub struct RankedAnswer {
 }
 
 /// A closed answer list, tokenized once for many questions.
+#[derive(Debug, Clone)]
 pub struct AnswerList {
     answers: Vec<String>,
     /// `[bos] answer [SEP]` per answer.
@@ -75,7 +86,13 @@ pub type QuestionAnswerer = Task<QuestionAnsweringModel>;
 impl TaskModel for QuestionAnsweringModel {
     const ACCEPTS: &'static [Architecture] = &[Architecture::QuestionAnswering];
     const TASK: &'static str = "question answering";
-    const EXAMPLE: &'static str = "Salesforce/blip-vqa-base";
+    const DEFAULT_MODEL: &'static str = DEFAULT_VQA_MODEL;
+
+    fn default_generation() -> GenerationOptions {
+        let mut options = GenerationOptions::default();
+        options.max_new_tokens = 10;
+        options
+    }
 
     fn build(config: &BlipConfig, _: Architecture, weights: VarBuilder) -> candle_core::Result<Self> {
         QuestionAnsweringModel::new(config, weights)
@@ -83,78 +100,71 @@ impl TaskModel for QuestionAnsweringModel {
 }
 
 impl QuestionAnswerer {
+    /// The generation defaults: 10 new tokens at most, under the checkpoint's
+    /// `generation_config.json`.
+    pub fn default_options(&self) -> AnswerOptions {
+        AnswerOptions { generation: self.generation.clone() }
+    }
+
     /// Refuses contradictory options and lengths the decoder's positions cannot hold.
-    pub fn check_options(&self, options: &AnswerOptions) -> Result<()> {
-        options.generation.validate().map_err(Error::InvalidInput)?;
+    pub fn validate(&self, options: &AnswerOptions) -> Result<()> {
+        options.generation.validate()?;
         let positions = self.config.text_config.max_position_embeddings;
         if 1 + options.generation.max_new_tokens > positions {
-            return Err(Error::InvalidInput(format!(
-                "max_new_tokens {} exceeds the model's {positions} positions: set it to at most {}",
-                options.generation.max_new_tokens,
-                positions - 1
-            )));
+            let max_new_tokens = options.generation.max_new_tokens;
+            return Err(InvalidInput::TooManyNewTokens { max_new_tokens, positions }.into());
         }
         Ok(())
     }
 
     /// Tokenizes a closed answer list (one answer per entry, none empty).
-    pub fn answer_list(&self, answers: &[String]) -> Result<AnswerList> {
-        if answers.is_empty() {
-            return Err(Error::InvalidInput("the answer list is empty".into()));
-        }
+    pub fn answer_list<S: AsRef<str>>(&self, answers: &[S]) -> Result<AnswerList> {
+        check_not_empty(Param::Answers, answers)?;
         let positions = self.config.text_config.max_position_embeddings;
         let ids = answers
             .iter()
             .map(|a| {
-                let ids = self.text_processor.answer_ids(a)?;
+                let ids = self.text_processor.answer_ids(a.as_ref())?;
                 if ids.len() > positions {
-                    return Err(Error::InvalidInput(format!(
-                        "answer \"{a}\" is {} tokens long; the model has {positions} positions",
-                        ids.len()
-                    )));
+                    let answer = a.as_ref().to_string();
+                    return Err(InvalidInput::AnswerTooLong { answer, tokens: ids.len(), positions }.into());
                 }
                 Ok(ids)
             })
             .collect::<Result<_>>()?;
-        Ok(AnswerList { answers: answers.to_vec(), ids })
+        Ok(AnswerList { answers: answers.iter().map(|a| a.as_ref().to_string()).collect(), ids })
     }
 
     /// Question states [b, t, hidden] and their mask [b, t] for image i and question i.
-    pub fn encode(&self, pixel_values: &Tensor, questions: &[&str]) -> Result<(Tensor, Tensor)> {
-        let rows = pixel_values.dim(0)?;
-        if questions.len() != rows {
-            return Err(Error::InvalidInput(format!("{} questions for {rows} images", questions.len())));
-        }
+    pub fn encode<'a>(&self, images: impl Into<Images<'a>>, questions: &[&str]) -> Result<(Tensor, Tensor)> {
+        let pixel_values = self.pixel_values(images.into())?;
+        check_count(Param::Question, questions.len(), pixel_values.dim(0)?)?;
+        check_not_empty(Param::Question, questions)?;
         let positions = self.config.text_config.max_position_embeddings;
         let ids = questions
             .iter()
             .map(|q| self.text_processor.encode_for_encoder(q, positions))
             .collect::<Result<Vec<_>>>()?;
         let (input_ids, mask) = self.text_processor.pad_batch(&ids, &self.device)?;
-        let image_embeds = self.model.vision_model.forward(pixel_values)?;
+        let image_embeds = self.model.vision_model.forward(&pixel_values)?;
         let states = self.model.encode_questions(&input_ids, Some(&mask), &image_embeds)?;
         Ok((states, mask))
     }
 
     /// Answers question i about image i: `num_return_sequences` answers each, best first.
-    pub fn answer(&self, images: &[RgbImage], questions: &[&str], options: &AnswerOptions) -> Result<Vec<Vec<Answer>>> {
-        let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
-        self.answer_pixels(&pixel_values, questions, options)
-    }
-
-    /// [`Self::answer`] on preprocessed `pixel_values` [b, 3, H, W].
-    pub fn answer_pixels(
+    pub fn answer<'a>(
         &self,
-        pixel_values: &Tensor,
+        images: impl Into<Images<'a>>,
         questions: &[&str],
         options: &AnswerOptions,
     ) -> Result<Vec<Vec<Answer>>> {
-        self.check_options(options)?;
-        let (states, mask) = self.encode(pixel_values, questions)?;
-        let mut decoder = CachedDecoder { model: &self.model, cache: self.model.new_cache(&states, Some(&mask))? };
+        self.validate(options)?;
+        let (states, mask) = self.encode(images, questions)?;
+        let decoder = &self.model.text_decoder;
+        let mut decoding = decoder.decoding(decoder.new_cache(&states, Some(&mask))?);
         let bos = self.text_processor.bos_token_id();
         let generated = generation::generate(
-            &mut decoder,
+            &mut decoding,
             &vec![vec![bos]; questions.len()],
             self.text_processor.sep_token_id(),
             &options.generation,
@@ -166,31 +176,21 @@ impl QuestionAnswerer {
             .collect()
     }
 
-    /// Ranks `answers` for question i about image i, best first.
-    pub fn rank(
+    /// Ranks `answers` for question i about image i, best first: the `candidates` answers
+    /// with the most likely first tokens are each scored by their full log-likelihood.
+    pub fn rank<'a>(
         &self,
-        images: &[RgbImage],
+        images: impl Into<Images<'a>>,
         questions: &[&str],
         answers: &AnswerList,
         options: &RankOptions,
     ) -> Result<Vec<Vec<RankedAnswer>>> {
-        let pixel_values = self.image_processor.preprocess_batch(images, &self.device)?;
-        self.rank_pixels(&pixel_values, questions, answers, options)
-    }
-
-    /// [`Self::rank`] on preprocessed `pixel_values`: the `candidates` answers with the most
-    /// likely first tokens are each scored by their full log-likelihood.
-    pub fn rank_pixels(
-        &self,
-        pixel_values: &Tensor,
-        questions: &[&str],
-        answers: &AnswerList,
-        options: &RankOptions,
-    ) -> Result<Vec<Vec<RankedAnswer>>> {
-        if options.candidates == 0 || options.top == 0 {
-            return Err(Error::InvalidInput("candidates and top must be at least 1".into()));
+        for (param, value) in [(Param::Candidates, options.candidates), (Param::Top, options.top)] {
+            if value == 0 {
+                return Err(InvalidInput::OutOfRange { param, value: "0".into(), accepted: "at least 1" }.into());
+            }
         }
-        let (states, mask) = self.encode(pixel_values, questions)?;
+        let (states, mask) = self.encode(images, questions)?;
         let first_token_probs = self.first_token_probs(&states, &mask)?;
         let k = options.candidates.min(answers.len());
         let mut ranked = Vec::with_capacity(questions.len());
@@ -215,9 +215,10 @@ impl QuestionAnswerer {
     /// Softmax over the vocabulary of the first answer token, per question: [b][vocab].
     fn first_token_probs(&self, states: &Tensor, mask: &Tensor) -> Result<Vec<Vec<f32>>> {
         let rows = states.dim(0)?;
-        let mut cache = self.model.new_cache(states, Some(mask))?;
+        let decoder = &self.model.text_decoder;
+        let mut cache = decoder.new_cache(states, Some(mask))?;
         let bos = Tensor::full(self.text_processor.bos_token_id(), (rows, 1), &self.device)?;
-        let logits = self.model.next_token_logits(&bos, &mut cache)?;
+        let logits = decoder.next_token_logits(&bos, &mut cache)?;
         Ok(candle_nn::ops::softmax_last_dim(&logits)?.to_vec2()?)
     }
 
@@ -235,9 +236,9 @@ impl QuestionAnswerer {
         let (input_ids, _) = self.text_processor.pad_batch(&rows, &self.device)?;
         let n = rows.len();
         let repeat = Tensor::zeros(n, DType::U32, &self.device)?;
-        let mut cache =
-            self.model.new_cache(&states.index_select(&repeat, 0)?, Some(&mask.index_select(&repeat, 0)?))?;
-        let logits = self.model.decode(&input_ids, &mut cache)?;
+        let decoder = &self.model.text_decoder;
+        let mut cache = decoder.new_cache(&states.index_select(&repeat, 0)?, Some(&mask.index_select(&repeat, 0)?))?;
+        let (_, logits) = decoder.forward(&input_ids, &mut cache)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         // Targets: each token after the first, scored at the position before it.
         let width = input_ids.dim(1)?;

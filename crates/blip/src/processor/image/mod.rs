@@ -21,7 +21,7 @@ use std::path::Path;
 use ::image::RgbImage;
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, InvalidInput, Param, Result};
 pub use decode::{load_image, load_image_from_memory};
 pub use resize::{resize_pil, resize_torchvision};
 
@@ -32,6 +32,7 @@ pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Which resampling (and normalization arithmetic) transformers uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ResizeBackend {
     /// transformers 5 default (`BlipImageProcessor`, needs torchvision installed): torchvision
     /// `resize(BICUBIC, antialias=True)` on the uint8 tensor, normalization fused as
@@ -104,7 +105,27 @@ impl ImageProcessor {
     /// numbers or one number for all channels.
     pub fn from_json_str(json: &str, path: &Path) -> Result<Self> {
         let value: Value = serde_json::from_str(json).map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
-        let obj = value.as_object().ok_or_else(|| Error::config(path, "expected a JSON object at the top level"))?;
+        Self::from_json_value(&value, path)
+    }
+
+    /// The `image_processor` entry of a `processor_config.json` (transformers 5's
+    /// `save_pretrained` keeps the image processor's settings there); `None` when it has none.
+    pub fn from_processor_config(path: &Path) -> Result<Option<Self>> {
+        let json = std::fs::read_to_string(path)
+            .map_err(|e| Error::config(path, format!("cannot read processor config: {e}")))?;
+        let value: Value =
+            serde_json::from_str(&json).map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
+        match value.get("image_processor") {
+            None | Some(Value::Null) => Ok(None),
+            Some(settings) => Self::from_json_value(settings, path).map(Some),
+        }
+    }
+
+    /// The settings held by a JSON object; `path` only names the file in errors.
+    fn from_json_value(value: &Value, path: &Path) -> Result<Self> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| Error::config(path, "expected a JSON object of image processor settings"))?;
         let bad = |key: &str, why: &str| Error::config(path, format!("`{key}`: {why}"));
         let get_bool = |key: &str, default: bool| -> Result<bool> {
             match obj.get(key) {
@@ -215,16 +236,10 @@ impl ImageProcessor {
 
     /// Several images to a `[N, 3, H, W]` f32 tensor on `device`.
     pub fn preprocess_batch(&self, images: &[RgbImage], device: &candle_core::Device) -> Result<candle_core::Tensor> {
-        let first = images.first().ok_or_else(|| Error::InvalidInput("no images to preprocess".into()))?;
+        let first = images.first().ok_or(InvalidInput::NoneGiven { param: Param::Images })?;
         let (h, w) = self.output_size(first);
         if let Some(odd) = images.iter().find(|im| self.output_size(im) != (h, w)) {
-            return Err(Error::InvalidInput(format!(
-                "images of different sizes ({}x{} and {}x{}) cannot be batched without resizing",
-                first.width(),
-                first.height(),
-                odd.width(),
-                odd.height()
-            )));
+            return Err(InvalidInput::UnequalSizes { first: first.dimensions(), other: odd.dimensions() }.into());
         }
         let per = 3 * h * w;
         let mut data = vec![0f32; per * images.len()];
