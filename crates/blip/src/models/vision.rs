@@ -6,7 +6,10 @@ use candle_nn::VarBuilder;
 
 use super::linear::Linear;
 
-use super::{attention_packed, gelu, layer_norm, linear, LayerNorm};
+use super::{layer_norm, linear};
+use crate::ops::activation::gelu;
+use crate::ops::attention::attention_packed;
+use crate::ops::norm::LayerNorm;
 use crate::config::VisionConfig;
 
 /// `BlipVisionEmbeddings`: a stride-16 conv over patches, a class token, learned positions.

@@ -8,12 +8,12 @@
 //!   with the input, bf16/f16 widened in the dot itself; this is bound by reading the weights;
 //! - a few rows (batched or beam decoding, short texts): each task multiplies all input rows with
 //!   a block of weight rows in register tiles, each weight read once from where it is stored
-//!   (no packed copy, which was a third of sgemm's time at these sizes);
+//!   (no packed copy, which costs much of the time at these sizes);
 //! - many rows (vision, long texts): one blocked product over the whole matrix on all threads,
 //!   bf16/f16 weights widened to f32 first.
 //!
 //! The products are OpenBLAS's sgemm with the `openblas` feature, else the `gemm` crate's
-//! (see [`super::kernels::matmul`]).
+//! (see [`crate::kernels::blas::matmul`]).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
@@ -21,7 +21,9 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::kernels::{dot_kernel, matmul, rows_times_weights, widen_bf16, Strided};
+use crate::kernels::blas::{matmul, Strided};
+use crate::kernels::few_rows::{dot_kernel, rows_times_weights};
+use crate::kernels::widen::widen_bf16;
 
 /// Input rows below which each weight row is dotted with the input row; from there up to
 /// [`STREAMED_ROWS`], blocks of weight rows are multiplied in register tiles as they stream in;
@@ -67,8 +69,7 @@ impl Linear {
     /// CPU the residual is where the product starts from, instead of an addition afterwards
     /// over the whole output.
     pub(crate) fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        if !(cpu_f32(xs) && cpu_f32(residual)) {
+        if !(super::cpu_f32(xs) && super::cpu_f32(residual)) {
             return self.forward(xs)? + residual;
         }
         let mut output_dims = xs.dims().to_vec();
@@ -91,7 +92,7 @@ impl Linear {
         }
         let rows = xs.elem_count() / in_dim.max(1);
         let flat = xs.reshape((rows, in_dim))?;
-        let ys = if xs.device().is_cpu() {
+        let ys = if super::on_cpu(xs) {
             flat.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, op)?
         } else {
             flat.matmul(&self.weight.to_dtype(xs.dtype())?.t()?)?.broadcast_add(&self.bias)?
