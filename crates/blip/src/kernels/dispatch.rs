@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-/// The environment variable that forces the portable kernels (value `portable`).
+/// The environment variable that forces the portable kernels: value `portable` (in any case).
 pub(crate) const ENV_VAR: &str = "BLIP_KERNELS";
 
 /// The code path a kernel takes.
@@ -54,6 +54,12 @@ pub(crate) fn isa() -> Isa {
     if let Some(forced) = test_hook::forced() {
         return forced;
     }
+    chosen()
+}
+
+/// The process's choice: the environment's, else [`detected`].
+#[inline]
+fn chosen() -> Isa {
     static CHOSEN: OnceLock<Isa> = OnceLock::new();
     *CHOSEN.get_or_init(|| match std::env::var(ENV_VAR) {
         Ok(value) if value.eq_ignore_ascii_case("portable") => Isa::Portable,
@@ -117,5 +123,14 @@ mod tests {
             with_isa(isa, || assert_eq!(super::isa(), isa));
         }
         assert!(available().contains(&isa()));
+    }
+
+    /// What `BLIP_KERNELS` asks for is what the process uses (run with and without it in CI).
+    #[test]
+    fn the_environment_decides() {
+        match std::env::var(ENV_VAR) {
+            Ok(value) if value.eq_ignore_ascii_case("portable") => assert_eq!(chosen(), Isa::Portable),
+            _ => assert_eq!(chosen(), detected()),
+        }
     }
 }
