@@ -250,7 +250,10 @@ mod tests {
                 let a_view = Strided { ptr: a.as_ptr(), row: a_row, col: a_col };
                 let b_view = Strided { ptr: b.as_ptr(), row: b_row, col: b_col };
                 #[cfg(feature = "openblas")]
-                assert!(openblas::SgemmCall::new((m, n, k), &dst_view, &a_view, &b_view).is_some(), "layouts {layouts}");
+                assert!(
+                    openblas::SgemmCall::new((m, n, k), &dst_view, &a_view, &b_view).is_some(),
+                    "layouts {layouts}"
+                );
                 // SAFETY: each view covers exactly its buffer.
                 unsafe { matmul((m, n, k), dst_view, accumulate, a_view, b_view, parallelism) }
                 for i in 0..m {

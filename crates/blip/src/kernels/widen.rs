@@ -23,6 +23,8 @@ impl Widen for f32 {
         self
     }
 
+    /// # Safety
+    /// As [`Widen::widen8`]'s.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn widen8(src: *const Self) -> __m256 {
@@ -37,6 +39,8 @@ impl Widen for half::f16 {
         self.to_f32()
     }
 
+    /// # Safety
+    /// As [`Widen::widen8`]'s.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn widen8(src: *const Self) -> __m256 {
@@ -52,6 +56,8 @@ impl Widen for half::bf16 {
         f32::from_bits((self.to_bits() as u32) << 16)
     }
 
+    /// # Safety
+    /// As [`Widen::widen8`]'s.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn widen8(src: *const Self) -> __m256 {

@@ -8,12 +8,12 @@ use candle_nn::{Embedding, VarBuilder};
 use super::cache::{CrossAttention, DecoderCache, KeyValue};
 use super::linear::Linear;
 use super::{layer_norm, linear};
+use crate::config::TextConfig;
 use crate::ops::activation::gelu;
 use crate::ops::attention::{attention, attention_to_states, merge_heads, split_heads, STATES_ATTENTION_QUERIES};
 use crate::ops::norm::LayerNorm;
 use crate::ops::tensor::same_bits;
 use crate::ops::{cpu_f32, on_cpu};
-use crate::config::TextConfig;
 
 /// `BlipTextEmbeddings`: word + absolute position embeddings, LayerNorm. The word embeddings
 /// (tied to the LM head) stay in the load dtype; looked-up rows are widened to f32.

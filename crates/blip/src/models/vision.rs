@@ -7,10 +7,10 @@ use candle_nn::VarBuilder;
 use super::linear::Linear;
 
 use super::{layer_norm, linear};
+use crate::config::VisionConfig;
 use crate::ops::activation::gelu;
 use crate::ops::attention::attention_packed;
 use crate::ops::norm::LayerNorm;
-use crate::config::VisionConfig;
 
 /// `BlipVisionEmbeddings`: a stride-16 conv over patches, a class token, learned positions.
 struct VisionEmbeddings {

@@ -199,4 +199,3 @@ impl<W: Widen> CombineTile<W> {
         }
     }
 }
-

@@ -178,4 +178,3 @@ pub(crate) fn attend_encoder<W: Widen + Sync>(
     });
     out
 }
-

@@ -49,4 +49,3 @@ pub(crate) fn attend(q: &[f32], k: &[f32], v: &[f32], bias: Option<&[f32]>, scal
     });
     out
 }
-

@@ -60,12 +60,11 @@ const QUERY_BLOCK: usize = 16;
 
 /// One head of [`attend_packed`] by blocks of 16 queries: `q`, `k`, `v` [n, d] with rows `row`
 /// apart (d a multiple of 16), the context written to `out` [n, d] with rows `out_row` apart.
-/// The block's scores are kept transposed, [n, 16] (37 KB at 577 tokens): q·kᵀ
-/// writes them in register tiles of 6 keys × 16 queries, softmax's exponentials run down the
-/// columns in whole registers, the mixing of v reads each key's 16 weights in order, and each
-/// mixed row is then divided by its sum. The
-/// operands are contiguous copies: k by groups of 6 keys [d, 6], the block's qᵀ [d, 16], v
-/// in panels [n, 16] of 16 columns.
+/// The block's scores are kept transposed, [n, 16] (37 KB at 577 tokens): q·kᵀ writes them in
+/// register tiles of 6 keys × 16 queries, softmax's exponentials run down the columns in whole
+/// registers, the mixing of v reads each key's 16 weights in order, and each mixed row is then
+/// divided by its sum. The operands are contiguous copies: k by groups of 6 keys [d, 6], the
+/// block's qᵀ [d, 16], v in panels [n, 16] of 16 columns.
 ///
 /// # Safety
 /// Every element addressed must lie within its buffer, `out` must not overlap the others, and
