@@ -320,6 +320,7 @@ fn blocked_product(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::dispatch::{available, with_isa};
     use candle_core::Device;
 
     /// The same product in f64 from the f32 values, as the reference.
@@ -349,11 +350,15 @@ mod tests {
             let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let stored = weight.to_dtype(dtype).unwrap();
-                let ours = Linear::new(stored.clone(), Some(bias.clone())).unwrap().forward(&xs).unwrap();
-                assert_eq!(ours.dims(), &[rows.0, rows.1, 130]);
+                let linear = Linear::new(stored.clone(), Some(bias.clone())).unwrap();
                 // the reference uses the same rounded weights: only the f32 summation differs
                 let expected = reference(&xs, &stored.to_dtype(DType::F32).unwrap(), &bias);
-                assert!(max_diff(&ours, &expected) < 1e-4, "{rows:?} {dtype:?}: {}", max_diff(&ours, &expected));
+                for isa in available() {
+                    let ours = with_isa(isa, || linear.forward(&xs).unwrap());
+                    assert_eq!(ours.dims(), &[rows.0, rows.1, 130]);
+                    let diff = max_diff(&ours, &expected);
+                    assert!(diff < 1e-4, "{isa:?}: {rows:?} {dtype:?}: {diff}");
+                }
             }
         }
     }
@@ -380,10 +385,12 @@ mod tests {
             let residual = Tensor::randn(0f32, 1.0, (rows, 130), &dev).unwrap();
             let weight = Tensor::randn(0f32, 1.0, (130, 70), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
-            let ours =
-                Linear::new(weight.clone(), Some(bias.clone())).unwrap().forward_residual(&xs, &residual).unwrap();
+            let linear = Linear::new(weight.clone(), Some(bias.clone())).unwrap();
             let expected = (reference(&xs, &weight, &bias) + &residual).unwrap();
-            assert!(max_diff(&ours, &expected) < 1e-4, "{rows} rows: {}", max_diff(&ours, &expected));
+            for isa in available() {
+                let ours = with_isa(isa, || linear.forward_residual(&xs, &residual).unwrap());
+                assert!(max_diff(&ours, &expected) < 1e-4, "{isa:?}: {rows} rows: {}", max_diff(&ours, &expected));
+            }
         }
         let linear = Linear::new(Tensor::zeros((8, 32), DType::F32, &dev).unwrap(), None).unwrap();
         let xs = Tensor::zeros((3, 32), DType::F32, &dev).unwrap();
