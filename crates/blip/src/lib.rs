@@ -24,11 +24,15 @@
 //! # }
 //! ```
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generation;
+mod kernels;
 pub mod models;
+mod ops;
 pub mod processor;
 pub mod tasks;
 

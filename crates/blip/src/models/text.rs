@@ -7,11 +7,13 @@ use candle_nn::{Embedding, VarBuilder};
 
 use super::cache::{CrossAttention, DecoderCache, KeyValue};
 use super::linear::Linear;
-use super::{
-    attention, attention_to_states, gelu, layer_norm, linear, merge_heads, same_bits, split_heads, LayerNorm,
-    STATES_ATTENTION_QUERIES,
-};
+use super::{layer_norm, linear};
 use crate::config::TextConfig;
+use crate::ops::activation::gelu;
+use crate::ops::attention::{attention, attention_to_states, merge_heads, split_heads, STATES_ATTENTION_QUERIES};
+use crate::ops::norm::LayerNorm;
+use crate::ops::tensor::same_bits;
+use crate::ops::{cpu_f32, on_cpu};
 
 /// `BlipTextEmbeddings`: word + absolute position embeddings, LayerNorm. The word embeddings
 /// (tied to the LM head) stay in the load dtype; looked-up rows are widened to f32.
@@ -89,8 +91,7 @@ impl TextAttention {
     /// On the CPU, for a few queries, without computing the states' keys and values at all.
     fn attend_states(&self, xs: &Tensor, states: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let queries = xs.dim(1)?;
-        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        if !(f32_cpu(xs) && f32_cpu(states) && queries <= STATES_ATTENTION_QUERIES) {
+        if !(cpu_f32(xs) && cpu_f32(states) && queries <= STATES_ATTENTION_QUERIES) {
             return self.attend(xs, &self.key_value(states)?, bias);
         }
         let q = self.query.forward(xs)?;
@@ -197,7 +198,7 @@ impl TextModel {
                 None => candle_core::bail!("this text model has no cross-attention weights"),
             })
             .collect::<Result<Vec<_>>>()?;
-        let cross_attention = if encoder_states.device().is_cpu() {
+        let cross_attention = if on_cpu(encoder_states) {
             CrossAttention::States(encoder_states.contiguous()?)
         } else {
             let key_values = cross_layers.iter().map(|cross| cross.key_value(encoder_states));

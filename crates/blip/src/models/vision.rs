@@ -6,8 +6,11 @@ use candle_nn::VarBuilder;
 
 use super::linear::Linear;
 
-use super::{attention_packed, gelu, layer_norm, linear, LayerNorm};
+use super::{layer_norm, linear};
 use crate::config::VisionConfig;
+use crate::ops::activation::gelu;
+use crate::ops::attention::attention_packed;
+use crate::ops::norm::LayerNorm;
 
 /// `BlipVisionEmbeddings`: a stride-16 conv over patches, a class token, learned positions.
 struct VisionEmbeddings {

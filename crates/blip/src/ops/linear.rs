@@ -8,12 +8,12 @@
 //!   with the input, bf16/f16 widened in the dot itself; this is bound by reading the weights;
 //! - a few rows (batched or beam decoding, short texts): each task multiplies all input rows with
 //!   a block of weight rows in register tiles, each weight read once from where it is stored
-//!   (no packed copy, which was a third of sgemm's time at these sizes);
+//!   (no packed copy, which costs much of the time at these sizes);
 //! - many rows (vision, long texts): one blocked product over the whole matrix on all threads,
 //!   bf16/f16 weights widened to f32 first.
 //!
 //! The products are OpenBLAS's sgemm with the `openblas` feature, else the `gemm` crate's
-//! (see [`super::kernels::matmul`]).
+//! (see [`crate::kernels::blas::matmul`]).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
@@ -21,7 +21,9 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::kernels::{dot_kernel, matmul, rows_times_weights, widen_bf16, Strided};
+use crate::kernels::blas::{matmul, Strided};
+use crate::kernels::few_rows::{dot_kernel, rows_times_weights};
+use crate::kernels::widen::widen_bf16;
 
 /// Input rows below which each weight row is dotted with the input row; from there up to
 /// [`STREAMED_ROWS`], blocks of weight rows are multiplied in register tiles as they stream in;
@@ -67,8 +69,7 @@ impl Linear {
     /// CPU the residual is where the product starts from, instead of an addition afterwards
     /// over the whole output.
     pub(crate) fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        if !(cpu_f32(xs) && cpu_f32(residual)) {
+        if !(super::cpu_f32(xs) && super::cpu_f32(residual)) {
             return self.forward(xs)? + residual;
         }
         let mut output_dims = xs.dims().to_vec();
@@ -91,7 +92,7 @@ impl Linear {
         }
         let rows = xs.elem_count() / in_dim.max(1);
         let flat = xs.reshape((rows, in_dim))?;
-        let ys = if xs.device().is_cpu() {
+        let ys = if super::on_cpu(xs) {
             flat.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, op)?
         } else {
             flat.matmul(&self.weight.to_dtype(xs.dtype())?.t()?)?.broadcast_add(&self.bias)?
@@ -319,6 +320,7 @@ fn blocked_product(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::dispatch::{available, with_isa};
     use candle_core::Device;
 
     /// The same product in f64 from the f32 values, as the reference.
@@ -348,11 +350,15 @@ mod tests {
             let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let stored = weight.to_dtype(dtype).unwrap();
-                let ours = Linear::new(stored.clone(), Some(bias.clone())).unwrap().forward(&xs).unwrap();
-                assert_eq!(ours.dims(), &[rows.0, rows.1, 130]);
+                let linear = Linear::new(stored.clone(), Some(bias.clone())).unwrap();
                 // the reference uses the same rounded weights: only the f32 summation differs
                 let expected = reference(&xs, &stored.to_dtype(DType::F32).unwrap(), &bias);
-                assert!(max_diff(&ours, &expected) < 1e-4, "{rows:?} {dtype:?}: {}", max_diff(&ours, &expected));
+                for isa in available() {
+                    let ours = with_isa(isa, || linear.forward(&xs).unwrap());
+                    assert_eq!(ours.dims(), &[rows.0, rows.1, 130]);
+                    let diff = max_diff(&ours, &expected);
+                    assert!(diff < 1e-4, "{isa:?}: {rows:?} {dtype:?}: {diff}");
+                }
             }
         }
     }
@@ -379,10 +385,12 @@ mod tests {
             let residual = Tensor::randn(0f32, 1.0, (rows, 130), &dev).unwrap();
             let weight = Tensor::randn(0f32, 1.0, (130, 70), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
-            let ours =
-                Linear::new(weight.clone(), Some(bias.clone())).unwrap().forward_residual(&xs, &residual).unwrap();
+            let linear = Linear::new(weight.clone(), Some(bias.clone())).unwrap();
             let expected = (reference(&xs, &weight, &bias) + &residual).unwrap();
-            assert!(max_diff(&ours, &expected) < 1e-4, "{rows} rows: {}", max_diff(&ours, &expected));
+            for isa in available() {
+                let ours = with_isa(isa, || linear.forward_residual(&xs, &residual).unwrap());
+                assert!(max_diff(&ours, &expected) < 1e-4, "{isa:?}: {rows} rows: {}", max_diff(&ours, &expected));
+            }
         }
         let linear = Linear::new(Tensor::zeros((8, 32), DType::F32, &dev).unwrap(), None).unwrap();
         let xs = Tensor::zeros((3, 32), DType::F32, &dev).unwrap();

@@ -1,0 +1,223 @@
+//! The vision tower's self-attention, straight from its fused q/k/v projection.
+
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+#[cfg(target_arch = "x86_64")]
+use super::combine::CombineTile;
+use super::SharedOut;
+use crate::kernels::blas::{matmul, Strided};
+use crate::kernels::dispatch::{isa, Isa};
+use crate::kernels::elementwise::softmax_rows;
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::math::exp8;
+
+/// Self-attention straight from a fused projection's output `qkv` [batch, tokens, 3, heads,
+/// head_dim] (the vision tower's layout) to the context with heads merged [batch, tokens,
+/// heads·head_dim], one task per image and head. With AVX2 (and head_dim a multiple of 16)
+/// each head runs by blocks of queries in register tiles ([`attend_head_blocked`]), faster than
+/// sgemm on these k = 64 products and [tokens, tokens] scores; otherwise as sgemm, softmax,
+/// sgemm ([`attend_head`]).
+pub(crate) fn attend_packed(
+    qkv: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let (n, d, width) = (tokens, head_dim, heads * head_dim);
+    let mut out = vec![0f32; batch * n * width];
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    let isa = isa();
+    (0..batch * heads).into_par_iter().for_each(|task| {
+        let (b, h) = (task / heads, task % heads);
+        let base = b * n * 3 * width + h * d;
+        let (q, k, v) = (&qkv[base..], &qkv[base + width..], &qkv[base + 2 * width..]);
+        SCRATCH.with_borrow_mut(|scratch| {
+            // SAFETY: q, k and v are read within qkv (the last row of v ends at its last element);
+            // each task writes only its own head's columns of its own image's rows of out, which
+            // no other task touches. Nothing here re-enters rayon, so no other task runs on this
+            // thread while it holds its scratch buffer. Isa::Avx2Fma proves the features
+            // attend_head_blocked is compiled for.
+            unsafe {
+                let out = out_ptr.at(b * n * width + h * d);
+                #[cfg(target_arch = "x86_64")]
+                if matches!(isa, Isa::Avx2Fma(_)) && d % QUERY_BLOCK == 0 {
+                    return attend_head_blocked(q, k, v, (n, d, 3 * width), scale, scratch, (out, width));
+                }
+                attend_head(q, k, v, (n, d, 3 * width), scale, scratch, (out, width))
+            }
+        })
+    });
+    out
+}
+
+/// Queries per block of [`attend_head_blocked`]: two registers wide.
+const QUERY_BLOCK: usize = 16;
+
+/// One head of [`attend_packed`] by blocks of 16 queries: `q`, `k`, `v` [n, d] with rows `row`
+/// apart (d a multiple of 16), the context written to `out` [n, d] with rows `out_row` apart.
+/// The block's scores are kept transposed, [n, 16] (37 KB at 577 tokens): q·kᵀ writes them in
+/// register tiles of 6 keys × 16 queries, softmax's exponentials run down the columns in whole
+/// registers, the mixing of v reads each key's 16 weights in order, and each mixed row is then
+/// divided by its sum. The operands are contiguous copies: k by groups of 6 keys [d, 6], the
+/// block's qᵀ [d, 16], v in panels [n, 16] of 16 columns.
+///
+/// # Safety
+/// Every element addressed must lie within its buffer, `out` must not overlap the others, and
+/// the CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_head_blocked(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (n, d, row): (usize, usize, usize),
+    scale: f32,
+    scratch: &mut Vec<f32>,
+    (out, out_row): (*mut f32, usize),
+) {
+    // SAFETY: the scratch slices are sized above; q, k and v rows and out rows lie within their
+    // buffers by the caller's contract, and each tile addresses rows and columns within them; the
+    // features, by the caller's contract.
+    unsafe {
+        const B: usize = QUERY_BLOCK;
+        const { assert!(B == 16, "exp_columns16 takes blocks of 16 queries") };
+        // Every element of the scratch is written before it is read.
+        scratch.resize(2 * n * d + d * B + n * B, 0.0);
+        let (key_groups, rest) = scratch.split_at_mut(n * d);
+        let (value_panels, rest) = rest.split_at_mut(n * d);
+        let (queries_t, scores_t) = rest.split_at_mut(d * B);
+        for (j, (key, value)) in k.chunks(row).zip(v.chunks(row)).take(n).enumerate() {
+            let (group, size) = (j / 6 * 6, (n - j / 6 * 6).min(6));
+            for (c, &x) in key[..d].iter().enumerate() {
+                key_groups[group * d + c * size + j - group] = x;
+            }
+            for (c, columns) in value[..d].chunks_exact(B).enumerate() {
+                value_panels[(c * n + j) * B..][..B].copy_from_slice(columns);
+            }
+        }
+        for first in (0..n).step_by(B) {
+            let rows = (n - first).min(B);
+            // Scaled here rather than in the scores: exact when the scale is a power of two (1/8
+            // at head_dim 64), and one multiply per query element instead of per score.
+            if rows < B {
+                queries_t.fill(0.0);
+            }
+            for r in 0..rows {
+                for (c, &x) in q[(first + r) * row..][..d].iter().enumerate() {
+                    queries_t[c * B + r] = x * scale;
+                }
+            }
+            for group in (0..n).step_by(6) {
+                let size = (n - group).min(6);
+                let tile = CombineTile {
+                    coef: key_groups.as_ptr().add(group * d),
+                    coef_step: size,
+                    len: d,
+                    w: queries_t.as_ptr(),
+                    w_row: B,
+                    out: scores_t.as_mut_ptr().add(group * B),
+                    out_row: B,
+                    accumulate: false,
+                };
+                tile.run_rows(size);
+            }
+            let inverses = exp_columns16(scores_t);
+            for group in (0..rows).step_by(6) {
+                for (c, panel) in value_panels.chunks_exact(n * B).enumerate() {
+                    let tile = CombineTile {
+                        coef: scores_t.as_ptr().add(group),
+                        coef_step: B,
+                        len: n,
+                        w: panel.as_ptr(),
+                        w_row: B,
+                        out: out.add((first + group) * out_row + c * B),
+                        out_row,
+                        accumulate: false,
+                    };
+                    tile.run_rows((rows - group).min(6));
+                }
+            }
+            for (r, &inverse) in inverses[..rows].iter().enumerate() {
+                let mixed = std::slice::from_raw_parts_mut(out.add((first + r) * out_row), d);
+                mixed.iter_mut().for_each(|x| *x *= inverse);
+            }
+        }
+    }
+}
+
+/// The exponentials of softmax down each of the 16 columns of `data` [rows, 16], in place:
+/// exp(x − the column's max), two registers a row. Returns each column's 1 / sum, which the
+/// caller applies to the 16 mixed rows instead of to every probability.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp_columns16(data: &mut [f32]) -> [f32; 16] {
+    // SAFETY: every load and store addresses 8 values within a row of 16, or of `inverses`; the
+    // features, by the caller's contract.
+    unsafe {
+        let mut maxes = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
+        for row in data.chunks_exact(16) {
+            for (half, max) in maxes.iter_mut().enumerate() {
+                *max = _mm256_max_ps(*max, _mm256_loadu_ps(row.as_ptr().add(8 * half)));
+            }
+        }
+        let mut sums = [_mm256_setzero_ps(); 2];
+        for row in data.chunks_exact_mut(16) {
+            for (half, (sum, &max)) in sums.iter_mut().zip(&maxes).enumerate() {
+                let at = row.as_mut_ptr().add(8 * half);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(at), max));
+                _mm256_storeu_ps(at, e);
+                *sum = _mm256_add_ps(*sum, e);
+            }
+        }
+        let mut inverses = [0f32; 16];
+        for (half, &sum) in sums.iter().enumerate() {
+            _mm256_storeu_ps(inverses.as_mut_ptr().add(8 * half), _mm256_div_ps(_mm256_set1_ps(1.0), sum));
+        }
+        inverses
+    }
+}
+
+/// One head of [`attend_packed`] with sgemm: [n, n] scores, softmax, mixing of v. Arguments as
+/// [`attend_head_blocked`]'s.
+///
+/// # Safety
+/// As [`attend_head_blocked`]'s.
+unsafe fn attend_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (n, d, row): (usize, usize, usize),
+    scale: f32,
+    scores: &mut Vec<f32>,
+    (out, out_row): (*mut f32, usize),
+) {
+    // SAFETY: the views of q, kᵀ, the scores, v and out lie within their buffers by the caller's
+    // contract ([n, n] scores sized here), and out overlaps none of the others.
+    unsafe {
+        // The thread's [n, n] buffer is reused from task to task and layer to layer: no 1.3 MB
+        // allocation and zeroing per head, and it stays in cache.
+        scores.resize(n * n, 0.0);
+        let row = row as isize;
+        let none = gemm::Parallelism::None;
+        let key_t = Strided { ptr: k.as_ptr(), row: 1, col: row };
+        let query = Strided { ptr: q.as_ptr(), row, col: 1 };
+        matmul((n, n, d), Strided { ptr: scores.as_mut_ptr(), row: n as isize, col: 1 }, false, query, key_t, none);
+        softmax_rows(scores, n, scale);
+        let context = Strided { ptr: out, row: out_row as isize, col: 1 };
+        let probs = Strided { ptr: scores.as_ptr(), row: n as isize, col: 1 };
+        matmul((n, d, n), context, false, probs, Strided { ptr: v.as_ptr(), row, col: 1 }, none);
+    }
+}
+
+thread_local! {
+    /// [`attend_packed`]'s scratch (scores, and the copies of k and v), per thread.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}

@@ -1,0 +1,111 @@
+//! Weight elements (f32, f16, bf16) widened to f32 as the kernels load them.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::dispatch::{isa, Isa};
+
+/// A weight element the dot products widen to f32 as they load it.
+pub(crate) trait Widen: Copy {
+    fn widen(self) -> f32;
+
+    /// Eight elements from `src`, widened; for kernels compiled with AVX2 (and F16C).
+    ///
+    /// # Safety
+    /// Eight elements must be readable at `src`, and the CPU must have AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn widen8(src: *const Self) -> __m256;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    /// # Safety
+    /// As [`Widen::widen8`]'s.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(src: *const Self) -> __m256 {
+        // SAFETY: eight readable elements and AVX, by the caller's contract.
+        unsafe { _mm256_loadu_ps(src) }
+    }
+}
+
+impl Widen for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+
+    /// # Safety
+    /// As [`Widen::widen8`]'s.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(src: *const Self) -> __m256 {
+        // SAFETY: eight readable elements (16 bytes) and F16C, by the caller's contract.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(src.cast())) }
+    }
+}
+
+impl Widen for half::bf16 {
+    /// bf16 is the top half of an f32: a shift the compiler vectorizes.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+
+    /// # Safety
+    /// As [`Widen::widen8`]'s.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(src: *const Self) -> __m256 {
+        // SAFETY: eight readable elements (16 bytes) and AVX2, by the caller's contract.
+        unsafe {
+            let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(src.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(halves))
+        }
+    }
+}
+
+/// Widens bf16 values to f32 (`dst` as long as `src`).
+pub(crate) fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa::Avx2Fma proves the features widen_bf16_avx2 is compiled for.
+        Isa::Avx2Fma(_) => unsafe { widen_bf16_avx2(src, dst) },
+        _ => widen_lanes(src, dst),
+    }
+}
+
+/// [`widen_lanes`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn widen_bf16_avx2(src: &[half::bf16], dst: &mut [f32]) {
+    widen_lanes(src, dst)
+}
+
+#[inline(always)]
+fn widen_lanes<W: Widen>(src: &[W], dst: &mut [f32]) {
+    dst.iter_mut().zip(src).for_each(|(f, w)| *f = w.widen());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::dispatch::{available, with_isa};
+
+    #[test]
+    fn bf16_widens_exactly() {
+        let src: Vec<half::bf16> = (0..37).map(|i| half::bf16::from_f32(i as f32 * -1.37 + 0.5)).collect();
+        for isa in available() {
+            let mut dst = vec![0f32; src.len()];
+            with_isa(isa, || widen_bf16(&src, &mut dst));
+            assert!(dst.iter().zip(&src).all(|(&d, s)| d == s.to_f32()), "{isa:?}");
+        }
+    }
+}

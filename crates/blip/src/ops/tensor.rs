@@ -1,0 +1,62 @@
+//! Borrowing and comparing the values of CPU tensors.
+
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+
+/// Whether two contiguous CPU tensors hold the same dtype, shape and bits (false for other
+/// devices and for views that are not contiguous: it only spares a copy, never decides values).
+pub(crate) fn same_bits(a: &Tensor, b: &Tensor) -> Result<bool> {
+    if a.dtype() != b.dtype() || a.shape() != b.shape() {
+        return Ok(false);
+    }
+    let (a_storage, a_layout) = a.storage_and_layout();
+    let (b_storage, b_layout) = b.storage_and_layout();
+    let (Storage::Cpu(a_cpu), Storage::Cpu(b_cpu)) = (&*a_storage, &*b_storage) else {
+        return Ok(false);
+    };
+    let (Some(a_range), Some(b_range)) = (a_layout.contiguous_offsets(), b_layout.contiguous_offsets()) else {
+        return Ok(false);
+    };
+    fn bytes<T>(data: &[T], (start, end): (usize, usize)) -> &[u8] {
+        let data = &data[start..end];
+        // SAFETY: plain numbers (f32, bf16, f16: no padding, every bit initialized), read as the
+        // bytes they occupy, for as long as the slice is borrowed.
+        unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), std::mem::size_of_val(data)) }
+    }
+    use CpuStorage::{BF16, F16, F32};
+    Ok(match (a_cpu, b_cpu) {
+        (F32(x), F32(y)) => bytes(x, a_range) == bytes(y, b_range),
+        (BF16(x), BF16(y)) => bytes(x, a_range) == bytes(y, b_range),
+        (F16(x), F16(y)) => bytes(x, a_range) == bytes(y, b_range),
+        _ => false,
+    })
+}
+
+/// The values of a contiguous CPU f32 tensor, borrowed.
+pub(crate) fn f32_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("expected a contiguous f32 CPU tensor"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::*;
+
+    #[test]
+    fn same_bits_tells_tied_copies_from_different_tensors() {
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::new(&[[1f32, 0.0], [2.5, -3.0]], &dev).unwrap();
+        assert!(same_bits(&a, &a.copy().unwrap()).unwrap());
+        let bf16 = a.to_dtype(DType::BF16).unwrap();
+        assert!(same_bits(&bf16, &bf16.copy().unwrap()).unwrap());
+        assert!(!same_bits(&a, &bf16).unwrap());
+        // -0.0 == 0.0 as numbers, not as bits
+        assert!(!same_bits(&a, &Tensor::new(&[[1f32, -0.0], [2.5, -3.0]], &dev).unwrap()).unwrap());
+        assert!(!same_bits(&a, &a.reshape(4).unwrap()).unwrap());
+        // views that are not contiguous are not compared
+        assert!(!same_bits(&a.t().unwrap(), &a.t().unwrap().contiguous().unwrap()).unwrap());
+    }
+}
