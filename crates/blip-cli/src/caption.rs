@@ -42,7 +42,7 @@ pub struct CaptionArgs {
 pub fn run(args: CaptionArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     args.generation.check_given()?;
     let checkpoint = Checkpoint::locate(&args.model)?;
-    let generation = args.generation.resolve(&Captioner::generation_defaults(&checkpoint)?)?;
+    let generation = args.generation.resolve(&Captioner::generation_defaults(&checkpoint)?, &args.model)?;
     let mut captioner = Captioner::from_checkpoint(&checkpoint, &blip::Device::Cpu, dtype)?;
     captioner.set_resize_backend(args.run.resize.into());
     let mut options: CaptionOptions = captioner.default_options();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use blip::tasks::GenerationDefaults;
 use blip::{load_image, GeneratedText, GenerationOptions, Param, ResizeBackend};
 use clap::{Arg, Args, Command, ValueEnum};
 use image::RgbImage;
@@ -149,6 +150,10 @@ pub struct GenerationArgs {
     /// Sampling: seed of the random stream, for repeatable samples [default: a random one].
     #[arg(long)]
     pub seed: Option<u64>,
+
+    /// Start from the checkpoint's generation_config.json, which transformers' BLIP `generate` ignores.
+    #[arg(long)]
+    pub generation_config: bool,
 }
 
 impl GenerationArgs {
@@ -206,11 +211,27 @@ impl GenerationArgs {
         }
     }
 
-    /// The options to generate with: the checkpoint's defaults under the given options,
-    /// checked by the library; warns on stderr about given options that have no effect with
-    /// the others, as transformers does.
-    pub fn resolve(&self, defaults: &GenerationOptions) -> Result<GenerationOptions, blip::Error> {
-        let options = self.apply(defaults);
+    /// The options to generate with: the given options over transformers' defaults (or, with
+    /// --generation-config, the checkpoint's generation_config.json), checked by the library.
+    /// Warns on stderr about a generation_config.json left unused, and about given options
+    /// that have no effect with the others, as transformers does.
+    pub fn resolve(&self, defaults: &GenerationDefaults, model: &str) -> Result<GenerationOptions, blip::Error> {
+        let base = match (&defaults.saved, self.generation_config) {
+            (Some(saved), true) => saved,
+            (None, true) => {
+                eprintln!("warning: {model} has no generation_config.json: --generation-config has no effect");
+                &defaults.transformers
+            }
+            (_, false) => {
+                if defaults.ignored().is_some() {
+                    eprintln!(
+                        "warning: {model}: generation_config.json is not applied, as in transformers' BLIP generate; add --generation-config to use it"
+                    );
+                }
+                &defaults.transformers
+            }
+        };
+        let options = self.apply(base);
         options.validate()?;
         let given = self.given();
         let ignored = options.ignored();

@@ -64,7 +64,7 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
 
     let checkpoint = Checkpoint::locate(&args.model)?;
     let generation = match answers {
-        None => Some(args.generation.resolve(&QuestionAnswerer::generation_defaults(&checkpoint)?)?),
+        None => Some(args.generation.resolve(&QuestionAnswerer::generation_defaults(&checkpoint)?, &args.model)?),
         Some(_) => None,
     };
     let mut answerer = QuestionAnswerer::from_checkpoint(&checkpoint, &blip::Device::Cpu, dtype)?;

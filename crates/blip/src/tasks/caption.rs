@@ -33,7 +33,7 @@ impl Prompt {
     }
 }
 
-/// How to caption: get them from [`Captioner::default_options`] (the checkpoint's generation
+/// How to caption: get them from [`Captioner::default_options`] (transformers' generation
 /// defaults) and change fields.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -85,10 +85,10 @@ impl TaskModel for CaptioningModel {
 }
 
 impl Captioner {
-    /// transformers' `generate` defaults (greedy, 20 new tokens) under the checkpoint's
-    /// `generation_config.json`, no prompt.
+    /// transformers' `generate` defaults for BLIP captioning (greedy, 20 new tokens), no
+    /// prompt; a checkpoint's `generation_config.json` is in [`Task::generation`].
     pub fn default_options(&self) -> CaptionOptions {
-        CaptionOptions { prompt: Prompt::None, generation: self.generation.clone() }
+        CaptionOptions { prompt: Prompt::None, generation: self.generation.transformers.clone() }
     }
 
     /// Refuses contradictory options and prompts that cannot fit the model's positions with

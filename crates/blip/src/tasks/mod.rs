@@ -37,9 +37,8 @@ pub struct Task<M> {
     config: BlipConfig,
     image_processor: ImageProcessor,
     text_processor: TextProcessor,
-    /// `generate`'s defaults for this checkpoint: the task's, overridden by the checkpoint's
-    /// `generation_config.json`.
-    generation: GenerationOptions,
+    /// `generate`'s defaults for this checkpoint.
+    generation: GenerationDefaults,
     device: Device,
 }
 
@@ -138,16 +137,20 @@ impl<M: TaskModel> Task<M> {
     }
 
     /// `generate`'s defaults for a checkpoint of this task, read without loading its weights
-    /// (so that options can be checked against them first): the task's, under the checkpoint's
-    /// `generation_config.json`.
-    pub fn generation_defaults(checkpoint: &Checkpoint) -> Result<GenerationOptions> {
+    /// (so that options can be checked against them first).
+    pub fn generation_defaults(checkpoint: &Checkpoint) -> Result<GenerationDefaults> {
         Self::read_config(checkpoint)?;
-        let mut generation = M::default_generation();
-        if let Some(path) = checkpoint.generation_config_file()? {
-            // Unprompted, the decoder starts from bos alone: max_length counts it.
-            GenerationConfigFile::from_file(&path)?.apply(&mut generation, 1, &path)?;
-        }
-        Ok(generation)
+        let transformers = M::default_generation();
+        let saved = match checkpoint.generation_config_file()? {
+            Some(path) => {
+                let mut saved = transformers.clone();
+                // Unprompted, the decoder starts from bos alone: max_length counts it.
+                GenerationConfigFile::from_file(&path)?.apply(&mut saved, 1, &path)?;
+                Some(saved)
+            }
+            None => None,
+        };
+        Ok(GenerationDefaults { transformers, saved })
     }
 
     /// The checkpoint's config and the architecture the task runs it as.
@@ -211,6 +214,11 @@ impl<M> Task<M> {
         })
     }
 
+    /// `generate`'s defaults for this checkpoint, including its `generation_config.json`.
+    pub fn generation(&self) -> &GenerationDefaults {
+        &self.generation
+    }
+
     /// A generated sequence with its decoded text.
     fn decode_generated(&self, generated: Generated) -> Result<GeneratedText> {
         Ok(GeneratedText {
@@ -219,6 +227,27 @@ impl<M> Task<M> {
             log_prob: generated.log_prob,
             tokens: generated.tokens,
         })
+    }
+}
+
+/// `generate`'s defaults for a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct GenerationDefaults {
+    /// What transformers' BLIP `generate` starts from, and so what the tasks' `default_options`
+    /// hold: its defaults (for VQA here, at most 10 new tokens).
+    pub transformers: GenerationOptions,
+    /// The checkpoint's `generation_config.json` over those, when it has one. transformers'
+    /// BLIP `generate` does not apply it (it calls `text_decoder.generate`, whose own config is
+    /// never loaded from the file), so neither do the tasks unless a caller starts from these.
+    pub saved: Option<GenerationOptions>,
+}
+
+impl GenerationDefaults {
+    /// The saved settings when they differ from transformers' defaults: what a caller that
+    /// ignores them should be told about.
+    pub fn ignored(&self) -> Option<&GenerationOptions> {
+        self.saved.as_ref().filter(|saved| **saved != self.transformers)
     }
 }
 

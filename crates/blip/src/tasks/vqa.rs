@@ -11,9 +11,9 @@ use crate::error::{InvalidInput, Param, Result};
 use crate::generation::{self, GenerationOptions};
 use crate::models::question_answering::QuestionAnsweringModel;
 
-/// How to generate answers: get them from [`QuestionAnswerer::default_options`] (the
-/// checkpoint's generation defaults; 10 new tokens at most without them, answers being short)
-/// and change fields.
+/// How to generate answers: get them from [`QuestionAnswerer::default_options`]
+/// (transformers' generation defaults, but 10 new tokens at most: answers are short) and change
+/// fields.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct AnswerOptions {
@@ -100,10 +100,10 @@ impl TaskModel for QuestionAnsweringModel {
 }
 
 impl QuestionAnswerer {
-    /// The generation defaults: 10 new tokens at most, under the checkpoint's
-    /// `generation_config.json`.
+    /// transformers' generation defaults with at most 10 new tokens; a checkpoint's
+    /// `generation_config.json` is in [`Task::generation`].
     pub fn default_options(&self) -> AnswerOptions {
-        AnswerOptions { generation: self.generation.clone() }
+        AnswerOptions { generation: self.generation.transformers.clone() }
     }
 
     /// Refuses contradictory options and lengths the decoder's positions cannot hold.
