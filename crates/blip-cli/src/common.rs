@@ -10,7 +10,7 @@ use anyhow::Context;
 use blip::tasks::GenerationDefaults;
 use blip::{load_image, GeneratedText, GenerationOptions, Param, ResizeBackend};
 use clap::{Arg, Args, Command, ValueEnum};
-use image::RgbImage;
+use blip::RgbImage;
 use serde::Serialize;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

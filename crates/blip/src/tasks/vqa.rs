@@ -89,9 +89,7 @@ impl TaskModel for QuestionAnsweringModel {
     const DEFAULT_MODEL: &'static str = DEFAULT_VQA_MODEL;
 
     fn default_generation() -> GenerationOptions {
-        let mut options = GenerationOptions::default();
-        options.max_new_tokens = 10;
-        options
+        GenerationOptions::default().max_new_tokens(10)
     }
 
     fn build(config: &BlipConfig, _: Architecture, weights: VarBuilder) -> candle_core::Result<Self> {
