@@ -1,12 +1,11 @@
 //! `blip caption`: load a captioning checkpoint, caption images in batches, print text or JSONL.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use blip::{CaptionOptions, Captioner, Checkpoint, Prompt};
 use clap::Args;
 
-use crate::common::{self, GeneratedRecord, GenerationArgs, ImageRunArgs, OutputArgs};
+use crate::common::{self, GeneratedRecord, GenerationArgs, ImageRunArgs};
 
 /// What `--num-return-sequences` is called here.
 pub const NUM_CAPTIONS: &str = "--num-captions";
@@ -28,13 +27,6 @@ pub struct CaptionArgs {
     run: ImageRunArgs,
 
     #[command(flatten)]
-    output: OutputArgs,
-
-    /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
-
-    #[command(flatten)]
     generation: GenerationArgs,
 }
 
@@ -44,7 +36,7 @@ pub fn run(args: CaptionArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let checkpoint = Checkpoint::locate(&args.model)?;
     let generation = args.generation.resolve(&Captioner::generation_defaults(&checkpoint)?, &args.model)?;
     let mut captioner = Captioner::from_checkpoint(&checkpoint, &blip::Device::Cpu, dtype)?;
-    captioner.set_resize_backend(args.run.resize.into());
+    captioner.set_resize_backend(args.run.batch.resize.into());
     let mut options: CaptionOptions = captioner.default_options();
     options.generation = generation;
     if let Some(prompt) = &args.prompt {
@@ -54,15 +46,15 @@ pub fn run(args: CaptionArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
 
     let record =
         GeneratedRecord { key: "caption", question: None, several: options.generation.num_return_sequences > 1 };
-    let format = args.output.format;
+    let format = args.run.format;
     let mut out = std::io::stdout().lock();
     let ended = common::for_each_image(
-        &args.images,
-        args.run.batch_size,
+        &args.run.images,
+        args.run.batch.batch_size,
         format,
         &mut out,
         |images| Ok(captioner.caption(images, &options)?),
         |out, path, captions| record.write(out, format, path, &captions),
     )?;
-    Ok(common::exit_code(ended, args.images.len(), "captioned"))
+    Ok(common::exit_code(ended, args.run.images.len(), "captioned"))
 }

@@ -2,14 +2,14 @@
 //! optionally the best labels reranked with the ITM head); print text or JSONL.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use blip::{ClassifyOptions, ImageTextMatcher, LabelScore};
 use clap::Args;
 use serde::Serialize;
 
-use crate::common::{self, Format, ImageRunArgs, OutputArgs};
+use crate::common::{self, Format, ImageRunArgs};
 
 #[derive(Args)]
 pub struct ClassifyArgs {
@@ -40,13 +40,6 @@ pub struct ClassifyArgs {
 
     #[command(flatten)]
     run: ImageRunArgs,
-
-    #[command(flatten)]
-    output: OutputArgs,
-
-    /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
 }
 
 /// Classifies every readable image; unreadable ones are reported and make the exit code 1.
@@ -58,19 +51,19 @@ pub fn run(args: ClassifyArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     options.validate(&labels)?;
     let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &blip::Device::Cpu, dtype)?;
     matcher.validate_classify(&labels, &options)?;
-    matcher.set_resize_backend(args.run.resize.into());
-    let format = args.output.format;
+    matcher.set_resize_backend(args.run.batch.resize.into());
+    let format = args.run.format;
     let shown = args.top.map_or(labels.len(), usize::from);
     let mut out = std::io::stdout().lock();
     let ended = common::for_each_image(
-        &args.images,
-        args.run.batch_size,
+        &args.run.images,
+        args.run.batch.batch_size,
         format,
         &mut out,
         |images| Ok(matcher.classify(images, &labels, &options)?),
         |out, path, scores| write_labels(out, format, path, &scores[..shown.min(scores.len())]),
     )?;
-    Ok(common::exit_code(ended, args.images.len(), "classified"))
+    Ok(common::exit_code(ended, args.run.images.len(), "classified"))
 }
 
 #[derive(Serialize)]

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use blip::tasks::GenerationDefaults;
+use blip::RgbImage;
 use blip::{load_image, GeneratedText, GenerationOptions, Param, ResizeBackend};
 use clap::{Arg, Args, Command, ValueEnum};
-use blip::RgbImage;
 use serde::Serialize;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -52,9 +52,9 @@ impl From<Dtype> for blip::DType {
     }
 }
 
-/// Batch size and resize, as every image command takes them.
+/// Batch size and resize, as every command that reads images takes them.
 #[derive(Args)]
-pub struct ImageRunArgs {
+pub struct BatchArgs {
     /// Images processed together in one forward pass.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     pub batch_size: u16,
@@ -64,12 +64,19 @@ pub struct ImageRunArgs {
     pub resize: Resize,
 }
 
-/// The output format of the commands that print one record per result.
+/// The images and how to run over them, for the commands that print one record per image.
 #[derive(Args)]
-pub struct OutputArgs {
+pub struct ImageRunArgs {
+    #[command(flatten)]
+    pub batch: BatchArgs,
+
     /// Output: `text` (tab-separated columns) or `jsonl` (one JSON object per record).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+
+    /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
 }
 
 /// When beam search stops: transformers' `early_stopping` False, True or "never".

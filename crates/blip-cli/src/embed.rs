@@ -11,7 +11,7 @@ use blip::{ImageTextMatcher, Param};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use crate::common::{self, Ended, Format, ImageRunArgs};
+use crate::common::{self, BatchArgs, Ended, Format};
 
 #[derive(Args)]
 pub struct EmbedArgs {
@@ -31,7 +31,7 @@ pub struct EmbedArgs {
     format: Option<EmbedFormat>,
 
     #[command(flatten)]
-    run: ImageRunArgs,
+    run: BatchArgs,
 }
 
 /// Images or texts, not both.

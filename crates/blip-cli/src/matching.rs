@@ -2,14 +2,14 @@
 //! print text or JSONL, one record per image-text pair.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use blip::{ImageTextMatcher, MatchScore, Param};
 use clap::Args;
 use serde::Serialize;
 
-use crate::common::{self, Format, ImageRunArgs, OutputArgs};
+use crate::common::{self, Format, ImageRunArgs};
 
 #[derive(Args)]
 pub struct MatchArgs {
@@ -23,13 +23,6 @@ pub struct MatchArgs {
 
     #[command(flatten)]
     run: ImageRunArgs,
-
-    #[command(flatten)]
-    output: OutputArgs,
-
-    /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
 }
 
 /// Scores every readable image against every text; unreadable images are reported and make the
@@ -38,19 +31,19 @@ pub fn run(args: MatchArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     blip::tasks::check_not_empty(Param::Text, &args.texts)?;
     let device = blip::Device::Cpu;
     let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &device, dtype)?;
-    matcher.set_resize_backend(args.run.resize.into());
+    matcher.set_resize_backend(args.run.batch.resize.into());
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
-    let format = args.output.format;
+    let format = args.run.format;
     let mut out = std::io::stdout().lock();
     let ended = common::for_each_image(
-        &args.images,
-        args.run.batch_size,
+        &args.run.images,
+        args.run.batch.batch_size,
         format,
         &mut out,
         |images| Ok(matcher.match_texts(images, &texts)?),
         |out, path, scores| write_scores(out, format, path, &texts, &scores),
     )?;
-    Ok(common::exit_code(ended, args.images.len(), "matched"))
+    Ok(common::exit_code(ended, args.run.images.len(), "matched"))
 }
 
 #[derive(Serialize)]

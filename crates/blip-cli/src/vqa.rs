@@ -10,7 +10,7 @@ use blip::{Checkpoint, Param, QuestionAnswerer, RankOptions, RankedAnswer};
 use clap::Args;
 use serde::Serialize;
 
-use crate::common::{self, Format, GeneratedRecord, GenerationArgs, ImageRunArgs, OutputArgs};
+use crate::common::{self, Format, GeneratedRecord, GenerationArgs, ImageRunArgs};
 
 #[derive(Args)]
 #[command(
@@ -42,13 +42,6 @@ pub struct VqaArgs {
     #[command(flatten)]
     run: ImageRunArgs,
 
-    #[command(flatten)]
-    output: OutputArgs,
-
-    /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
-
     // How answers are generated; none of it goes with --answers.
     #[command(flatten)]
     generation: GenerationArgs,
@@ -68,8 +61,8 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
         Some(_) => None,
     };
     let mut answerer = QuestionAnswerer::from_checkpoint(&checkpoint, &blip::Device::Cpu, dtype)?;
-    answerer.set_resize_backend(args.run.resize.into());
-    let format = args.output.format;
+    answerer.set_resize_backend(args.run.batch.resize.into());
+    let format = args.run.format;
     let mut out = std::io::stdout().lock();
     let ended = match answers {
         None => {
@@ -82,8 +75,8 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
                 several: options.generation.num_return_sequences > 1,
             };
             common::for_each_image(
-                &args.images,
-                args.run.batch_size,
+                &args.run.images,
+                args.run.batch.batch_size,
                 format,
                 &mut out,
                 |images| Ok(answerer.answer(images, &vec![question; images.len()], &options)?),
@@ -96,8 +89,8 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
             options.candidates = args.candidates.map_or(options.candidates, usize::from);
             options.top = args.top.map_or(options.top, usize::from);
             common::for_each_image(
-                &args.images,
-                args.run.batch_size,
+                &args.run.images,
+                args.run.batch.batch_size,
                 format,
                 &mut out,
                 |images| Ok(answerer.rank(images, &vec![question; images.len()], &list, &options)?),
@@ -105,7 +98,7 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
             )?
         }
     };
-    Ok(common::exit_code(ended, args.images.len(), "answered"))
+    Ok(common::exit_code(ended, args.run.images.len(), "answered"))
 }
 
 /// The answer list: one answer a line, trimmed, blank lines skipped.
