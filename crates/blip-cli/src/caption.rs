@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use blip::{CaptionOptions, Captioner, Checkpoint, Prompt};
 use clap::Args;
 
-use crate::common::{self, GeneratedRecord, GenerationArgs, ImageRunArgs};
+use crate::common::{GeneratedRecord, GenerationArgs, ImageRunArgs};
 
 /// What `--num-return-sequences` is called here.
 pub const NUM_CAPTIONS: &str = "--num-captions";
@@ -46,15 +46,9 @@ pub fn run(args: CaptionArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
 
     let record =
         GeneratedRecord { key: "caption", question: None, several: options.generation.num_return_sequences > 1 };
-    let format = args.run.format;
-    let mut out = std::io::stdout().lock();
-    let ended = common::for_each_image(
-        &args.run.images,
-        args.run.batch.batch_size,
-        format,
-        &mut out,
+    args.run.process(
+        "captioned",
         |images| Ok(captioner.caption(images, &options)?),
-        |out, path, captions| record.write(out, format, path, &captions),
-    )?;
-    Ok(common::exit_code(ended, args.run.images.len(), "captioned"))
+        |out, format, path, captions| record.write(out, format, path, &captions),
+    )
 }

@@ -52,18 +52,12 @@ pub fn run(args: ClassifyArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &blip::Device::Cpu, dtype)?;
     matcher.validate_classify(&labels, &options)?;
     matcher.set_resize_backend(args.run.batch.resize.into());
-    let format = args.run.format;
     let shown = args.top.map_or(labels.len(), usize::from);
-    let mut out = std::io::stdout().lock();
-    let ended = common::for_each_image(
-        &args.run.images,
-        args.run.batch.batch_size,
-        format,
-        &mut out,
+    args.run.process(
+        "classified",
         |images| Ok(matcher.classify(images, &labels, &options)?),
-        |out, path, scores| write_labels(out, format, path, &scores[..shown.min(scores.len())]),
-    )?;
-    Ok(common::exit_code(ended, args.run.images.len(), "classified"))
+        |out, format, path, scores| write_labels(out, format, path, &scores[..shown.min(scores.len())]),
+    )
 }
 
 #[derive(Serialize)]

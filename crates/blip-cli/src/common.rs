@@ -79,6 +79,25 @@ pub struct ImageRunArgs {
     pub images: Vec<PathBuf>,
 }
 
+impl ImageRunArgs {
+    /// Runs over the images `batch_size` at a time with [`for_each_image`], writing to stdout,
+    /// and returns the exit code (see [`exit_code`]; `done` says what happens to an image,
+    /// "captioned"). `write` gets the output format with each result.
+    pub fn process<T>(
+        &self,
+        done: &str,
+        process: impl FnMut(&[RgbImage]) -> anyhow::Result<Vec<T>>,
+        mut write: impl FnMut(&mut dyn Write, Format, &Path, T) -> std::io::Result<()>,
+    ) -> anyhow::Result<ExitCode> {
+        let format = self.format;
+        let mut out = std::io::stdout().lock();
+        let ended = for_each_image(&self.images, self.batch.batch_size, format, &mut out, process, |out, path, t| {
+            write(out, format, path, t)
+        })?;
+        Ok(exit_code(ended, self.images.len(), done))
+    }
+}
+
 /// When beam search stops: transformers' `early_stopping` False, True or "never".
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EarlyStopping {

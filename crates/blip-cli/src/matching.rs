@@ -33,17 +33,11 @@ pub fn run(args: MatchArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &device, dtype)?;
     matcher.set_resize_backend(args.run.batch.resize.into());
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
-    let format = args.run.format;
-    let mut out = std::io::stdout().lock();
-    let ended = common::for_each_image(
-        &args.run.images,
-        args.run.batch.batch_size,
-        format,
-        &mut out,
+    args.run.process(
+        "matched",
         |images| Ok(matcher.match_texts(images, &texts)?),
-        |out, path, scores| write_scores(out, format, path, &texts, &scores),
-    )?;
-    Ok(common::exit_code(ended, args.run.images.len(), "matched"))
+        |out, format, path, scores| write_scores(out, format, path, &texts, &scores),
+    )
 }
 
 #[derive(Serialize)]

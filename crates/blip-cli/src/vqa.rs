@@ -62,9 +62,7 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     };
     let mut answerer = QuestionAnswerer::from_checkpoint(&checkpoint, &blip::Device::Cpu, dtype)?;
     answerer.set_resize_backend(args.run.batch.resize.into());
-    let format = args.run.format;
-    let mut out = std::io::stdout().lock();
-    let ended = match answers {
+    match answers {
         None => {
             let mut options = answerer.default_options();
             options.generation = generation.expect("resolved without --answers");
@@ -74,31 +72,24 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
                 question: Some(question),
                 several: options.generation.num_return_sequences > 1,
             };
-            common::for_each_image(
-                &args.run.images,
-                args.run.batch.batch_size,
-                format,
-                &mut out,
+            args.run.process(
+                "answered",
                 |images| Ok(answerer.answer(images, &vec![question; images.len()], &options)?),
-                |out, path, answers| record.write(out, format, path, &answers),
-            )?
+                |out, format, path, answers| record.write(out, format, path, &answers),
+            )
         }
         Some((file, answers)) => {
             let list = answerer.answer_list(&answers).with_context(|| format!("answers in {}", file.display()))?;
             let mut options = RankOptions::default();
             options.candidates = args.candidates.map_or(options.candidates, usize::from);
             options.top = args.top.map_or(options.top, usize::from);
-            common::for_each_image(
-                &args.run.images,
-                args.run.batch.batch_size,
-                format,
-                &mut out,
+            args.run.process(
+                "answered",
                 |images| Ok(answerer.rank(images, &vec![question; images.len()], &list, &options)?),
-                |out, path, ranked| write_ranked(out, format, path, question, &ranked),
-            )?
+                |out, format, path, ranked| write_ranked(out, format, path, question, &ranked),
+            )
         }
-    };
-    Ok(common::exit_code(ended, args.run.images.len(), "answered"))
+    }
 }
 
 /// The answer list: one answer a line, trimmed, blank lines skipped.
