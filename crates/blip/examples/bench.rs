@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use blip::generation::GenerationOptions;
-use blip::models::linear::Linear;
+use blip::models::Linear;
 use blip::{load_image, CaptionOptions, Captioner, DType, Device};
 use candle_core::{Module, Tensor};
 

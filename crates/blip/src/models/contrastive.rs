@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::linear::Linear;
+use super::Linear;
 
 use super::retrieval::l2_normalize;
 use super::text::{TextModel, TextPooler};

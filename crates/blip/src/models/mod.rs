@@ -1,7 +1,7 @@
 //! The networks, one struct per transformers module, each loading its weights by the names the
 //! checkpoints use (`vision_model.encoder.layers.0.self_attn.qkv.weight`, ...).
 
-pub mod cache;
+mod cache;
 pub mod captioning;
 pub mod contrastive;
 pub mod question_answering;
@@ -13,11 +13,10 @@ pub mod vision;
 use candle_core::{DType, Result};
 use candle_nn::VarBuilder;
 
-/// `Linear` lives with the other tensor ops; this path is the public one.
-pub use crate::ops::linear;
+pub use crate::ops::linear::Linear;
+pub use cache::DecoderCache;
 
 use crate::ops::norm::LayerNorm;
-use linear::Linear;
 
 /// `nn.Linear` with bias, as every BLIP projection has. The weight is read in the builder's
 /// dtype (the model's load dtype), the bias in f32.

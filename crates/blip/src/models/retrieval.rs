@@ -5,7 +5,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::linear::Linear;
+use super::Linear;
 
 use super::linear;
 use super::text::TextModel;

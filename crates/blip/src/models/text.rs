@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::cache::{CrossAttention, DecoderCache, KeyValue};
-use super::linear::Linear;
+use super::Linear;
 use super::{layer_norm, linear};
 use crate::config::TextConfig;
 use crate::ops::activation::gelu;

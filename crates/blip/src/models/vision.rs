@@ -4,7 +4,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::linear::Linear;
+use super::Linear;
 
 use super::{layer_norm, linear};
 use crate::config::VisionConfig;
