@@ -472,12 +472,13 @@ const JPEG_EOF_WARNING: &str = "Premature end of JPEG file";
 
 fn decode_jpeg(bytes: &[u8]) -> DecodeResult<RgbImage> {
     use turbojpeg::raw;
-    // SAFETY: plain FFI calls on a handle we own; buffers are sized from the header and outlive
-    // the calls.
+    // SAFETY: tj3Init takes no pointers; the handle it returns is checked for null below and
+    // owned (destroyed once) by TjHandle.
     let handle = TjHandle(unsafe { raw::tj3Init(raw::TJINIT_TJINIT_DECOMPRESS as _) });
     if handle.0.is_null() {
         return Err("cannot initialize the JPEG decoder".into());
     }
+    // SAFETY: a live decompression handle, and `bytes` valid for `bytes.len()` bytes during the call.
     let rc = unsafe { raw::tj3DecompressHeader(handle.0, bytes.as_ptr(), bytes.len() as _) };
     if rc != 0 {
         let (fatal, msg) = handle.error();
@@ -503,6 +504,8 @@ fn decode_jpeg(bytes: &[u8]) -> DecodeResult<RgbImage> {
         _ => (raw::TJPF_TJPF_RGB, 3),
     };
     let mut buf = vec![0u8; w * h * channels];
+    // SAFETY: a live handle whose header gave w × h; `buf` holds h rows of w·channels bytes (the
+    // pitch passed) in pixel format `pf` of `channels` bytes, and `bytes` is valid for its length.
     let rc = unsafe {
         raw::tj3Decompress8(handle.0, bytes.as_ptr(), bytes.len() as _, buf.as_mut_ptr(), (w * channels) as _, pf as _)
     };
