@@ -2,23 +2,31 @@
 """Generate the tiny BLIP captioning checkpoints and the transformers reference outputs
 that the Rust model tests compare against.
 
-Run by hand (never by CI), from anywhere:
+Run by hand (never by CI), from the repository root, in the pinned environment made once with
 
-    /opt/fixenv/bin/python scripts/make_model_fixtures.py            # tiny fixtures (committed)
-    /opt/fixenv/bin/python scripts/make_model_fixtures.py --full DIR # full-size check (not committed)
+    python3.11 -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt
+
+    .venv/bin/python scripts/make_model_fixtures.py                # tiny fixtures (committed)
+    .venv/bin/python scripts/make_model_fixtures.py --saved5-only  # only tiny-caption-saved5
+    .venv/bin/python scripts/make_model_fixtures.py --full DIR     # full-size check (not committed)
 
 Everything is seeded; re-running it rewrites the same files. See
 crates/blip/tests/fixtures/FIXTURES.md for what each file holds.
 
-Needs no network: the configs come from shared/hub-configs, the tokenizer from
-shared/bert-base-uncased, the images from scikit-image's data folder.
+Needs no network and nothing outside the repository: the configs come from
+crates/blip/tests/fixtures/hub-configs, the tokenizer from
+crates/blip/tests/fixtures/tokenizer/bert-base-uncased, the images from scikit-image's data
+folder (inside the pinned wheel) and the committed fixture images.
 """
 
-# Exact versions the committed fixtures were produced with (asserted at run time).
+# Exact versions the committed fixtures were produced with (asserted at run time; see
+# scripts/requirements.txt). torch and torchvision are compared without their local build tag:
+# PyPI's Linux wheels report "2.15.0+cu132" / "0.29.2+cu132", other platforms' plain "2.15.0";
+# the full strings are recorded in every expected/*.json, with torch's CPU capability.
 PINNED_VERSIONS = {
     "python": "3.11",
-    "torch": "2.15.0+cu132",
-    "torchvision": "0.29.2+cu132",
+    "torch": "2.15.0",
+    "torchvision": "0.29.2",
     "transformers": "5.24.0",
     "pillow": "13.0.0",
     "scikit-image": "0.26.0",
@@ -64,18 +72,15 @@ def check_versions():
         "safetensors": safetensors.__version__,
         "numpy": numpy.__version__,
     }
-    bad = {k: (found[k], v) for k, v in PINNED_VERSIONS.items() if found[k] != v}
+    bad = {k: (found[k], v) for k, v in PINNED_VERSIONS.items() if found[k].split("+")[0] != v}
     assert not bad, f"version mismatch (found, pinned): {bad}"
     return found
 
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared")
-HUB = SHARED / "hub-configs"
-BERT = SHARED / "bert-base-uncased"
 FIX = REPO / "crates" / "blip" / "tests" / "fixtures"
+HUB = FIX / "hub-configs"                          # the Hub checkpoints' small JSON files
+BERT = FIX / "tokenizer" / "bert-base-uncased"      # tokenizer.json + vocab.txt (Apache-2.0)
 MODELS = FIX / "models"
 EXPECTED = FIX / "expected"
 IMAGES_DIR = FIX / "images-model"

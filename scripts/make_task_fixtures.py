@@ -2,10 +2,12 @@
 """Generate the tiny VQA, image-text retrieval and BlipModel checkpoints and the transformers
 reference outputs that the Rust task tests compare against.
 
-Run by hand (never by CI), after scripts/make_model_fixtures.py (it reuses its images):
+Run by hand (never by CI), after scripts/make_model_fixtures.py (it reuses its images), from the
+repository root, in the pinned environment made once with
+`python3.11 -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt`:
 
-    /opt/fixenv/bin/python scripts/make_task_fixtures.py            # tiny fixtures (committed)
-    /opt/fixenv/bin/python scripts/make_task_fixtures.py --full DIR # full-size VQA + ITM check
+    .venv/bin/python scripts/make_task_fixtures.py            # tiny fixtures (committed)
+    .venv/bin/python scripts/make_task_fixtures.py --full DIR # full-size VQA + ITM check
 
 Same pinned versions, tiny dimensions and weight re-initialisation as make_model_fixtures.py.
 Everything is seeded; re-running it rewrites the same files. See
