@@ -49,9 +49,10 @@ TEXTS = [
     "rocket",
     "two dogs playing in the snow on a sunny winter afternoon near a lake",
 ]
-TASK_TEXT = dict(hidden_size=64, intermediate_size=128)
-VQA_SEEDS = (8, 6.0)      # seed, cls.predictions.bias[102] shift
-ITM_SEED = 6
+# VQA's text width must equal the vision width (below); 2 heads keep head_dim at 64.
+VQA_TEXT = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2)
+VQA_SEEDS = (8, 10.0)     # seed, cls.predictions.bias[102] shift
+ITM_SEED = 3
 ITM_HEAD_GAIN = 3.0       # spreads the match probabilities away from 0.5
 BLIP_SEED = 7
 BLIP_LOGIT_SCALE = 2.0
@@ -84,11 +85,11 @@ def reinit(model, seed, sep_shift=None):
         assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
 
 
-def task_config(hub_name, arch):
+def task_config(hub_name, arch, text=None):
     """The Hub config itself for the full-size check, else the tiny one."""
     if FULL is not None:
         return base.json.loads((base.HUB / hub_name / "config.json").read_text())
-    return tiny_config(hub_name, arch)
+    return tiny_config(hub_name, arch, text)
 
 
 def preprocessor(hub_name):
@@ -101,12 +102,13 @@ def checkpoint_dir(name):
     return base.fresh_dir((FULL / name) if FULL is not None else (base.MODELS / name))
 
 
-def tiny_config(hub_name, arch):
-    """The captioning tiny config with the text width raised to the vision width: the VQA
-    answer decoder cross-attends to question states through encoder_hidden_size (= the vision
-    width), which only works when both widths are equal, as in every public checkpoint."""
+def tiny_config(hub_name, arch, text=None):
+    """The captioning tiny config, with `text` changes: VQA raises the text width to the vision
+    width, because its answer decoder cross-attends to question states through
+    encoder_hidden_size (= the vision width), which only works when both widths are equal, as in
+    every public checkpoint. Retrieval and BlipModel keep the narrower captioning text."""
     cfg = base.tiny_config_dict()
-    cfg["text_config"].update(TASK_TEXT)
+    cfg["text_config"].update(text or {})
     hub = base.json.loads((base.HUB / hub_name / "config.json").read_text())
     assert hub["architectures"] == [arch], hub["architectures"]
     cfg["architectures"] = [arch]
@@ -180,7 +182,7 @@ def answer_ids(tok, answer):
 def make_vqa(versions):
     name = "tiny-vqa"
     d = checkpoint_dir(name)
-    base.dump_json(task_config("blip-vqa-base", "BlipForQuestionAnswering"), d / "config.json")
+    base.dump_json(task_config("blip-vqa-base", "BlipForQuestionAnswering", VQA_TEXT), d / "config.json")
     base.dump_json(preprocessor("blip-vqa-base"), d / "preprocessor_config.json")
     base.write_tokenizer(d, full=False)
     seed, shift = VQA_SEEDS if FULL is None else (1, base.FULL_SEP_BIAS_SHIFT)
