@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of this project and transformers on this machine; writes BENCHMARKS.md.
 
-    /opt/fixenv/bin/python scripts/bench.py [--work DIR]
+    python3.11 -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt   # once
+    .venv/bin/python scripts/bench.py [--work DIR]
 
 Builds a full-size random blip-image-captioning-base checkpoint (real config, Hub layout; not
 committed) with scripts/make_model_fixtures.py --full unless DIR/model exists, then in the same

@@ -2,7 +2,10 @@
 """What `blip caption --min-new-tokens 20 --max-new-tokens 20 IMAGE...` does, in transformers:
 the Python side of the whole-program comparison in scripts/bench.py.
 
-    python scripts/bench_caption_transformers.py MODEL_DIR IMAGE...
+    .venv/bin/python scripts/bench_caption_transformers.py MODEL_DIR IMAGE...
+
+(in the pinned environment of the fixture scripts, made once with
+`python3.11 -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt`).
 """
 import sys
 

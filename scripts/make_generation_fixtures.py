@@ -2,9 +2,11 @@
 """transformers' `generate` with beam search, penalties and length options on the committed tiny
 captioning and VQA checkpoints: the reference the Rust generation tests compare against.
 
-Run by hand (never by CI), after make_model_fixtures.py and make_task_fixtures.py:
+Run by hand (never by CI), after make_model_fixtures.py and make_task_fixtures.py, from the
+repository root, in the pinned environment made once with
+`python3.11 -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt`:
 
-    /opt/fixenv/bin/python scripts/make_generation_fixtures.py
+    .venv/bin/python scripts/make_generation_fixtures.py
 
 Same pinned versions as make_model_fixtures.py. Writes crates/blip/tests/fixtures/expected/
 generation.json (see FIXTURES.md).

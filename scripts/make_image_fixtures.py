@@ -2,8 +2,9 @@
 """Generate crates/blip/tests/fixtures/images/: inputs and transformers' expected outputs for the
 image-processor parity tests (crates/blip/tests/image_parity.rs).
 
-Run by hand, never by CI:
-    /opt/fixenv/bin/python scripts/make_image_fixtures.py
+Run by hand, never by CI, from the repository root, in the pinned environment made once with
+`python3.11 -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt`:
+    .venv/bin/python scripts/make_image_fixtures.py
 
 Pinned (asserted below): transformers 5.24.0, torchvision 0.29.2, torch 2.15.0, Pillow 13.0.0,
 numpy 2.4.6, safetensors 0.8.0, scikit-image 0.26.0 (source photos only).
@@ -65,7 +66,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "crates", "blip", "tests", "fixtures", "images")
 INP = os.path.join(OUT, "inputs")
 EXP = os.path.join(OUT, "expected")
-HUB = "/work/shared/hub-configs"
+HUB = os.path.join(ROOT, "crates", "blip", "tests", "fixtures", "hub-configs")
 SKDATA = os.path.join(os.path.dirname(skimage.__file__), "data")
 
 shutil.rmtree(OUT, ignore_errors=True)
@@ -317,7 +318,7 @@ def add_error(name, data, note):
     try:
         load_image(path)
     except Exception as e:  # noqa: BLE001
-        manifest["errors"].append({"input": rel(path), "note": note, "pil_error": f"{type(e).__name__}: {e}"})
+        manifest["errors"].append({"input": rel(path), "note": note, "pil_error": f"{type(e).__name__}: {e}".replace(ROOT + os.sep, "")})
         return
     raise AssertionError(f"PIL decoded {name}")
 

@@ -2,10 +2,12 @@
 """Generate the tiny VQA, image-text retrieval and BlipModel checkpoints and the transformers
 reference outputs that the Rust task tests compare against.
 
-Run by hand (never by CI), after scripts/make_model_fixtures.py (it reuses its images):
+Run by hand (never by CI), after scripts/make_model_fixtures.py (it reuses its images), from the
+repository root, in the pinned environment made once with
+`python3.11 -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt`:
 
-    /opt/fixenv/bin/python scripts/make_task_fixtures.py            # tiny fixtures (committed)
-    /opt/fixenv/bin/python scripts/make_task_fixtures.py --full DIR # full-size VQA + ITM check
+    .venv/bin/python scripts/make_task_fixtures.py            # tiny fixtures (committed)
+    .venv/bin/python scripts/make_task_fixtures.py --full DIR # full-size VQA + ITM check
 
 Same pinned versions, tiny dimensions and weight re-initialisation as make_model_fixtures.py.
 Everything is seeded; re-running it rewrites the same files. See
@@ -47,8 +49,9 @@ TEXTS = [
     "rocket",
     "two dogs playing in the snow on a sunny winter afternoon near a lake",
 ]
-TASK_TEXT = dict(hidden_size=64, intermediate_size=128)
-VQA_SEEDS = (8, 6.0)      # seed, cls.predictions.bias[102] shift
+# VQA's text width must equal the vision width (below); 2 heads keep head_dim at 64.
+VQA_TEXT = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2)
+VQA_SEEDS = (1, 8.0)      # seed, cls.predictions.bias[102] shift
 ITM_SEED = 6
 ITM_HEAD_GAIN = 3.0       # spreads the match probabilities away from 0.5
 BLIP_SEED = 7
@@ -58,7 +61,8 @@ FULL = None               # the --full output folder, when building the full-siz
 
 @torch.no_grad()
 def reinit(model, seed, sep_shift=None):
-    """make_model_fixtures.reinit's scheme for any BLIP model (tiny: N(0, 0.2) matrices;
+    """make_model_fixtures.reinit's scheme for any BLIP model (tiny: N(0, 0.2) embeddings and
+    N(0, 0.2 * sqrt(64 / fan_in)) Linear/Conv weights, see make_model_fixtures.TINY_REF_FAN_IN;
     full size: gain/sqrt(fan_in) matrices and 0.04 embeddings; LayerNorm 1 + 0.1 N, biases
     0.1 N); `sep_shift` raises the LM bias of [SEP] so answers end."""
     g = torch.Generator().manual_seed(seed)
@@ -70,7 +74,7 @@ def reinit(model, seed, sep_shift=None):
         elif name.endswith("bias"):
             p.copy_(base.BIAS_STD * torch.randn(p.shape, generator=g))
         elif FULL is None:
-            p.copy_(base.TINY_WEIGHT_STD * torch.randn(p.shape, generator=g))
+            p.copy_(base.tiny_weight_std(name, p) * torch.randn(p.shape, generator=g))
         elif "embedding" in name:
             p.copy_(base.FULL_EMBED_STD * torch.randn(p.shape, generator=g))
         else:
@@ -82,11 +86,11 @@ def reinit(model, seed, sep_shift=None):
         assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
 
 
-def task_config(hub_name, arch):
+def task_config(hub_name, arch, text=None):
     """The Hub config itself for the full-size check, else the tiny one."""
     if FULL is not None:
         return base.json.loads((base.HUB / hub_name / "config.json").read_text())
-    return tiny_config(hub_name, arch)
+    return tiny_config(hub_name, arch, text)
 
 
 def preprocessor(hub_name):
@@ -99,12 +103,13 @@ def checkpoint_dir(name):
     return base.fresh_dir((FULL / name) if FULL is not None else (base.MODELS / name))
 
 
-def tiny_config(hub_name, arch):
-    """The captioning tiny config with the text width raised to the vision width: the VQA
-    answer decoder cross-attends to question states through encoder_hidden_size (= the vision
-    width), which only works when both widths are equal, as in every public checkpoint."""
+def tiny_config(hub_name, arch, text=None):
+    """The captioning tiny config, with `text` changes: VQA raises the text width to the vision
+    width, because its answer decoder cross-attends to question states through
+    encoder_hidden_size (= the vision width), which only works when both widths are equal, as in
+    every public checkpoint. Retrieval and BlipModel keep the narrower captioning text."""
     cfg = base.tiny_config_dict()
-    cfg["text_config"].update(TASK_TEXT)
+    cfg["text_config"].update(text or {})
     hub = base.json.loads((base.HUB / hub_name / "config.json").read_text())
     assert hub["architectures"] == [arch], hub["architectures"]
     cfg["architectures"] = [arch]
@@ -178,7 +183,7 @@ def answer_ids(tok, answer):
 def make_vqa(versions):
     name = "tiny-vqa"
     d = checkpoint_dir(name)
-    base.dump_json(task_config("blip-vqa-base", "BlipForQuestionAnswering"), d / "config.json")
+    base.dump_json(task_config("blip-vqa-base", "BlipForQuestionAnswering", VQA_TEXT), d / "config.json")
     base.dump_json(preprocessor("blip-vqa-base"), d / "preprocessor_config.json")
     base.write_tokenizer(d, full=False)
     seed, shift = VQA_SEEDS if FULL is None else (1, base.FULL_SEP_BIAS_SHIFT)
