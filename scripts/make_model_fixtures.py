@@ -8,6 +8,7 @@ Run by hand (never by CI), from the repository root, in the pinned environment m
 
     .venv/bin/python scripts/make_model_fixtures.py                # tiny fixtures (committed)
     .venv/bin/python scripts/make_model_fixtures.py --saved5-only  # only tiny-caption-saved5
+    .venv/bin/python scripts/make_model_fixtures.py --scaled-only  # only tiny-caption-scaled
     .venv/bin/python scripts/make_model_fixtures.py --full DIR     # full-size check (not committed)
 
 Everything is seeded; re-running it rewrites the same files. See
@@ -755,6 +756,36 @@ def make_saved5(versions):
 
 
 # ---- full-size check --------------------------------------------------------------------
+SCALED = "tiny-caption-scaled"
+SCALED_SEED = 8
+
+
+def make_scaled(versions):
+    """models/tiny-caption-scaled: the tiny captioning config with fan-in scaled weights (as the
+    task models, and as trained models are scaled), f32 model.safetensors. Only the dtype test
+    reads it (bf16/f16 weights against f32): the unscaled captioning weights amplify rounding
+    far beyond a trained model's (PyTorch's own bf16 logits cosine on tiny-caption-bin is
+    ~0.997), while these keep it near what full-size checkpoints show. No expected outputs:
+    the test compares the checkpoint with itself in other dtypes."""
+    cfg = tiny_config_dict()
+    d = fresh_dir(MODELS / SCALED)
+    dump_json(cfg, d / "config.json")
+    dump_json(preproc_int(TINY_IMAGE_SIZE), d / "preprocessor_config.json")
+    write_tokenizer(d, full=False)
+    config = BlipConfig.from_pretrained(d)
+    torch.manual_seed(SCALED_SEED)
+    model = BlipForConditionalGeneration(config).eval()
+    reinit(model, SCALED_SEED, full=False, scaled=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = save_pretrained_files(model, tmp)
+        assert "model.safetensors" in files, files
+        shutil.copyfile(Path(tmp) / "model.safetensors", d / "model.safetensors")
+    loaded, info = load_f32(d)
+    assert not any(info.values()), info
+    assert_same_weights(loaded, model, SCALED)
+    print(f"{SCALED}: written ({versions['transformers']})")
+
+
 def make_full(out_dir, versions):
     out = Path(out_dir)
     mdir = fresh_dir(out / "model")
@@ -785,6 +816,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--full", metavar="OUT_DIR",
                     help="build a full-size random caption-base checkpoint + expected outputs there")
+    ap.add_argument("--scaled-only", action="store_true",
+                    help=f"only (re)write models/{SCALED}")
     ap.add_argument("--saved5-only", action="store_true",
                     help=f"only (re)write models/{SAVED5} and its expected outputs")
     args = ap.parse_args()
@@ -795,9 +828,12 @@ def main():
         make_full(args.full, versions)
     elif args.saved5_only:
         make_saved5(versions)
+    elif args.scaled_only:
+        make_scaled(versions)
     else:
         make_tiny(versions)
         make_saved5(versions)
+        make_scaled(versions)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-//! Weights held in bf16 or f16 against the same checkpoint in f32: the bar is a logits
-//! cosine ≥ 0.999 and the same top-1 token on ≥ 95% of teacher-forced steps. The steps are the
-//! f32 model's own greedy captions, fed back through both models. Set BLIP_FULL_FIXTURE to run it
+//! Weights held in bf16 or f16 against the same checkpoint in f32: the bar is a logits cosine
+//! ≥ 0.999 and the same top-1 token on ≥ 95% of teacher-forced steps. The steps are the f32
+//! model's own greedy captions, fed back through both models. The tiny checkpoint is
+//! `tiny-caption-scaled`, whose weights are scaled by fan-in as trained ones are (the parity
+//! fixtures' unscaled random weights amplify rounding far more: PyTorch's own bf16 logits there
+//! are ~0.997 from f32; see FIXTURES.md). Set BLIP_FULL_FIXTURE to run it
 //! on a full-size checkpoint too (`cargo test --release --test dtype -- --ignored full_size`).
 
 use std::path::{Path, PathBuf};
@@ -65,7 +68,7 @@ fn check(model_dir: &Path, images: &[image::RgbImage]) {
 
 #[test]
 fn half_precision_weights_keep_the_tiny_models_logits() {
-    check(&fixtures().join("models/tiny-caption-bin"), &images(&fixtures()));
+    check(&fixtures().join("models/tiny-caption-scaled"), &images(&fixtures()));
 }
 
 #[test]
