@@ -347,7 +347,8 @@ pub fn flag(param: Param, num_return_sequences: &str) -> String {
     match param {
         Param::NumReturnSequences if !num_return_sequences.is_empty() => num_return_sequences.to_string(),
         Param::Label => "--labels".into(),
-        Param::Images => "images".into(),
+        // --answers names a file; what can be wrong is the answers in it.
+        Param::Images | Param::Answers => param.name().to_string(),
         other => format!("--{}", other.name().replace('_', "-")),
     }
 }
@@ -355,22 +356,21 @@ pub fn flag(param: Param, num_return_sequences: &str) -> String {
 /// An error as the command line says it: the library's validation errors with its options
 /// written as flags, and a hint at the command that uses a checkpoint of another kind.
 pub fn describe(err: &anyhow::Error, num_return_sequences: &str) -> String {
-    err.chain()
-        .map(|cause| match cause.downcast_ref::<blip::Error>() {
+    let mut parts: Vec<String> = vec![];
+    for cause in err.chain() {
+        // The refusal is the source of the library error that already said it in flag names.
+        if cause.downcast_ref::<blip::InvalidInput>().is_some() {
+            continue;
+        }
+        parts.push(match cause.downcast_ref::<blip::Error>() {
             Some(blip::Error::InvalidInput(invalid)) => invalid.message(&|p| flag(p, num_return_sequences)),
             Some(wrong @ blip::Error::WrongArchitecture { found, .. }) => {
                 format!("{wrong} (it is for {})", commands_for(*found))
             }
             _ => cause.to_string(),
-        })
-        // anyhow's chain repeats a transparent cause's text: keep each message once.
-        .fold(Vec::<String>::new(), |mut parts, part| {
-            if parts.last().is_none_or(|last| !last.ends_with(&part)) {
-                parts.push(part);
-            }
-            parts
-        })
-        .join(": ")
+        });
+    }
+    parts.join(": ")
 }
 
 /// What a checkpoint's architecture is for, in this program's commands.

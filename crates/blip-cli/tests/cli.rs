@@ -7,6 +7,8 @@ use common::*;
 
 use std::process::Command;
 
+use serde_json::Value;
+
 /// The tokens transformers generated for the fixture images 0, 1, 2 (chelsea, astronaut,
 /// rocket), unconditionally, one image at a time.
 fn expected_tokens(checkpoint: &str) -> Vec<serde_json::Value> {
@@ -173,4 +175,29 @@ fn half_precision_weights_caption_and_other_dtypes_are_refused() {
     let out = blip(&["caption", "--dtype", "f64", "--model", &model("tiny-caption-bin"), &image("chelsea.png")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("f64"), "{}", stderr(&out));
+}
+
+/// A checkpoint saved by transformers 5 (`processor_config.json`, a `generation_config.json`):
+/// by default the tokens of transformers' `generate`, which ignores the file, with a warning
+/// saying so; with --generation-config those of `generate` given the file's settings.
+#[test]
+fn generation_config_is_applied_only_when_asked() {
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected/tiny-caption-saved5.json")).unwrap())
+            .unwrap();
+    let tokens = |case: &str| {
+        let case = expected["cases"].as_array().unwrap().iter().find(|c| c["name"] == case && c["image"] == 0).unwrap();
+        let row: Vec<u64> = case["sequences"][0].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+        serde_json::to_value(row).unwrap()
+    };
+    let chelsea = fixtures().join(expected["images"][0].as_str().unwrap()).display().to_string();
+    let model = model("tiny-caption-saved5");
+    let out = blip(&["caption", "--model", &model, "--format", "jsonl", &chelsea]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("generation_config.json is not applied"), "{}", stderr(&out));
+    assert_eq!(jsonl(&out)[0]["tokens"], tokens("default"));
+    let out = blip(&["caption", "--model", &model, "--generation-config", "--format", "jsonl", &chelsea]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    assert_eq!(jsonl(&out)[0]["tokens"], tokens("generation_config"));
 }
