@@ -46,6 +46,16 @@ F32_ROUNDS = 5
 VISION_GFLOP = None  # computed from the config below
 
 
+def python_command():
+    """The interpreter as the README names it (`.venv/bin/python`) when it is the repository's
+    environment, so that BENCHMARKS.md holds no machine-specific path."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(REPO))
+    except ValueError:
+        return exe.name
+
+
 def vision_gflop(cfg):
     """Multiply-adds ×2 of the ViT per image: patch embedding, attention and MLP."""
     v = cfg.vision_config
@@ -199,7 +209,7 @@ def main():
         "pytorch_model.bin). Inputs: 8 scikit-image photos at 384 px; greedy decoding of exactly 20 new "
         "tokens (`min_new_tokens = max_new_tokens = 20`). Batch-1 figures are the mean over the first 4 photos.",
         "",
-        f"Command: `{sys.executable} scripts/bench.py{''.join(' ' + a for a in sys.argv[1:])}`",
+        f"Command: `{python_command()} scripts/bench.py{''.join(' ' + a for a in sys.argv[1:])}`",
         "",
         "| | this project f32 | PyTorch f32 | ratio | this project bf16 | PyTorch bf16 | ratio | this project bf16 / PyTorch f32 |",
         "|---|---|---|---|---|---|---|---|",
