@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 import warnings
@@ -140,7 +141,8 @@ def ratio(ours, theirs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--work", default="/tmp/blip-bench", help="where the checkpoint is built (not committed)")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "blip-bench"),
+                    help="where the checkpoint is built (not committed)")
     args = ap.parse_args()
     work = Path(args.work)
     model_dir = work / "model"

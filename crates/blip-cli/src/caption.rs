@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use blip::{CaptionOptions, Captioner, Checkpoint, Prompt};
 use clap::Args;
 
-use crate::common::{GeneratedRecord, GenerationArgs, ImageRunArgs};
+use crate::common::{self, GeneratedRecord, GenerationArgs, ImageRunArgs};
 
 /// What `--num-return-sequences` is called here.
 pub const NUM_CAPTIONS: &str = "--num-captions";
@@ -13,7 +13,8 @@ pub const NUM_CAPTIONS: &str = "--num-captions";
 #[derive(Args)]
 #[command(mut_arg("num_return_sequences", |arg| arg
     .visible_alias("num-captions")
-    .help("Captions per image, best first: the best beams (needs --num-beams at least as large) or independent samples (--do-sample) [default: 1]")))]
+    .help("Captions per image, best first: the best beams (needs --num-beams at least as large) or independent samples (--do-sample)")),
+    mut_args(common::show_generation_defaults(Captioner::default_generation())))]
 pub struct CaptionArgs {
     /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
     #[arg(long, short, default_value = Captioner::DEFAULT_MODEL)]

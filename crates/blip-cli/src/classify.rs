@@ -2,6 +2,7 @@
 //! optionally the best labels reranked with the ITM head); print text or JSONL.
 
 use std::io::Write;
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -22,7 +23,7 @@ pub struct ClassifyArgs {
     labels: String,
 
     /// Text each label is put into; `{}` marks the label.
-    #[arg(long, default_value = "a picture of {}")]
+    #[arg(long, default_value = ClassifyOptions::DEFAULT_TEMPLATE)]
     template: String,
 
     /// Rescore the most probable labels with the ITM head and put them first, by ITM
@@ -31,8 +32,8 @@ pub struct ClassifyArgs {
     rerank: bool,
 
     /// Labels rescored by --rerank.
-    #[arg(long, default_value_t = 5, requires = "rerank", value_parser = clap::value_parser!(u16).range(1..))]
-    rerank_top: u16,
+    #[arg(long, default_value = "5", requires = "rerank")]
+    rerank_top: NonZeroUsize,
 
     /// Labels printed per image, best first [default: all].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -47,7 +48,7 @@ pub fn run(args: ClassifyArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let labels: Vec<&str> = args.labels.split(',').map(str::trim).collect();
     let mut options = ClassifyOptions::default();
     options.template = args.template.clone();
-    options.rerank = args.rerank.then_some(usize::from(args.rerank_top));
+    options.rerank = args.rerank.then_some(args.rerank_top);
     options.validate(&labels)?;
     let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &blip::Device::Cpu, dtype)?;
     matcher.validate_classify(&labels, &options)?;

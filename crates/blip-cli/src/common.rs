@@ -120,32 +120,32 @@ impl From<EarlyStopping> for blip::EarlyStopping {
 }
 
 /// The options of transformers' `generate`, same names in kebab-case. Unset, each takes the
-/// checkpoint's default: its `generation_config.json`, else transformers' (and for answers at
-/// most 10 new tokens).
+/// task's default (transformers', shown in the help), or with `--generation-config` the
+/// checkpoint's `generation_config.json`.
 #[derive(Args)]
 #[command(next_help_heading = "Generation")]
 pub struct GenerationArgs {
-    /// Most new tokens to generate, the prompt not counted [default: 20 for captions, 10 for answers].
+    /// Most new tokens to generate, the prompt not counted.
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
 
-    /// Fewest new tokens before the text may end [default: 0].
+    /// Fewest new tokens before the text may end.
     #[arg(long)]
     pub min_new_tokens: Option<usize>,
 
-    /// Beams of beam search; 1 is greedy search, or sampling with --do-sample [default: 1].
+    /// Beams of beam search; 1 is greedy search, or sampling with --do-sample.
     #[arg(long)]
     pub num_beams: Option<usize>,
 
-    /// Beam search: a finished sequence scores sum(log p) / length ** this (> 0 favours longer ones) [default: 1.0].
+    /// Beam search: a finished sequence scores sum(log p) / length ** this (> 0 favours longer ones).
     #[arg(long, allow_negative_numbers = true)]
     pub length_penalty: Option<f32>,
 
-    /// Beam search: when to stop (transformers' early_stopping False, True or "never") [default: false].
+    /// Beam search: when to stop (transformers' early_stopping False, True or "never").
     #[arg(long, value_enum)]
     pub early_stopping: Option<EarlyStopping>,
 
-    /// Sequences returned per input, best first: the best beams, or independent samples [default: 1].
+    /// Sequences returned per input, best first: the best beams, or independent samples.
     #[arg(long)]
     pub num_return_sequences: Option<usize>,
 
@@ -153,23 +153,23 @@ pub struct GenerationArgs {
     #[arg(long)]
     pub do_sample: bool,
 
-    /// Sampling: logits are divided by it (< 1 sharper, > 1 flatter) [default: 1.0].
+    /// Sampling: logits are divided by it (< 1 sharper, > 1 flatter).
     #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
 
-    /// Sampling: only the k most likely tokens (0: all) [default: 50].
+    /// Sampling: only the k most likely tokens (0: all).
     #[arg(long)]
     pub top_k: Option<usize>,
 
-    /// Sampling: only the most likely tokens whose probabilities add up to p (nucleus sampling) [default: 1.0].
+    /// Sampling: only the most likely tokens whose probabilities add up to p (nucleus sampling).
     #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
 
-    /// Scores of tokens already in the sequence are penalized by this factor (1: none; BLIP's demo uses 1.1) [default: 1.0].
+    /// Scores of tokens already in the sequence are penalized by this factor (1: none; BLIP's demo uses 1.1).
     #[arg(long, allow_negative_numbers = true)]
     pub repetition_penalty: Option<f32>,
 
-    /// No n-gram of this size may occur twice (0: no limit) [default: 0].
+    /// No n-gram of this size may occur twice (0: no limit).
     #[arg(long)]
     pub no_repeat_ngram_size: Option<usize>,
 
@@ -242,20 +242,21 @@ impl GenerationArgs {
     /// Warns on stderr about a generation_config.json left unused, and about given options
     /// that have no effect with the others, as transformers does.
     pub fn resolve(&self, defaults: &GenerationDefaults, model: &str) -> Result<GenerationOptions, blip::Error> {
-        let base = match (&defaults.saved, self.generation_config) {
-            (Some(saved), true) => saved,
-            (None, true) => {
-                eprintln!("warning: {model} has no generation_config.json: --generation-config has no effect");
-                &defaults.transformers
-            }
-            (_, false) => {
-                if defaults.ignored().is_some() {
-                    eprintln!(
-                        "warning: {model}: generation_config.json is not applied, as in transformers' BLIP generate; add --generation-config to use it"
-                    );
+        let base = if self.generation_config {
+            match defaults.saved()? {
+                Some(saved) => saved,
+                None => {
+                    eprintln!("warning: {model} has no generation_config.json: --generation-config has no effect");
+                    &defaults.transformers
                 }
-                &defaults.transformers
             }
+        } else {
+            if defaults.differs() {
+                eprintln!(
+                    "warning: {model}: generation_config.json is not applied, as in transformers' BLIP generate; add --generation-config to use it"
+                );
+            }
+            &defaults.transformers
         };
         let options = self.apply(base);
         options.validate()?;
@@ -315,8 +316,8 @@ impl GeneratedRecord<'_> {
                     let mut fields = serde_json::Map::new();
                     fields.insert(self.key.into(), text.text.clone().into());
                     fields.insert("tokens".into(), text.tokens.clone().into());
-                    fields.insert("score".into(), text.score.into());
-                    fields.insert("log_prob".into(), text.log_prob.into());
+                    fields.insert("score".into(), json_f32(text.score));
+                    fields.insert("log_prob".into(), json_f32(text.log_prob));
                     fields
                 };
                 if self.several {
@@ -330,6 +331,39 @@ impl GeneratedRecord<'_> {
                 write_json_line(out, &record)
             }
         }
+    }
+}
+
+/// An f32 as serde writes an f32 field: its shortest decimal form (0.1, not 0.10000000149011612).
+fn json_f32(x: f32) -> serde_json::Value {
+    x.to_string().parse::<f64>().map_or(serde_json::Value::Null, serde_json::Value::from)
+}
+
+/// For `Command::mut_args`: appends to the help of every [`GenerationArgs`] flag the default it
+/// takes, from the task's own `defaults`, so that the library's defaults are written once.
+pub fn show_generation_defaults(defaults: GenerationOptions) -> impl FnMut(Arg) -> Arg {
+    move |arg| {
+        let early_stopping = match defaults.early_stopping {
+            blip::EarlyStopping::Done => "true",
+            blip::EarlyStopping::Never => "never",
+            _ => "false",
+        };
+        let value = match arg.get_id().as_str() {
+            "max_new_tokens" => defaults.max_new_tokens.to_string(),
+            "min_new_tokens" => defaults.min_new_tokens.to_string(),
+            "num_beams" => defaults.num_beams.to_string(),
+            "length_penalty" => defaults.length_penalty.to_string(),
+            "early_stopping" => early_stopping.to_string(),
+            "num_return_sequences" => defaults.num_return_sequences.to_string(),
+            "temperature" => defaults.temperature.to_string(),
+            "top_k" => defaults.top_k.to_string(),
+            "top_p" => defaults.top_p.to_string(),
+            "repetition_penalty" => defaults.repetition_penalty.to_string(),
+            "no_repeat_ngram_size" => defaults.no_repeat_ngram_size.to_string(),
+            _ => return arg,
+        };
+        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+        arg.help(format!("{help} [default: {value}]"))
     }
 }
 
@@ -356,21 +390,19 @@ pub fn flag(param: Param, num_return_sequences: &str) -> String {
 /// An error as the command line says it: the library's validation errors with its options
 /// written as flags, and a hint at the command that uses a checkpoint of another kind.
 pub fn describe(err: &anyhow::Error, num_return_sequences: &str) -> String {
-    let mut parts: Vec<String> = vec![];
-    for cause in err.chain() {
-        // The refusal is the source of the library error that already said it in flag names.
-        if cause.downcast_ref::<blip::InvalidInput>().is_some() {
-            continue;
-        }
-        parts.push(match cause.downcast_ref::<blip::Error>() {
+    err.chain()
+        .map(|cause| match cause.downcast_ref::<blip::Error>() {
             Some(blip::Error::InvalidInput(invalid)) => invalid.message(&|p| flag(p, num_return_sequences)),
             Some(wrong @ blip::Error::WrongArchitecture { found, .. }) => {
                 format!("{wrong} (it is for {})", commands_for(*found))
             }
-            _ => cause.to_string(),
-        });
-    }
-    parts.join(": ")
+            _ => match cause.downcast_ref::<blip::InvalidInput>() {
+                Some(invalid) => invalid.message(&|p| flag(p, num_return_sequences)),
+                None => cause.to_string(),
+            },
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// What a checkpoint's architecture is for, in this program's commands.

@@ -90,9 +90,9 @@ fn main() -> ExitCode {
 }
 
 /// glibc hands large blocks (activations of a few MB and up) straight back to the system when
-/// freed, so every layer's new tensors are fresh pages the kernel must fault in and zero: 7% of
-/// the time in a profile. Keeping freed blocks in the heap for reuse makes the vision tower
-/// 15–30% faster without raising peak memory (the same sizes recur every layer).
+/// freed, so every layer's new tensors would be fresh pages the kernel must fault in and zero.
+/// Freed blocks stay in the heap for reuse instead, without raising peak memory (the same sizes
+/// recur every layer).
 fn keep_freed_memory() {
     // SAFETY: mallopt only changes allocator thresholds; called first thing, before any thread.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

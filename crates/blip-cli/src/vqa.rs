@@ -15,7 +15,8 @@ use crate::common::{self, Format, GeneratedRecord, GenerationArgs, ImageRunArgs}
 #[derive(Args)]
 #[command(
     mut_arg("num_return_sequences", |arg| arg
-        .help("Answers per image, best first: the best beams (needs --num-beams at least as large) or independent samples (--do-sample) [default: 1]")),
+        .help("Answers per image, best first: the best beams (needs --num-beams at least as large) or independent samples (--do-sample)")),
+    mut_args(common::show_generation_defaults(QuestionAnswerer::default_generation())),
     mut_args(common::generation_conflicts_with("answers")),
 )]
 pub struct VqaArgs {
@@ -31,13 +32,13 @@ pub struct VqaArgs {
     #[arg(long, value_name = "FILE")]
     answers: Option<PathBuf>,
 
-    /// Ranked answers printed per image, best first [default: 1].
-    #[arg(long, requires = "answers", value_parser = clap::value_parser!(u16).range(1..))]
-    top: Option<u16>,
+    /// Ranked answers printed per image, best first.
+    #[arg(long, requires = "answers", default_value_t = RankOptions::default().top)]
+    top: usize,
 
-    /// Answers scored in full: those whose first token is most likely [default: 128].
-    #[arg(long, requires = "answers", value_parser = clap::value_parser!(u16).range(1..))]
-    candidates: Option<u16>,
+    /// Answers scored in full: those whose first token is most likely.
+    #[arg(long, requires = "answers", default_value_t = RankOptions::default().candidates)]
+    candidates: usize,
 
     #[command(flatten)]
     run: ImageRunArgs,
@@ -53,6 +54,9 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let question = args.question.as_str();
     blip::tasks::check_not_empty(Param::Question, &[question])?;
     args.generation.check_given()?;
+    if args.answers.is_some() {
+        RankOptions::new(args.candidates, args.top).validate()?;
+    }
     let answers = args.answers.as_deref().map(read_answers).transpose()?;
 
     let checkpoint = Checkpoint::locate(&args.model)?;
@@ -80,9 +84,7 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
         }
         Some((file, answers)) => {
             let list = answerer.answer_list(&answers).with_context(|| format!("answers in {}", file.display()))?;
-            let mut options = RankOptions::default();
-            options.candidates = args.candidates.map_or(options.candidates, usize::from);
-            options.top = args.top.map_or(options.top, usize::from);
+            let options = RankOptions::new(args.candidates, args.top);
             args.run.process(
                 "answered",
                 |images| Ok(answerer.rank(images, &vec![question; images.len()], &list, &options)?),

@@ -37,8 +37,8 @@ pub enum Error {
     Config { path: PathBuf, reason: String },
 
     /// A request the model cannot serve: an option out of range, options that contradict each
-    /// other, an empty or too long text. The typed refusal is also the error's `source()`.
-    #[error("{0}")]
+    /// other, an empty or too long text.
+    #[error(transparent)]
     InvalidInput(#[from] InvalidInput),
 
     /// Tokenizer failures (loading tokenizer.json, encoding, decoding).

@@ -11,7 +11,7 @@
 //! # fn main() -> blip::Result<()> {
 //! let images = vec![load_image(std::path::Path::new("cat.jpg"))?];
 //! let captioner = Captioner::load(Captioner::DEFAULT_MODEL, &Device::Cpu)?;
-//! let mut options = captioner.default_options(); // the checkpoint's generation defaults
+//! let mut options = captioner.default_options(); // transformers' generate defaults
 //! options.generation.num_beams = 3;
 //! let captions = captioner.caption(&images, &options)?; // per image: captions best first
 //! let vqa = QuestionAnswerer::load(QuestionAnswerer::DEFAULT_MODEL, &Device::Cpu)?;

@@ -54,12 +54,12 @@ fn processor_config_layout_gives_transformers_pixels_and_tokens() {
     assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "pixel values must be bit-exact");
 
     let defaults = captioner.generation().clone();
-    let saved = defaults.saved.clone().expect("the checkpoint has a generation_config.json");
+    let saved = defaults.saved().unwrap().cloned().expect("the checkpoint has a generation_config.json");
     assert_eq!(
         (saved.num_beams, saved.max_new_tokens, saved.min_new_tokens, saved.no_repeat_ngram_size),
         (3, 12, 3, 2)
     );
-    assert!(defaults.ignored().is_some());
+    assert!(defaults.differs());
     let override_with = |base: GenerationOptions| base.num_beams(1).max_new_tokens(5);
     let mut checked = 0;
     for case in meta["cases"].as_array().unwrap().iter().filter(|c| c["image"].is_u64()) {
@@ -105,5 +105,12 @@ fn both_layouts_and_neither() {
     std::fs::write(dir.join("preprocessor_config.json"), processor_config["image_processor"].to_string()).unwrap();
     let older = Captioner::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
     assert_eq!(older.image_processor(), saved.image_processor());
+
+    // A generation_config.json asking for what this crate lacks does not stop loading (it is not
+    // applied unless asked for); asked for, it is refused naming the setting.
+    std::fs::write(dir.join("generation_config.json"), r#"{"num_beams": 4, "num_beam_groups": 2}"#).unwrap();
+    let grouped = Captioner::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let err = grouped.generation().saved().unwrap_err().to_string();
+    assert!(err.contains("generation_config.json") && err.contains("num_beam_groups 2"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -281,7 +281,7 @@ fn classification_is_a_softmax_of_itc_cosines() {
     }
 
     // reranking rescored the top 2 with ITM, which then lead, ordered by ITM probability
-    let rerank = ClassifyOptions::new(options.template.clone(), Some(2));
+    let rerank = ClassifyOptions::new(options.template.clone(), std::num::NonZeroUsize::new(2));
     for (i, ranked) in m.classify(&images, &labels, &rerank).unwrap().iter().enumerate() {
         let itm: Vec<f32> = ranked.iter().map_while(|s| s.itm).collect();
         assert_eq!(itm.len(), 2);
@@ -324,7 +324,7 @@ fn blip_model_features_embeddings_and_logits() {
     }
     let scores = m.match_texts(&images, &texts).unwrap();
     assert!(scores.iter().flatten().all(|s| s.itm.is_none()));
-    let err = m.classify(&images, &texts, &ClassifyOptions::new("{}", Some(2))).unwrap_err();
+    let err = m.classify(&images, &texts, &ClassifyOptions::new("{}", std::num::NonZeroUsize::new(2))).unwrap_err();
     assert!(err.to_string().contains("BlipForImageTextRetrieval"), "{err}");
 }
 

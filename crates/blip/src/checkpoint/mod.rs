@@ -79,7 +79,7 @@ impl Checkpoint {
         )))
     }
 
-    /// `generation_config.json`, when the checkpoint has one: it sets `generate`'s defaults.
+    /// `generation_config.json`, when the checkpoint has one (see `tasks::GenerationDefaults`).
     pub fn generation_config_file(&self) -> Result<Option<PathBuf>> {
         self.first_of(&[GENERATION_CONFIG])
     }
@@ -215,7 +215,7 @@ impl Hub {
                 Err(Error::checkpoint(
                     &self.repo_id,
                     format!(
-                        "not in the Hugging Face cache ({}) and the Hub is not reachable (HF_HUB_OFFLINE or no network): download it once online, or pass a local folder with --model",
+                        "not in the Hugging Face cache ({}) and the Hub is not reachable (HF_HUB_OFFLINE or no network): download it once online, or use a local folder instead",
                         hf_hub::Cache::from_env().path().display()
                     ),
                 ))

@@ -33,9 +33,9 @@ pub(crate) struct GenerationConfigFile {
     other: serde_json::Map<String, Value>,
 }
 
-/// Settings this crate does not implement, with the value that means "off": a file that turns
-/// one on is refused rather than silently ignored.
-const UNSUPPORTED: [(&str, &str); 14] = [
+/// Settings this crate does not implement, with the value that means "off" (null and an empty
+/// list are off too): a file that turns one on is refused rather than silently ignored.
+const UNSUPPORTED: [(&str, &str); 22] = [
     ("num_beam_groups", "1"),
     ("diversity_penalty", "0.0"),
     ("penalty_alpha", "null"),
@@ -50,6 +50,14 @@ const UNSUPPORTED: [(&str, &str); 14] = [
     ("begin_suppress_tokens", "null"),
     ("forced_bos_token_id", "null"),
     ("forced_eos_token_id", "null"),
+    ("encoder_no_repeat_ngram_size", "0"),
+    ("exponential_decay_length_penalty", "null"),
+    ("sequence_bias", "null"),
+    ("renormalize_logits", "false"),
+    ("guidance_scale", "null"),
+    ("stop_strings", "null"),
+    ("max_time", "null"),
+    ("top_h", "null"),
 ];
 
 impl GenerationConfigFile {
@@ -58,16 +66,19 @@ impl GenerationConfigFile {
         serde_json::from_str(&text).map_err(|e| Error::config(path, format!("not a generation config: {e}")))
     }
 
-    /// Sets `options` from the file's values, as transformers' `generate` starts from them;
-    /// `prefix_len` (bos, without a prompt) turns `max_length`/`min_length` into new tokens.
-    pub(crate) fn apply(&self, options: &mut GenerationOptions, prefix_len: usize, path: &Path) -> Result<()> {
+    /// Sets `options` from the file's values, as transformers' `generate` would start from
+    /// them; `prefix_len` (bos, without a prompt) turns `max_length`/`min_length` into new
+    /// tokens. The refusal names the setting at fault.
+    pub(crate) fn apply(&self, options: &mut GenerationOptions, prefix_len: usize) -> std::result::Result<(), String> {
         for (key, off) in UNSUPPORTED {
             if let Some(value) = self.other.get(key) {
                 let off: Value = serde_json::from_str(off).expect("valid JSON");
-                let is_off =
-                    value.is_null() || *value == off || value.as_f64().zip(off.as_f64()).is_some_and(|(a, b)| a == b);
+                let is_off = value.is_null()
+                    || *value == off
+                    || value.as_array().is_some_and(Vec::is_empty)
+                    || value.as_f64().zip(off.as_f64()).is_some_and(|(a, b)| a == b);
                 if !is_off {
-                    return Err(Error::config(path, format!("{key} {value} is not supported (only {off} is)")));
+                    return Err(format!("{key} {value} is not supported (only {off} is)"));
                 }
             }
         }
@@ -76,11 +87,6 @@ impl GenerationConfigFile {
             options.max_new_tokens = max_new_tokens;
         } else if let Some(max_length) = self.max_length {
             options.max_new_tokens = max_length.saturating_sub(prefix_len);
-            tracing::warn!(
-                "{}: max_length {max_length} read as {} new tokens (a prompt is not counted)",
-                path.display(),
-                options.max_new_tokens
-            );
         }
         if let Some(min_new_tokens) = self.min_new_tokens {
             options.min_new_tokens = min_new_tokens;
@@ -92,12 +98,7 @@ impl GenerationConfigFile {
                 Value::Bool(false) => EarlyStopping::Heuristic,
                 Value::Bool(true) => EarlyStopping::Done,
                 Value::String(s) if s == "never" => EarlyStopping::Never,
-                other => {
-                    return Err(Error::config(
-                        path,
-                        format!("early_stopping {other}: expected true, false or \"never\""),
-                    ))
-                }
+                other => return Err(format!("early_stopping {other}: expected true, false or \"never\"")),
             };
         }
         macro_rules! set {
@@ -109,7 +110,7 @@ impl GenerationConfigFile {
         }
         set!(num_beams, length_penalty, num_return_sequences, do_sample, temperature, top_k, top_p);
         set!(repetition_penalty, no_repeat_ngram_size);
-        options.validate().map_err(|e| Error::config(path, e))
+        options.validate().map_err(|e| e.to_string())
     }
 }
 
@@ -117,10 +118,10 @@ impl GenerationConfigFile {
 mod tests {
     use super::*;
 
-    fn applied(json: &str) -> Result<GenerationOptions> {
+    fn applied(json: &str) -> std::result::Result<GenerationOptions, String> {
         let file: GenerationConfigFile = serde_json::from_str(json).unwrap();
         let mut options = GenerationOptions::default();
-        file.apply(&mut options, 1, Path::new("generation_config.json")).map(|()| options)
+        file.apply(&mut options, 1).map(|()| options)
     }
 
     #[test]
@@ -136,10 +137,13 @@ mod tests {
 
     #[test]
     fn unsupported_or_contradictory_settings_are_refused() {
-        assert!(applied(r#"{"num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0}"#).is_ok());
-        let err = applied(r#"{"num_beams": 4, "num_beam_groups": 2}"#).unwrap_err().to_string();
+        assert!(applied(
+            r#"{"num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "suppress_tokens": []}"#
+        )
+        .is_ok());
+        let err = applied(r#"{"num_beams": 4, "num_beam_groups": 2}"#).unwrap_err();
         assert!(err.contains("num_beam_groups 2 is not supported"), "{err}");
-        let err = applied(r#"{"top_p": 1.5}"#).unwrap_err().to_string();
-        assert!(err.contains("generation_config.json: top_p must be in (0, 1], not 1.5"), "{err}");
+        let err = applied(r#"{"top_p": 1.5}"#).unwrap_err();
+        assert!(err.contains("top_p must be in (0, 1], not 1.5"), "{err}");
     }
 }

@@ -28,7 +28,7 @@ pub enum EarlyStopping {
 }
 
 /// Options of transformers' `generate`, with its defaults. Start from `Default` (or a task's
-/// defaults, which a checkpoint's `generation_config.json` sets) and change fields.
+/// `default_options`) and change fields, or chain the setters of the same names.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct GenerationOptions {
@@ -272,7 +272,7 @@ pub fn generate(
 ) -> Result<Vec<Vec<Generated>>> {
     // On a worker of rayon's pool (where candle's CPU kernels and this crate's run), a decoding
     // step's many small parallel steps run inline instead of each being handed to a sleeping
-    // worker and waited for: about 8% of a batch-1 step. On a worker already, it just runs.
+    // worker and waited for. On a worker already, it just runs.
     rayon::scope(|_| generate_here(decoder, prefixes, eos_token_id, options, device))
 }
 

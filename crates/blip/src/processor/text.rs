@@ -45,10 +45,17 @@ impl TextProcessor {
     /// `[CLS] text [SEP]` for the text encoder, cut to `max_len` tokens (keeping the final
     /// [SEP], as the tokenizer's `truncation=True` does) with a warning: BLIP's text has 512
     /// positions and a longer text cannot be encoded whole. Empty text is refused.
-    pub fn encode_for_encoder(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
+    /// `param` and `index` (its place among several) name the text in the refusal.
+    pub fn encode_for_encoder(
+        &self,
+        text: &str,
+        max_len: usize,
+        param: Param,
+        index: Option<usize>,
+    ) -> Result<Vec<u32>> {
         let mut ids = self.encode(text)?;
         if ids.len() <= 2 {
-            return Err(InvalidInput::Empty { param: Param::Text, index: None }.into());
+            return Err(InvalidInput::Empty { param, index }.into());
         }
         if ids.len() > max_len {
             tracing::warn!(
@@ -78,10 +85,10 @@ impl TextProcessor {
 
     /// A candidate answer as the answer decoder reads and scores it (original BLIP's
     /// rank_answer): `[bos] answer [SEP]`.
-    pub fn answer_ids(&self, answer: &str) -> Result<Vec<u32>> {
+    pub fn answer_ids(&self, answer: &str, index: usize) -> Result<Vec<u32>> {
         let mut ids = self.encode(answer)?;
         if ids.len() <= 2 {
-            return Err(InvalidInput::Empty { param: Param::Answers, index: None }.into());
+            return Err(InvalidInput::Empty { param: Param::Answers, index: Some(index) }.into());
         }
         ids[0] = self.bos_token_id;
         Ok(ids)

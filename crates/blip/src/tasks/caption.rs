@@ -124,8 +124,8 @@ impl Captioner {
     /// Images whose prompts differ in length decode as separate batches, so every image gets
     /// what it gets alone (transformers pads such batches and shifts positions).
     pub fn caption<'a>(&self, images: impl Into<Images<'a>>, options: &CaptionOptions) -> Result<Vec<Vec<Caption>>> {
-        let pixel_values = self.pixel_values(images.into())?;
-        let rows = pixel_values.dim(0)?;
+        let images = images.into();
+        let rows = images.len()?;
         options.generation.validate()?;
         if let Prompt::PerImage(prompts) = &options.prompt {
             check_count(Param::Prompt, prompts.len(), rows)?;
@@ -133,6 +133,7 @@ impl Captioner {
         let prefixes = (0..rows)
             .map(|i| self.prefix(options.prompt.for_image(i), &options.generation))
             .collect::<Result<Vec<_>>>()?;
+        let pixel_values = self.pixel_values(images)?;
         let image_embeds = self.model.encode_images(&pixel_values)?;
         let mut captions: Vec<Vec<Caption>> = vec![vec![]; rows];
         let mut lengths: Vec<usize> = prefixes.iter().map(Vec::len).collect();

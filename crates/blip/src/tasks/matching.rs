@@ -2,6 +2,8 @@
 //! `BlipForImageTextRetrieval` checkpoints (ITM head and 256-d ITC embeddings) or `BlipModel`
 //! ones (512-d features and a learned logit scale, no ITM head).
 
+use std::num::NonZeroUsize;
+
 use candle_core::{IndexOp, Tensor};
 use candle_nn::VarBuilder;
 
@@ -36,29 +38,27 @@ pub struct ClassifyOptions {
     /// Text each label is put into; `{}` marks the label.
     pub template: String,
     /// Rescore this many top labels with the ITM head (retrieval checkpoints only).
-    pub rerank: Option<usize>,
+    pub rerank: Option<NonZeroUsize>,
 }
 
 impl ClassifyOptions {
-    pub fn new(template: impl Into<String>, rerank: Option<usize>) -> Self {
+    /// The template every label goes into unless another is given.
+    pub const DEFAULT_TEMPLATE: &'static str = "a picture of {}";
+
+    pub fn new(template: impl Into<String>, rerank: Option<NonZeroUsize>) -> Self {
         Self { template: template.into(), rerank }
     }
 
-    /// Refuses a template without its `{}`, empty or repeated labels and reranking no label,
-    /// whatever the checkpoint; returns the texts the labels become.
+    /// Refuses a template without its `{}` and empty or repeated labels, whatever the
+    /// checkpoint; returns the texts the labels become.
     pub fn validate(&self, labels: &[&str]) -> Result<Vec<String>> {
-        if self.rerank == Some(0) {
-            return Err(
-                InvalidInput::OutOfRange { param: Param::Rerank, value: "0".into(), accepted: "at least 1" }.into()
-            );
-        }
         class_prompts(labels, &self.template)
     }
 }
 
 impl Default for ClassifyOptions {
     fn default() -> Self {
-        Self { template: "a picture of {}".into(), rerank: None }
+        Self { template: Self::DEFAULT_TEMPLATE.into(), rerank: None }
     }
 }
 
@@ -134,8 +134,12 @@ impl ImageTextMatcher {
     fn encode_texts(&self, param: Param, texts: &[&str]) -> Result<(Tensor, Tensor)> {
         check_not_empty(param, texts)?;
         let positions = self.config.text_config.max_position_embeddings;
-        let ids =
-            texts.iter().map(|t| self.text_processor.encode_for_encoder(t, positions)).collect::<Result<Vec<_>>>()?;
+        let several = texts.len() > 1;
+        let ids = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| self.text_processor.encode_for_encoder(t, positions, param, several.then_some(i)))
+            .collect::<Result<Vec<_>>>()?;
         self.text_processor.pad_batch(&ids, &self.device)
     }
 
@@ -266,7 +270,7 @@ impl ImageTextMatcher {
                 .collect();
             let mut order: Vec<usize> = (0..scores.len()).collect();
             order.sort_by(|&a, &b| scores[b].probability.total_cmp(&scores[a].probability));
-            if let Some(k) = options.rerank {
+            if let Some(k) = options.rerank.map(NonZeroUsize::get) {
                 let top: Vec<u32> = order[..k.min(order.len())].iter().map(|&j| j as u32).collect();
                 let itm = self.itm(&states.i(i..i + 1)?, &ids, &mask, &top)?;
                 for (&j, p) in top.iter().zip(itm) {

@@ -8,6 +8,7 @@ pub mod matching;
 pub mod vqa;
 
 use std::borrow::Cow;
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -50,6 +51,8 @@ pub trait TaskModel: Sized {
     const TASK: &'static str;
     /// The public checkpoint loaded when none is named.
     const DEFAULT_MODEL: &'static str;
+    /// Whether the task generates text (and so reads `generation_config.json`).
+    const GENERATES: bool = true;
     /// `generate`'s defaults before a checkpoint's `generation_config.json` (for the tasks that
     /// generate).
     fn default_generation() -> GenerationOptions {
@@ -66,6 +69,20 @@ pub trait TaskModel: Sized {
 pub enum Images<'a> {
     Decoded(&'a [RgbImage]),
     Pixels(&'a Tensor),
+}
+
+impl Images<'_> {
+    /// How many images.
+    pub fn len(&self) -> Result<usize> {
+        Ok(match self {
+            Images::Decoded(images) => images.len(),
+            Images::Pixels(pixel_values) => pixel_values.dim(0)?,
+        })
+    }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
 }
 
 impl<'a> From<&'a [RgbImage]> for Images<'a> {
@@ -95,6 +112,11 @@ impl<'a> From<&'a Tensor> for Images<'a> {
 impl<M: TaskModel> Task<M> {
     /// The public checkpoint loaded when none is named.
     pub const DEFAULT_MODEL: &'static str = M::DEFAULT_MODEL;
+
+    /// transformers' `generate` defaults for this task (what `default_options` holds).
+    pub fn default_generation() -> GenerationOptions {
+        M::default_generation()
+    }
 
     /// Loads a local folder or Hub repo id (see [`Checkpoint::locate`]) with f32 weights.
     pub fn load(model: &str, device: &Device) -> Result<Self> {
@@ -137,18 +159,20 @@ impl<M: TaskModel> Task<M> {
     }
 
     /// `generate`'s defaults for a checkpoint of this task, read without loading its weights
-    /// (so that options can be checked against them first).
+    /// (so that options can be checked against them first). A `generation_config.json` that
+    /// does not parse is an error; what it asks for is only checked when it is used
+    /// ([`GenerationDefaults::saved`]), since transformers does not apply it.
     pub fn generation_defaults(checkpoint: &Checkpoint) -> Result<GenerationDefaults> {
         Self::read_config(checkpoint)?;
         let transformers = M::default_generation();
         let saved = match checkpoint.generation_config_file()? {
-            Some(path) => {
+            Some(path) if M::GENERATES => {
+                let file = GenerationConfigFile::from_file(&path)?;
                 let mut saved = transformers.clone();
                 // Unprompted, the decoder starts from bos alone: max_length counts it.
-                GenerationConfigFile::from_file(&path)?.apply(&mut saved, 1, &path)?;
-                Some(saved)
+                Some(file.apply(&mut saved, 1).map(|()| saved).map_err(|reason| (path, reason)))
             }
-            None => None,
+            _ => None,
         };
         Ok(GenerationDefaults { transformers, saved })
     }
@@ -237,17 +261,32 @@ pub struct GenerationDefaults {
     /// What transformers' BLIP `generate` starts from, and so what the tasks' `default_options`
     /// hold: its defaults (for VQA here, at most 10 new tokens).
     pub transformers: GenerationOptions,
-    /// The checkpoint's `generation_config.json` over those, when it has one. transformers'
-    /// BLIP `generate` does not apply it (it calls `text_decoder.generate`, whose own config is
-    /// never loaded from the file), so neither do the tasks unless a caller starts from these.
-    pub saved: Option<GenerationOptions>,
+    /// The checkpoint's `generation_config.json` over those, or why it cannot be used.
+    saved: Option<std::result::Result<GenerationOptions, (PathBuf, String)>>,
 }
 
 impl GenerationDefaults {
-    /// The saved settings when they differ from transformers' defaults: what a caller that
-    /// ignores them should be told about.
-    pub fn ignored(&self) -> Option<&GenerationOptions> {
-        self.saved.as_ref().filter(|saved| **saved != self.transformers)
+    /// The checkpoint's `generation_config.json` over transformers' defaults, when it has one;
+    /// an error when it asks for what this crate does not implement or contradicts itself.
+    /// transformers' BLIP `generate` does not apply it (it calls `text_decoder.generate`, whose
+    /// own config is never loaded from the file), so neither do the tasks unless a caller
+    /// starts from these.
+    pub fn saved(&self) -> Result<Option<&GenerationOptions>> {
+        match &self.saved {
+            None => Ok(None),
+            Some(Ok(saved)) => Ok(Some(saved)),
+            Some(Err((path, reason))) => Err(Error::config(path, reason)),
+        }
+    }
+
+    /// Whether the checkpoint's `generation_config.json` asks for something other than
+    /// transformers' defaults: what a caller that leaves it unused should say.
+    pub fn differs(&self) -> bool {
+        match &self.saved {
+            None => false,
+            Some(Ok(saved)) => *saved != self.transformers,
+            Some(Err(_)) => true,
+        }
     }
 }
 

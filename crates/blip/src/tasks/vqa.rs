@@ -45,6 +45,16 @@ impl RankOptions {
     pub fn new(candidates: usize, top: usize) -> Self {
         Self { candidates, top }
     }
+
+    /// Refuses scoring or returning no answer.
+    pub fn validate(&self) -> Result<()> {
+        for (param, value) in [(Param::Candidates, self.candidates), (Param::Top, self.top)] {
+            if value == 0 {
+                return Err(InvalidInput::OutOfRange { param, value: "0".into(), accepted: "at least 1" }.into());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for RankOptions {
@@ -121,8 +131,9 @@ impl QuestionAnswerer {
         let positions = self.config.text_config.max_position_embeddings;
         let ids = answers
             .iter()
-            .map(|a| {
-                let ids = self.text_processor.answer_ids(a.as_ref())?;
+            .enumerate()
+            .map(|(i, a)| {
+                let ids = self.text_processor.answer_ids(a.as_ref(), i)?;
                 if ids.len() > positions {
                     let answer = a.as_ref().to_string();
                     return Err(InvalidInput::AnswerTooLong { answer, tokens: ids.len(), positions }.into());
@@ -135,13 +146,18 @@ impl QuestionAnswerer {
 
     /// Question states [b, t, hidden] and their mask [b, t] for image i and question i.
     pub fn encode<'a>(&self, images: impl Into<Images<'a>>, questions: &[&str]) -> Result<(Tensor, Tensor)> {
-        let pixel_values = self.pixel_values(images.into())?;
-        check_count(Param::Question, questions.len(), pixel_values.dim(0)?)?;
+        let images = images.into();
+        check_count(Param::Question, questions.len(), images.len()?)?;
         check_not_empty(Param::Question, questions)?;
+        let pixel_values = self.pixel_values(images)?;
         let positions = self.config.text_config.max_position_embeddings;
         let ids = questions
             .iter()
-            .map(|q| self.text_processor.encode_for_encoder(q, positions))
+            .enumerate()
+            .map(|(i, q)| {
+                let index = (questions.len() > 1).then_some(i);
+                self.text_processor.encode_for_encoder(q, positions, Param::Question, index)
+            })
             .collect::<Result<Vec<_>>>()?;
         let (input_ids, mask) = self.text_processor.pad_batch(&ids, &self.device)?;
         let image_embeds = self.model.vision_model.forward(&pixel_values)?;
@@ -183,11 +199,7 @@ impl QuestionAnswerer {
         answers: &AnswerList,
         options: &RankOptions,
     ) -> Result<Vec<Vec<RankedAnswer>>> {
-        for (param, value) in [(Param::Candidates, options.candidates), (Param::Top, options.top)] {
-            if value == 0 {
-                return Err(InvalidInput::OutOfRange { param, value: "0".into(), accepted: "at least 1" }.into());
-            }
-        }
+        options.validate()?;
         let (states, mask) = self.encode(images, questions)?;
         let first_token_probs = self.first_token_probs(&states, &mask)?;
         let k = options.candidates.min(answers.len());
