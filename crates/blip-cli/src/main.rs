@@ -6,6 +6,7 @@ mod classify;
 mod common;
 mod embed;
 mod matching;
+mod serve;
 mod vqa;
 
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Classify images zero-shot into given labels.
     Classify(classify::ClassifyArgs),
+    /// Serve a captioning model over HTTP (the Hugging Face Inference API's image-to-text format).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,9 +54,11 @@ fn main() -> ExitCode {
         // either starts a thread.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
-    // Warnings on stderr by default; RUST_LOG=debug shows the library's timing spans too.
+    // Warnings on stderr by default (and a line per request when serving); RUST_LOG=debug shows
+    // the library's timing spans too.
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "warn,blip_server=info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -66,26 +71,32 @@ fn main() -> ExitCode {
         Command::Caption(_) => caption::NUM_CAPTIONS,
         _ => "",
     };
-    // On a worker of rayon's pool, so that the model's small parallel steps (a decoding step has
-    // hundreds) run inline and share out their work, instead of each waking a worker from this
-    // thread and sleeping until it is done.
-    let outcome = rayon::join(
-        || match cli.command {
-            Command::Caption(args) => caption::run(args, dtype),
-            Command::Vqa(args) => vqa::run(args, dtype),
-            Command::Match(args) => matching::run(args, dtype),
-            Command::Embed(args) => embed::run(args, dtype),
-            Command::Classify(args) => classify::run(args, dtype),
-        },
-        || (),
-    )
-    .0;
+    let outcome = match cli.command {
+        // The server's model work runs on tokio's blocking threads, each its own caller.
+        Command::Serve(args) => serve::run(args, dtype),
+        // On a worker of rayon's pool, so that the model's small parallel steps (a decoding step
+        // has hundreds) run inline and share out their work, instead of each waking a worker from
+        // this thread and sleeping until it is done.
+        command => rayon::join(|| run(command, dtype), || ()).0,
+    };
     match outcome {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {}", common::describe(&err, num_return_sequences));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs one command.
+fn run(command: Command, dtype: blip::DType) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Caption(args) => caption::run(args, dtype),
+        Command::Vqa(args) => vqa::run(args, dtype),
+        Command::Match(args) => matching::run(args, dtype),
+        Command::Embed(args) => embed::run(args, dtype),
+        Command::Classify(args) => classify::run(args, dtype),
+        Command::Serve(args) => serve::run(args, dtype),
     }
 }
 
