@@ -5,9 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -65,7 +64,6 @@ pub fn router(served: Served) -> Router {
         model_id: served.model_id,
         config: served.config,
     });
-    let limit = state.config.max_body_size;
     let protected = Router::new()
         .route("/info", get(info))
         .route("/models/{*model_id}", post(image_to_text))
@@ -76,7 +74,6 @@ pub fn router(served: Served) -> Router {
         .merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
@@ -108,7 +105,7 @@ async fn method_not_allowed() -> ApiError {
 async fn image_to_text(
     State(state): State<Shared>,
     UrlPath(model_id): UrlPath<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Vec<GeneratedText>>, ApiError> {
     if model_id != state.model_id && model_id != state.config.model {
         return Err(ApiError::new(
@@ -117,16 +114,7 @@ async fn image_to_text(
             format!("model {model_id} is not served here; this server serves {}", state.model_id),
         ));
     }
-    let body = body.map_err(|rejection| {
-        let status = rejection.status();
-        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_body" };
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("the body is larger than the limit of {} bytes", state.config.max_body_size)
-        } else {
-            rejection.body_text()
-        };
-        ApiError::new(status, kind, message)
-    })?;
+    let body = read_body(body, state.config.max_body_size).await?;
     let request = hf::parse(&body)?;
     let captioner = state.captioner.clone();
     let caption = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
@@ -145,6 +133,37 @@ async fn image_to_text(
     .await
     .map_err(|e| ApiError::internal(format!("the captioning task failed: {e}")))??;
     Ok(Json(vec![GeneratedText { generated_text: caption }]))
+}
+
+/// Beyond the limit, this much more of a body is read and dropped before the 413 goes out.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+/// The request body, at most `limit` bytes. A body that is refused (too large, or by the
+/// caller) is still read to its end (up to [`DRAIN_LIMIT`] more) so that the client, which may
+/// still be sending, reads the error instead of a reset connection.
+pub(crate) async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut data = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request("invalid_body", format!("cannot read the body: {e}")))?;
+        if let Ok(chunk) = frame.into_data() {
+            total += chunk.len();
+            if total <= limit {
+                data.extend_from_slice(&chunk);
+            } else if total > limit.saturating_add(DRAIN_LIMIT) {
+                break;
+            }
+        }
+    }
+    if total > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than the limit of {limit} bytes"),
+        ));
+    }
+    Ok(data.into())
 }
 
 /// One line per request: method, path, status, latency.

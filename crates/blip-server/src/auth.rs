@@ -22,6 +22,8 @@ pub async fn require_key(State(state): State<Shared>, request: Request, next: Ne
     if bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
         next.run(request).await
     } else {
+        // Read what the client is still sending, so that it gets the answer, not a reset.
+        let _ = crate::app::read_body(request.into_body(), state.config.max_body_size).await;
         let mut response =
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong Authorization: Bearer key")
                 .into_response();
