@@ -54,22 +54,28 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let question = args.question.as_str();
     blip::tasks::check_not_empty(Param::Question, &[question])?;
     args.generation.check_given()?;
-    if args.answers.is_some() {
-        RankOptions::new(args.candidates, args.top).validate()?;
-    }
-    let answers = args.answers.as_deref().map(read_answers).transpose()?;
+    let ranking = match args.answers.as_deref() {
+        Some(file) => {
+            let options = RankOptions::new(args.candidates, args.top);
+            options.validate()?;
+            Some((read_answers(file)?, options))
+        }
+        None => None,
+    };
 
     let checkpoint = Checkpoint::locate(&args.model)?;
-    let generation = match answers {
-        None => Some(args.generation.resolve(&QuestionAnswerer::generation_defaults(&checkpoint)?, &args.model)?),
-        Some(_) => None,
+    let job = match ranking {
+        Some(ranking) => Job::Rank(ranking),
+        None => {
+            Job::Generate(args.generation.resolve(&QuestionAnswerer::generation_defaults(&checkpoint)?, &args.model)?)
+        }
     };
     let mut answerer = QuestionAnswerer::from_checkpoint(&checkpoint, &blip::Device::Cpu, dtype)?;
     answerer.set_resize_backend(args.run.batch.resize.into());
-    match answers {
-        None => {
+    match job {
+        Job::Generate(generation) => {
             let mut options = answerer.default_options();
-            options.generation = generation.expect("resolved without --answers");
+            options.generation = generation;
             answerer.validate(&options)?;
             let record = GeneratedRecord {
                 key: "answer",
@@ -82,9 +88,8 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
                 |out, format, path, answers| record.write(out, format, path, &answers),
             )
         }
-        Some((file, answers)) => {
+        Job::Rank(((file, answers), options)) => {
             let list = answerer.answer_list(&answers).with_context(|| format!("answers in {}", file.display()))?;
-            let options = RankOptions::new(args.candidates, args.top);
             args.run.process(
                 "answered",
                 |images| Ok(answerer.rank(images, &vec![question; images.len()], &list, &options)?),
@@ -92,6 +97,12 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
             )
         }
     }
+}
+
+/// What `blip vqa` does: generate answers with these options, or rank the answers of a file.
+enum Job<'a> {
+    Generate(blip::GenerationOptions),
+    Rank(((&'a Path, Vec<String>), RankOptions)),
 }
 
 /// The answer list: one answer a line, trimmed, blank lines skipped.

@@ -53,14 +53,12 @@ pub(crate) struct SharedState {
     pub captioner: Arc<blip::Captioner>,
     pub config: Config,
     pub model_id: String,
-    pub api_key: Option<String>,
 }
 
 /// The whole app: `/health`, `/info`, and the Inference API's image-to-text routes.
 pub fn router(served: Served) -> Router {
     let state: Shared = Arc::new(SharedState {
         captioner: Arc::new(served.captioner),
-        api_key: served.config.api_key.clone(),
         model_id: served.model_id,
         config: served.config,
     });

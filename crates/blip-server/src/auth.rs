@@ -11,7 +11,7 @@ use crate::error::ApiError;
 
 /// Lets a request through when no key is set, or it carries the key.
 pub async fn require_key(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let Some(key) = &state.api_key else { return next.run(request).await };
+    let Some(key) = &state.config.api_key else { return next.run(request).await };
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
