@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use blip::tasks::GenerationDefaults;
 use blip::RgbImage;
-use blip::{load_image, GeneratedText, GenerationOptions, Param, ResizeBackend};
+use blip::{load_image, GeneratedText, GenerationOptions, GenerationOverrides, Param, ResizeBackend};
 use clap::{Arg, Args, Command, ValueEnum};
 use serde::Serialize;
 
@@ -183,47 +183,33 @@ pub struct GenerationArgs {
 }
 
 impl GenerationArgs {
+    /// The options given on the command line, as the library names them.
+    pub fn overrides(&self) -> GenerationOverrides {
+        let mut overrides = GenerationOverrides::default();
+        overrides.max_new_tokens = self.max_new_tokens;
+        overrides.min_new_tokens = self.min_new_tokens;
+        overrides.num_beams = self.num_beams;
+        overrides.length_penalty = self.length_penalty;
+        overrides.early_stopping = self.early_stopping.map(Into::into);
+        overrides.num_return_sequences = self.num_return_sequences;
+        overrides.do_sample = self.do_sample.then_some(true);
+        overrides.temperature = self.temperature;
+        overrides.top_k = self.top_k;
+        overrides.top_p = self.top_p;
+        overrides.repetition_penalty = self.repetition_penalty;
+        overrides.no_repeat_ngram_size = self.no_repeat_ngram_size;
+        overrides.seed = self.seed;
+        overrides
+    }
+
     /// `defaults` with the options given on the command line.
     pub fn apply(&self, defaults: &GenerationOptions) -> GenerationOptions {
-        let mut options = defaults.clone();
-        macro_rules! set {
-            ($($field:ident),*) => {$(
-                if let Some(value) = self.$field {
-                    options.$field = value.into();
-                }
-            )*};
-        }
-        set!(max_new_tokens, min_new_tokens, num_beams, length_penalty, early_stopping, num_return_sequences);
-        set!(temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size);
-        if self.do_sample {
-            options.do_sample = true;
-        }
-        if self.seed.is_some() {
-            options.seed = self.seed;
-        }
-        options
+        self.overrides().apply(defaults)
     }
 
     /// The options given on the command line.
     pub fn given(&self) -> Vec<Param> {
-        [
-            (Param::MaxNewTokens, self.max_new_tokens.is_some()),
-            (Param::MinNewTokens, self.min_new_tokens.is_some()),
-            (Param::NumBeams, self.num_beams.is_some()),
-            (Param::LengthPenalty, self.length_penalty.is_some()),
-            (Param::EarlyStopping, self.early_stopping.is_some()),
-            (Param::NumReturnSequences, self.num_return_sequences.is_some()),
-            (Param::DoSample, self.do_sample),
-            (Param::Temperature, self.temperature.is_some()),
-            (Param::TopK, self.top_k.is_some()),
-            (Param::TopP, self.top_p.is_some()),
-            (Param::RepetitionPenalty, self.repetition_penalty.is_some()),
-            (Param::NoRepeatNgramSize, self.no_repeat_ngram_size.is_some()),
-            (Param::Seed, self.seed.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(param, given)| given.then_some(param))
-        .collect()
+        self.overrides().given()
     }
 
     /// Before anything is loaded: refuses what the given options get wrong among themselves

@@ -42,7 +42,7 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Classify images zero-shot into given labels.
     Classify(classify::ClassifyArgs),
-    /// Serve a captioning model over HTTP (the Hugging Face Inference API's image-to-text format).
+    /// Serve models over HTTP: the Hugging Face Inference API's and OpenAI's chat completions formats.
     Serve(serve::ServeArgs),
 }
 
@@ -59,13 +59,25 @@ fn main() -> ExitCode {
     let default_level = if matches!(cli.command, Command::Serve(_)) { "warn,blip_server=info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .without_time()
-        .with_target(false)
-        .init();
+    match &cli.command {
+        // A server's log: timestamps, and JSON objects for log collectors when asked.
+        Command::Serve(args) if args.log_format == serve::LogFormat::Json => {
+            tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init()
+        }
+        Command::Serve(_) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+            .init(),
+        _ => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .without_time()
+            .with_target(false)
+            .init(),
+    }
     let dtype = cli.dtype.into();
     let num_return_sequences = match cli.command {
         Command::Caption(_) => caption::NUM_CAPTIONS,

@@ -1,9 +1,11 @@
-//! `blip serve`: the real binary on a free port, called over HTTP; captions equal `blip caption`'s.
+//! `blip serve`: the real binary on a free port, called over HTTP; every answer equals the
+//! CLI's on the same image and options.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use base64::Engine;
 use common::{blip, image, jsonl, model};
@@ -15,13 +17,18 @@ struct Server {
     base: String,
 }
 
+const CAPTION: &str = "tiny-caption-bin";
+
 impl Server {
-    /// Starts `blip serve --port 0 --model tiny-caption-bin` with `extra` flags and waits for
-    /// its `listening on` line.
-    fn start(extra: &[&str]) -> Server {
-        let tiny = model("tiny-caption-bin");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_blip"))
-            .args(["serve", "--port", "0", "--model", &tiny])
+    /// Starts `blip serve --port 0` on the fixture models `models` with `extra` flags and waits
+    /// until it has loaded them.
+    fn start(models: &[&str], extra: &[&str]) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_blip"));
+        command.args(["serve", "--port", "0"]);
+        for name in models {
+            command.args(["--model", &model(name)]);
+        }
+        let mut child = command
             .args(extra)
             .env("HF_HUB_OFFLINE", "1")
             .env_remove("BLIP_API_KEY")
@@ -31,22 +38,26 @@ impl Server {
             .expect("starts");
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut seen = String::new();
-        let base = loop {
+        let mut base = None;
+        loop {
             let mut line = String::new();
             if stderr.read_line(&mut line).unwrap() == 0 {
                 let _ = child.kill();
-                panic!("blip serve exited before listening: {seen}");
+                panic!("blip serve exited before it was ready: {seen}");
             }
-            if let Some(base) = line.trim().strip_prefix("listening on ") {
-                break base.to_string();
+            if let Some(address) = line.trim().strip_prefix("listening on ") {
+                base = Some(address.to_string());
+            }
+            if line.trim() == "ready" {
+                break;
             }
             seen.push_str(&line);
-        };
+        }
         // Keep reading its log so that the pipe never fills.
         std::thread::spawn(move || {
             let _ = stderr.read_to_end(&mut Vec::new());
         });
-        Server { child, base }
+        Server { child, base: base.expect("a listening line before ready") }
     }
 
     fn url(&self, path: &str) -> String {
@@ -80,18 +91,28 @@ fn post_json(url: &str, body: Value) -> (u16, Value) {
     answer(ureq::post(url).send_json(body))
 }
 
-fn cli_caption(flags: &[&str], path: &str) -> String {
-    let tiny = model("tiny-caption-bin");
-    let mut args = vec!["caption", "--format", "jsonl", "--model", &tiny];
+fn ok(got: (u16, Value)) -> Value {
+    assert_eq!(got.0, 200, "{}", got.1);
+    got.1
+}
+
+/// The CLI's JSONL records for `args` (the model given by fixture name) on `path`.
+fn cli(command: &str, model_name: &str, flags: &[&str], path: &str) -> Vec<Value> {
+    let tiny = model(model_name);
+    let mut args = vec![command, "--format", "jsonl", "--model", &tiny];
     args.extend_from_slice(flags);
     args.push(path);
     let out = blip(&args);
     assert!(out.status.success(), "{}", common::stderr(&out));
-    jsonl(&out)[0]["caption"].as_str().unwrap().to_string()
+    jsonl(&out)
 }
 
-fn route() -> String {
-    "/models/tiny-caption-bin".to_string()
+fn cli_caption(flags: &[&str], path: &str) -> String {
+    cli("caption", CAPTION, flags, path)[0]["caption"].as_str().unwrap().to_string()
+}
+
+fn b64(path: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap())
 }
 
 fn assert_error(got: (u16, Value), status: u16, kind: &str) -> String {
@@ -100,47 +121,245 @@ fn assert_error(got: (u16, Value), status: u16, kind: &str) -> String {
     got.1["error"].as_str().expect("an error message").to_string()
 }
 
+/// Floats as f32, as both sides printed them.
+fn floats(value: &Value) -> Vec<f32> {
+    value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
 #[test]
-fn health_and_info() {
-    let server = Server::start(&[]);
+fn health_info_and_models() {
+    let server = Server::start(&[CAPTION, "tiny-vqa", "tiny-itm", "tiny-blip"], &[]);
     let (status, body) = answer(ureq::get(&server.url("/health")).call());
     assert_eq!((status, body), (200, json!({"status": "ok"})));
-    let (status, info) = answer(ureq::get(&server.url("/info")).call());
-    assert_eq!(status, 200);
-    assert_eq!(info["model"], "tiny-caption-bin");
-    assert_eq!(info["tasks"], json!(["image-to-text"]));
+    let info = ok(answer(ureq::get(&server.url("/info")).call()));
+    let tasks: Vec<(String, Value)> = info["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap().into(), m["tasks"].clone()))
+        .collect();
+    assert_eq!(
+        tasks,
+        vec![
+            (CAPTION.into(), json!(["image-to-text"])),
+            ("tiny-vqa".into(), json!(["visual-question-answering"])),
+            (
+                "tiny-itm".into(),
+                json!([
+                    "zero-shot-image-classification",
+                    "image-feature-extraction",
+                    "feature-extraction",
+                    "image-text-matching"
+                ])
+            ),
+            (
+                "tiny-blip".into(),
+                json!(["zero-shot-image-classification", "image-feature-extraction", "feature-extraction"])
+            ),
+        ]
+    );
     assert_eq!(info["dtype"], "f32");
     assert_eq!(info["max_body_size"], 20 << 20);
+    assert_eq!((info["max_batch_size"].clone(), info["max_queue"].clone()), (json!(16), json!(256)));
+    let listed = ok(answer(ureq::get(&server.url("/v1/models")).call()));
+    assert_eq!(listed["data"].as_array().unwrap().len(), 4);
+    assert_eq!(listed["data"][1]["id"], "tiny-vqa");
     assert_error(answer(ureq::get(&server.url("/nowhere")).call()), 404, "not_found");
+    let openapi = ok(answer(ureq::get(&server.url("/openapi.json")).call()));
+    assert!(openapi["paths"]["/v1/chat/completions"].is_object(), "{openapi}");
 }
 
 #[test]
 fn captions_equal_the_cli() {
-    let server = Server::start(&[]);
+    let server = Server::start(&[CAPTION], &[]);
     let path = image("chelsea.png");
     let bytes = std::fs::read(&path).unwrap();
-    let (status, body) = post_bytes(&server.url(&route()), &bytes);
-    assert_eq!(status, 200, "{body}");
+    let body = ok(post_bytes(&server.url("/models/tiny-caption-bin"), &bytes));
     assert_eq!(body, json!([{ "generated_text": cli_caption(&[], &path) }]));
 
     // JSON with base64 and parameters, on the pipeline route.
-    let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
-    let request = json!({"inputs": encoded, "parameters": {"max_new_tokens": 5, "num_beams": 2}});
-    let (status, body) = post_json(&server.url("/pipeline/image-to-text/tiny-caption-bin"), request);
-    assert_eq!(status, 200, "{body}");
+    let request = json!({"inputs": b64(&path), "parameters": {"max_new_tokens": 5, "num_beams": 2}});
+    let body = ok(post_json(&server.url("/pipeline/image-to-text/tiny-caption-bin"), request));
     let expected = cli_caption(&["--max-new-tokens", "5", "--num-beams", "2"], &path);
     assert_eq!(body, json!([{ "generated_text": expected }]));
 
-    // generation_parameters, as newer clients send them.
+    // generation_parameters, as newer clients send them, and a data URL.
+    let data_url = format!("data:image/png;base64,{}", b64(&path));
     let request =
-        json!({"inputs": encoded, "parameters": {"generation_parameters": {"max_new_tokens": 5, "num_beams": 2}}});
-    assert_eq!(post_json(&server.url(&route()), request).1, json!([{ "generated_text": expected }]));
+        json!({"inputs": data_url, "parameters": {"generation_parameters": {"max_new_tokens": 5, "num_beams": 2}}});
+    assert_eq!(
+        ok(post_json(&server.url("/models/tiny-caption-bin"), request)),
+        json!([{ "generated_text": expected }])
+    );
+}
+
+#[test]
+fn every_task_equals_the_cli() {
+    let server = Server::start(&["tiny-vqa", "tiny-itm"], &[]);
+    let path = image("astronaut.png");
+
+    // visual-question-answering, both forms; the score is the answer's probability.
+    let expected = &cli("vqa", "tiny-vqa", &["--question", "what is this?"], &path)[0];
+    for request in [
+        json!({"inputs": {"image": b64(&path), "question": "what is this?"}}),
+        json!({"inputs": b64(&path), "image": b64(&path), "question": "what is this?"}),
+    ] {
+        let body = ok(post_json(&server.url("/models/tiny-vqa"), request));
+        assert_eq!(body[0]["answer"], expected["answer"], "{body}");
+        let probability = (expected["log_prob"].as_f64().unwrap() as f32).exp();
+        assert!((body[0]["score"].as_f64().unwrap() as f32 - probability).abs() <= 1e-6, "{body}");
+    }
+    let request = json!({"inputs": {"image": b64(&path), "question": "what is this?"}, "parameters": {"top_k": 3}});
+    let body = ok(post_json(&server.url("/pipeline/visual-question-answering/tiny-vqa"), request));
+    let beams = cli(
+        "vqa",
+        "tiny-vqa",
+        &["--question", "what is this?", "--num-beams", "3", "--num-return-sequences", "3"],
+        &path,
+    );
+    let mut answers: Vec<String> =
+        beams[0]["answers"].as_array().unwrap().iter().map(|r| r["answer"].as_str().unwrap().to_string()).collect();
+    let mut got: Vec<String> =
+        body.as_array().unwrap().iter().map(|a| a["answer"].as_str().unwrap().to_string()).collect();
+    answers.sort();
+    got.sort();
+    assert_eq!(got, answers);
+
+    // zero-shot-image-classification: probabilities best first, as `blip classify`.
+    let request = json!({"inputs": b64(&path), "parameters": {"candidate_labels": ["cat", "astronaut", "rocket"], "hypothesis_template": "a photo of {}"}});
+    let body = ok(post_json(&server.url("/models/tiny-itm"), request));
+    let expected =
+        &cli("classify", "tiny-itm", &["--labels", "cat,astronaut,rocket", "--template", "a photo of {}"], &path)[0];
+    let mut labels: Vec<(String, f64)> = expected["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["label"].as_str().unwrap().to_string(), l["probability"].as_f64().unwrap()))
+        .collect();
+    labels.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let got: Vec<(String, f64)> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["label"].as_str().unwrap().to_string(), l["score"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(got, labels);
+
+    // image-feature-extraction and feature-extraction: `blip embed`'s embeddings.
+    let body =
+        ok(post_bytes(&server.url("/pipeline/image-feature-extraction/tiny-itm"), &std::fs::read(&path).unwrap()));
+    let tiny = model("tiny-itm");
+    let out = blip(&["embed", "--format", "jsonl", "--model", &tiny, "--image", &path]);
+    assert_eq!(floats(&body[0]), floats(&jsonl(&out)[0]["embedding"]));
+    let body =
+        ok(post_json(&server.url("/pipeline/feature-extraction/tiny-itm"), json!({"inputs": ["a cat", "a rocket"]})));
+    let out = blip(&["embed", "--format", "jsonl", "--model", &tiny, "--text", "a cat", "--text", "a rocket"]);
+    let expected = jsonl(&out);
+    assert_eq!(body.as_array().unwrap().len(), 2);
+    // Texts batch with whatever else waits, padded to the longest: the same within float noise.
+    for (got, want) in floats(&body[1]).into_iter().zip(floats(&expected[1]["embedding"])) {
+        assert!((got - want).abs() <= 1e-6, "{got} vs {want}");
+    }
+
+    // image-text-matching: `blip match`'s itm and itc.
+    let request = json!({"inputs": {"image": b64(&path), "text": ["an astronaut", "a cat"]}});
+    let body = ok(post_json(&server.url("/pipeline/image-text-matching/tiny-itm"), request));
+    let expected = cli("match", "tiny-itm", &["--text", "an astronaut", "--text", "a cat"], &path);
+    for (got, want) in body.as_array().unwrap().iter().zip(&expected) {
+        assert_eq!((&got["text"], &got["itm"], &got["itc"]), (&want["text"], &want["itm"], &want["itc"]));
+    }
+}
+
+/// The `data:` lines of a server-sent event stream.
+fn events(response: ureq::Response) -> Vec<String> {
+    let reader = BufReader::new(response.into_reader());
+    reader.lines().map(Result::unwrap).filter_map(|line| line.strip_prefix("data: ").map(str::to_string)).collect()
+}
+
+#[test]
+fn openai_chat_completions() {
+    let server = Server::start(&[CAPTION, "tiny-vqa"], &[]);
+    let path = image("rocket.jpg");
+    let url = server.url("/v1/chat/completions");
+    let image_part =
+        json!({"type": "image_url", "image_url": {"url": format!("data:image/jpeg;base64,{}", b64(&path))}});
+
+    // An image alone: the caption.
+    let request = json!({"model": CAPTION, "messages": [{"role": "user", "content": [image_part]}], "max_tokens": 8});
+    let body = ok(post_json(&url, request.clone()));
+    let caption = cli_caption(&["--max-new-tokens", "8"], &path);
+    assert_eq!(body["choices"][0]["message"]["content"], caption.as_str(), "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], CAPTION);
+    let usage = &body["usage"];
+    assert_eq!(usage["prompt_tokens"], 1, "{body}");
+    let record = &cli("caption", CAPTION, &["--max-new-tokens", "8"], &path)[0];
+    let generated = record["tokens"].as_array().unwrap().len() - 1;
+    assert_eq!(usage["completion_tokens"], generated);
+    let finish = if record["tokens"].as_array().unwrap().last() == Some(&json!(102)) { "stop" } else { "length" };
+    assert_eq!(body["choices"][0]["finish_reason"], finish);
+
+    // Streamed: the chunks add up to the same text, then [DONE].
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let response = ureq::post(&url).send_json(streamed).unwrap();
+    assert_eq!(response.header("content-type"), Some("text/event-stream"));
+    let data = events(response);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, caption);
+    assert!(
+        chunks.iter().filter(|c| c["choices"][0]["delta"]["content"].as_str().is_some_and(|s| !s.is_empty())).count()
+            > 1,
+        "{chunks:?}"
+    );
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], generated);
+
+    // An image and text: a captioning model continues the prompt; a VQA model answers.
+    let with_text = |model: &str, text: &str| json!({"model": model, "messages": [{"role": "user", "content": [{"type": "text", "text": text}, image_part.clone()]}]});
+    let body = ok(post_json(&url, with_text(CAPTION, "a picture of")));
+    assert_eq!(body["choices"][0]["message"]["content"], cli_caption(&["--prompt", "a picture of"], &path).as_str());
+    let body = ok(post_json(&url, with_text("tiny-vqa", "what is it?")));
+    let expected = &cli("vqa", "tiny-vqa", &["--question", "what is it?"], &path)[0];
+    assert_eq!(body["choices"][0]["message"]["content"], expected["answer"]);
+
+    // Sampling with a seed and n: the CLI's samples.
+    let mut sampled = request.clone();
+    sampled["n"] = json!(2);
+    sampled["temperature"] = json!(0.7);
+    sampled["seed"] = json!(5);
+    let body = ok(post_json(&url, sampled));
+    let expected = cli(
+        "caption",
+        CAPTION,
+        &["--max-new-tokens", "8", "--do-sample", "--temperature", "0.7", "--seed", "5", "--num-return-sequences", "2"],
+        &path,
+    );
+    for i in 0..2 {
+        assert_eq!(body["choices"][i]["message"]["content"], expected[0]["captions"][i]["caption"], "{body}");
+    }
+
+    // Refusals name OpenAI's parameters.
+    let mut bad = request.clone();
+    bad["n"] = json!(2);
+    let message = assert_error(post_json(&url, bad), 400, "invalid_input");
+    assert!(message.contains("n "), "{message}");
+    let mut bad = request;
+    bad["frequency_penalty"] = json!(0.5);
+    let message = assert_error(post_json(&url, bad), 400, "invalid_json");
+    assert!(message.contains("frequency_penalty"), "{message}");
+    let no_image = json!({"model": CAPTION, "messages": [{"role": "user", "content": "hello"}]});
+    assert_error(post_json(&url, no_image), 400, "invalid_request");
+    let unknown = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [image_part]}]});
+    assert_error(post_json(&url, unknown), 404, "not_found");
 }
 
 #[test]
 fn bad_requests_are_json_errors() {
-    let server = Server::start(&["--max-body-size", "1000"]);
-    let url = server.url(&route());
+    let server = Server::start(&[CAPTION, "tiny-itm"], &["--max-body-size", "1000"]);
+    let url = server.url("/models/tiny-caption-bin");
     assert_error(post_json(&url, json!({"inputs": "not base64 !!"})), 400, "invalid_base64");
     assert_error(post_bytes(&url, b"{\"inputs\": "), 400, "invalid_json");
     let message = assert_error(post_bytes(&url, b"this is no image"), 400, "invalid_image");
@@ -159,19 +378,170 @@ fn bad_requests_are_json_errors() {
     assert!(message.contains("max_tokens"), "{message}");
     let message = assert_error(post_bytes(&server.url("/models/someone/else"), b"x"), 404, "not_found");
     assert!(message.contains("someone/else"), "{message}");
+    let message =
+        assert_error(post_bytes(&server.url("/pipeline/visual-question-answering/tiny-itm"), b"x"), 404, "not_found");
+    assert!(message.contains("zero-shot-image-classification"), "{message}");
+    assert_error(post_bytes(&server.url("/pipeline/translation/tiny-itm"), b"x"), 404, "not_found");
     assert_error(post_bytes(&url, &[0u8; 5000]), 413, "payload_too_large");
+    let zero_shot = server.url("/models/tiny-itm");
+    let message = assert_error(
+        post_json(&zero_shot, json!({"inputs": "aGVsbG8=", "parameters": {"candidate_labels": ["a", "a"]}})),
+        400,
+        "invalid_input",
+    );
+    assert!(message.contains("a"), "{message}");
+    let message = assert_error(post_json(&url, json!({"inputs": "https://example.com/cat.jpg"})), 400, "invalid_image");
+    assert!(message.contains("--allow-image-urls"), "{message}");
 }
 
 #[test]
 fn api_key() {
-    let server = Server::start(&["--api-key", "k"]);
-    let url = server.url(&route());
+    let server = Server::start(&[CAPTION], &["--api-key", "k"]);
+    let url = server.url("/models/tiny-caption-bin");
     let bytes = std::fs::read(image("rocket.jpg")).unwrap();
     assert_error(post_bytes(&url, &bytes), 401, "unauthorized");
     assert_error(answer(ureq::post(&url).set("Authorization", "Bearer wrong").send_bytes(&bytes)), 401, "unauthorized");
     assert_error(answer(ureq::get(&server.url("/info")).call()), 401, "unauthorized");
-    let (status, body) = answer(ureq::post(&url).set("Authorization", "Bearer k").send_bytes(&bytes));
-    assert_eq!(status, 200, "{body}");
+    assert_error(answer(ureq::get(&server.url("/metrics")).call()), 401, "unauthorized");
+    let body = ok(answer(ureq::post(&url).set("Authorization", "Bearer k").send_bytes(&bytes)));
     assert!(body[0]["generated_text"].is_string(), "{body}");
     assert_eq!(answer(ureq::get(&server.url("/health")).call()).0, 200);
+}
+
+/// A request that keeps the tiny model's worker busy for a while: 16 beams to the full length.
+fn slow_request(path: &str) -> Value {
+    json!({"inputs": b64(path), "parameters": {"num_beams": 16, "max_new_tokens": 63, "min_new_tokens": 63}})
+}
+
+#[test]
+fn concurrent_requests_batch_and_equal_the_cli() {
+    let server = Server::start(&[CAPTION], &["--max-batch-size", "8"]);
+    let url = server.url("/models/tiny-caption-bin");
+    let paths: Vec<String> = common::images();
+    // Keep the worker busy so that the next requests wait and run as one batch.
+    let busy = {
+        let (url, path) = (url.clone(), paths[0].clone());
+        std::thread::spawn(move || ok(post_json(&url, slow_request(&path))))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let (url, path) = (url.clone(), paths[i % paths.len()].clone());
+            std::thread::spawn(move || ok(post_json(&url, json!({"inputs": b64(&path)}))))
+        })
+        .collect();
+    let answers: Vec<Value> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    busy.join().unwrap();
+    for (i, body) in answers.iter().enumerate() {
+        assert_eq!(body[0]["generated_text"], cli_caption(&[], &paths[i % paths.len()]).as_str());
+    }
+    let metrics = answer_text(ureq::get(&server.url("/metrics")).call());
+    let batched = metrics
+        .lines()
+        .find(|l| l.starts_with("blip_batch_size_bucket") && l.contains("le=\"1.0\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap();
+    assert!(batched < 7, "every request ran alone: {metrics}");
+    assert!(metrics.contains("blip_requests_total{route=\"/models/{*model_id}\",status=\"200\"} 7"), "{metrics}");
+}
+
+fn answer_text(result: Result<ureq::Response, ureq::Error>) -> String {
+    result.expect("200").into_string().unwrap()
+}
+
+#[test]
+fn overload_gets_429_then_recovers() {
+    let server = Server::start(&[CAPTION], &["--max-queue", "1", "--max-batch-size", "1"]);
+    let url = server.url("/models/tiny-caption-bin");
+    let path = image("chelsea.png");
+    let handles: Vec<_> = (0..12)
+        .map(|_| {
+            let (url, path) = (url.clone(), path.clone());
+            std::thread::spawn(move || {
+                let response = ureq::post(&url).send_json(slow_request(&path));
+                match response {
+                    Ok(r) => (r.status(), None),
+                    Err(ureq::Error::Status(status, r)) => (status, r.header("retry-after").map(str::to_string)),
+                    Err(err) => panic!("transport error: {err}"),
+                }
+            })
+        })
+        .collect();
+    let statuses: Vec<(u16, Option<String>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let refused = statuses.iter().filter(|(s, _)| *s == 429).count();
+    assert!(statuses.iter().all(|(s, _)| *s == 200 || *s == 429), "{statuses:?}");
+    assert!(refused >= 6, "{statuses:?}");
+    assert!(statuses.iter().filter(|(s, _)| *s == 429).all(|(_, retry)| retry.as_deref() == Some("1")));
+    // Answered, the queue is free again.
+    ok(post_bytes(&url, &std::fs::read(&path).unwrap()));
+}
+
+/// Starts `request` on a thread and gives the worker time to take it.
+fn in_background(url: &str, request: Value) -> std::thread::JoinHandle<u16> {
+    let url = url.to_string();
+    let handle = std::thread::spawn(move || answer(ureq::post(&url).send_json(request)).0);
+    std::thread::sleep(Duration::from_millis(50));
+    handle
+}
+
+/// The value of a metric line that starts with `prefix`.
+fn metric(server: &Server, prefix: &str) -> Option<f64> {
+    let metrics = answer_text(ureq::get(&server.url("/metrics")).call());
+    metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_request_waiting_past_the_timeout_gets_504() {
+    let server = Server::start(&[CAPTION], &["--max-batch-size", "1", "--request-timeout", "200ms"]);
+    let url = server.url("/models/tiny-caption-bin");
+    let path = image("chelsea.png");
+    let busy = in_background(&url, slow_request(&path));
+    assert_error(post_json(&url, slow_request(&path)), 504, "timeout");
+    let _ = busy.join();
+}
+
+#[test]
+fn a_client_that_hangs_up_has_its_job_cancelled() {
+    let server = Server::start(&[CAPTION], &["--max-batch-size", "1"]);
+    let url = server.url("/models/tiny-caption-bin");
+    let path = image("chelsea.png");
+    let busy = in_background(&url, slow_request(&path));
+    // A request sent by hand, the connection closed while it waits behind the busy one.
+    let address = server.base.trim_start_matches("http://").to_string();
+    let body = json!({"inputs": b64(&path)}).to_string();
+    let mut socket = std::net::TcpStream::connect(&address).unwrap();
+    write!(
+        socket,
+        "POST /models/tiny-caption-bin HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(socket);
+    assert_eq!(busy.join().unwrap(), 200);
+    let cancelled = (0..50)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            metric(&server, "blip_cancelled_jobs_total{")
+        })
+        .expect("a cancelled job");
+    assert_eq!(cancelled, 1.0);
+    assert_eq!(metric(&server, "blip_images_total{"), Some(1.0), "only the busy request ran");
+}
+
+#[cfg(unix)]
+#[test]
+fn graceful_shutdown_finishes_what_runs() {
+    let mut server = Server::start(&[CAPTION], &[]);
+    let url = server.url("/models/tiny-caption-bin");
+    let path = image("chelsea.png");
+    let in_flight = std::thread::spawn(move || answer(ureq::post(&url).send_json(slow_request(&path))));
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: kill(2) on the child's pid with SIGTERM; no memory is involved.
+    assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
+    let (status, body) = in_flight.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let exit = server.child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
 }

@@ -1,136 +1,253 @@
-//! The router and its shared state: the loaded captioner, the routes and the middleware
-//! (API key, body limit, one log line per request).
+//! The router and its shared state: the served models (loaded after the server starts
+//! listening; `/health` answers 503 until then), the routes and the middleware (API key, one
+//! log line and the metrics per request).
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path as UrlPath, Request, State};
+use axum::extract::{MatchedPath, Path as UrlPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::hf::{self, GeneratedText};
+use crate::images::UrlPolicy;
+use crate::metrics::Metrics;
+use crate::models::{LoadOptions, ServedModel, Task};
+use crate::scheduler::{Output, Work};
+use crate::tasks;
 
 /// How the server runs, from its flags.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `--model` as given: a Hub repo id or a local folder.
-    pub model: String,
+    /// `--model` as given, each a Hub repo id or a local folder.
+    pub models: Vec<String>,
     pub dtype: blip::DType,
+    /// Jobs a model's worker runs together at most.
+    pub max_batch_size: usize,
+    /// Jobs waiting per model before requests are refused with 429.
+    pub max_queue: usize,
     /// Largest request body, in bytes.
     pub max_body_size: usize,
+    /// Longest a request may wait for its answer (504 after).
+    pub request_timeout: Duration,
     /// Requests (but `/health`) must carry `Authorization: Bearer` this.
     pub api_key: Option<String>,
+    /// Whether images may be given as http(s) URLs that the server fetches.
+    pub allow_image_urls: bool,
 }
 
 impl Config {
-    /// The id requests name the model by: the Hub id, or a local folder's name.
-    pub fn model_id(&self) -> String {
-        let path = Path::new(&self.model);
-        match path.file_name() {
-            Some(name) if path.is_dir() => name.to_string_lossy().into_owned(),
-            _ => self.model.clone(),
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions { dtype: self.dtype, max_batch_size: self.max_batch_size, max_queue: self.max_queue }
+    }
+
+    pub fn url_policy(&self) -> UrlPolicy {
+        UrlPolicy { allowed: self.allow_image_urls, max_bytes: self.max_body_size, timeout: Duration::from_secs(10) }
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub config: Config,
+    /// Set once every model has loaded.
+    models: OnceLock<Vec<ServedModel>>,
+    pub metrics: Arc<Metrics>,
+    next_request: AtomicU64,
+}
+
+pub type Shared = Arc<AppState>;
+
+impl AppState {
+    pub fn new(config: Config) -> Shared {
+        Arc::new(AppState {
+            config,
+            models: OnceLock::new(),
+            metrics: Arc::new(Metrics::default()),
+            next_request: AtomicU64::new(1),
+        })
+    }
+
+    /// Loads every `--model` (blocking), then opens the model routes.
+    pub fn load_models(&self) -> blip::Result<()> {
+        let options = self.config.load_options();
+        let mut models: Vec<ServedModel> = Vec::new();
+        for location in &self.config.models {
+            let model = crate::models::load(location, &options, self.metrics.clone())?;
+            if models.iter().any(|m| m.id == model.id) {
+                let reason = format!("two models are named {}; serve folders with different names", model.id);
+                return Err(blip::Error::Checkpoint { location: location.clone(), reason });
+            }
+            tracing::info!(model = model.id, tasks = ?model.tasks().iter().map(|t| t.name()).collect::<Vec<_>>(), "loaded");
+            models.push(model);
+        }
+        let _ = self.models.set(models);
+        Ok(())
+    }
+
+    /// The served models; 503 while they load.
+    pub fn models(&self) -> Result<&[ServedModel], ApiError> {
+        self.models
+            .get()
+            .map(Vec::as_slice)
+            .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "loading", "the models are still loading"))
+    }
+
+    /// The model requests call `id` (its id or `--model` as given).
+    pub fn model(&self, id: &str) -> Result<&ServedModel, ApiError> {
+        let models = self.models()?;
+        models.iter().find(|m| m.id == id || m.location == id).ok_or_else(|| {
+            let served: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+            ApiError::not_found(format!("model {id} is not served here; this server serves {}", served.join(", ")))
+        })
+    }
+
+    /// Queues `work` on `model` and waits for its answer: 429 when the queue is full, 504
+    /// after the request timeout (the job is then dropped if it has not started).
+    pub async fn run(&self, model: &ServedModel, work: Work) -> Result<(Output, usize), ApiError> {
+        let answer = model.scheduler.submit(work).map_err(|_| ApiError::overloaded())?;
+        match tokio::time::timeout(self.config.request_timeout, answer).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(ApiError::internal("the model's worker failed on this request")),
+            Err(_) => Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("no answer within the request timeout of {:?}", self.config.request_timeout),
+            )),
         }
     }
 }
 
-/// The model being served and what the routes need to know.
-pub struct Served {
-    pub captioner: blip::Captioner,
-    pub config: Config,
-    pub model_id: String,
+/// The size of the batch a request's work ran in, for its log line.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSize(pub usize);
+
+/// A JSON answer that records its batch size.
+pub fn answered(body: impl serde::Serialize, batch: usize) -> Response {
+    let mut response = Json(body).into_response();
+    response.extensions_mut().insert(BatchSize(batch));
+    response
 }
 
-pub(crate) type Shared = Arc<SharedState>;
-
-pub(crate) struct SharedState {
-    pub captioner: Arc<blip::Captioner>,
-    pub config: Config,
-    pub model_id: String,
-}
-
-/// The whole app: `/health`, `/info`, and the Inference API's image-to-text routes.
-pub fn router(served: Served) -> Router {
-    let state: Shared = Arc::new(SharedState {
-        captioner: Arc::new(served.captioner),
-        model_id: served.model_id,
-        config: served.config,
-    });
+/// The whole app.
+pub fn router(state: Shared) -> Router {
     let protected = Router::new()
         .route("/info", get(info))
-        .route("/models/{*model_id}", post(image_to_text))
-        .route("/pipeline/image-to-text/{*model_id}", post(image_to_text))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(crate::openapi::document))
+        .route("/models/{*model_id}", post(default_task))
+        .route("/pipeline/{task}/{*model_id}", post(pipeline))
+        .route("/v1/chat/completions", post(crate::openai::chat_completions))
+        .route("/v1/models", get(crate::openai::list_models))
         .route_layer(middleware::from_fn_with_state(state.clone(), crate::auth::require_key));
     Router::new()
         .route("/health", get(health))
         .merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "Models loaded"), (status = 503, description = "Models loading", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn health(State(state): State<Shared>) -> Response {
+    match state.models() {
+        Ok(_) => Json(json!({ "status": "ok" })).into_response(),
+        Err(err) => err.into_response(),
+    }
 }
 
-async fn info(State(state): State<Shared>) -> Json<Value> {
-    Json(json!({
-        "model": state.model_id,
-        "location": state.config.model,
-        "tasks": ["image-to-text"],
-        "dtype": state.config.dtype.as_str(),
+#[utoipa::path(get, path = "/info", responses((status = 200, description = "Models, tasks, dtype, version, limits")))]
+pub(crate) async fn info(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let models: Vec<Value> = state
+        .models()?
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "location": m.location,
+                "architecture": m.architecture().class_name(),
+                "tasks": m.tasks().iter().map(|t| t.name()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let config = &state.config;
+    Ok(Json(json!({
+        "models": models,
+        "dtype": config.dtype.as_str(),
         "version": env!("CARGO_PKG_VERSION"),
-        "max_body_size": state.config.max_body_size,
-    }))
+        "max_batch_size": config.max_batch_size,
+        "max_queue": config.max_queue,
+        "max_body_size": config.max_body_size,
+        "request_timeout_seconds": config.request_timeout.as_secs_f64(),
+        "allow_image_urls": config.allow_image_urls,
+    })))
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
+pub(crate) async fn metrics(State(state): State<Shared>) -> Response {
+    let depths: Vec<(String, usize)> = match state.models() {
+        Ok(models) => models.iter().map(|m| (m.id.clone(), m.scheduler.waiting())).collect(),
+        Err(_) => vec![],
+    };
+    let text = state.metrics.render(&depths);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    ApiError::not_found("no such route")
 }
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
 }
 
-/// Captions the request's image with its parameters over the captioner's defaults.
-async fn image_to_text(
+/// `POST /models/{id}`: the model's default task.
+#[utoipa::path(post, path = "/models/{model_id}", params(("model_id" = String, Path, description = "Hub id or folder name")),
+    request_body = crate::openapi::PipelineRequest,
+    responses((status = 200, body = crate::openapi::PipelineResponse), (status = "4XX", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn default_task(
     State(state): State<Shared>,
     UrlPath(model_id): UrlPath<String>,
     body: Body,
-) -> Result<Json<Vec<GeneratedText>>, ApiError> {
-    if model_id != state.model_id && model_id != state.config.model {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("model {model_id} is not served here; this server serves {}", state.model_id),
-        ));
+) -> Result<Response, ApiError> {
+    let model = state.model(&model_id)?;
+    let task = model.tasks()[0];
+    let body = read_body(body, state.config.max_body_size).await?;
+    tasks::run(&state, model, task, &body).await
+}
+
+/// `POST /pipeline/{task}/{id}`: any task the model serves.
+#[utoipa::path(post, path = "/pipeline/{task}/{model_id}",
+    params(("task" = String, Path, description = "image-to-text, visual-question-answering, zero-shot-image-classification, image-feature-extraction, feature-extraction or image-text-matching"),
+           ("model_id" = String, Path, description = "Hub id or folder name")),
+    request_body = crate::openapi::PipelineRequest,
+    responses((status = 200, body = crate::openapi::PipelineResponse), (status = "4XX", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn pipeline(
+    State(state): State<Shared>,
+    UrlPath((task_name, model_id)): UrlPath<(String, String)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let task = Task::from_name(&task_name).ok_or_else(|| {
+        let names: Vec<&str> = Task::ALL.iter().map(|t| t.name()).collect();
+        ApiError::not_found(format!("unknown task {task_name}; tasks: {}", names.join(", ")))
+    })?;
+    let model = state.model(&model_id)?;
+    if !model.tasks().contains(&task) {
+        let tasks: Vec<&str> = model.tasks().iter().map(|t| t.name()).collect();
+        return Err(ApiError::not_found(format!(
+            "model {} does not serve {task_name}; it serves {}",
+            model.id,
+            tasks.join(", ")
+        )));
     }
     let body = read_body(body, state.config.max_body_size).await?;
-    let request = hf::parse(&body)?;
-    let captioner = state.captioner.clone();
-    let caption = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
-        let mut options = captioner.default_options();
-        request.parameters.apply(&mut options.generation);
-        captioner.validate(&options)?;
-        let image = blip::load_image_from_memory(&request.image, Path::new("the request's image"))?;
-        let captions = captioner.caption(&[image], &options)?;
-        captions
-            .into_iter()
-            .next()
-            .and_then(|c| c.into_iter().next())
-            .map(|c| c.text)
-            .ok_or_else(|| ApiError::internal("no caption generated"))
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("the captioning task failed: {e}")))??;
-    Ok(Json(vec![GeneratedText { generated_text: caption }]))
+    tasks::run(&state, model, task, &body).await
 }
 
 /// Beyond the limit, this much more of a body is read and dropped before the 413 goes out.
@@ -164,13 +281,29 @@ pub(crate) async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, Api
     Ok(data.into())
 }
 
-/// One line per request: method, path, status, latency.
-async fn log_request(request: Request, next: Next) -> Response {
+/// One line per request (id, method, route, status, latency, batch size) and its metrics.
+async fn log_request(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let id = state.next_request.fetch_add(1, Ordering::Relaxed);
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
     let start = Instant::now();
-    let response = next.run(request).await;
-    let latency_ms = start.elapsed().as_secs_f64() * 1e3;
-    tracing::info!("{method} {path} {} {latency_ms:.1}ms", response.status().as_u16());
+    let mut response = next.run(request).await;
+    let seconds = start.elapsed().as_secs_f64();
+    let status = response.status().as_u16();
+    let batch = response.extensions().get::<BatchSize>().map(|b| b.0);
+    state.metrics.request(&route, status, seconds);
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id.to_string()) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    tracing::info!(
+        id,
+        method = %method,
+        path,
+        status,
+        latency_ms = (seconds * 1e4).round() / 10.0,
+        batch_size = batch,
+        "request"
+    );
     response
 }

@@ -40,7 +40,7 @@ pub use candle_core::{DType, Device, Tensor};
 pub use checkpoint::Checkpoint;
 pub use config::Architecture;
 pub use error::{Error, InvalidInput, Param, Result};
-pub use generation::{EarlyStopping, GenerationOptions};
+pub use generation::{EarlyStopping, GenerationOptions, GenerationOverrides};
 pub use image::RgbImage;
 pub use processor::image::{load_image, load_image_from_memory, ResizeBackend};
 pub use tasks::caption::{Caption, CaptionOptions, Captioner, Prompt};

@@ -94,12 +94,8 @@ impl GenerationConfigFile {
             options.min_new_tokens = min_length.saturating_sub(prefix_len);
         }
         if let Some(early_stopping) = &self.early_stopping {
-            options.early_stopping = match early_stopping {
-                Value::Bool(false) => EarlyStopping::Heuristic,
-                Value::Bool(true) => EarlyStopping::Done,
-                Value::String(s) if s == "never" => EarlyStopping::Never,
-                other => return Err(format!("early_stopping {other}: expected true, false or \"never\"")),
-            };
+            options.early_stopping = EarlyStopping::from_json(early_stopping)
+                .ok_or_else(|| format!("early_stopping {early_stopping}: expected true, false or \"never\""))?;
         }
         macro_rules! set {
             ($($field:ident),*) => {$(

@@ -6,11 +6,14 @@
 
 mod beam;
 pub(crate) mod config;
+mod overrides;
 pub mod processors;
 
 use candle_core::{Device, Result, Tensor};
 
 use crate::error::{InvalidInput, Param};
+
+pub use overrides::GenerationOverrides;
 
 /// When beam search stops (transformers' `early_stopping`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -270,10 +273,28 @@ pub fn generate(
     options: &GenerationOptions,
     device: &Device,
 ) -> Result<Vec<Vec<Generated>>> {
+    generate_streaming(decoder, prefixes, eos_token_id, options, device, &mut |_, _| ())
+}
+
+/// Called with each token as it is chosen: (sequence, token), where sequence `i` is prefix
+/// `i / num_return_sequences`'s copy `i % num_return_sequences`. Beam search chooses nothing
+/// for certain until it ends, so it calls nothing.
+pub type OnToken<'a> = dyn FnMut(usize, u32) + Send + 'a;
+
+/// [`generate`], telling `on_token` each token of greedy search and sampling as it is chosen
+/// (a server streams them).
+pub fn generate_streaming(
+    decoder: &mut (impl Decoder + Send),
+    prefixes: &[Vec<u32>],
+    eos_token_id: u32,
+    options: &GenerationOptions,
+    device: &Device,
+    on_token: &mut OnToken<'_>,
+) -> Result<Vec<Vec<Generated>>> {
     // On a worker of rayon's pool (where candle's CPU kernels and this crate's run), a decoding
     // step's many small parallel steps run inline instead of each being handed to a sleeping
     // worker and waited for. On a worker already, it just runs.
-    rayon::scope(|_| generate_here(decoder, prefixes, eos_token_id, options, device))
+    rayon::scope(|_| generate_here(decoder, prefixes, eos_token_id, options, device, on_token))
 }
 
 fn generate_here(
@@ -282,6 +303,7 @@ fn generate_here(
     eos_token_id: u32,
     options: &GenerationOptions,
     device: &Device,
+    on_token: &mut OnToken<'_>,
 ) -> Result<Vec<Vec<Generated>>> {
     options.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let Some(first) = prefixes.first() else { return Ok(vec![]) };
@@ -301,7 +323,7 @@ fn generate_here(
     // the same alone or in a batch.
     let seed = options.seed.unwrap_or_else(random_seed);
     let streams = (0..expanded.len()).map(|i| Sampler::new(seed, (i % copies) as u64)).collect();
-    let generated = sample_or_greedy(decoder, expanded, eos_token_id, options, streams, device)?;
+    let generated = sample_or_greedy(decoder, expanded, eos_token_id, options, streams, device, on_token)?;
     Ok(generated.chunks(copies).map(|c| c.to_vec()).collect())
 }
 
@@ -313,6 +335,7 @@ fn sample_or_greedy(
     options: &GenerationOptions,
     mut streams: Vec<Sampler>,
     device: &Device,
+    on_token: &mut OnToken<'_>,
 ) -> Result<Vec<Generated>> {
     let prefix_len = prefixes[0].len();
     let mut sequences = prefixes;
@@ -334,6 +357,7 @@ fn sample_or_greedy(
             };
             log_probs[seq] += model_log_probs[token as usize];
             sequences[seq].push(token);
+            on_token(seq, token);
             if token != eos_token_id {
                 still_running.push(row as u32);
             }

@@ -124,6 +124,17 @@ impl Captioner {
     /// Images whose prompts differ in length decode as separate batches, so every image gets
     /// what it gets alone (transformers pads such batches and shifts positions).
     pub fn caption<'a>(&self, images: impl Into<Images<'a>>, options: &CaptionOptions) -> Result<Vec<Vec<Caption>>> {
+        self.caption_streaming(images, options, &mut |_, _, _| ())
+    }
+
+    /// [`caption`](Self::caption), telling `on_token` (image, sequence, token) for each token
+    /// of greedy search and sampling as it is chosen (beam search tells nothing until its end).
+    pub fn caption_streaming<'a>(
+        &self,
+        images: impl Into<Images<'a>>,
+        options: &CaptionOptions,
+        on_token: &mut (dyn FnMut(usize, usize, u32) + Send),
+    ) -> Result<Vec<Vec<Caption>>> {
         let images = images.into();
         let rows = images.len()?;
         options.generation.validate()?;
@@ -149,12 +160,14 @@ impl Captioner {
             let decoder = &self.model.text_decoder;
             let mut decoding = decoder.decoding(decoder.new_cache(&embeds, None)?);
             let group_prefixes: Vec<Vec<u32>> = group.iter().map(|&r| prefixes[r as usize].clone()).collect();
-            let generated = generation::generate(
+            let copies = options.generation.num_return_sequences;
+            let generated = generation::generate_streaming(
                 &mut decoding,
                 &group_prefixes,
                 self.config.text_config.sep_token_id,
                 &options.generation,
                 &self.device,
+                &mut |sequence, token| on_token(group[sequence / copies] as usize, sequence % copies, token),
             )?;
             for (&row, sequences) in group.iter().zip(generated) {
                 captions[row as usize] =

@@ -172,17 +172,31 @@ impl QuestionAnswerer {
         questions: &[&str],
         options: &AnswerOptions,
     ) -> Result<Vec<Vec<Answer>>> {
+        self.answer_streaming(images, questions, options, &mut |_, _, _| ())
+    }
+
+    /// [`answer`](Self::answer), telling `on_token` (question, sequence, token) for each token
+    /// of greedy search and sampling as it is chosen (beam search tells nothing until its end).
+    pub fn answer_streaming<'a>(
+        &self,
+        images: impl Into<Images<'a>>,
+        questions: &[&str],
+        options: &AnswerOptions,
+        on_token: &mut (dyn FnMut(usize, usize, u32) + Send),
+    ) -> Result<Vec<Vec<Answer>>> {
         self.validate(options)?;
         let (states, mask) = self.encode(images, questions)?;
         let decoder = &self.model.text_decoder;
         let mut decoding = decoder.decoding(decoder.new_cache(&states, Some(&mask))?);
         let bos = self.text_processor.bos_token_id();
-        let generated = generation::generate(
+        let copies = options.generation.num_return_sequences;
+        let generated = generation::generate_streaming(
             &mut decoding,
             &vec![vec![bos]; questions.len()],
             self.text_processor.sep_token_id(),
             &options.generation,
             &self.device,
+            &mut |sequence, token| on_token(sequence / copies, sequence % copies, token),
         )?;
         generated
             .into_iter()

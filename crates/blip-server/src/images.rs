@@ -1,0 +1,128 @@
+//! Images as requests carry them: raw bytes, base64 (plain or as a `data:` URL), or an
+//! http(s) URL fetched by the server when `--allow-image-urls` permits (server-side fetching
+//! lets a client make the server reach any address it can: off by default).
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use blip::RgbImage;
+
+use crate::error::ApiError;
+
+/// Where URL images may come from and how much may be read.
+#[derive(Debug, Clone)]
+pub struct UrlPolicy {
+    pub allowed: bool,
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
+/// An image named in a JSON body, not yet decoded.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    Bytes(Vec<u8>),
+    Url(String),
+}
+
+impl ImageSource {
+    /// Reads `text`: an http(s) URL, a `data:...;base64,` URL, or bare base64.
+    pub fn parse(text: &str, field: &str) -> Result<Self, ApiError> {
+        let trimmed = text.trim();
+        if trimmed.starts_with("http://") || trimmed.starts_with("https://") {
+            return Ok(ImageSource::Url(trimmed.to_string()));
+        }
+        let data = match trimmed.strip_prefix("data:") {
+            Some(rest) => match rest.split_once(',') {
+                Some((kind, data)) if kind.ends_with(";base64") => data,
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_image",
+                        format!("{field}: a data URL must be base64 (data:image/...;base64,...)"),
+                    ))
+                }
+            },
+            None => trimmed,
+        };
+        decode_base64(data, field).map(ImageSource::Bytes)
+    }
+
+    /// The decoded image; fetching a URL (when allowed) and decoding run on a blocking thread.
+    pub async fn load(self, policy: &UrlPolicy, field: &str) -> Result<RgbImage, ApiError> {
+        let policy = policy.clone();
+        let field = field.to_string();
+        tokio::task::spawn_blocking(move || {
+            let bytes = match self {
+                ImageSource::Bytes(bytes) => bytes,
+                ImageSource::Url(url) => fetch(&url, &policy, &field)?,
+            };
+            decode(&bytes, &field)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("decoding the image failed: {e}")))?
+    }
+}
+
+/// An encoded image in memory, decoded as `blip` decodes files.
+pub fn decode(bytes: &[u8], field: &str) -> Result<RgbImage, ApiError> {
+    Ok(blip::load_image_from_memory(bytes, Path::new(field))?)
+}
+
+/// Standard base64, padded or not, with white space around it.
+pub fn decode_base64(data: &str, field: &str) -> Result<Vec<u8>, ApiError> {
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    engine
+        .decode(data.trim())
+        .map_err(|e| ApiError::bad_request("invalid_base64", format!("{field} must be a base64-encoded image: {e}")))
+}
+
+fn fetch(url: &str, policy: &UrlPolicy, field: &str) -> Result<Vec<u8>, ApiError> {
+    if !policy.allowed {
+        return Err(ApiError::bad_request(
+            "invalid_image",
+            format!("{field}: image URLs are off on this server (start it with --allow-image-urls); send the image as base64"),
+        ));
+    }
+    let agent = ureq::AgentBuilder::new().timeout(policy.timeout).redirects(5).build();
+    let response = agent
+        .get(url)
+        .call()
+        .map_err(|e| ApiError::bad_request("invalid_image", format!("{field}: cannot fetch {url}: {e}")))?;
+    let mut bytes = Vec::new();
+    response
+        .into_reader()
+        .take(policy.max_bytes as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ApiError::bad_request("invalid_image", format!("{field}: cannot read {url}: {e}")))?;
+    if bytes.len() > policy.max_bytes {
+        return Err(ApiError::bad_request(
+            "invalid_image",
+            format!("{field}: {url} is larger than the limit of {} bytes", policy.max_bytes),
+        ));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_and_data_urls() {
+        let bytes = |s: &str| match ImageSource::parse(s, "inputs").unwrap() {
+            ImageSource::Bytes(b) => b,
+            ImageSource::Url(u) => panic!("{u}"),
+        };
+        assert_eq!(bytes("aGVsbG8="), b"hello");
+        assert_eq!(bytes(" aGVsbG8 "), b"hello");
+        assert_eq!(bytes("data:image/png;base64,aGVsbG8"), b"hello");
+        assert!(matches!(ImageSource::parse("https://x/y.png", "inputs").unwrap(), ImageSource::Url(_)));
+        assert_eq!(ImageSource::parse("%%%", "inputs").unwrap_err().kind, "invalid_base64");
+        assert_eq!(ImageSource::parse("data:image/png,raw", "inputs").unwrap_err().kind, "invalid_image");
+    }
+}

@@ -1,0 +1,274 @@
+//! Batching across requests: each model has one worker thread and a bounded queue. The worker
+//! takes what is waiting (up to `--max-batch-size` jobs), drops the jobs whose client is gone,
+//! and runs the rest in as few library calls as their options allow: images of concurrent
+//! requests go through the vision tower together, and their sequences decode together.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use blip::{
+    AnswerOptions, CaptionOptions, Captioner, ClassifyOptions, GenerationOptions, ImageTextMatcher, LabelScore,
+    MatchScore, Prompt, QuestionAnswerer, RgbImage,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// A loaded model: which task type holds it decides the tasks it serves.
+#[derive(Clone)]
+pub enum Engine {
+    Caption(Arc<Captioner>),
+    Vqa(Arc<QuestionAnswerer>),
+    Matching(Arc<ImageTextMatcher>),
+}
+
+/// (image or question, sequence, token) for each token chosen, when a client streams.
+pub type TokenSender = mpsc::UnboundedSender<(usize, u32)>;
+
+/// What a request asks of the model, its inputs decoded and its options checked.
+pub enum Work {
+    Caption { image: RgbImage, prompt: Option<String>, generation: GenerationOptions, tokens: Option<TokenSender> },
+    Answer { image: RgbImage, question: String, generation: GenerationOptions, tokens: Option<TokenSender> },
+    Classify { image: RgbImage, labels: Vec<String>, options: ClassifyOptions },
+    Match { image: RgbImage, texts: Vec<String> },
+    EmbedImage { image: RgbImage },
+    EmbedText { text: String },
+}
+
+/// What the model gave back for one job.
+#[derive(Debug)]
+pub enum Output {
+    /// Generated sequences, best first.
+    Texts(Vec<blip::GeneratedText>),
+    Labels(Vec<LabelScore>),
+    Matches(Vec<MatchScore>),
+    Embedding(Vec<f32>),
+}
+
+/// A job's answer and the size of the batch it ran in.
+pub type Reply = Result<(Output, usize), ApiError>;
+
+pub struct Job {
+    pub work: Work,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// The queue in front of one model's worker.
+pub struct Scheduler {
+    queue: mpsc::Sender<Job>,
+    waiting: Arc<AtomicUsize>,
+}
+
+/// The queue is full: the caller answers 429.
+pub struct Overloaded;
+
+impl Scheduler {
+    /// Starts the worker thread of `engine`, named `model` in the metrics.
+    pub fn start(engine: Engine, model: String, max_batch: usize, max_queue: usize, metrics: Arc<Metrics>) -> Self {
+        let (queue, jobs) = mpsc::channel(max_queue.max(1));
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let worker = Worker { engine, model, max_batch: max_batch.max(1), metrics, waiting: waiting.clone() };
+        std::thread::Builder::new()
+            .name("blip-worker".into())
+            .spawn(move || worker.run(jobs))
+            .expect("a thread can be spawned");
+        Self { queue, waiting }
+    }
+
+    /// Queues `work`; the receiver gets its answer. Dropping the receiver cancels the job if it
+    /// has not started.
+    pub fn submit(&self, work: Work) -> Result<oneshot::Receiver<Reply>, Overloaded> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.try_send(Job { work, reply }).map_err(|_| Overloaded)?;
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Ok(answer)
+    }
+
+    /// Jobs queued and not yet taken by the worker.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+struct Worker {
+    engine: Engine,
+    model: String,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Worker {
+    /// Runs batches until every sender is gone (the server shut down).
+    fn run(self, mut jobs: mpsc::Receiver<Job>) {
+        while let Some(first) = jobs.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.max_batch {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.waiting.fetch_sub(batch.len(), Ordering::Relaxed);
+            let before = batch.len();
+            batch.retain(|job| !job.reply.is_closed());
+            self.metrics.cancelled(&self.model, before - batch.len());
+            if batch.is_empty() {
+                continue;
+            }
+            let start = Instant::now();
+            let size = batch.len();
+            self.metrics.batch(&self.model, size);
+            // rayon's pool runs the model's kernels; a worker of it runs a batch's many small
+            // parallel steps inline (see blip::generation::generate).
+            // A panic (a bug) fails this batch's requests (their replies are dropped: 500),
+            // not the worker.
+            let ran =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rayon::scope(|_| self.run_batch(batch))));
+            if ran.is_err() {
+                tracing::error!(model = self.model, "a batch panicked; its requests failed");
+            }
+            tracing::debug!(model = self.model, size, seconds = start.elapsed().as_secs_f64(), "batch");
+        }
+    }
+
+    /// Runs the jobs in groups that one library call can serve together.
+    fn run_batch(&self, batch: Vec<Job>) {
+        let size = batch.len();
+        let mut groups: Vec<Vec<Job>> = Vec::new();
+        for job in batch {
+            match groups.iter_mut().find(|group| batches_with(&group[0].work, &job.work)) {
+                Some(group) => group.push(job),
+                None => groups.push(vec![job]),
+            }
+        }
+        for group in groups {
+            let (works, replies): (Vec<Work>, Vec<oneshot::Sender<Reply>>) =
+                group.into_iter().map(|job| (job.work, job.reply)).unzip();
+            let results = match self.run_group(works) {
+                Ok(outputs) => outputs.into_iter().map(Ok).collect(),
+                Err(err) => replies.iter().map(|_| Err(err.clone())).collect::<Vec<_>>(),
+            };
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result.map(|output| (output, size)));
+            }
+        }
+    }
+
+    /// One library call for jobs that [`batches_with`] put together.
+    fn run_group(&self, works: Vec<Work>) -> Result<Vec<Output>, ApiError> {
+        let n = works.len();
+        match (&self.engine, &works[0]) {
+            (Engine::Caption(captioner), Work::Caption { generation, .. }) => {
+                let generation = generation.clone();
+                let (mut images, mut prompts, mut senders) = (Vec::new(), Vec::new(), Vec::new());
+                for work in works {
+                    let Work::Caption { image, prompt, tokens, .. } = work else { unreachable!("grouped") };
+                    images.push(image);
+                    prompts.push(prompt);
+                    senders.push(tokens);
+                }
+                self.metrics.images(&self.model, n);
+                let options = CaptionOptions::new(Prompt::PerImage(prompts), generation);
+                let captions = captioner.caption_streaming(&images, &options, &mut stream_to(&senders))?;
+                Ok(self.texts(captions))
+            }
+            (Engine::Vqa(vqa), Work::Answer { generation, .. }) => {
+                let options = AnswerOptions::new(generation.clone());
+                let (mut images, mut questions, mut senders) = (Vec::new(), Vec::new(), Vec::new());
+                for work in works {
+                    let Work::Answer { image, question, tokens, .. } = work else { unreachable!("grouped") };
+                    images.push(image);
+                    questions.push(question);
+                    senders.push(tokens);
+                }
+                self.metrics.images(&self.model, n);
+                let questions: Vec<&str> = questions.iter().map(String::as_str).collect();
+                let answers = vqa.answer_streaming(&images, &questions, &options, &mut stream_to(&senders))?;
+                Ok(self.texts(answers))
+            }
+            (Engine::Matching(matcher), Work::Classify { labels, options, .. }) => {
+                let (labels, options) = (labels.clone(), options.clone());
+                let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+                let images = self.take_images(works);
+                Ok(matcher.classify(&images, &labels, &options)?.into_iter().map(Output::Labels).collect())
+            }
+            (Engine::Matching(matcher), Work::Match { texts, .. }) => {
+                let texts = texts.clone();
+                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let images = self.take_images(works);
+                Ok(matcher.match_texts(&images, &texts)?.into_iter().map(Output::Matches).collect())
+            }
+            (Engine::Matching(matcher), Work::EmbedImage { .. }) => {
+                let images = self.take_images(works);
+                let embeddings = matcher.embed_images(&images)?.to_vec2::<f32>().map_err(blip::Error::from)?;
+                Ok(embeddings.into_iter().map(Output::Embedding).collect())
+            }
+            (Engine::Matching(matcher), Work::EmbedText { .. }) => {
+                let texts: Vec<&str> = works
+                    .iter()
+                    .map(|work| match work {
+                        Work::EmbedText { text } => text.as_str(),
+                        _ => unreachable!("grouped"),
+                    })
+                    .collect();
+                let embeddings = matcher.embed_texts(&texts)?.to_vec2::<f32>().map_err(blip::Error::from)?;
+                Ok(embeddings.into_iter().map(Output::Embedding).collect())
+            }
+            _ => Err(ApiError::internal("this model does not serve this task")),
+        }
+    }
+
+    /// The images of jobs that carry one each, in order, counted.
+    fn take_images(&self, works: Vec<Work>) -> Vec<RgbImage> {
+        let images: Vec<RgbImage> = works
+            .into_iter()
+            .filter_map(|work| match work {
+                Work::Classify { image, .. } | Work::Match { image, .. } | Work::EmbedImage { image } => Some(image),
+                _ => None,
+            })
+            .collect();
+        self.metrics.images(&self.model, images.len());
+        images
+    }
+
+    /// Each input's sequences, counting the tokens generated.
+    fn texts(&self, generated: Vec<Vec<blip::GeneratedText>>) -> Vec<Output> {
+        let tokens: usize = generated.iter().flatten().map(|g| g.tokens.len()).sum();
+        self.metrics.tokens(&self.model, tokens);
+        generated.into_iter().map(Output::Texts).collect()
+    }
+}
+
+/// Whether two jobs can run in one library call: the same task with the same options (prompts
+/// and questions may differ: the library groups prompts by length itself).
+fn batches_with(a: &Work, b: &Work) -> bool {
+    match (a, b) {
+        (Work::Caption { generation: x, .. }, Work::Caption { generation: y, .. }) => x == y,
+        (Work::Answer { generation: x, .. }, Work::Answer { generation: y, .. }) => x == y,
+        (Work::Classify { labels: l1, options: o1, .. }, Work::Classify { labels: l2, options: o2, .. }) => {
+            l1 == l2 && o1 == o2
+        }
+        (Work::Match { texts: x, .. }, Work::Match { texts: y, .. }) => x == y,
+        (Work::EmbedImage { .. }, Work::EmbedImage { .. }) => true,
+        (Work::EmbedText { .. }, Work::EmbedText { .. }) => true,
+        _ => false,
+    }
+}
+
+/// The library's token callback, forwarding each row's tokens to its client if it streams.
+fn stream_to(senders: &[Option<TokenSender>]) -> impl FnMut(usize, usize, u32) + Send + '_ {
+    move |row, sequence, token| {
+        if let Some(Some(sender)) = senders.get(row) {
+            let _ = sender.send((sequence, token));
+        }
+    }
+}
+
+/// A rerank count that can ride in `ClassifyOptions`.
+pub fn rerank(count: Option<usize>) -> Option<NonZeroUsize> {
+    count.and_then(NonZeroUsize::new)
+}
