@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Every test, as CI runs them (no network, no Python): the workspace with OpenBLAS, the library's
-# kernels again without it (the `gemm` crate's path, the library's default), and the library's
-# unit and parity tests on the portable (non-SIMD) kernels. `--workspace` keeps the feature set
+# Every test, as CI runs them: the workspace with OpenBLAS, the library's kernels again without it
+# (the `gemm` crate's path, the library's default), the library's unit and parity tests on the
+# portable (non-SIMD) kernels, then `blip serve` with the real Python clients (their pinned
+# environment is made on first use; the Rust tests never need the network). `--workspace` keeps the feature set
 # of the first run, so the later passes rebuild nothing but the library without OpenBLAS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --release --workspace
 cargo test --release --workspace --lib --no-default-features
 BLIP_KERNELS=portable cargo test --release --workspace --lib --tests
+# blip serve with the real Python clients (huggingface_hub, openai) in a pinned environment.
+scripts/test-clients.sh
