@@ -16,10 +16,10 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::images::UrlPolicy;
+use crate::images::{ImageSource, UrlPolicy};
 use crate::metrics::Metrics;
 use crate::models::{LoadOptions, ServedModel, Task};
-use crate::scheduler::{Output, Work};
+use crate::scheduler::{Output, Pixels, Work};
 use crate::tasks;
 
 /// How the server runs, from its flags.
@@ -59,6 +59,8 @@ pub struct AppState {
     models: OnceLock<Vec<ServedModel>>,
     pub metrics: Arc<Metrics>,
     next_request: AtomicU64,
+    /// Images being decoded at once, at most one per core.
+    decoding: tokio::sync::Semaphore,
 }
 
 pub type Shared = Arc<AppState>;
@@ -70,6 +72,7 @@ impl AppState {
             models: OnceLock::new(),
             metrics: Arc::new(Metrics::default()),
             next_request: AtomicU64::new(1),
+            decoding: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
         })
     }
 
@@ -105,6 +108,13 @@ impl AppState {
             let served: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
             ApiError::not_found(format!("model {id} is not served here; this server serves {}", served.join(", ")))
         })
+    }
+
+    /// The image `source` names, decoded and preprocessed for `model`.
+    pub async fn pixels(&self, model: &ServedModel, source: ImageSource, field: &str) -> Result<Pixels, ApiError> {
+        let engine = model.engine.clone();
+        let policy = self.config.url_policy();
+        source.load(&policy, field, &self.decoding, move |image| Ok(engine.preprocess(image)?)).await
     }
 
     /// Queues `work` on `model` and waits for its answer: 429 when the queue is full, 504

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use blip::RgbImage;
+use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
 
@@ -48,8 +49,17 @@ impl ImageSource {
         decode_base64(data, field).map(ImageSource::Bytes)
     }
 
-    /// The decoded image; fetching a URL (when allowed) and decoding run on a blocking thread.
-    pub async fn load(self, policy: &UrlPolicy, field: &str) -> Result<RgbImage, ApiError> {
+    /// The decoded image passed through `then` (the model's preprocessing); fetching a URL
+    /// (when allowed), decoding and `then` run on a blocking thread, at most as many at once as
+    /// `limit` has permits, so that memory for decoded images stays bounded.
+    pub async fn load<T: Send + 'static>(
+        self,
+        policy: &UrlPolicy,
+        field: &str,
+        limit: &Semaphore,
+        then: impl FnOnce(RgbImage) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit = limit.acquire().await.map_err(|_| ApiError::internal("the server is shutting down"))?;
         let policy = policy.clone();
         let field = field.to_string();
         tokio::task::spawn_blocking(move || {
@@ -57,7 +67,7 @@ impl ImageSource {
                 ImageSource::Bytes(bytes) => bytes,
                 ImageSource::Url(url) => fetch(&url, &policy, &field)?,
             };
-            decode(&bytes, &field)
+            then(decode(&bytes, &field)?)
         })
         .await
         .map_err(|e| ApiError::internal(format!("decoding the image failed: {e}")))?

@@ -225,7 +225,7 @@ pub async fn chat_completions(State(state): State<Shared>, body: Body) -> Result
     let stops = request.stops();
     let (prefix, eos, prompt_tokens) = decoder_prefix(model, text.as_deref())?;
     let job = GenerationJob::check(model, text, &overrides).map_err(|err| ApiError::from_blip(err, &openai_name))?;
-    let image = ImageSource::parse(&image, "image_url")?.load(&state.config.url_policy(), "image_url").await?;
+    let image = state.pixels(model, ImageSource::parse(&image, "image_url")?, "image_url").await?;
     let (tokens, token_stream) = if request.stream { Some(mpsc::unbounded_channel()).unzip() } else { (None, None) };
     let work = job.work(image, tokens);
     let id = format!("chatcmpl-{:016x}", rand_id());

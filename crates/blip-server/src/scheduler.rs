@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use blip::{
     AnswerOptions, CaptionOptions, Captioner, ClassifyOptions, GenerationOptions, ImageTextMatcher, LabelScore,
-    MatchScore, Prompt, QuestionAnswerer, RgbImage,
+    Images, MatchScore, Prompt, QuestionAnswerer, RgbImage, Tensor,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -25,16 +25,33 @@ pub enum Engine {
     Matching(Arc<ImageTextMatcher>),
 }
 
+impl Engine {
+    /// An image's `pixel_values` [1, 3, size, size], by the model's own processor.
+    pub fn preprocess(&self, image: RgbImage) -> blip::Result<Tensor> {
+        let images = [image];
+        let pixels = match self {
+            Engine::Caption(task) => task.pixel_values(Images::from(&images))?,
+            Engine::Vqa(task) => task.pixel_values(Images::from(&images))?,
+            Engine::Matching(task) => task.pixel_values(Images::from(&images))?,
+        };
+        Ok(pixels.into_owned())
+    }
+}
+
 /// (image or question, sequence, token) for each token chosen, when a client streams.
 pub type TokenSender = mpsc::UnboundedSender<(usize, u32)>;
 
+/// An image as the model's processor made it: `pixel_values` [1, 3, size, size]. Queued jobs
+/// hold these rather than decoded images, so that a queue of large photos stays small.
+pub type Pixels = Tensor;
+
 /// What a request asks of the model, its inputs decoded and its options checked.
 pub enum Work {
-    Caption { image: RgbImage, prompt: Option<String>, generation: GenerationOptions, tokens: Option<TokenSender> },
-    Answer { image: RgbImage, question: String, generation: GenerationOptions, tokens: Option<TokenSender> },
-    Classify { image: RgbImage, labels: Vec<String>, options: ClassifyOptions },
-    Match { image: RgbImage, texts: Vec<String> },
-    EmbedImage { image: RgbImage },
+    Caption { image: Pixels, prompt: Option<String>, generation: GenerationOptions, tokens: Option<TokenSender> },
+    Answer { image: Pixels, question: String, generation: GenerationOptions, tokens: Option<TokenSender> },
+    Classify { image: Pixels, labels: Vec<String>, options: ClassifyOptions },
+    Match { image: Pixels, texts: Vec<String> },
+    EmbedImage { image: Pixels },
     EmbedText { text: String },
 }
 
@@ -160,7 +177,6 @@ impl Worker {
 
     /// One library call for jobs that [`batches_with`] put together.
     fn run_group(&self, works: Vec<Work>) -> Result<Vec<Output>, ApiError> {
-        let n = works.len();
         match (&self.engine, &works[0]) {
             (Engine::Caption(captioner), Work::Caption { generation, .. }) => {
                 let generation = generation.clone();
@@ -171,9 +187,9 @@ impl Worker {
                     prompts.push(prompt);
                     senders.push(tokens);
                 }
-                self.metrics.images(&self.model, n);
+                let pixels = self.batch_pixels(images)?;
                 let options = CaptionOptions::new(Prompt::PerImage(prompts), generation);
-                let captions = captioner.caption_streaming(&images, &options, &mut stream_to(&senders))?;
+                let captions = captioner.caption_streaming(&pixels, &options, &mut stream_to(&senders))?;
                 Ok(self.texts(captions))
             }
             (Engine::Vqa(vqa), Work::Answer { generation, .. }) => {
@@ -185,26 +201,26 @@ impl Worker {
                     questions.push(question);
                     senders.push(tokens);
                 }
-                self.metrics.images(&self.model, n);
+                let pixels = self.batch_pixels(images)?;
                 let questions: Vec<&str> = questions.iter().map(String::as_str).collect();
-                let answers = vqa.answer_streaming(&images, &questions, &options, &mut stream_to(&senders))?;
+                let answers = vqa.answer_streaming(&pixels, &questions, &options, &mut stream_to(&senders))?;
                 Ok(self.texts(answers))
             }
             (Engine::Matching(matcher), Work::Classify { labels, options, .. }) => {
                 let (labels, options) = (labels.clone(), options.clone());
                 let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-                let images = self.take_images(works);
-                Ok(matcher.classify(&images, &labels, &options)?.into_iter().map(Output::Labels).collect())
+                let pixels = self.take_images(works)?;
+                Ok(matcher.classify(&pixels, &labels, &options)?.into_iter().map(Output::Labels).collect())
             }
             (Engine::Matching(matcher), Work::Match { texts, .. }) => {
                 let texts = texts.clone();
                 let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-                let images = self.take_images(works);
-                Ok(matcher.match_texts(&images, &texts)?.into_iter().map(Output::Matches).collect())
+                let pixels = self.take_images(works)?;
+                Ok(matcher.match_texts(&pixels, &texts)?.into_iter().map(Output::Matches).collect())
             }
             (Engine::Matching(matcher), Work::EmbedImage { .. }) => {
-                let images = self.take_images(works);
-                let embeddings = matcher.embed_images(&images)?.to_vec2::<f32>().map_err(blip::Error::from)?;
+                let pixels = self.take_images(works)?;
+                let embeddings = matcher.embed_images(&pixels)?.to_vec2::<f32>().map_err(blip::Error::from)?;
                 Ok(embeddings.into_iter().map(Output::Embedding).collect())
             }
             (Engine::Matching(matcher), Work::EmbedText { .. }) => {
@@ -222,17 +238,22 @@ impl Worker {
         }
     }
 
-    /// The images of jobs that carry one each, in order, counted.
-    fn take_images(&self, works: Vec<Work>) -> Vec<RgbImage> {
-        let images: Vec<RgbImage> = works
+    /// The images of jobs that carry one each, as one batch.
+    fn take_images(&self, works: Vec<Work>) -> Result<Tensor, ApiError> {
+        let images: Vec<Pixels> = works
             .into_iter()
             .filter_map(|work| match work {
                 Work::Classify { image, .. } | Work::Match { image, .. } | Work::EmbedImage { image } => Some(image),
                 _ => None,
             })
             .collect();
+        self.batch_pixels(images)
+    }
+
+    /// Jobs' `pixel_values` stacked into one batch, counted.
+    fn batch_pixels(&self, images: Vec<Pixels>) -> Result<Tensor, ApiError> {
         self.metrics.images(&self.model, images.len());
-        images
+        Tensor::cat(&images, 0).map_err(|e| ApiError::internal(format!("batching images: {e}")))
     }
 
     /// Each input's sequences, counting the tokens generated.

@@ -5,22 +5,20 @@
 use axum::response::Response;
 use blip::{
     Architecture, CaptionOptions, ClassifyOptions, GenerationOptions, GenerationOverrides, InvalidInput, Param, Prompt,
-    RgbImage,
 };
 
 use crate::app::{answered, AppState};
 use crate::error::ApiError;
 use crate::hf;
 use crate::models::{ServedModel, Task};
-use crate::scheduler::{Engine, Output, TokenSender, Work};
+use crate::scheduler::{Engine, Output, Pixels, TokenSender, Work};
 
 pub async fn run(state: &AppState, model: &ServedModel, task: Task, body: &[u8]) -> Result<Response, ApiError> {
-    let policy = state.config.url_policy();
     match task {
         Task::ImageToText => {
             let request = hf::image_to_text(body)?;
             let job = GenerationJob::check(model, None, &request.generation)?;
-            let image = request.image.load(&policy, "inputs").await?;
+            let image = state.pixels(model, request.image, "inputs").await?;
             let (output, batch) = state.run(model, job.work(image, None)).await?;
             let texts = texts(output)?;
             let body: Vec<hf::GeneratedText> =
@@ -38,7 +36,7 @@ pub async fn run(state: &AppState, model: &ServedModel, task: Task, body: &[u8])
                 }
             }
             let job = GenerationJob::check(model, Some(request.question), &overrides)?;
-            let image = request.image.load(&policy, "image").await?;
+            let image = state.pixels(model, request.image, "image").await?;
             let (output, batch) = state.run(model, job.work(image, None)).await?;
             let mut answers: Vec<hf::AnswerScore> = texts(output)?
                 .into_iter()
@@ -54,7 +52,7 @@ pub async fn run(state: &AppState, model: &ServedModel, task: Task, body: &[u8])
             let options = ClassifyOptions::new(template, None);
             let labels: Vec<&str> = request.candidate_labels.iter().map(String::as_str).collect();
             matcher.validate_classify(&labels, &options)?;
-            let image = request.image.load(&policy, "inputs").await?;
+            let image = state.pixels(model, request.image, "inputs").await?;
             let work = Work::Classify { image, labels: request.candidate_labels.clone(), options };
             let (output, batch) = state.run(model, work).await?;
             let Output::Labels(mut scores) = output else { return Err(wrong_output()) };
@@ -64,7 +62,7 @@ pub async fn run(state: &AppState, model: &ServedModel, task: Task, body: &[u8])
             Ok(answered(body, batch))
         }
         Task::ImageFeatureExtraction => {
-            let image = hf::image_features(body)?.load(&policy, "inputs").await?;
+            let image = state.pixels(model, hf::image_features(body)?, "inputs").await?;
             let (output, batch) = state.run(model, Work::EmbedImage { image }).await?;
             let Output::Embedding(embedding) = output else { return Err(wrong_output()) };
             Ok(answered(vec![embedding], batch))
@@ -90,7 +88,7 @@ pub async fn run(state: &AppState, model: &ServedModel, task: Task, body: &[u8])
         Task::ImageTextMatching => {
             let request = hf::matching(body)?;
             blip::tasks::check_not_empty(Param::Text, &request.texts)?;
-            let image = request.image.load(&policy, "image").await?;
+            let image = state.pixels(model, request.image, "image").await?;
             let work = Work::Match { image, texts: request.texts.clone() };
             let (output, batch) = state.run(model, work).await?;
             let Output::Matches(scores) = output else { return Err(wrong_output()) };
@@ -142,7 +140,7 @@ impl GenerationJob {
     }
 
     /// The job for `image`, streaming its tokens to `tokens` if given.
-    pub fn work(self, image: RgbImage, tokens: Option<TokenSender>) -> Work {
+    pub fn work(self, image: Pixels, tokens: Option<TokenSender>) -> Work {
         let generation = self.generation;
         match self.captioning {
             true => Work::Caption { image, prompt: self.text, generation, tokens },
