@@ -210,23 +210,48 @@ fn decode(model: &ServedModel, tokens: &[u32]) -> Result<String, ApiError> {
     })
 }
 
+/// A chat completion request, read: what the model is asked and how.
+#[derive(Debug)]
+pub struct Chat {
+    pub model: String,
+    pub image: ImageSource,
+    /// The user message's text: a prompt to continue, or a question.
+    pub text: Option<String>,
+    pub overrides: GenerationOverrides,
+    pub stops: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Reads a chat completion request's body.
+pub fn parse(body: &[u8]) -> Result<Chat, ApiError> {
+    let request: ChatRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("the body is not a valid chat completion request: {e}"))
+    })?;
+    let (image, text) = request.image_and_text()?;
+    Ok(Chat {
+        image: ImageSource::parse(&image, "image_url")?,
+        text,
+        overrides: request.overrides(),
+        stops: request.stops(),
+        stream: request.stream,
+        include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        model: request.model,
+    })
+}
+
 /// `POST /v1/chat/completions`.
 #[utoipa::path(post, path = "/v1/chat/completions", request_body = crate::openapi::ChatCompletionRequest,
     responses((status = 200, description = "A chat.completion, or with stream: server-sent chat.completion.chunk events"),
               (status = "4XX", body = crate::openapi::ErrorBody)))]
 pub async fn chat_completions(State(state): State<Shared>, body: Body) -> Result<Response, ApiError> {
     let body = read_body(body, state.config.max_body_size).await?;
-    let request: ChatRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("the body is not a valid chat completion request: {e}"))
-    })?;
-    let model = pick_model(&state, &request.model)?;
-    let (image, text) = request.image_and_text()?;
-    let overrides = request.overrides();
-    let stops = request.stops();
+    let Chat { model, image, text, overrides, stops, stream, include_usage } = parse(&body)?;
+    let model = pick_model(&state, &model)?;
     let (prefix, eos, prompt_tokens) = decoder_prefix(model, text.as_deref())?;
     let job = GenerationJob::check(model, text, &overrides).map_err(|err| ApiError::from_blip(err, &openai_name))?;
-    let image = state.pixels(model, ImageSource::parse(&image, "image_url")?, "image_url").await?;
-    let (tokens, token_stream) = if request.stream { Some(mpsc::unbounded_channel()).unzip() } else { (None, None) };
+    let image = state.pixels(model, image, "image_url").await?;
+    let (tokens, token_stream) = if stream { Some(mpsc::unbounded_channel()).unzip() } else { (None, None) };
     let work = job.work(image, tokens);
     let id = format!("chatcmpl-{:016x}", rand_id());
     let created = now();
@@ -260,7 +285,6 @@ pub async fn chat_completions(State(state): State<Shared>, body: Body) -> Result
     };
 
     let answer = model.scheduler.submit(work).map_err(|_| ApiError::overloaded())?;
-    let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let timeout = state.config.request_timeout;
     let state = state.clone();
     let model_name = model_id.clone();
