@@ -545,3 +545,51 @@ fn graceful_shutdown_finishes_what_runs() {
     let exit = server.child.wait().unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// Serves `bytes` once per connection at any path, on a free local port: an image host.
+fn image_host(bytes: Vec<u8>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let header = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                bytes.len()
+            );
+            let _ = stream.write_all(header.as_bytes());
+            let _ = stream.write_all(&bytes);
+        }
+    });
+    format!("http://{address}/image.png")
+}
+
+#[test]
+fn image_urls_only_when_allowed() {
+    let path = image("chelsea.png");
+    let url = image_host(std::fs::read(&path).unwrap());
+    let server = Server::start(&[CAPTION], &["--allow-image-urls"]);
+    let body = ok(post_json(&server.url("/models/tiny-caption-bin"), json!({"inputs": url})));
+    assert_eq!(body, json!([{ "generated_text": cli_caption(&[], &path) }]));
+    // Larger than the body limit: refused, not read to its end.
+    let small = Server::start(&[CAPTION], &["--allow-image-urls", "--max-body-size", "10KB"]);
+    let message =
+        assert_error(post_json(&small.url("/models/tiny-caption-bin"), json!({"inputs": url})), 400, "invalid_image");
+    assert!(message.contains("limit"), "{message}");
+}
+
+#[test]
+fn a_model_that_cannot_load_stops_the_server() {
+    let out = Command::new(env!("CARGO_BIN_EXE_blip"))
+        .args(["serve", "--port", "0", "--model", "nobody/no-such-model"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", common::tempdir("empty-cache"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = common::stderr(&out);
+    assert!(stderr.contains("listening on"), "{stderr}");
+    assert!(stderr.contains("nobody/no-such-model"), "{stderr}");
+}
