@@ -508,17 +508,8 @@ fn a_client_that_hangs_up_has_its_job_cancelled() {
     let path = image("chelsea.png");
     let busy = in_background(&url, slow_request(&path));
     // A request sent by hand, the connection closed while it waits behind the busy one.
-    let address = server.base.trim_start_matches("http://").to_string();
     let body = json!({"inputs": b64(&path)}).to_string();
-    let mut socket = std::net::TcpStream::connect(&address).unwrap();
-    write!(
-        socket,
-        "POST /models/tiny-caption-bin HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    drop(socket);
+    hang_up(&server, "/models/tiny-caption-bin", &body, Duration::from_millis(20));
     assert_eq!(busy.join().unwrap(), 200);
     let cancelled = (0..50)
         .find_map(|_| {
@@ -528,6 +519,46 @@ fn a_client_that_hangs_up_has_its_job_cancelled() {
         .expect("a cancelled job");
     assert_eq!(cancelled, 1.0);
     assert_eq!(metric(&server, "blip_images_total{"), Some(1.0), "only the busy request ran");
+}
+
+/// Sends `body` to `path` on a raw connection and hangs up after `wait`, without reading.
+fn hang_up(server: &Server, path: &str, body: &str, wait: Duration) {
+    let address = server.base.trim_start_matches("http://").to_string();
+    let mut socket = std::net::TcpStream::connect(&address).unwrap();
+    write!(
+        socket,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(wait);
+    drop(socket);
+}
+
+#[test]
+fn a_client_that_hangs_up_has_its_generation_stopped() {
+    let server = Server::start(&[CAPTION], &[]);
+    let path = image("chelsea.png");
+    // 64 sampled sequences to the full length: long enough to hang up in the middle.
+    let parameters = json!({"do_sample": true, "num_return_sequences": 64, "min_new_tokens": 63, "max_new_tokens": 63, "seed": 1});
+    let body = json!({"inputs": b64(&path), "parameters": parameters}).to_string();
+    let start = std::time::Instant::now();
+    ok(post_json(&server.url("/models/tiny-caption-bin"), serde_json::from_str(&body).unwrap()));
+    let whole = start.elapsed();
+    let full_tokens = metric(&server, "blip_generated_tokens_total{").unwrap();
+    assert_eq!(full_tokens, 64.0 * 64.0);
+    hang_up(&server, "/models/tiny-caption-bin", &body, whole / 3);
+    let cancelled = (0..100)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            metric(&server, "blip_cancelled_jobs_total{")
+        })
+        .expect("a cancelled job");
+    assert_eq!(cancelled, 1.0);
+    // Stopped before its end: fewer tokens than a whole second run.
+    std::thread::sleep(Duration::from_millis(100));
+    let tokens = metric(&server, "blip_generated_tokens_total{").unwrap() - full_tokens;
+    assert!(tokens < full_tokens, "{tokens} tokens after the hang-up, {full_tokens} in a whole run ({whole:?})");
 }
 
 #[cfg(unix)]

@@ -68,7 +68,7 @@ impl Default for Metrics {
             registry.register("generated_tokens", "Tokens in generated sequences", metrics.tokens.clone());
             registry.register(
                 "cancelled_jobs",
-                "Queued jobs dropped because their client left",
+                "Jobs dropped because their client left: queued, or stopped while generating",
                 metrics.cancelled.clone(),
             );
         }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use blip::{
-    AnswerOptions, CaptionOptions, Captioner, ClassifyOptions, GenerationOptions, ImageTextMatcher, LabelScore,
-    Images, MatchScore, Prompt, QuestionAnswerer, RgbImage, Tensor,
+    AnswerOptions, CaptionOptions, Captioner, ClassifyOptions, GenerationOptions, GenerationRun, ImageTextMatcher,
+    Images, LabelScore, MatchScore, Prompt, QuestionAnswerer, RgbImage, Tensor,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -165,7 +165,7 @@ impl Worker {
         for group in groups {
             let (works, replies): (Vec<Work>, Vec<oneshot::Sender<Reply>>) =
                 group.into_iter().map(|job| (job.work, job.reply)).unzip();
-            let results = match self.run_group(works) {
+            let results = match self.run_group(works, &replies) {
                 Ok(outputs) => outputs.into_iter().map(Ok).collect(),
                 Err(err) => replies.iter().map(|_| Err(err.clone())).collect::<Vec<_>>(),
             };
@@ -176,7 +176,8 @@ impl Worker {
     }
 
     /// One library call for jobs that [`batches_with`] put together.
-    fn run_group(&self, works: Vec<Work>) -> Result<Vec<Output>, ApiError> {
+    /// Generation stops early for jobs whose client is gone (`replies` closed).
+    fn run_group(&self, works: Vec<Work>, replies: &[oneshot::Sender<Reply>]) -> Result<Vec<Output>, ApiError> {
         match (&self.engine, &works[0]) {
             (Engine::Caption(captioner), Work::Caption { generation, .. }) => {
                 let generation = generation.clone();
@@ -189,8 +190,8 @@ impl Worker {
                 }
                 let pixels = self.batch_pixels(images)?;
                 let options = CaptionOptions::new(Prompt::PerImage(prompts), generation);
-                let captions = captioner.caption_streaming(&pixels, &options, &mut stream_to(&senders))?;
-                Ok(self.texts(captions))
+                let run = captioner.start_captions(&pixels, &options)?;
+                self.generate(run, &senders, replies)
             }
             (Engine::Vqa(vqa), Work::Answer { generation, .. }) => {
                 let options = AnswerOptions::new(generation.clone());
@@ -203,8 +204,8 @@ impl Worker {
                 }
                 let pixels = self.batch_pixels(images)?;
                 let questions: Vec<&str> = questions.iter().map(String::as_str).collect();
-                let answers = vqa.answer_streaming(&pixels, &questions, &options, &mut stream_to(&senders))?;
-                Ok(self.texts(answers))
+                let run = vqa.start_answers(&pixels, &questions, &options)?;
+                self.generate(run, &senders, replies)
             }
             (Engine::Matching(matcher), Work::Classify { labels, options, .. }) => {
                 let (labels, options) = (labels.clone(), options.clone());
@@ -256,11 +257,31 @@ impl Worker {
         Tensor::cat(&images, 0).map_err(|e| ApiError::internal(format!("batching images: {e}")))
     }
 
-    /// Each input's sequences, counting the tokens generated.
-    fn texts(&self, generated: Vec<Vec<blip::GeneratedText>>) -> Vec<Output> {
+    /// Steps a generation to its end, streaming tokens to the clients that asked, and stopping
+    /// the inputs whose client is gone (all gone: it ends there); counts the tokens generated.
+    fn generate(
+        &self,
+        mut run: GenerationRun<'_>,
+        senders: &[Option<TokenSender>],
+        replies: &[oneshot::Sender<Reply>],
+    ) -> Result<Vec<Output>, ApiError> {
+        let mut gone = vec![false; replies.len()];
+        loop {
+            for (input, reply) in replies.iter().enumerate() {
+                if !gone[input] && reply.is_closed() {
+                    gone[input] = true;
+                    run.stop(input)?;
+                    self.metrics.cancelled(&self.model, 1);
+                }
+            }
+            if gone.iter().all(|&g| g) || run.step(&mut stream_to(senders))? {
+                break;
+            }
+        }
+        let generated = run.finish()?;
         let tokens: usize = generated.iter().flatten().map(|g| g.tokens.len()).sum();
         self.metrics.tokens(&self.model, tokens);
-        generated.into_iter().map(Output::Texts).collect()
+        Ok(generated.into_iter().map(Output::Texts).collect())
     }
 }
 

@@ -45,5 +45,6 @@ pub use image::RgbImage;
 pub use processor::image::{load_image, load_image_from_memory, ResizeBackend};
 pub use tasks::caption::{Caption, CaptionOptions, Captioner, Prompt};
 pub use tasks::matching::{ClassifyOptions, ImageTextMatcher, LabelScore, MatchScore};
+pub use tasks::run::GenerationRun;
 pub use tasks::vqa::{Answer, AnswerList, AnswerOptions, QuestionAnswerer, RankOptions, RankedAnswer};
 pub use tasks::{GeneratedText, Images, Task, TaskModel};

@@ -273,13 +273,13 @@ pub fn generate(
     options: &GenerationOptions,
     device: &Device,
 ) -> Result<Vec<Vec<Generated>>> {
-    generate_streaming(decoder, prefixes, eos_token_id, options, device, &mut |_, _| ())
+    generate_streaming(decoder, prefixes, eos_token_id, options, device, &mut |_, _, _| ())
 }
 
-/// Called with each token as it is chosen: (sequence, token), where sequence `i` is prefix
-/// `i / num_return_sequences`'s copy `i % num_return_sequences`. Beam search chooses nothing
-/// for certain until it ends, so it calls nothing.
-pub type OnToken<'a> = dyn FnMut(usize, u32) + Send + 'a;
+/// Called with each token as it is chosen: (prefix, copy, token), the copy numbering the
+/// `num_return_sequences` sequences of a prefix. Beam search chooses nothing for certain until
+/// it ends, so it calls nothing.
+pub type OnToken<'a> = dyn FnMut(usize, usize, u32) + Send + 'a;
 
 /// [`generate`], telling `on_token` each token of greedy search and sampling as it is chosen
 /// (a server streams them).
@@ -294,92 +294,193 @@ pub fn generate_streaming(
     // On a worker of rayon's pool (where candle's CPU kernels and this crate's run), a decoding
     // step's many small parallel steps run inline instead of each being handed to a sleeping
     // worker and waited for. On a worker already, it just runs.
-    rayon::scope(|_| generate_here(decoder, prefixes, eos_token_id, options, device, on_token))
+    rayon::scope(|_| {
+        let mut generation = Generation::start(decoder, prefixes, eos_token_id, options, device)?;
+        while !generation.step(on_token)? {}
+        Ok(generation.finish())
+    })
 }
 
-fn generate_here(
-    decoder: &mut impl Decoder,
-    prefixes: &[Vec<u32>],
-    eos_token_id: u32,
-    options: &GenerationOptions,
-    device: &Device,
-    on_token: &mut OnToken<'_>,
-) -> Result<Vec<Vec<Generated>>> {
-    options.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let Some(first) = prefixes.first() else { return Ok(vec![]) };
-    if prefixes.iter().any(|p| p.len() != first.len()) {
-        candle_core::bail!("generation needs prefixes of equal length");
+impl<D: Decoder + ?Sized> Decoder for &mut D {
+    fn next_logits(&mut self, input_ids: &Tensor) -> Result<Tensor> {
+        (**self).next_logits(input_ids)
     }
-    if options.num_beams > 1 {
-        return beam::beam_search(decoder, prefixes, eos_token_id, options, device);
+
+    fn keep_rows(&mut self, rows: &[u32]) -> Result<()> {
+        (**self).keep_rows(rows)
     }
-    let copies = options.num_return_sequences;
-    let rows: Vec<u32> = (0..prefixes.len() as u32).flat_map(|r| std::iter::repeat_n(r, copies)).collect();
-    if copies > 1 {
-        decoder.keep_rows(&rows)?;
-    }
-    let expanded: Vec<Vec<u32>> = rows.iter().map(|&r| prefixes[r as usize].clone()).collect();
-    // One random stream per returned sequence, seeded by its index, so that an input samples
-    // the same alone or in a batch.
-    let seed = options.seed.unwrap_or_else(random_seed);
-    let streams = (0..expanded.len()).map(|i| Sampler::new(seed, (i % copies) as u64)).collect();
-    let generated = sample_or_greedy(decoder, expanded, eos_token_id, options, streams, device, on_token)?;
-    Ok(generated.chunks(copies).map(|c| c.to_vec()).collect())
 }
 
-/// Greedy search and multinomial sampling, one token per row and step.
-fn sample_or_greedy(
-    decoder: &mut impl Decoder,
-    prefixes: Vec<Vec<u32>>,
+/// A batch being generated one step at a time: what [`generate`] runs to its end, for callers
+/// that interleave batches (a server starting new requests while others decode) or stop some
+/// of a batch's prefixes early. Beam search runs whole in [`Generation::start`].
+pub struct Generation<D> {
+    decoder: D,
+    /// Sequences returned per prefix.
+    copies: usize,
+    state: State,
+}
+
+enum State {
+    /// Every sequence has ended (or beam search has run): per prefix, its sequences.
+    Done(Vec<Vec<Generated>>),
+    Stepping(Box<Stepping>),
+}
+
+/// Greedy search and multinomial sampling between steps.
+struct Stepping {
+    options: GenerationOptions,
     eos_token_id: u32,
-    options: &GenerationOptions,
-    mut streams: Vec<Sampler>,
-    device: &Device,
-    on_token: &mut OnToken<'_>,
-) -> Result<Vec<Generated>> {
-    let prefix_len = prefixes[0].len();
-    let mut sequences = prefixes;
-    let mut log_probs = vec![0f32; sequences.len()];
-    // Batch row → index into `sequences`.
-    let mut active: Vec<usize> = (0..sequences.len()).collect();
-    let mut input = Tensor::new(sequences.clone(), device)?;
-    for step in 0..options.max_new_tokens {
-        let logits = decoder.next_logits(&input)?.to_vec2::<f32>()?;
-        let mut still_running = Vec::with_capacity(active.len());
-        for (row, (&seq, mut scores)) in active.iter().zip(logits).enumerate() {
+    prefix_len: usize,
+    /// One per returned sequence: prefix `i / copies`'s copy `i % copies`.
+    sequences: Vec<Vec<u32>>,
+    log_probs: Vec<f32>,
+    streams: Vec<Sampler>,
+    /// Batch row → index into `sequences`.
+    active: Vec<usize>,
+    /// What the decoder reads next: the prefixes, then each row's last token.
+    input: Tensor,
+    step: usize,
+    device: Device,
+}
+
+impl<D: Decoder> Generation<D> {
+    /// Starts generating from every prefix (all of one length) until `eos_token_id` or
+    /// `max_new_tokens`; the decoder holds one batch row per prefix.
+    pub fn start(
+        mut decoder: D,
+        prefixes: &[Vec<u32>],
+        eos_token_id: u32,
+        options: &GenerationOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        options.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let copies = options.num_return_sequences;
+        let Some(first) = prefixes.first() else {
+            return Ok(Self { decoder, copies, state: State::Done(vec![]) });
+        };
+        if prefixes.iter().any(|p| p.len() != first.len()) {
+            candle_core::bail!("generation needs prefixes of equal length");
+        }
+        if options.num_beams > 1 {
+            let generated = beam::beam_search(&mut decoder, prefixes, eos_token_id, options, device)?;
+            return Ok(Self { decoder, copies, state: State::Done(generated) });
+        }
+        let rows: Vec<u32> = (0..prefixes.len() as u32).flat_map(|r| std::iter::repeat_n(r, copies)).collect();
+        if copies > 1 {
+            decoder.keep_rows(&rows)?;
+        }
+        let sequences: Vec<Vec<u32>> = rows.iter().map(|&r| prefixes[r as usize].clone()).collect();
+        // One random stream per returned sequence, seeded by its index, so that an input samples
+        // the same alone or in a batch.
+        let seed = options.seed.unwrap_or_else(random_seed);
+        let streams = (0..sequences.len()).map(|i| Sampler::new(seed, (i % copies) as u64)).collect();
+        let stepping = Stepping {
+            options: options.clone(),
+            eos_token_id,
+            prefix_len: first.len(),
+            log_probs: vec![0.0; sequences.len()],
+            active: (0..sequences.len()).collect(),
+            input: Tensor::new(sequences.clone(), device)?,
+            sequences,
+            streams,
+            step: 0,
+            device: device.clone(),
+        };
+        let mut generation = Self { decoder, copies, state: State::Stepping(Box::new(stepping)) };
+        if options.max_new_tokens == 0 {
+            generation.end();
+        }
+        Ok(generation)
+    }
+
+    /// Whether every sequence has ended.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done(_))
+    }
+
+    /// Chooses the next token of every running sequence; true once every sequence has ended.
+    pub fn step(&mut self, on_token: &mut OnToken<'_>) -> Result<bool> {
+        let State::Stepping(s) = &mut self.state else { return Ok(true) };
+        let logits = self.decoder.next_logits(&s.input)?.to_vec2::<f32>()?;
+        let mut still_running = Vec::with_capacity(s.active.len());
+        for (row, (&seq, mut scores)) in s.active.iter().zip(logits).enumerate() {
             let model_log_probs = processors::log_softmax(&scores);
-            apply_processors(&mut scores, &sequences[seq], step, eos_token_id, options);
-            let token = if options.do_sample {
-                warp(&mut scores, options);
-                streams[seq].draw(&processors::softmax(&scores))
+            apply_processors(&mut scores, &s.sequences[seq], s.step, s.eos_token_id, &s.options);
+            let token = if s.options.do_sample {
+                warp(&mut scores, &s.options);
+                s.streams[seq].draw(&processors::softmax(&scores))
             } else {
                 argmax(&scores)
             };
-            log_probs[seq] += model_log_probs[token as usize];
-            sequences[seq].push(token);
-            on_token(seq, token);
-            if token != eos_token_id {
+            s.log_probs[seq] += model_log_probs[token as usize];
+            s.sequences[seq].push(token);
+            on_token(seq / self.copies, seq % self.copies, token);
+            if token != s.eos_token_id {
                 still_running.push(row as u32);
             }
         }
-        if still_running.is_empty() || step + 1 == options.max_new_tokens {
-            break;
+        s.step += 1;
+        if still_running.is_empty() || s.step == s.options.max_new_tokens {
+            self.end();
+            return Ok(true);
         }
-        if still_running.len() < active.len() {
-            decoder.keep_rows(&still_running)?;
-            active = still_running.iter().map(|&r| active[r as usize]).collect();
-        }
-        let last: Vec<u32> = active.iter().map(|&s| *sequences[s].last().expect("non-empty")).collect();
-        input = Tensor::new(last, device)?.unsqueeze(1)?;
+        self.keep(still_running)?;
+        Ok(false)
     }
-    Ok(sequences
-        .into_iter()
-        .zip(log_probs)
-        .map(|(tokens, log_prob)| {
-            let new_tokens = tokens.len() - prefix_len;
-            Generated { tokens, new_tokens, log_prob, score: log_prob / new_tokens as f32 }
-        })
-        .collect())
+
+    /// Stops generating `prefix`'s sequences (their caller is gone): they end as they are.
+    pub fn stop(&mut self, prefix: usize) -> Result<()> {
+        let State::Stepping(s) = &self.state else { return Ok(()) };
+        let copies = self.copies;
+        let keep: Vec<u32> = (0..s.active.len() as u32).filter(|&r| s.active[r as usize] / copies != prefix).collect();
+        if keep.is_empty() {
+            self.end();
+            return Ok(());
+        }
+        if keep.len() < s.active.len() {
+            self.keep(keep)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps these batch rows, and sets the next input to their last tokens.
+    fn keep(&mut self, rows: Vec<u32>) -> Result<()> {
+        let State::Stepping(s) = &mut self.state else { return Ok(()) };
+        if rows.len() < s.active.len() {
+            self.decoder.keep_rows(&rows)?;
+            s.active = rows.iter().map(|&r| s.active[r as usize]).collect();
+        }
+        let last: Vec<u32> = s.active.iter().map(|&seq| *s.sequences[seq].last().expect("non-empty")).collect();
+        s.input = Tensor::new(last, &s.device)?.unsqueeze(1)?;
+        Ok(())
+    }
+
+    fn end(&mut self) {
+        if let State::Stepping(s) = &mut self.state {
+            let sequences = std::mem::take(&mut s.sequences);
+            let generated: Vec<Generated> = sequences
+                .into_iter()
+                .zip(&s.log_probs)
+                .map(|(tokens, &log_prob)| {
+                    let new_tokens = tokens.len() - s.prefix_len;
+                    let score = if new_tokens == 0 { 0.0 } else { log_prob / new_tokens as f32 };
+                    Generated { tokens, new_tokens, log_prob, score }
+                })
+                .collect();
+            self.state = State::Done(generated.chunks(self.copies).map(|c| c.to_vec()).collect());
+        }
+    }
+
+    /// Per prefix, its sequences (best first for beam search); sequences still running end as
+    /// they are.
+    pub fn finish(mut self) -> Vec<Vec<Generated>> {
+        self.end();
+        match self.state {
+            State::Done(generated) => generated,
+            State::Stepping(_) => unreachable!("ended above"),
+        }
+    }
 }
 
 /// The processors transformers applies to every search, in its order: repetition penalty,

@@ -3,10 +3,11 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+use super::run::{GenerationRun, OnInputToken};
 use super::{check_count, GeneratedText, Images, Task, TaskModel, DEFAULT_CAPTION_MODEL};
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{InvalidInput, Param, Result};
-use crate::generation::{self, GenerationOptions};
+use crate::generation::{Generation, GenerationOptions};
 use crate::models::captioning::CaptioningModel;
 
 /// The text captions continue.
@@ -133,8 +134,18 @@ impl Captioner {
         &self,
         images: impl Into<Images<'a>>,
         options: &CaptionOptions,
-        on_token: &mut (dyn FnMut(usize, usize, u32) + Send),
+        on_token: &mut OnInputToken<'_>,
     ) -> Result<Vec<Vec<Caption>>> {
+        self.start_captions(images, options)?.run(on_token)
+    }
+
+    /// Runs the vision tower on the images and starts decoding their captions, to be stepped
+    /// by the caller ([`GenerationRun::step`]); beam search runs whole here.
+    pub fn start_captions<'a>(
+        &self,
+        images: impl Into<Images<'a>>,
+        options: &CaptionOptions,
+    ) -> Result<GenerationRun<'_>> {
         let images = images.into();
         let rows = images.len()?;
         options.generation.validate()?;
@@ -146,7 +157,7 @@ impl Captioner {
             .collect::<Result<Vec<_>>>()?;
         let pixel_values = self.pixel_values(images)?;
         let image_embeds = self.model.encode_images(&pixel_values)?;
-        let mut captions: Vec<Vec<Caption>> = vec![vec![]; rows];
+        let mut run = GenerationRun::new(&self.text_processor, rows);
         let mut lengths: Vec<usize> = prefixes.iter().map(Vec::len).collect();
         lengths.sort_unstable();
         lengths.dedup();
@@ -158,22 +169,17 @@ impl Captioner {
                 image_embeds.index_select(&Tensor::new(group.as_slice(), &self.device)?, 0)?
             };
             let decoder = &self.model.text_decoder;
-            let mut decoding = decoder.decoding(decoder.new_cache(&embeds, None)?);
+            let decoding = decoder.decoding(decoder.new_cache(&embeds, None)?);
             let group_prefixes: Vec<Vec<u32>> = group.iter().map(|&r| prefixes[r as usize].clone()).collect();
-            let copies = options.generation.num_return_sequences;
-            let generated = generation::generate_streaming(
-                &mut decoding,
+            let generation = Generation::start(
+                decoding,
                 &group_prefixes,
                 self.config.text_config.sep_token_id,
                 &options.generation,
                 &self.device,
-                &mut |sequence, token| on_token(group[sequence / copies] as usize, sequence % copies, token),
             )?;
-            for (&row, sequences) in group.iter().zip(generated) {
-                captions[row as usize] =
-                    sequences.into_iter().map(|g| self.decode_generated(g)).collect::<Result<_>>()?;
-            }
+            run.push(group.iter().map(|&r| r as usize).collect(), generation);
         }
-        Ok(captions)
+        Ok(run)
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod caption;
 pub mod matching;
+pub mod run;
 pub mod vqa;
 
 use std::borrow::Cow;
@@ -17,7 +18,7 @@ use image::RgbImage;
 use crate::checkpoint::Checkpoint;
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{Error, InvalidInput, Param, Result};
-use crate::generation::{config::GenerationConfigFile, Generated, GenerationOptions};
+use crate::generation::{config::GenerationConfigFile, GenerationOptions};
 use crate::processor::image::{ImageProcessor, ResizeBackend};
 use crate::processor::text::TextProcessor;
 
@@ -242,16 +243,6 @@ impl<M> Task<M> {
     pub fn generation(&self) -> &GenerationDefaults {
         &self.generation
     }
-
-    /// A generated sequence with its decoded text.
-    fn decode_generated(&self, generated: Generated) -> Result<GeneratedText> {
-        Ok(GeneratedText {
-            text: self.text_processor.decode(&generated.tokens)?,
-            score: generated.score,
-            log_prob: generated.log_prob,
-            tokens: generated.tokens,
-        })
-    }
 }
 
 /// `generate`'s defaults for a checkpoint.
@@ -318,7 +309,7 @@ pub struct GeneratedText {
     /// The whole sequence, as transformers' `generate` returns it.
     pub tokens: Vec<u32>,
     /// Ranking score: the beam score for beam search, else the mean log-probability of the
-    /// generated tokens (see [`Generated`]).
+    /// generated tokens (see [`Generated`](crate::generation::Generated)).
     pub score: f32,
     /// Sum of the model's log-probabilities of the generated tokens.
     pub log_prob: f32,

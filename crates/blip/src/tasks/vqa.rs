@@ -5,10 +5,11 @@
 use candle_core::{DType, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::run::{GenerationRun, OnInputToken};
 use super::{check_count, check_not_empty, GeneratedText, Images, Task, TaskModel, DEFAULT_VQA_MODEL};
 use crate::config::{Architecture, BlipConfig};
 use crate::error::{InvalidInput, Param, Result};
-use crate::generation::{self, GenerationOptions};
+use crate::generation::{Generation, GenerationOptions};
 use crate::models::question_answering::QuestionAnsweringModel;
 
 /// How to generate answers: get them from [`QuestionAnswerer::default_options`]
@@ -182,26 +183,34 @@ impl QuestionAnswerer {
         images: impl Into<Images<'a>>,
         questions: &[&str],
         options: &AnswerOptions,
-        on_token: &mut (dyn FnMut(usize, usize, u32) + Send),
+        on_token: &mut OnInputToken<'_>,
     ) -> Result<Vec<Vec<Answer>>> {
+        self.start_answers(images, questions, options)?.run(on_token)
+    }
+
+    /// Encodes the images and questions and starts decoding the answers, to be stepped by the
+    /// caller ([`GenerationRun::step`]); beam search runs whole here.
+    pub fn start_answers<'a>(
+        &self,
+        images: impl Into<Images<'a>>,
+        questions: &[&str],
+        options: &AnswerOptions,
+    ) -> Result<GenerationRun<'_>> {
         self.validate(options)?;
         let (states, mask) = self.encode(images, questions)?;
         let decoder = &self.model.text_decoder;
-        let mut decoding = decoder.decoding(decoder.new_cache(&states, Some(&mask))?);
+        let decoding = decoder.decoding(decoder.new_cache(&states, Some(&mask))?);
         let bos = self.text_processor.bos_token_id();
-        let copies = options.generation.num_return_sequences;
-        let generated = generation::generate_streaming(
-            &mut decoding,
+        let generation = Generation::start(
+            decoding,
             &vec![vec![bos]; questions.len()],
             self.text_processor.sep_token_id(),
             &options.generation,
             &self.device,
-            &mut |sequence, token| on_token(sequence / copies, sequence % copies, token),
         )?;
-        generated
-            .into_iter()
-            .map(|sequences| sequences.into_iter().map(|g| self.decode_generated(g)).collect())
-            .collect()
+        let mut run = GenerationRun::new(&self.text_processor, questions.len());
+        run.push((0..questions.len()).collect(), generation);
+        Ok(run)
     }
 
     /// Ranks `answers` for question i about image i, best first: the `candidates` answers
