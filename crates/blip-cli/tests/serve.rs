@@ -348,10 +348,11 @@ fn openai_chat_completions() {
     assert!(message.contains("n "), "{message}");
     let mut bad = request;
     bad["frequency_penalty"] = json!(0.5);
-    let message = assert_error(post_json(&url, bad), 400, "invalid_json");
+    let message = assert_error(post_json(&url, bad), 422, "invalid_request");
     assert!(message.contains("frequency_penalty"), "{message}");
     let no_image = json!({"model": CAPTION, "messages": [{"role": "user", "content": "hello"}]});
-    assert_error(post_json(&url, no_image), 400, "invalid_request");
+    assert_error(post_json(&url, no_image), 422, "invalid_request");
+    assert_error(post_bytes(&url, b"{\"model\": "), 400, "invalid_json");
     let unknown = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [image_part]}]});
     assert_error(post_json(&url, unknown), 404, "not_found");
 }
@@ -372,10 +373,11 @@ fn bad_requests_are_json_errors() {
     assert!(message.contains("top_p"), "{message}");
     let message = assert_error(
         post_json(&url, json!({"inputs": "aGVsbG8=", "parameters": {"max_tokens": 3}})),
-        400,
-        "invalid_json",
+        422,
+        "invalid_request",
     );
     assert!(message.contains("max_tokens"), "{message}");
+    assert_error(post_bytes(&server.url("/models/tiny-itm"), b"\x89PNG..."), 415, "unsupported_media_type");
     let message = assert_error(post_bytes(&server.url("/models/someone/else"), b"x"), 404, "not_found");
     assert!(message.contains("someone/else"), "{message}");
     let message =
@@ -383,9 +385,11 @@ fn bad_requests_are_json_errors() {
     assert!(message.contains("zero-shot-image-classification"), "{message}");
     assert_error(post_bytes(&server.url("/pipeline/translation/tiny-itm"), b"x"), 404, "not_found");
     assert_error(post_bytes(&url, &[0u8; 5000]), 413, "payload_too_large");
-    let zero_shot = server.url("/models/tiny-itm");
     let message = assert_error(
-        post_json(&zero_shot, json!({"inputs": "aGVsbG8=", "parameters": {"candidate_labels": ["a", "a"]}})),
+        post_json(
+            &server.url("/models/tiny-itm"),
+            json!({"inputs": "aGVsbG8=", "parameters": {"candidate_labels": ["a", "a"]}}),
+        ),
         400,
         "invalid_input",
     );
@@ -540,7 +544,8 @@ fn a_client_that_hangs_up_has_its_generation_stopped() {
     let server = Server::start(&[CAPTION], &[]);
     let path = image("chelsea.png");
     // 64 sampled sequences to the full length: long enough to hang up in the middle.
-    let parameters = json!({"do_sample": true, "num_return_sequences": 64, "min_new_tokens": 63, "max_new_tokens": 63, "seed": 1});
+    let parameters =
+        json!({"do_sample": true, "num_return_sequences": 64, "min_new_tokens": 63, "max_new_tokens": 63, "seed": 1});
     let body = json!({"inputs": b64(&path), "parameters": parameters}).to_string();
     let start = std::time::Instant::now();
     ok(post_json(&server.url("/models/tiny-caption-bin"), serde_json::from_str(&body).unwrap()));

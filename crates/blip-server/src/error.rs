@@ -9,7 +9,7 @@ use axum::Json;
 pub struct ApiError {
     pub status: StatusCode,
     /// Short machine-readable kind: `invalid_json`, `invalid_base64`, `invalid_image`,
-    /// `invalid_input`, `unauthorized`, `not_found`, `payload_too_large`, `unsupported_media_type`,
+    /// `invalid_input`, `invalid_request`, `unauthorized`, `not_found`, `payload_too_large`, `unsupported_media_type`,
     /// `overloaded`, `timeout`, `loading`, `internal`.
     pub kind: &'static str,
     pub message: String,

@@ -3,6 +3,7 @@
 //! `inputs` and `parameters`. Each task's request is parsed here into inputs and options;
 //! the answers are the API's lists of objects.
 
+use axum::http::StatusCode;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -48,16 +49,26 @@ fn is_json(body: &[u8]) -> bool {
     body.trim_ascii_start().starts_with(b"{")
 }
 
+/// The body as a JSON object: 415 when it is not JSON at all (an image sent to a task that
+/// takes JSON), 400 when it is broken JSON.
 fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    if !is_json(body) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "this task takes a JSON body ({\"inputs\": ...}), not raw bytes",
+        ));
+    }
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(invalid_json("the body must be a JSON object")),
-        Err(e) => Err(invalid_json(format!("the body is not valid JSON: {e}"))),
+        Err(e) => Err(ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))),
     }
 }
 
+/// 422: valid JSON that is not the request the task takes (a missing, unknown or mistyped field).
 fn invalid_json(message: impl Into<String>) -> ApiError {
-    ApiError::bad_request("invalid_json", message)
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
 }
 
 /// Refuses keys other than `allowed`, naming the first one.
@@ -276,7 +287,9 @@ mod tests {
 
     #[test]
     fn refusals() {
-        assert_eq!(image_to_text(b"{\"inputs\": 3}").unwrap_err().kind, "invalid_json");
+        assert_eq!(image_to_text(b"{\"inputs\": 3}").unwrap_err().kind, "invalid_request");
+        assert_eq!(image_to_text(b"{\"inputs\": ").unwrap_err().kind, "invalid_json");
+        assert_eq!(zero_shot(b"\x89PNG").unwrap_err().kind, "unsupported_media_type");
         assert_eq!(image_to_text(b"{\"inputs\": \"%%%\"}").unwrap_err().kind, "invalid_base64");
         let unknown = image_to_text(br#"{"inputs": "aGVsbG8=", "parameters": {"max_tokens": 3}}"#).unwrap_err();
         assert!(unknown.message.contains("max_tokens"), "{}", unknown.message);

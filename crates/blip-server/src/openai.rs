@@ -156,7 +156,7 @@ impl ChatRequest {
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::bad_request("invalid_request", message)
+    ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
 }
 
 /// The model named by `model`, or the only model a one-model server has (clients such as
@@ -225,8 +225,13 @@ pub struct Chat {
 
 /// Reads a chat completion request's body.
 pub fn parse(body: &[u8]) -> Result<Chat, ApiError> {
-    let request: ChatRequest = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("the body is not a valid chat completion request: {e}"))
+    let request: ChatRequest = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            format!("the body is not a valid chat completion request: {e}"),
+        ),
+        _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")),
     })?;
     let (image, text) = request.image_and_text()?;
     Ok(Chat {

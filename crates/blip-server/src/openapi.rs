@@ -96,7 +96,7 @@ pub enum PipelineResponse {
 pub struct ErrorBody {
     error: String,
     /// invalid_json, invalid_base64, invalid_image, invalid_input, invalid_request, unauthorized,
-    /// not_found, payload_too_large, overloaded, timeout, loading, internal.
+    /// not_found, payload_too_large, unsupported_media_type, overloaded, timeout, loading, internal.
     error_type: String,
 }
 
