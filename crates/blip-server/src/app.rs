@@ -19,7 +19,7 @@ use crate::error::ApiError;
 use crate::images::{ImageSource, UrlPolicy};
 use crate::metrics::Metrics;
 use crate::models::{LoadOptions, ServedModel, Task};
-use crate::scheduler::{Output, Pixels, Work};
+use crate::scheduler::{Output, Pixels, Slot, Work};
 use crate::tasks;
 
 /// How the server runs, from its flags.
@@ -117,10 +117,10 @@ impl AppState {
         source.load(&policy, field, &self.decoding, move |image| Ok(engine.preprocess(image)?)).await
     }
 
-    /// Queues `work` on `model` and waits for its answer: 429 when the queue is full, 504
-    /// after the request timeout (the job is then dropped if it has not started).
-    pub async fn run(&self, model: &ServedModel, work: Work) -> Result<(Output, usize), ApiError> {
-        let answer = model.scheduler.submit(work).map_err(|_| ApiError::overloaded())?;
+    /// Queues `work` on `model` in the place `slot` holds and waits for its answer: 504 after
+    /// the request timeout (the job is then dropped, or its generation stopped).
+    pub async fn run(&self, model: &ServedModel, work: Work, slot: Slot) -> Result<(Output, usize), ApiError> {
+        let answer = model.scheduler.submit(work, slot)?;
         match tokio::time::timeout(self.config.request_timeout, answer).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => Err(ApiError::internal("the model's worker failed on this request")),
@@ -228,8 +228,9 @@ pub(crate) async fn default_task(
 ) -> Result<Response, ApiError> {
     let model = state.model(&model_id)?;
     let task = model.tasks()[0];
+    let (slot, body) = reserve(model, body).await?;
     let body = read_body(body, state.config.max_body_size).await?;
-    tasks::run(&state, model, task, &body).await
+    tasks::run(&state, model, task, body, slot).await
 }
 
 /// `POST /pipeline/{task}/{id}`: any task the model serves.
@@ -256,8 +257,21 @@ pub(crate) async fn pipeline(
             tasks.join(", ")
         )));
     }
+    let (slot, body) = reserve(model, body).await?;
     let body = read_body(body, state.config.max_body_size).await?;
-    tasks::run(&state, model, task, &body).await
+    tasks::run(&state, model, task, body, slot).await
+}
+
+/// A place in `model`'s queue for a request whose body is not read yet; when there is none, the
+/// body is read and dropped (so that the client gets the 429, not a reset) and 429 answers.
+async fn reserve(model: &ServedModel, body: Body) -> Result<(Slot, Body), ApiError> {
+    match model.scheduler.reserve() {
+        Ok(slot) => Ok((slot, body)),
+        Err(_) => {
+            let _ = read_body(body, 0).await;
+            Err(ApiError::overloaded())
+        }
+    }
 }
 
 /// Beyond the limit, this much more of a body is read and dropped before the 413 goes out.

@@ -184,6 +184,19 @@ fn cut_at_stop(text: &str, stops: &[String]) -> (String, bool) {
     }
 }
 
+/// A finished sequence's content (cut at the first stop string) and OpenAI's finish reason:
+/// `stop` when the end token or a stop string ended it, `length` when `max_tokens` did.
+fn completion(
+    generated: &blip::GeneratedText,
+    prefix_len: usize,
+    eos: u32,
+    stops: &[String],
+) -> (String, &'static str) {
+    let ended = generated.tokens.len() > prefix_len && generated.tokens.last() == Some(&eos);
+    let (content, stopped) = cut_at_stop(&generated.text, stops);
+    (content, if ended || stopped { "stop" } else { "length" })
+}
+
 /// What the decoder starts from (counted as the prompt's tokens) and its end token.
 fn decoder_prefix(model: &ServedModel, text: Option<&str>) -> Result<(Vec<u32>, u32, usize), ApiError> {
     match &model.engine {
@@ -253,6 +266,7 @@ pub async fn chat_completions(State(state): State<Shared>, body: Body) -> Result
     let body = read_body(body, state.config.max_body_size).await?;
     let Chat { model, image, text, overrides, stops, stream, include_usage } = parse(&body)?;
     let model = pick_model(&state, &model)?;
+    let slot = model.scheduler.reserve().map_err(|_| ApiError::overloaded())?;
     let (prefix, eos, prompt_tokens) = decoder_prefix(model, text.as_deref())?;
     let job = GenerationJob::check(model, text, &overrides).map_err(|err| ApiError::from_blip(err, &openai_name))?;
     let image = state.pixels(model, image, "image_url").await?;
@@ -263,14 +277,12 @@ pub async fn chat_completions(State(state): State<Shared>, body: Body) -> Result
     let model_id = model.id.clone();
 
     let Some(token_stream) = token_stream else {
-        let (output, batch) = state.run(model, work).await?;
+        let (output, batch) = state.run(model, work, slot).await?;
         let mut choices = Vec::new();
         let mut completion_tokens = 0;
         for (index, generated) in texts(output)?.into_iter().enumerate() {
             completion_tokens += generated.tokens.len().saturating_sub(prefix.len());
-            let ended = generated.tokens.len() > prefix.len() && generated.tokens.last() == Some(&eos);
-            let (content, stopped) = cut_at_stop(&generated.text, &stops);
-            let finish_reason = if ended || stopped { "stop" } else { "length" };
+            let (content, finish_reason) = completion(&generated, prefix.len(), eos, &stops);
             choices.push(json!({
                 "index": index,
                 "message": {"role": "assistant", "content": content},
@@ -289,7 +301,7 @@ pub async fn chat_completions(State(state): State<Shared>, body: Body) -> Result
         return Ok(answered(body, batch));
     };
 
-    let answer = model.scheduler.submit(work).map_err(|_| ApiError::overloaded())?;
+    let answer = model.scheduler.submit(work, slot)?;
     let timeout = state.config.request_timeout;
     let state = state.clone();
     let model_name = model_id.clone();
@@ -342,12 +354,10 @@ pub async fn chat_completions(State(state): State<Shared>, body: Body) -> Result
         let mut completion_tokens = 0;
         for (index, generated) in generated.into_iter().enumerate().take(n) {
             completion_tokens += generated.tokens.len().saturating_sub(prefix.len());
-            let ended = generated.tokens.len() > prefix.len() && generated.tokens.last() == Some(&eos);
-            let (text, hit_stop) = cut_at_stop(&generated.text, &stops);
+            let (text, finish_reason) = completion(&generated, prefix.len(), eos, &stops);
             if let Some(rest) = text.strip_prefix(sent[index].as_str()).filter(|rest| !rest.is_empty()) {
                 yield chunk(json!([{"index": index, "delta": {"content": rest}, "logprobs": null, "finish_reason": null}]));
             }
-            let finish_reason = if ended || hit_stop { "stop" } else { "length" };
             yield chunk(json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason}]));
         }
         if include_usage {

@@ -4,7 +4,6 @@
 //! requests go through the vision tower together, and their sequences decode together.
 
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,7 +11,7 @@ use blip::{
     AnswerOptions, CaptionOptions, Captioner, ClassifyOptions, GenerationOptions, GenerationRun, ImageTextMatcher,
     Images, LabelScore, MatchScore, Prompt, QuestionAnswerer, RgbImage, Tensor,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -73,10 +72,21 @@ pub struct Job {
     pub reply: oneshot::Sender<Reply>,
 }
 
+/// A place in a model's queue, held from before a request's body is read until the worker
+/// takes its job: at most `--max-queue` requests hold bodies, images or pixels at once.
+pub type Slot = OwnedSemaphorePermit;
+
+/// A job in the queue with the place it holds.
+struct Queued {
+    job: Job,
+    _slot: Slot,
+}
+
 /// The queue in front of one model's worker.
 pub struct Scheduler {
-    queue: mpsc::Sender<Job>,
-    waiting: Arc<AtomicUsize>,
+    queue: mpsc::Sender<Queued>,
+    slots: Arc<Semaphore>,
+    max_queue: usize,
 }
 
 /// The queue is full: the caller answers 429.
@@ -85,28 +95,35 @@ pub struct Overloaded;
 impl Scheduler {
     /// Starts the worker thread of `engine`, named `model` in the metrics.
     pub fn start(engine: Engine, model: String, max_batch: usize, max_queue: usize, metrics: Arc<Metrics>) -> Self {
-        let (queue, jobs) = mpsc::channel(max_queue.max(1));
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let worker = Worker { engine, model, max_batch: max_batch.max(1), metrics, waiting: waiting.clone() };
+        let max_queue = max_queue.max(1);
+        let (queue, jobs) = mpsc::channel(max_queue);
+        let worker = Worker { engine, model, max_batch: max_batch.max(1), metrics };
         std::thread::Builder::new()
             .name("blip-worker".into())
             .spawn(move || worker.run(jobs))
             .expect("a thread can be spawned");
-        Self { queue, waiting }
+        Self { queue, slots: Arc::new(Semaphore::new(max_queue)), max_queue }
     }
 
-    /// Queues `work`; the receiver gets its answer. Dropping the receiver cancels the job if it
-    /// has not started.
-    pub fn submit(&self, work: Work) -> Result<oneshot::Receiver<Reply>, Overloaded> {
+    /// A place in the queue, or `Overloaded` at once when there is none.
+    pub fn reserve(&self) -> Result<Slot, Overloaded> {
+        self.slots.clone().try_acquire_owned().map_err(|_| Overloaded)
+    }
+
+    /// Queues `work` in the place `slot` holds; the receiver gets its answer. Dropping the
+    /// receiver cancels the job (before it starts, or between generation steps).
+    pub fn submit(&self, work: Work, slot: Slot) -> Result<oneshot::Receiver<Reply>, ApiError> {
         let (reply, answer) = oneshot::channel();
-        self.queue.try_send(Job { work, reply }).map_err(|_| Overloaded)?;
-        self.waiting.fetch_add(1, Ordering::Relaxed);
+        // Never full: the channel holds as many jobs as there are slots.
+        self.queue
+            .try_send(Queued { job: Job { work, reply }, _slot: slot })
+            .map_err(|_| ApiError::internal("the model's worker has stopped"))?;
         Ok(answer)
     }
 
-    /// Jobs queued and not yet taken by the worker.
+    /// Requests holding a place: being read and decoded, or queued.
     pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
+        self.max_queue - self.slots.available_permits()
     }
 }
 
@@ -115,21 +132,22 @@ struct Worker {
     model: String,
     max_batch: usize,
     metrics: Arc<Metrics>,
-    waiting: Arc<AtomicUsize>,
 }
 
 impl Worker {
     /// Runs batches until every sender is gone (the server shut down).
-    fn run(self, mut jobs: mpsc::Receiver<Job>) {
+    fn run(self, mut jobs: mpsc::Receiver<Queued>) {
         while let Some(first) = jobs.blocking_recv() {
-            let mut batch = vec![first];
+            // Taken from the queue, the jobs give their places back at once.
+            let Queued { job, _slot } = first;
+            drop(_slot);
+            let mut batch = vec![job];
             while batch.len() < self.max_batch {
                 match jobs.try_recv() {
-                    Ok(job) => batch.push(job),
+                    Ok(Queued { job, _slot }) => batch.push(job),
                     Err(_) => break,
                 }
             }
-            self.waiting.fetch_sub(batch.len(), Ordering::Relaxed);
             let before = batch.len();
             batch.retain(|job| !job.reply.is_closed());
             self.metrics.cancelled(&self.model, before - batch.len());

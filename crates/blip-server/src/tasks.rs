@@ -2,6 +2,7 @@
 //! library (before queueing, so a bad request never enters a batch), run it on the model's
 //! worker, and answer in the API's format.
 
+use axum::body::Bytes;
 use axum::response::Response;
 use blip::{
     Architecture, CaptionOptions, ClassifyOptions, GenerationOptions, GenerationOverrides, InvalidInput, Param, Prompt,
@@ -11,22 +12,32 @@ use crate::app::{answered, AppState};
 use crate::error::ApiError;
 use crate::hf;
 use crate::models::{ServedModel, Task};
-use crate::scheduler::{Engine, Output, Pixels, TokenSender, Work};
+use crate::scheduler::{Engine, Output, Pixels, Slot, TokenSender, Work};
 
-pub async fn run(state: &AppState, model: &ServedModel, task: Task, body: &[u8]) -> Result<Response, ApiError> {
+/// Runs `task` in the queue place `slot` holds. The body is dropped once parsed, so that a
+/// waiting request holds only its `pixel_values`.
+pub async fn run(
+    state: &AppState,
+    model: &ServedModel,
+    task: Task,
+    body: Bytes,
+    slot: Slot,
+) -> Result<Response, ApiError> {
     match task {
         Task::ImageToText => {
-            let request = hf::image_to_text(body)?;
+            let request = hf::image_to_text(&body)?;
+            drop(body);
             let job = GenerationJob::check(model, None, &request.generation)?;
             let image = state.pixels(model, request.image, "inputs").await?;
-            let (output, batch) = state.run(model, job.work(image, None)).await?;
+            let (output, batch) = state.run(model, job.work(image, None), slot).await?;
             let texts = texts(output)?;
             let body: Vec<hf::GeneratedText> =
                 texts.into_iter().map(|t| hf::GeneratedText { generated_text: t.text }).collect();
             Ok(answered(body, batch))
         }
         Task::VisualQuestionAnswering => {
-            let request = hf::question_answering(body)?;
+            let request = hf::question_answering(&body)?;
+            drop(body);
             let mut overrides = request.generation.clone();
             if let Some(k) = request.top_k.filter(|&k| k > 1) {
                 // k answers: the k best beams (sampling gives k samples).
@@ -37,7 +48,7 @@ pub async fn run(state: &AppState, model: &ServedModel, task: Task, body: &[u8])
             }
             let job = GenerationJob::check(model, Some(request.question), &overrides)?;
             let image = state.pixels(model, request.image, "image").await?;
-            let (output, batch) = state.run(model, job.work(image, None)).await?;
+            let (output, batch) = state.run(model, job.work(image, None), slot).await?;
             let mut answers: Vec<hf::AnswerScore> = texts(output)?
                 .into_iter()
                 .map(|t| hf::AnswerScore { answer: t.text, score: t.log_prob.exp() })
@@ -46,7 +57,8 @@ pub async fn run(state: &AppState, model: &ServedModel, task: Task, body: &[u8])
             Ok(answered(answers, batch))
         }
         Task::ZeroShotImageClassification => {
-            let request = hf::zero_shot(body)?;
+            let request = hf::zero_shot(&body)?;
+            drop(body);
             let Engine::Matching(matcher) = &model.engine else { return Err(wrong_engine()) };
             let template = request.hypothesis_template.unwrap_or_else(|| ClassifyOptions::DEFAULT_TEMPLATE.into());
             let options = ClassifyOptions::new(template, None);
@@ -54,7 +66,7 @@ pub async fn run(state: &AppState, model: &ServedModel, task: Task, body: &[u8])
             matcher.validate_classify(&labels, &options)?;
             let image = state.pixels(model, request.image, "inputs").await?;
             let work = Work::Classify { image, labels: request.candidate_labels.clone(), options };
-            let (output, batch) = state.run(model, work).await?;
+            let (output, batch) = state.run(model, work, slot).await?;
             let Output::Labels(mut scores) = output else { return Err(wrong_output()) };
             scores.sort_by(|a, b| b.probability.total_cmp(&a.probability));
             let body: Vec<hf::LabelScore> =
@@ -62,18 +74,26 @@ pub async fn run(state: &AppState, model: &ServedModel, task: Task, body: &[u8])
             Ok(answered(body, batch))
         }
         Task::ImageFeatureExtraction => {
-            let image = state.pixels(model, hf::image_features(body)?, "inputs").await?;
-            let (output, batch) = state.run(model, Work::EmbedImage { image }).await?;
+            let source = hf::image_features(&body)?;
+            drop(body);
+            let image = state.pixels(model, source, "inputs").await?;
+            let (output, batch) = state.run(model, Work::EmbedImage { image }, slot).await?;
             let Output::Embedding(embedding) = output else { return Err(wrong_output()) };
             Ok(answered(vec![embedding], batch))
         }
         Task::FeatureExtraction => {
-            let texts = hf::text_features(body)?;
+            let texts = hf::text_features(&body)?;
+            drop(body);
             blip::tasks::check_not_empty(Param::Text, &texts)?;
-            // One job per text, so that texts of concurrent requests batch together.
+            // One job (and queue place) per text, so that texts of concurrent requests batch
+            // together.
+            let mut slots = vec![slot];
+            for _ in 1..texts.len() {
+                slots.push(model.scheduler.reserve().map_err(|_| ApiError::overloaded())?);
+            }
             let mut pending = Vec::with_capacity(texts.len());
-            for text in texts {
-                pending.push(state.run(model, Work::EmbedText { text }));
+            for (text, slot) in texts.into_iter().zip(slots) {
+                pending.push(state.run(model, Work::EmbedText { text }, slot));
             }
             let mut embeddings = Vec::with_capacity(pending.len());
             let mut batch = 0;
@@ -86,11 +106,12 @@ pub async fn run(state: &AppState, model: &ServedModel, task: Task, body: &[u8])
             Ok(answered(embeddings, batch))
         }
         Task::ImageTextMatching => {
-            let request = hf::matching(body)?;
+            let request = hf::matching(&body)?;
+            drop(body);
             blip::tasks::check_not_empty(Param::Text, &request.texts)?;
             let image = state.pixels(model, request.image, "image").await?;
             let work = Work::Match { image, texts: request.texts.clone() };
-            let (output, batch) = state.run(model, work).await?;
+            let (output, batch) = state.run(model, work, slot).await?;
             let Output::Matches(scores) = output else { return Err(wrong_output()) };
             let body: Vec<hf::TextMatch> = request
                 .texts
