@@ -3,7 +3,6 @@
 //! and runs the rest in as few library calls as their options allow: images of concurrent
 //! requests go through the vision tower together, and their sequences decode together.
 
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -326,9 +325,4 @@ fn stream_to(senders: &[Option<TokenSender>]) -> impl FnMut(usize, usize, u32) +
             let _ = sender.send((sequence, token));
         }
     }
-}
-
-/// A rerank count that can ride in `ClassifyOptions`.
-pub fn rerank(count: Option<usize>) -> Option<NonZeroUsize> {
-    count.and_then(NonZeroUsize::new)
 }
