@@ -4,7 +4,7 @@
 //! requests go through the vision tower together, and their sequences decode together.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blip::{
     AnswerOptions, CaptionOptions, Captioner, ClassifyOptions, GenerationOptions, GenerationRun, ImageTextMatcher,
@@ -96,12 +96,13 @@ impl Scheduler {
     pub fn start(engine: Engine, model: String, max_batch: usize, max_queue: usize, metrics: Arc<Metrics>) -> Self {
         let max_queue = max_queue.max(1);
         let (queue, jobs) = mpsc::channel(max_queue);
-        let worker = Worker { engine, model, max_batch: max_batch.max(1), metrics };
+        let slots = Arc::new(Semaphore::new(max_queue));
+        let worker = Worker { engine, model, max_batch: max_batch.max(1), metrics, slots: slots.clone(), max_queue };
         std::thread::Builder::new()
             .name("blip-worker".into())
             .spawn(move || worker.run(jobs))
             .expect("a thread can be spawned");
-        Self { queue, slots: Arc::new(Semaphore::new(max_queue)), max_queue }
+        Self { queue, slots, max_queue }
     }
 
     /// A place in the queue, or `Overloaded` at once when there is none.
@@ -131,7 +132,13 @@ struct Worker {
     model: String,
     max_batch: usize,
     metrics: Arc<Metrics>,
+    /// The queue's places, to see requests on their way in.
+    slots: Arc<Semaphore>,
+    max_queue: usize,
 }
+
+/// Longest a worker waits for requests on their way in before it starts a batch.
+const GATHER: Duration = Duration::from_millis(50);
 
 impl Worker {
     /// Runs batches until every sender is gone (the server shut down).
@@ -141,9 +148,16 @@ impl Worker {
             let Queued { job, _slot } = first;
             drop(_slot);
             let mut batch = vec![job];
+            // Requests that hold a place but are not queued yet are still being decoded: wait
+            // a little for them (alone, a request waits for nothing), so that requests sent
+            // together run together instead of the first alone.
+            let deadline = Instant::now() + GATHER;
             while batch.len() < self.max_batch {
                 match jobs.try_recv() {
                     Ok(Queued { job, _slot }) => batch.push(job),
+                    Err(_) if self.slots.available_permits() < self.max_queue && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                     Err(_) => break,
                 }
             }
