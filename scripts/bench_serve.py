@@ -197,7 +197,8 @@ def main():
     reference["cli_b8"] = cli_seconds_per_image(model_dir, paths * 2, 8, reference["load_s"])
     print(f"reference: {reference}", file=sys.stderr)
 
-    port, process = start_blip(model_dir)
+    # Waits at concurrency 64 pass the default 60 s request timeout on a 2-core machine.
+    port, process = start_blip(model_dir, ["--request-timeout", "600s"])
     ours = run_levels(port, bodies, python=False)
     stop(process)
 
