@@ -209,8 +209,9 @@ def main():
     peak_rss = rss_mb(process.pid, "VmHWM")
     alive = process.poll() is None
     stop(process)
+    others = [s for s in statuses if s not in (200, 429)]
     overload = {"wall": wall, "ok": statuses.count(200), "refused": statuses.count(429),
-                "other": len([s for s in statuses if s not in (200, 429)]), "loaded_rss": loaded_rss,
+                "other": len(others), "others": sorted({str(s) for s in others}), "loaded_rss": loaded_rss,
                 "peak_rss": peak_rss, "alive": alive}
     print(f"overload: {overload}", file=sys.stderr)
 
@@ -252,7 +253,7 @@ def write(reference, ours, python, overload):
         f"{ours[16]['images_per_s'] / python[16]['images_per_s']:.2f}× the Python server's (target ≥ 3×);",
         f"- concurrency 1: latency p50 {ours[1]['p50'] / b1:.2f}× the CLI's single-image time (target ≤ 1.15×);",
         f"- overload, 1,000 requests at concurrency 256 against `--max-queue 64`: {overload['ok']} answered 200, "
-        f"{overload['refused']} 429, {overload['other']} other (none lost or hung: every request got a status) in "
+        f"{overload['refused']} 429, {overload['other']} other ({', '.join(overload['others']) or 'none'}) in "
         f"{overload['wall']:.0f} s; RSS once loaded {overload['loaded_rss']:.0f} MB, peak {overload['peak_rss']:.0f} MB "
         f"(+{overload['peak_rss'] - overload['loaded_rss']:.0f} MB; target ≤ +300 MB)"
         f"{'' if overload['alive'] else '; the server DIED'}.",
