@@ -24,9 +24,11 @@ use crate::models::ServedModel;
 use crate::scheduler::Engine;
 use crate::tasks::{texts, GenerationJob};
 
-#[derive(Debug, Deserialize)]
+/// OpenAI's chat completion request, as far as this server reads it (any other field is
+/// refused): the last user message's `image_url` part and `text` parts are read.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ChatRequest {
+pub(crate) struct ChatRequest {
     model: String,
     messages: Vec<Message>,
     #[serde(default)]
@@ -44,43 +46,43 @@ struct ChatRequest {
     user: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct StreamOptions {
+pub(crate) struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
-enum Stop {
+pub(crate) enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
-struct Message {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct Message {
     role: String,
     #[serde(default)]
     content: Option<Content>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
-enum Content {
+pub(crate) enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum Part {
+pub(crate) enum Part {
     Text { text: String },
     ImageUrl { image_url: ImageUrl },
 }
 
-#[derive(Debug, Deserialize)]
-struct ImageUrl {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct ImageUrl {
     url: String,
 }
 
@@ -259,7 +261,7 @@ pub fn parse(body: &[u8]) -> Result<Chat, ApiError> {
 }
 
 /// `POST /v1/chat/completions`.
-#[utoipa::path(post, path = "/v1/chat/completions", request_body = crate::openapi::ChatCompletionRequest,
+#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest,
     responses((status = 200, description = "A chat.completion, or with stream: server-sent chat.completion.chunk events"),
               (status = "4XX", body = crate::openapi::ErrorBody)))]
 pub async fn chat_completions(State(state): State<Shared>, body: Body) -> Result<Response, ApiError> {

@@ -100,23 +100,6 @@ pub struct ErrorBody {
     error_type: String,
 }
 
-/// OpenAI's chat completion request, as far as this server reads it.
-#[derive(Serialize, ToSchema)]
-#[allow(dead_code)]
-pub struct ChatCompletionRequest {
-    model: String,
-    /// The last user message is read: one `image_url` part (a data URL) and optional `text` parts.
-    messages: Vec<serde_json::Value>,
-    stream: Option<bool>,
-    n: Option<usize>,
-    max_tokens: Option<usize>,
-    max_completion_tokens: Option<usize>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<u64>,
-    stop: Option<Vec<String>>,
-}
-
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -132,7 +115,7 @@ pub struct ChatCompletionRequest {
         crate::openai::chat_completions,
         crate::openai::list_models,
     ),
-    components(schemas(PipelineRequest, PipelineResponse, ErrorBody, ChatCompletionRequest))
+    components(schemas(PipelineRequest, PipelineResponse, ErrorBody, crate::openai::ChatRequest))
 )]
 struct ApiDoc;
 
