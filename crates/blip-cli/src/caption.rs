@@ -6,6 +6,7 @@ use blip::{CaptionOptions, Captioner, Checkpoint, Prompt};
 use clap::Args;
 
 use crate::common::{self, GeneratedRecord, GenerationArgs, ImageRunArgs};
+use crate::sidecar::SidecarArgs;
 
 /// What `--num-return-sequences` is called here.
 pub const NUM_CAPTIONS: &str = "--num-captions";
@@ -28,12 +29,16 @@ pub struct CaptionArgs {
     run: ImageRunArgs,
 
     #[command(flatten)]
+    sidecar: SidecarArgs,
+
+    #[command(flatten)]
     generation: GenerationArgs,
 }
 
 /// Captions every readable image; unreadable ones are reported and make the exit code 1.
 pub fn run(args: CaptionArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     args.generation.check_given()?;
+    let sidecars = args.sidecar.sidecars()?;
     let checkpoint = Checkpoint::locate(&args.model)?;
     let generation = args.generation.resolve(&Captioner::generation_defaults(&checkpoint)?, &args.model)?;
     let mut captioner = Captioner::from_checkpoint(&checkpoint, &blip::Device::Cpu, dtype)?;
@@ -47,9 +52,11 @@ pub fn run(args: CaptionArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
 
     let record =
         GeneratedRecord { key: "caption", question: None, several: options.generation.num_return_sequences > 1 };
-    args.run.process(
+    args.run.process_with_sidecars(
         "captioned",
+        sidecars.as_ref(),
+        |captions: &Vec<blip::Caption>| captions.first().map(|best| best.text.clone()).unwrap_or_default(),
         |images| Ok(captioner.caption(images, &options)?),
-        |out, format, path, captions| record.write(out, format, path, &captions),
+        |out, format, image, captions| record.write(out, format, image, &captions),
     )
 }

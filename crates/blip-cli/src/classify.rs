@@ -3,14 +3,14 @@
 
 use std::io::Write;
 use std::num::NonZeroUsize;
-use std::path::Path;
 use std::process::ExitCode;
 
-use blip::{ClassifyOptions, ImageTextMatcher, LabelScore};
+use blip::{ClassifyOptions, ImageSource, ImageTextMatcher, LabelScore};
 use clap::Args;
 use serde::Serialize;
 
 use crate::common::{self, Format, ImageRunArgs};
+use crate::sidecar::SidecarArgs;
 
 #[derive(Args)]
 pub struct ClassifyArgs {
@@ -35,12 +35,15 @@ pub struct ClassifyArgs {
     #[arg(long, default_value = "5", requires = "rerank")]
     rerank_top: NonZeroUsize,
 
-    /// Labels printed per image, best first [default: all].
+    /// Labels printed per image, best first [default: all; in sidecar files, the best one].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     top: Option<u16>,
 
     #[command(flatten)]
     run: ImageRunArgs,
+
+    #[command(flatten)]
+    sidecar: SidecarArgs,
 }
 
 /// Classifies every readable image; unreadable ones are reported and make the exit code 1.
@@ -50,14 +53,19 @@ pub fn run(args: ClassifyArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     options.template = args.template.clone();
     options.rerank = args.rerank.then_some(args.rerank_top);
     options.validate(&labels)?;
+    let sidecars = args.sidecar.sidecars()?;
     let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &blip::Device::Cpu, dtype)?;
     matcher.validate_classify(&labels, &options)?;
     matcher.set_resize_backend(args.run.batch.resize.into());
     let shown = args.top.map_or(labels.len(), usize::from);
-    args.run.process(
+    // A sidecar file holds the best labels, comma-separated, as taggers write them.
+    let tagged = args.top.map_or(1, usize::from);
+    args.run.process_with_sidecars(
         "classified",
+        sidecars.as_ref(),
+        |scores: &Vec<LabelScore>| scores.iter().take(tagged).map(|s| s.label.as_str()).collect::<Vec<_>>().join(", "),
         |images| Ok(matcher.classify(images, &labels, &options)?),
-        |out, format, path, scores| write_labels(out, format, path, &scores[..shown.min(scores.len())]),
+        |out, format, image, scores| write_labels(out, format, image, &scores[..shown.min(scores.len())]),
     )
 }
 
@@ -78,7 +86,12 @@ struct LabelRecord<'a> {
 }
 
 /// Text: `path<TAB>label (0.712), label2 (0.201), ...`; JSONL: one record per image.
-fn write_labels(out: &mut dyn Write, format: Format, path: &Path, scores: &[LabelScore]) -> std::io::Result<()> {
+fn write_labels(
+    out: &mut dyn Write,
+    format: Format,
+    image: &ImageSource,
+    scores: &[LabelScore],
+) -> std::io::Result<()> {
     match format {
         Format::Text => {
             // Reranked labels show the ITM probability that ordered them.
@@ -89,12 +102,12 @@ fn write_labels(out: &mut dyn Write, format: Format, path: &Path, scores: &[Labe
                     None => format!("{} ({:.3})", s.label, s.probability),
                 })
                 .collect();
-            writeln!(out, "{}\t{}", path.display(), labels.join(", "))
+            writeln!(out, "{image}\t{}", labels.join(", "))
         }
         Format::Jsonl => common::write_json_line(
             out,
             &ClassifyRecord {
-                image: path.display().to_string(),
+                image: image.to_string(),
                 labels: scores
                     .iter()
                     .map(|s| LabelRecord { label: &s.label, probability: s.probability, itc: s.itc, itm: s.itm })

@@ -3,15 +3,16 @@
 //! and the progress bar.
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use blip::tasks::GenerationDefaults;
 use blip::RgbImage;
-use blip::{load_image, GeneratedText, GenerationOptions, GenerationOverrides, Param, ResizeBackend};
+use blip::{GeneratedText, GenerationOptions, GenerationOverrides, ImageSource, Param, ResizeBackend, UrlLimits};
 use clap::{Arg, Args, Command, ValueEnum};
 use serde::Serialize;
+
+use crate::sidecar::{self, Sidecars};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -74,9 +75,10 @@ pub struct ImageRunArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
-    /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
-    #[arg(required = true)]
-    pub images: Vec<PathBuf>,
+    /// Images (JPEG, PNG, WebP, GIF, BMP, TIFF): files, folders (walked recursively), http(s)
+    /// URLs, or `-` for a list of them on standard input, one per line.
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<String>,
 }
 
 impl ImageRunArgs {
@@ -87,15 +89,64 @@ impl ImageRunArgs {
         &self,
         done: &str,
         process: impl FnMut(&[RgbImage]) -> anyhow::Result<Vec<T>>,
-        mut write: impl FnMut(&mut dyn Write, Format, &Path, T) -> std::io::Result<()>,
+        write: impl FnMut(&mut dyn Write, Format, &ImageSource, T) -> std::io::Result<()>,
+    ) -> anyhow::Result<ExitCode> {
+        self.process_with_sidecars(done, None, |_: &T| String::new(), process, write)
+    }
+
+    /// [`Self::process`], also writing `text` of each result to the image's sidecar file when
+    /// `sidecars` asks for them; the run ends with a summary of the files written.
+    pub fn process_with_sidecars<T>(
+        &self,
+        done: &str,
+        sidecars: Option<&Sidecars>,
+        text: impl Fn(&T) -> String,
+        process: impl FnMut(&[RgbImage]) -> anyhow::Result<Vec<T>>,
+        mut write: impl FnMut(&mut dyn Write, Format, &ImageSource, T) -> std::io::Result<()>,
     ) -> anyhow::Result<ExitCode> {
         let format = self.format;
+        let mut sources = image_sources(&self.images)?;
+        let total = sources.len();
+        let mut tally = sidecar::Tally::default();
+        if let Some(sidecars) = sidecars {
+            sources.retain(|source| !sidecars.keeps_existing(source));
+            tally.skipped = total - sources.len();
+        }
         let mut out = std::io::stdout().lock();
-        let ended = for_each_image(&self.images, self.batch.batch_size, format, &mut out, process, |out, path, t| {
-            write(out, format, path, t)
+        let ended = for_each_image(&sources, self.batch.batch_size, format, &mut out, process, |out, source, t| {
+            if let Some(sidecars) = sidecars {
+                match sidecars.write(source, &text(&t)) {
+                    Ok(()) => tally.written += 1,
+                    Err(err) => {
+                        tally.failed += 1;
+                        eprintln!("error: {err}");
+                    }
+                }
+            }
+            write(out, format, source, t)
         })?;
-        Ok(exit_code(ended, self.images.len(), done))
+        if let Some(sidecars) = sidecars {
+            tally.failed += match ended {
+                Ended::Finished { failures } => failures,
+                Ended::PipeClosed => 0,
+            };
+            eprintln!("{}", tally.summary(sidecars));
+            if tally.failed > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Ok(exit_code(ended, total, done))
     }
+}
+
+/// The images the arguments name (files, folders, URLs, `-` for standard input), refused when
+/// there are none.
+pub fn image_sources(args: &[String]) -> anyhow::Result<Vec<ImageSource>> {
+    let sources = blip::processor::image::collect_sources(args, &mut std::io::stdin().lock())?;
+    if sources.is_empty() {
+        anyhow::bail!("no images found in {} (images are found in folders by their content)", args.join(", "));
+    }
+    Ok(sources)
 }
 
 /// When beam search stops: transformers' `early_stopping` False, True or "never".
@@ -281,10 +332,10 @@ impl GeneratedRecord<'_> {
         &self,
         out: &mut dyn Write,
         format: Format,
-        path: &Path,
+        image: &ImageSource,
         texts: &[GeneratedText],
     ) -> std::io::Result<()> {
-        let image = path.display().to_string();
+        let image = image.to_string();
         match format {
             Format::Text => {
                 for text in texts {
@@ -416,12 +467,12 @@ pub enum Ended {
 /// input order. An unreadable image is reported on stderr (and, in JSONL, as
 /// `{"image", "error"}` in its place) and the others still processed.
 pub fn for_each_image<T>(
-    images: &[PathBuf],
+    images: &[ImageSource],
     batch_size: u16,
     format: Format,
     out: &mut dyn Write,
     mut process: impl FnMut(&[RgbImage]) -> anyhow::Result<Vec<T>>,
-    mut write: impl FnMut(&mut dyn Write, &Path, T) -> std::io::Result<()>,
+    mut write: impl FnMut(&mut dyn Write, &ImageSource, T) -> std::io::Result<()>,
 ) -> anyhow::Result<Ended> {
     let progress = progress_bar(images.len(), "images");
     let mut failures = 0usize;
@@ -429,7 +480,7 @@ pub fn for_each_image<T>(
         // Decode the chunk; failed images are reported in their place, the rest processed.
         let mut good = Vec::with_capacity(chunk.len());
         let failed: Vec<Option<blip::Error>> =
-            chunk.iter().map(|path| load_image(path).map(|image| good.push(image)).err()).collect();
+            chunk.iter().map(|source| source.load(&UrlLimits::default()).map(|image| good.push(image)).err()).collect();
         let mut results = if good.is_empty() { vec![] } else { process(&good)? }.into_iter();
         for (path, failure) in chunk.iter().zip(&failed) {
             let written = match failure {
@@ -483,11 +534,11 @@ pub fn write_json_line(out: &mut dyn Write, record: &impl Serialize) -> std::io:
 
 /// In JSONL every image has its line, so consumers can pair lines with inputs; text output
 /// leaves failures to stderr.
-fn write_failure(out: &mut dyn Write, format: Format, path: &Path, err: &blip::Error) -> std::io::Result<()> {
+fn write_failure(out: &mut dyn Write, format: Format, image: &ImageSource, err: &blip::Error) -> std::io::Result<()> {
     match format {
         Format::Text => Ok(()),
         Format::Jsonl => {
-            let record = serde_json::json!({ "image": path.display().to_string(), "error": err.to_string() });
+            let record = serde_json::json!({ "image": image.to_string(), "error": err.to_string() });
             writeln!(out, "{record}")
         }
     }

@@ -38,9 +38,10 @@ pub struct EmbedArgs {
 #[derive(Args)]
 #[group(required = true, multiple = false)]
 struct Inputs {
-    /// Image files to embed (JPEG, PNG, WebP, GIF, BMP, TIFF).
-    #[arg(long = "image", num_args = 1.., value_name = "PATH")]
-    images: Vec<PathBuf>,
+    /// Images to embed (JPEG, PNG, WebP, GIF, BMP, TIFF): files, folders (walked recursively),
+    /// http(s) URLs, or `-` for a list of them on standard input.
+    #[arg(long = "image", num_args = 1.., value_name = "IMAGE")]
+    images: Vec<String>,
 
     /// Texts to embed.
     #[arg(long = "text", num_args = 1.., value_name = "TEXT")]
@@ -69,18 +70,21 @@ pub fn run(args: EmbedArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     // With a file to write, a closed stdout only stops the printing: the file is still written whole.
     let mut out = UnlessClosed { inner: std::io::stdout().lock(), closed: false, forgive: args.out.is_some() };
     let mut embedded = Embedded::default();
+    let mut total = args.inputs.texts.len();
     let (kind, ended) = if args.inputs.images.is_empty() {
         ("text", embed_texts(&matcher, &args.inputs.texts, args.run.batch_size, jsonl, &mut out, &mut embedded)?)
     } else {
+        let sources = common::image_sources(&args.inputs.images)?;
+        total = sources.len();
         let ended = common::for_each_image(
-            &args.inputs.images,
+            &sources,
             args.run.batch_size,
             // Without JSONL nothing goes to stdout, failures included (as in text output).
             if jsonl { Format::Jsonl } else { Format::Text },
             &mut out,
             |images| Ok(matcher.embed_images(images)?.to_vec2::<f32>()?),
-            |out, path, row| {
-                let image = path.display().to_string();
+            |out, source, row| {
+                let image = source.to_string();
                 let written = if jsonl {
                     common::write_json_line(out, &ImageRecord { image: &image, embedding: &row })
                 } else {
@@ -99,7 +103,7 @@ pub fn run(args: EmbedArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
         }
         embedded.save(file, kind, &args.model, matcher.embedding_dim())?;
     }
-    Ok(common::exit_code(Ended::Finished { failures }, args.inputs.images.len(), "embedded"))
+    Ok(common::exit_code(Ended::Finished { failures }, total, "embedded"))
 }
 
 /// Texts `batch_size` at a time, printed and collected in input order.

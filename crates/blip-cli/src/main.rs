@@ -7,6 +7,7 @@ mod common;
 mod embed;
 mod matching;
 mod serve;
+mod sidecar;
 mod vqa;
 
 use std::process::ExitCode;

@@ -2,10 +2,9 @@
 //! print text or JSONL, one record per image-text pair.
 
 use std::io::Write;
-use std::path::Path;
 use std::process::ExitCode;
 
-use blip::{ImageTextMatcher, MatchScore, Param};
+use blip::{ImageSource, ImageTextMatcher, MatchScore, Param};
 use clap::Args;
 use serde::Serialize;
 
@@ -36,7 +35,7 @@ pub fn run(args: MatchArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     args.run.process(
         "matched",
         |images| Ok(matcher.match_texts(images, &texts)?),
-        |out, format, path, scores| write_scores(out, format, path, &texts, &scores),
+        |out, format, image, scores| write_scores(out, format, image, &texts, &scores),
     )
 }
 
@@ -54,7 +53,7 @@ struct MatchRecord<'a> {
 fn write_scores(
     out: &mut dyn Write,
     format: Format,
-    path: &Path,
+    image: &ImageSource,
     texts: &[&str],
     scores: &[MatchScore],
 ) -> std::io::Result<()> {
@@ -62,11 +61,11 @@ fn write_scores(
         match format {
             Format::Text => {
                 let itm = score.itm.map_or_else(|| "-".to_string(), |itm| format!("{itm:.4}"));
-                writeln!(out, "{}\t{text}\t{itm}\t{:.4}", path.display(), score.itc)?;
+                writeln!(out, "{image}\t{text}\t{itm}\t{:.4}", score.itc)?;
             }
             Format::Jsonl => common::write_json_line(
                 out,
-                &MatchRecord { image: path.display().to_string(), text, itm: score.itm, itc: score.itc },
+                &MatchRecord { image: image.to_string(), text, itm: score.itm, itc: score.itc },
             )?,
         }
     }

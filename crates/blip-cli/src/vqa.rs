@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use blip::{Checkpoint, Param, QuestionAnswerer, RankOptions, RankedAnswer};
+use blip::{Checkpoint, ImageSource, Param, QuestionAnswerer, RankOptions, RankedAnswer};
 use clap::Args;
 use serde::Serialize;
 
 use crate::common::{self, Format, GeneratedRecord, GenerationArgs, ImageRunArgs};
+use crate::sidecar::SidecarArgs;
 
 #[derive(Args)]
 #[command(
@@ -43,6 +44,9 @@ pub struct VqaArgs {
     #[command(flatten)]
     run: ImageRunArgs,
 
+    #[command(flatten)]
+    sidecar: SidecarArgs,
+
     // How answers are generated; none of it goes with --answers.
     #[command(flatten)]
     generation: GenerationArgs,
@@ -54,6 +58,7 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let question = args.question.as_str();
     blip::tasks::check_not_empty(Param::Question, &[question])?;
     args.generation.check_given()?;
+    let sidecars = args.sidecar.sidecars()?;
     let ranking = match args.answers.as_deref() {
         Some(file) => {
             let options = RankOptions::new(args.candidates, args.top);
@@ -82,18 +87,22 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
                 question: Some(question),
                 several: options.generation.num_return_sequences > 1,
             };
-            args.run.process(
+            args.run.process_with_sidecars(
                 "answered",
+                sidecars.as_ref(),
+                |answers: &Vec<blip::Answer>| answers.first().map(|best| best.text.clone()).unwrap_or_default(),
                 |images| Ok(answerer.answer(images, &vec![question; images.len()], &options)?),
-                |out, format, path, answers| record.write(out, format, path, &answers),
+                |out, format, image, answers| record.write(out, format, image, &answers),
             )
         }
         Job::Rank(((file, answers), options)) => {
             let list = answerer.answer_list(&answers).with_context(|| format!("answers in {}", file.display()))?;
-            args.run.process(
+            args.run.process_with_sidecars(
                 "answered",
+                sidecars.as_ref(),
+                |ranked: &Vec<RankedAnswer>| ranked.first().map(|best| best.answer.clone()).unwrap_or_default(),
                 |images| Ok(answerer.rank(images, &vec![question; images.len()], &list, &options)?),
-                |out, format, path, ranked| write_ranked(out, format, path, question, &ranked),
+                |out, format, image, ranked| write_ranked(out, format, image, question, &ranked),
             )
         }
     }
@@ -133,21 +142,21 @@ struct ScoredAnswer<'a> {
 fn write_ranked(
     out: &mut dyn Write,
     format: Format,
-    path: &Path,
+    image: &ImageSource,
     question: &str,
     ranked: &[RankedAnswer],
 ) -> std::io::Result<()> {
     match format {
         Format::Text => {
             for answer in ranked {
-                writeln!(out, "{}\t{}\t{:.4}", path.display(), answer.answer, answer.score)?;
+                writeln!(out, "{image}\t{}\t{:.4}", answer.answer, answer.score)?;
             }
             Ok(())
         }
         Format::Jsonl => common::write_json_line(
             out,
             &RankedRecord {
-                image: path.display().to_string(),
+                image: image.to_string(),
                 question,
                 answers: ranked.iter().map(|a| ScoredAnswer { answer: &a.answer, score: a.score }).collect(),
             },

@@ -2,7 +2,6 @@
 //! http(s) URL fetched by the server when `--allow-image-urls` permits (server-side fetching
 //! lets a client make the server reach any address it can: off by default).
 
-use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
@@ -98,24 +97,8 @@ fn fetch(url: &str, policy: &UrlPolicy, field: &str) -> Result<Vec<u8>, ApiError
             format!("{field}: image URLs are off on this server (start it with --allow-image-urls); send the image as base64"),
         ));
     }
-    let agent = ureq::AgentBuilder::new().timeout(policy.timeout).redirects(5).build();
-    let response = agent
-        .get(url)
-        .call()
-        .map_err(|e| ApiError::bad_request("invalid_image", format!("{field}: cannot fetch {url}: {e}")))?;
-    let mut bytes = Vec::new();
-    response
-        .into_reader()
-        .take(policy.max_bytes as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| ApiError::bad_request("invalid_image", format!("{field}: cannot read {url}: {e}")))?;
-    if bytes.len() > policy.max_bytes {
-        return Err(ApiError::bad_request(
-            "invalid_image",
-            format!("{field}: {url} is larger than the limit of {} bytes", policy.max_bytes),
-        ));
-    }
-    Ok(bytes)
+    let limits = blip::UrlLimits { timeout: policy.timeout, max_bytes: policy.max_bytes };
+    Ok(blip::processor::image::fetch_url(url, &limits)?)
 }
 
 #[cfg(test)]
