@@ -412,6 +412,13 @@ pub fn generation_conflicts_with(other: &'static str) -> impl FnMut(Arg) -> Arg 
     move |arg| if ids.contains(arg.get_id()) { arg.conflicts_with(other) } else { arg }
 }
 
+/// For `Command::mut_args`: makes every [`GenerationArgs`] flag require `other` (e.g. `--caption`).
+pub fn generation_requires(other: &'static str) -> impl FnMut(Arg) -> Arg {
+    let generation = GenerationArgs::augment_args(Command::new("generation"));
+    let ids: Vec<clap::Id> = generation.get_arguments().map(|arg| arg.get_id().clone()).collect();
+    move |arg| if ids.contains(arg.get_id()) { arg.requires(other) } else { arg }
+}
+
 /// The flag that sets a library option; `num_return_sequences` is the flag the command calls
 /// it (`--num-captions`), empty for the default one.
 pub fn flag(param: Param, num_return_sequences: &str) -> String {
@@ -553,6 +560,18 @@ pub fn progress_bar(total: usize, inputs: &str) -> indicatif::ProgressBar {
     bar.set_style(
         indicatif::ProgressStyle::with_template(&format!(
             "{{bar:40}} {{pos}}/{{len}} {inputs}, {{elapsed}} elapsed, {{eta}} left"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}
+
+/// [`progress_bar`] with the rate, for long runs (indexing a collection).
+pub fn rate_bar(total: usize, inputs: &str) -> indicatif::ProgressBar {
+    let bar = progress_bar(total, inputs);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:40}} {{pos}}/{{len}} {inputs}, {{per_sec}}, {{elapsed}} elapsed, {{eta}} left"
         ))
         .expect("valid template"),
     );

@@ -5,7 +5,9 @@ mod caption;
 mod classify;
 mod common;
 mod embed;
+mod index;
 mod matching;
+mod search;
 mod serve;
 mod sidecar;
 mod vqa;
@@ -43,6 +45,10 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Classify images zero-shot into given labels.
     Classify(classify::ClassifyArgs),
+    /// Index the images of folders (ITC embeddings, optionally captions) into an SQLite database.
+    Index(index::IndexArgs),
+    /// Search an index by text or by image, optionally reranked with the ITM head.
+    Search(search::SearchArgs),
     /// Serve models over HTTP: the Hugging Face Inference API's and OpenAI's chat completions formats.
     Serve(serve::ServeArgs),
 }
@@ -109,6 +115,8 @@ fn run(command: Command, dtype: blip::DType) -> anyhow::Result<ExitCode> {
         Command::Match(args) => matching::run(args, dtype),
         Command::Embed(args) => embed::run(args, dtype),
         Command::Classify(args) => classify::run(args, dtype),
+        Command::Index(args) => index::run(args, dtype),
+        Command::Search(args) => search::run(args),
         Command::Serve(args) => serve::run(args, dtype),
     }
 }
