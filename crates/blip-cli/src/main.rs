@@ -1,6 +1,7 @@
 //! `blip`: BLIP captioning, visual question answering, image-text matching, embeddings and
 //! zero-shot classification from the command line.
 
+mod capfilt;
 mod caption;
 mod classify;
 mod common;
@@ -49,6 +50,8 @@ enum Command {
     Index(index::IndexArgs),
     /// Search an index by text or by image, optionally reranked with the ITM head.
     Search(search::SearchArgs),
+    /// CapFilt, the BLIP paper's dataset bootstrapping: caption images, keep the texts the ITM head matches.
+    Capfilt(capfilt::CapFiltArgs),
     /// Serve models over HTTP: the Hugging Face Inference API's and OpenAI's chat completions formats.
     Serve(serve::ServeArgs),
 }
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
     let dtype = cli.dtype.into();
     let num_return_sequences = match cli.command {
         Command::Caption(_) => caption::NUM_CAPTIONS,
+        Command::Capfilt(_) => capfilt::CAPTIONS_PER_IMAGE,
         _ => "",
     };
     let outcome = match cli.command {
@@ -117,6 +121,7 @@ fn run(command: Command, dtype: blip::DType) -> anyhow::Result<ExitCode> {
         Command::Classify(args) => classify::run(args, dtype),
         Command::Index(args) => index::run(args, dtype),
         Command::Search(args) => search::run(args),
+        Command::Capfilt(args) => capfilt::run(args, dtype),
         Command::Serve(args) => serve::run(args, dtype),
     }
 }

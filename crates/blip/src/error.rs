@@ -116,6 +116,8 @@ pub enum Param {
     Top,
     /// The images of a request.
     Images,
+    /// CapFilt's filter threshold.
+    Threshold,
 }
 
 impl Param {
@@ -145,6 +147,7 @@ impl Param {
             Param::Candidates => "candidates",
             Param::Top => "top",
             Param::Images => "images",
+            Param::Threshold => "threshold",
         }
     }
 }

@@ -43,6 +43,7 @@ pub use error::{Error, InvalidInput, Param, Result};
 pub use generation::{EarlyStopping, GenerationOptions, GenerationOverrides};
 pub use image::RgbImage;
 pub use processor::image::{load_image, load_image_from_memory, ImageSource, ResizeBackend, UrlLimits};
+pub use tasks::capfilt::{capfilt, CapFiltOptions, Filtered, FilteredText, TextSource};
 pub use tasks::caption::{Caption, CaptionOptions, Captioner, Prompt};
 pub use tasks::matching::{ClassifyOptions, ImageTextMatcher, LabelScore, MatchScore};
 pub use tasks::run::GenerationRun;

@@ -211,6 +211,42 @@ impl ImageTextMatcher {
             .collect()
     }
 
+    /// Each image against its own texts: scores[i][j] for image i and `texts[i][j]` (CapFilt's
+    /// filter; ITM for retrieval checkpoints, ITC for both kinds). An image may have no texts.
+    pub fn match_pairs<'a>(&self, images: impl Into<Images<'a>>, texts: &[Vec<&str>]) -> Result<Vec<Vec<MatchScore>>> {
+        let images = images.into();
+        super::check_count(Param::Text, texts.len(), images.len()?)?;
+        let flat: Vec<&str> = texts.iter().flatten().copied().collect();
+        if flat.is_empty() {
+            return Ok(vec![vec![]; texts.len()]);
+        }
+        let (ids, mask) = self.encode_texts(Param::Text, &flat)?;
+        let pixel_values = self.pixel_values(images)?;
+        let states = self.vision_states(&pixel_values)?;
+        let itc =
+            self.image_embeds_from_states(&states)?.matmul(&self.text_embeds(&ids, &mask)?.t()?)?.to_vec2::<f32>()?;
+        let mut first = 0;
+        texts
+            .iter()
+            .zip(itc)
+            .enumerate()
+            .map(|(i, (own, itc))| {
+                let rows: Vec<u32> = (first as u32..(first + own.len()) as u32).collect();
+                first += own.len();
+                if rows.is_empty() {
+                    return Ok(vec![]);
+                }
+                let itm: Vec<Option<f32>> = match &self.model {
+                    MatchingModel::Retrieval(_) => {
+                        self.itm(&states.i(i..i + 1)?, &ids, &mask, &rows)?.into_iter().map(Some).collect()
+                    }
+                    MatchingModel::Contrastive(_) => vec![None; rows.len()],
+                };
+                Ok(rows.iter().zip(itm).map(|(&r, itm)| MatchScore { itm, itc: itc[r as usize] }).collect())
+            })
+            .collect()
+    }
+
     /// Unit-norm embeddings of encoded texts.
     fn text_embeds(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         Ok(match &self.model {

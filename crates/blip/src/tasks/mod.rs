@@ -3,6 +3,7 @@
 //! [`caption::Captioner`], [`vqa::QuestionAnswerer`], [`matching::ImageTextMatcher`] (match,
 //! embed, classify).
 
+pub mod capfilt;
 pub mod caption;
 pub mod matching;
 pub mod run;
