@@ -1,5 +1,7 @@
 //! Image files to RGB8 exactly as transformers' `load_image` (PIL) decodes them.
 
+mod tiff_pil;
+
 use std::io::Cursor;
 use std::path::Path;
 
@@ -20,9 +22,13 @@ const MAX_PIXELS: u64 = 2 * 89_478_485;
 ///   `cmyk2rgb` integer formula. PNG, GIF (first frame), BMP, TIFF and WebP go through the `image`
 ///   crate: alpha is dropped (not composited), gray replicated, palettes expanded, as PIL's
 ///   `convert("RGB")` does.
+/// * TIFFs the `image` crate refuses or converts otherwise (BigTIFF included) are decoded with the `tiff` crate as
+///   PIL reads them: palette TIFFs (1, 2, 4 or 8-bit indices, with or without alpha) through their
+///   ColorMap, each 16-bit entry taken as `v >> 8`; gray+alpha (LA) with the alpha dropped; CMYK
+///   (8-bit, or 16-bit as its high bytes) with the same `cmyk2rgb` formula as JPEG.
 /// * Orientation is applied as PIL's `exif_transpose` reads it: the EXIF Orientation tag (JPEG
 ///   APP1, PNG `eXIf`, WebP `EXIF`, TIFF's own tag), else XMP `tiff:Orientation` (JPEG, PNG
-///   iTXt, WebP).
+///   iTXt, WebP, TIFF's XMLPacket).
 /// * The processor's RGB step (`do_convert_rgb`, on by default) composites images with a
 ///   colour-key transparency (PNG `tRNS` naming one palette index, gray level or RGB colour; GIF
 ///   transparency index) onto white: after `load_image` such an image is RGB with
@@ -69,10 +75,20 @@ fn check_pixels(width: u64, height: u64) -> DecodeResult<()> {
 }
 
 fn decode_other(bytes: &[u8]) -> DecodeResult<RgbImage> {
-    use ::image::metadata::Orientation;
     use ::image::ImageFormat;
-    let format = ::image::guess_format(bytes)
-        .map_err(|_| "not a recognized image file (supported formats: JPEG, PNG, GIF, BMP, TIFF, WebP)".to_string())?;
+    // `image`'s format sniffing misses BigTIFF, which PIL and the `tiff` crate read.
+    let format = if bytes.starts_with(b"II+\0") || bytes.starts_with(b"MM\0+") {
+        ImageFormat::Tiff
+    } else {
+        ::image::guess_format(bytes).map_err(|_| {
+            "not a recognized image file (supported formats: JPEG, PNG, GIF, BMP, TIFF, WebP)".to_string()
+        })?
+    };
+    if format == ImageFormat::Tiff {
+        if let Some(rgb) = tiff_pil::decode(bytes) {
+            return Ok(oriented(rgb?, tiff_pil::orientation(bytes)));
+        }
+    }
     let fname = format!("{format:?}").to_uppercase();
     let reader = ::image::ImageReader::with_format(Cursor::new(bytes), format);
     let mut decoder = reader
@@ -82,18 +98,15 @@ fn decode_other(bytes: &[u8]) -> DecodeResult<RgbImage> {
     check_pixels(w as u64, h as u64)?;
     // PIL `getexif()`: the EXIF Orientation tag if present, else XMP `tiff:Orientation`. TIFF
     // orientation is a tag of the image itself.
-    let exif_value = decoder.exif_metadata().ok().flatten().as_deref().and_then(exif_orientation);
-    let orientation = match exif_value {
-        Some(v) => orientation_from_exif_value(v),
-        None => {
-            let tiff = match format {
-                ImageFormat::Tiff => decoder.orientation().ok().filter(|o| *o != Orientation::NoTransforms),
-                _ => None,
-            };
-            tiff.or_else(|| {
-                let xmp = decoder.xmp_metadata().ok().flatten()?;
-                orientation_from_exif_value(xmp_orientation(&xmp)?)
-            })
+    let orientation = if format == ImageFormat::Tiff {
+        tiff_pil::orientation(bytes)
+    } else {
+        match decoder.exif_metadata().ok().flatten().as_deref().and_then(exif_orientation) {
+            Some(v) => orientation_from_exif_value(v),
+            None => {
+                let xmp = decoder.xmp_metadata().ok().flatten();
+                xmp.as_deref().and_then(xmp_orientation).and_then(orientation_from_exif_value)
+            }
         }
     };
     let img = DynamicImage::from_decoder(decoder)
@@ -113,12 +126,30 @@ fn decode_other(bytes: &[u8]) -> DecodeResult<RgbImage> {
         }
         _ => {}
     }
-    if let Some(orientation) = orientation {
-        let mut img = DynamicImage::ImageRgb8(rgb);
-        img.apply_orientation(orientation);
-        rgb = img.into_rgb8();
+    Ok(oriented(rgb, orientation))
+}
+
+/// The image turned as PIL's `exif_transpose` turns it (`None`: as it is).
+fn oriented(rgb: RgbImage, orientation: Option<::image::metadata::Orientation>) -> RgbImage {
+    match orientation {
+        Some(o) => {
+            let mut img = DynamicImage::ImageRgb8(rgb);
+            img.apply_orientation(o);
+            img.into_rgb8()
+        }
+        None => rgb,
     }
-    Ok(rgb)
+}
+
+/// PIL's `cmyk2rgb` (libImaging/Convert.c), used by `convert("RGB")` on CMYK images:
+/// `nk = 255 - k; out = clip8(nk - MULDIV255(c, nk))`, `MULDIV255(a, b) = (((a*b + 128) >> 8) +
+/// a*b + 128) >> 8`.
+fn cmyk_to_rgb_like_pil(c: u8, m: u8, y: u8, k: u8) -> [u8; 3] {
+    let nk = 255 - k as i32;
+    [c, m, y].map(|v| {
+        let tmp = v as i32 * nk + 128;
+        (nk - (((tmp >> 8) + tmp) >> 8)).clamp(0, 255) as u8
+    })
 }
 
 /// PIL `convert("RGB")` semantics on the decoded buffer (see [`load_image`] for 16-bit).
@@ -519,7 +550,7 @@ fn decode_jpeg(bytes: &[u8]) -> DecodeResult<RgbImage> {
     }
     drop(handle);
 
-    let mut rgb = match channels {
+    let rgb = match channels {
         3 => RgbImage::from_raw(w as u32, h as u32, buf).expect("buffer sized from header"),
         1 => {
             let mut out = RgbImage::new(w as u32, h as u32);
@@ -530,16 +561,10 @@ fn decode_jpeg(bytes: &[u8]) -> DecodeResult<RgbImage> {
         }
         _ => {
             // PIL reads 4-channel JPEGs as "CMYK;I" (Adobe's inverted CMYK), then converts with
-            // cmyk2rgb: nk = 255 - k; out = nk - MULDIV255(c, nk), MULDIV255(a, b) =
-            // ((a*b + 128) >> 8 + a*b + 128) >> 8.
+            // cmyk2rgb.
             let mut out = RgbImage::new(w as u32, h as u32);
             for (d, s) in out.chunks_exact_mut(3).zip(buf.chunks_exact(4)) {
-                let nk = s[3] as i32; // 255 - (255 - k): inverted K
-                for c in 0..3 {
-                    let v = 255 - s[c] as i32;
-                    let tmp = v * nk + 128;
-                    d[c] = (nk - (((tmp >> 8) + tmp) >> 8)).clamp(0, 255) as u8;
-                }
+                d.copy_from_slice(&cmyk_to_rgb_like_pil(255 - s[0], 255 - s[1], 255 - s[2], 255 - s[3]));
             }
             out
         }
@@ -548,12 +573,7 @@ fn decode_jpeg(bytes: &[u8]) -> DecodeResult<RgbImage> {
     let meta = jpeg_meta(bytes);
     let orientation =
         meta.exif.as_deref().and_then(exif_orientation).or_else(|| meta.xmp.as_deref().and_then(xmp_orientation));
-    if let Some(o) = orientation.and_then(orientation_from_exif_value) {
-        let mut img = DynamicImage::ImageRgb8(rgb);
-        img.apply_orientation(o);
-        rgb = img.into_rgb8();
-    }
-    Ok(rgb)
+    Ok(oriented(rgb, orientation.and_then(orientation_from_exif_value)))
 }
 
 fn jpeg_reason(msg: &str) -> String {

@@ -201,7 +201,7 @@ pub fn is_image_file(path: &Path) -> bool {
     starts_like_image(&head[..filled])
 }
 
-/// The signatures of JPEG, PNG, GIF, BMP, TIFF and WebP.
+/// The signatures of JPEG, PNG, GIF, BMP, TIFF (and BigTIFF) and WebP.
 fn starts_like_image(head: &[u8]) -> bool {
     head.starts_with(&[0xFF, 0xD8, 0xFF])
         || head.starts_with(b"\x89PNG\r\n\x1a\n")
@@ -210,6 +210,8 @@ fn starts_like_image(head: &[u8]) -> bool {
         || head.starts_with(b"BM")
         || head.starts_with(b"II*\0")
         || head.starts_with(b"MM\0*")
+        || head.starts_with(b"II+\0")
+        || head.starts_with(b"MM\0+")
         || (head.starts_with(b"RIFF") && head.get(8..12) == Some(b"WEBP"))
 }
 
