@@ -4,7 +4,9 @@
 
 use std::sync::atomic::Ordering;
 
+use blip::ops::linear::Linear;
 use blip::{Device, Tensor};
+use candle_core::Module;
 
 use crate::error::{Error, Result};
 use crate::store::{from_le_bytes, Index};
@@ -22,7 +24,10 @@ pub struct Hit {
 pub(crate) struct Embeddings {
     version: (i64, u64),
     ids: Vec<i64>,
-    matrix: Tensor,
+    /// The embeddings as the weight of a linear layer: the library's one-row product reads each
+    /// once, on all threads, as a decoding step reads a weight matrix.
+    product: Linear,
+    dim: usize,
 }
 
 impl Index {
@@ -35,15 +40,18 @@ impl Index {
             *cache = Some(self.load_embeddings(version)?);
         }
         let embeddings = cache.as_ref().expect("loaded above");
-        let Some(dim) = embeddings.matrix.dims().get(1).copied() else { return Ok(vec![]) };
+        let dim = embeddings.dim;
+        if embeddings.ids.is_empty() {
+            return Ok(vec![]);
+        }
         if query.len() != dim {
             return Err(Error::Query(format!(
                 "the query embedding has {} values; the index's embeddings have {dim}",
                 query.len()
             )));
         }
-        let query = Tensor::from_slice(query, (dim, 1), &Device::Cpu)?;
-        let scores = embeddings.matrix.matmul(&query)?.flatten_all()?.to_vec1::<f32>()?;
+        let query = Tensor::from_slice(query, (1, dim), &Device::Cpu)?;
+        let scores = embeddings.product.forward(&query)?.flatten_all()?.to_vec1::<f32>()?;
         let best = top_k(&scores, top);
         let ids: Vec<i64> = best.iter().map(|&i| embeddings.ids[i]).collect();
         drop(cache);
@@ -86,7 +94,7 @@ impl Index {
             data.extend(from_le_bytes(bytes));
         }
         let matrix = Tensor::from_vec(data, (ids.len(), dim), &Device::Cpu)?;
-        Ok(Embeddings { version, ids, matrix })
+        Ok(Embeddings { version, ids, product: Linear::new(matrix, None)?, dim })
     }
 }
 

@@ -32,7 +32,7 @@ pub mod error;
 pub mod generation;
 mod kernels;
 pub mod models;
-mod ops;
+pub mod ops;
 pub mod processor;
 pub mod tasks;
 
