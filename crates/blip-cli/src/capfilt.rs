@@ -129,6 +129,9 @@ pub fn run(args: CapFiltArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     options.validate(&captioner, &filter)?;
 
     let out: Box<dyn Write> = match &args.output {
+        Some(file) if same_file(file, Path::new(&args.input)) => {
+            anyhow::bail!("--output {}: is the --input file; write the records to another file", file.display())
+        }
         Some(file) => {
             let (writer, done) = resume(file)?;
             counts.done_before = done.len();
@@ -174,8 +177,40 @@ fn finish(
         }
         if !images.is_empty() {
             let web: Vec<Vec<String>> = good.iter().map(|item| item.texts.clone()).collect();
-            let filtered = blip::capfilt(captioner, filter, &images, &web, options)?;
-            for (item, filtered) in good.iter().zip(&filtered) {
+            let filtered: Vec<blip::Result<blip::Filtered>> =
+                match blip::capfilt(captioner, filter, &images, &web, options) {
+                    Ok(filtered) => filtered.into_iter().map(Ok).collect(),
+                    // A text the model cannot take fails its image alone: the batch again image by image.
+                    Err(blip::Error::InvalidInput(_)) => images
+                        .iter()
+                        .zip(&web)
+                        .map(|(image, web)| {
+                            blip::capfilt(
+                                captioner,
+                                filter,
+                                std::slice::from_ref(image),
+                                std::slice::from_ref(web),
+                                options,
+                            )
+                            .map(|mut one| one.remove(0))
+                        })
+                        .collect(),
+                    Err(other) => return Err(other.into()),
+                };
+            let done: Vec<(&&Item, blip::Filtered)> = good
+                .iter()
+                .zip(filtered)
+                .filter_map(|(item, filtered)| match filtered {
+                    Ok(filtered) => Some((item, filtered)),
+                    Err(err) => {
+                        counts.failed += 1;
+                        let reason = common::describe(&anyhow::Error::from(err), CAPTIONS_PER_IMAGE);
+                        progress.suspend(|| eprintln!("error: {}: {reason}", item.image));
+                        None
+                    }
+                })
+                .collect();
+            for (item, filtered) in &done {
                 for kept in &filtered.kept {
                     match kept.source {
                         blip::TextSource::Web => counts.kept_web += 1,
@@ -236,6 +271,10 @@ fn read_pairs(input: &str, counts: &mut Counts) -> anyhow::Result<(Vec<Item>, Pa
             continue;
         }
         match serde_json::from_str::<Pair>(&line) {
+            Ok(pair) if pair.text.trim().is_empty() => {
+                counts.bad_lines += 1;
+                eprintln!("error: {input}:{}: the text of {} is empty", number + 1, pair.image);
+            }
             Ok(pair) => {
                 counts.pairs += 1;
                 let at = *position.entry(pair.image.clone()).or_insert_with(|| {
@@ -251,6 +290,10 @@ fn read_pairs(input: &str, counts: &mut Counts) -> anyhow::Result<(Vec<Item>, Pa
         }
     }
     Ok((items, root))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(a), Ok(b)) if a == b)
 }
 
 /// Opens `file` to append to, after the last complete record (a line cut short by an

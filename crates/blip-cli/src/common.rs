@@ -109,10 +109,18 @@ impl ImageRunArgs {
         let total = sources.len();
         let mut tally = sidecar::Tally::default();
         if let Some(sidecars) = sidecars {
-            sources.retain(|source| !sidecars.keeps_existing(source));
-            tally.skipped = total - sources.len();
+            // Images whose file is there (without --overwrite), or that share a file with
+            // another, are settled before any model work.
+            let planned = sidecars.plan(sources);
+            sources = planned.todo;
+            tally.skipped = planned.skipped;
+            tally.failed = planned.refused.len();
+            for refusal in &planned.refused {
+                eprintln!("error: {refusal}");
+            }
         }
-        let mut out = std::io::stdout().lock();
+        // With files to write, a closed stdout only stops the printing.
+        let mut out = UnlessClosed { inner: std::io::stdout().lock(), closed: false, forgive: sidecars.is_some() };
         let ended = for_each_image(&sources, self.batch.batch_size, format, &mut out, process, |out, source, t| {
             if let Some(sidecars) = sidecars {
                 match sidecars.write(source, &text(&t)) {
@@ -576,4 +584,42 @@ pub fn rate_bar(total: usize, inputs: &str) -> indicatif::ProgressBar {
         .expect("valid template"),
     );
     bar
+}
+
+/// Stdout that, when `forgive` is set, drops whatever is written after its reader has gone
+/// instead of failing (a run with files to write carries on).
+pub struct UnlessClosed<W> {
+    pub inner: W,
+    pub closed: bool,
+    pub forgive: bool,
+}
+
+impl<W: Write> UnlessClosed<W> {
+    fn forgiven<T>(&mut self, result: std::io::Result<T>, instead: T) -> std::io::Result<T> {
+        match result {
+            Err(err) if self.forgive && err.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(instead)
+            }
+            other => other,
+        }
+    }
+}
+
+impl<W: Write> Write for UnlessClosed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.closed {
+            return Ok(buf.len());
+        }
+        let result = self.inner.write(buf);
+        self.forgiven(result, buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let result = self.inner.flush();
+        self.forgiven(result, ())
+    }
 }

@@ -11,7 +11,7 @@ use blip::{ImageTextMatcher, Param};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use crate::common::{self, BatchArgs, Ended, Format};
+use crate::common::{self, BatchArgs, Ended, Format, UnlessClosed};
 
 #[derive(Args)]
 pub struct EmbedArgs {
@@ -174,43 +174,5 @@ impl Embedded {
         // leave the output readable by its owner only.
         let bytes = safetensors::serialize([(format!("{kind}_embeds"), tensor)], Some(metadata))?;
         std::fs::write(file, bytes).with_context(|| format!("cannot write {}", file.display()))
-    }
-}
-
-/// Stdout that, when `forgive` is set, drops whatever is written after its reader has gone
-/// instead of failing.
-struct UnlessClosed<W> {
-    inner: W,
-    closed: bool,
-    forgive: bool,
-}
-
-impl<W: Write> UnlessClosed<W> {
-    fn forgiven<T>(&mut self, result: std::io::Result<T>, instead: T) -> std::io::Result<T> {
-        match result {
-            Err(err) if self.forgive && err.kind() == std::io::ErrorKind::BrokenPipe => {
-                self.closed = true;
-                Ok(instead)
-            }
-            other => other,
-        }
-    }
-}
-
-impl<W: Write> Write for UnlessClosed<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.closed {
-            return Ok(buf.len());
-        }
-        let result = self.inner.write(buf);
-        self.forgiven(result, buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        if self.closed {
-            return Ok(());
-        }
-        let result = self.inner.flush();
-        self.forgiven(result, ())
     }
 }

@@ -75,7 +75,7 @@ pub fn run(args: IndexArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     };
     let mut indexer = Indexer::new(&matcher, identity);
     if let Some((captioner, options)) = &captioning {
-        indexer = indexer.with_captioner(captioner, options);
+        indexer = indexer.with_captioner(captioner, options, &args.caption_model);
     }
 
     let progress = common::rate_bar(sources.len(), "images");

@@ -66,23 +66,10 @@ pub fn run(args: SearchArgs) -> anyhow::Result<ExitCode> {
     let recorded = index
         .model()?
         .with_context(|| format!("{}: the index is empty; add images with `blip index`", args.db.display()))?;
-    let dtype = match recorded.dtype.as_str() {
-        "bf16" => blip::DType::BF16,
-        "f16" => blip::DType::F16,
-        _ => blip::DType::F32,
-    };
-    let resize = if recorded.resize == "pil" { blip::ResizeBackend::Pil } else { blip::ResizeBackend::Torchvision };
+    let (dtype, resize) = (recorded.dtype()?, recorded.resize()?);
     let mut matcher = ImageTextMatcher::load_with_dtype(&recorded.model, &blip::Device::Cpu, dtype)?;
     matcher.set_resize_backend(resize);
-    // The checkpoint may have changed since indexing: its embeddings would not compare.
-    index.bind_model(&ModelIdentity::of(&recorded.model, dtype, resize, &matcher)?)?;
-    if args.rerank && !matcher.has_itm_head() {
-        anyhow::bail!(
-            "--rerank: {} has no ITM head (it is a BlipModel checkpoint); index with a BlipForImageTextRetrieval checkpoint such as {}",
-            recorded.model,
-            ImageTextMatcher::DEFAULT_MODEL
-        );
-    }
+    index.check_model(&ModelIdentity::of(&recorded.model, dtype, resize, &matcher)?)?;
 
     let query = match (&args.query, &args.image) {
         (Some(text), _) => {
@@ -90,18 +77,25 @@ pub fn run(args: SearchArgs) -> anyhow::Result<ExitCode> {
             matcher.embed_texts(&[text.as_str()])?
         }
         (None, Some(image)) => matcher.embed_images(&[ImageSource::parse(image).load(&UrlLimits::default())?])?,
-        (None, None) => unreachable!("clap requires a query or --image"),
+        (None, None) => anyhow::bail!("give a text to search for, or --image"),
     };
     let query = query.flatten_all()?.to_vec1::<f32>()?;
     let wanted = if args.rerank { args.rerank_top.get().max(args.top.get()) } else { args.top.get() };
-    let mut hits: Vec<(Hit, Option<f32>)> = index.search(&query, wanted)?.into_iter().map(|hit| (hit, None)).collect();
-    if let (true, Some(text)) = (args.rerank, &args.query) {
-        hits = rerank(&matcher, text, hits, args.batch_size.into())?;
-    }
-    hits.truncate(args.top.get());
+    let hits = index.search(&query, wanted)?;
+    let mut results: Vec<(Hit, Option<f32>)> = match (args.rerank, &args.query) {
+        (true, Some(text)) => {
+            let (reranked, failures) = blip_index::rerank(&matcher, text, hits, args.batch_size.into())?;
+            for failure in failures {
+                eprintln!("warning: left out of --rerank: {failure}");
+            }
+            reranked.into_iter().map(|r| (r.hit, Some(r.itm))).collect()
+        }
+        _ => hits.into_iter().map(|hit| (hit, None)).collect(),
+    };
+    results.truncate(args.top.get());
 
     let mut out = std::io::stdout().lock();
-    for (hit, itm) in &hits {
+    for (hit, itm) in &results {
         let written = match args.format {
             Format::Text => {
                 let itm = itm.map(|itm| format!("\t{itm:.4}")).unwrap_or_default();
@@ -117,36 +111,4 @@ pub fn run(args: SearchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The hits ordered by ITM probability of `text`, their images read again from their files;
-/// an image that cannot be read any more is reported and left out.
-fn rerank(
-    matcher: &ImageTextMatcher,
-    text: &str,
-    hits: Vec<(Hit, Option<f32>)>,
-    batch_size: usize,
-) -> anyhow::Result<Vec<(Hit, Option<f32>)>> {
-    let mut scored = Vec::with_capacity(hits.len());
-    for chunk in hits.chunks(batch_size) {
-        let mut images = Vec::with_capacity(chunk.len());
-        let mut kept = Vec::with_capacity(chunk.len());
-        for (hit, _) in chunk {
-            match blip::load_image(hit.path.as_ref()) {
-                Ok(image) => {
-                    images.push(image);
-                    kept.push(hit.clone());
-                }
-                Err(err) => eprintln!("warning: left out of --rerank: {err}"),
-            }
-        }
-        if images.is_empty() {
-            continue;
-        }
-        let scores = matcher.match_texts(&images, &[text])?;
-        scored.extend(kept.into_iter().zip(scores).map(|(hit, score)| (hit, score[0].itm)));
-    }
-    // Stable: equal probabilities keep their ITC order.
-    scored.sort_by(|a, b| b.1.unwrap_or(0.0).total_cmp(&a.1.unwrap_or(0.0)));
-    Ok(scored)
 }

@@ -33,6 +33,11 @@ impl SidecarArgs {
         if bare.is_empty() || bare.contains(['/', '\\']) || bare.starts_with('.') {
             anyhow::bail!("--caption-extension {extension:?}: give a file extension such as .txt or .caption");
         }
+        if blip::processor::image::IMAGE_EXTENSIONS.contains(&bare.to_ascii_lowercase().as_str()) {
+            anyhow::bail!(
+                "--caption-extension {extension:?} is an image extension: the files would replace images; use .txt or .caption"
+            );
+        }
         let existing = if self.skip_existing {
             Existing::Skip
         } else if self.overwrite {
@@ -73,9 +78,35 @@ impl Sidecars {
         }
     }
 
-    /// Whether the image is passed over: `--skip-existing` and its file is there.
-    pub fn keeps_existing(&self, image: &ImageSource) -> bool {
-        self.existing == Existing::Skip && self.path_for(image).is_ok_and(|path| path.exists())
+    /// Sorts the images before any model work: those to process, those passed over
+    /// (`--skip-existing` and their file is there), and those refused (their file is there
+    /// without a flag saying what to do, another image writes the same file, or a URL).
+    pub fn plan(&self, images: Vec<ImageSource>) -> Plan {
+        let mut plan = Plan { todo: Vec::with_capacity(images.len()), skipped: 0, refused: Vec::new() };
+        let mut claimed: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
+        for image in images {
+            let path = match self.path_for(&image) {
+                Ok(path) => path,
+                Err(refusal) => {
+                    plan.refused.push(refusal);
+                    continue;
+                }
+            };
+            if let Some(first) = claimed.get(&path) {
+                plan.refused.push(format!("{image}: {first} writes {} too; rename one of them", path.display()));
+                continue;
+            }
+            claimed.insert(path.clone(), image.to_string());
+            match (path.exists(), self.existing) {
+                (true, Existing::Skip) => plan.skipped += 1,
+                (true, Existing::Refuse) => plan.refused.push(format!(
+                    "{}: already exists; add --overwrite to replace it or --skip-existing to keep it",
+                    path.display()
+                )),
+                _ => plan.todo.push(image),
+            }
+        }
+        plan
     }
 
     /// Writes `text` and a newline to the image's file: to a temporary file in the same folder,
@@ -117,6 +148,13 @@ fn write_atomically(path: &Path, bytes: &[u8], replace: bool) -> std::io::Result
     written
 }
 
+/// The images of a run with sidecars, sorted before any model work.
+pub struct Plan {
+    pub todo: Vec<ImageSource>,
+    pub skipped: usize,
+    pub refused: Vec<String>,
+}
+
 /// What happened to the images' files.
 #[derive(Default)]
 pub struct Tally {
@@ -151,7 +189,19 @@ mod tests {
         refuse.write(&image, "a cat").unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("photo.final.txt")).unwrap(), "a cat\n");
         assert!(refuse.write(&image, "a dog").unwrap_err().contains("already exists"));
-        assert!(args(true, false).sidecars().unwrap().unwrap().keeps_existing(&image));
+        let plan = args(true, false).sidecars().unwrap().unwrap().plan(vec![image.clone()]);
+        assert_eq!((plan.todo.len(), plan.skipped), (0, 1));
+        let twin = ImageSource::File(dir.join("photo.final.png"));
+        let plan = args(false, true).sidecars().unwrap().unwrap().plan(vec![image.clone(), twin]);
+        assert_eq!(plan.todo, std::slice::from_ref(&image));
+        assert!(
+            plan.refused[0].contains("writes") && plan.refused[0].contains("photo.final.txt"),
+            "{:?}",
+            plan.refused
+        );
+        assert!(SidecarArgs { caption_extension: Some(".JPG".into()), skip_existing: false, overwrite: true }
+            .sidecars()
+            .is_err());
         args(false, true).sidecars().unwrap().unwrap().write(&image, "a dog").unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("photo.final.txt")).unwrap(), "a dog\n");
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();

@@ -75,6 +75,7 @@ fn kept_texts_are_those_blip_match_scores_at_or_above_the_threshold() {
         }
         args.push(dir.join(record["image"].as_str().unwrap()).display().to_string());
         let matched = jsonl(&blip(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+        assert_eq!(matched.len(), texts.len());
         for (t, m) in texts.iter().zip(&matched) {
             let (ours, theirs) = (t["itm"].as_f64().unwrap(), m["itm"].as_f64().unwrap());
             assert!((ours - theirs).abs() < 1e-6, "{}: {ours} vs {theirs}", t["text"]);
@@ -83,6 +84,9 @@ fn kept_texts_are_those_blip_match_scores_at_or_above_the_threshold() {
 
     let threshold = 0.6;
     let kept = jsonl(&capfilt(&dir, &["--threshold", "0.6"]));
+    assert_eq!(kept.len(), all.len());
+    let count = |records: &[Value]| records.iter().map(|r| r["texts"].as_array().unwrap().len()).sum::<usize>();
+    assert!(0 < count(&kept) && count(&kept) < count(&all), "the threshold keeps some texts and drops others");
     for (kept, all) in kept.iter().zip(&all) {
         let expected: Vec<&Value> =
             all["texts"].as_array().unwrap().iter().filter(|t| t["itm"].as_f64().unwrap() >= threshold).collect();
@@ -118,15 +122,22 @@ fn bad_lines_missing_images_and_wrong_options_are_reported() {
     let dir = pairs("bad");
     let mut text = std::fs::read_to_string(dir.join("pairs.jsonl")).unwrap();
     text.push_str("not json\n{\"image\": \"img/missing.png\", \"text\": \"x\"}\n");
+    text.push_str("{\"image\": \"img/rocket.jpg\", \"text\": \" \"}\n");
+    // Tokenizes to nothing: refused by the model, which fails this image alone.
+    text.push_str("{\"image\": \"img/astronaut.png\", \"text\": \"\\u200b\"}\n");
     std::fs::write(dir.join("pairs.jsonl"), text).unwrap();
     let out = capfilt(&dir, &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("pairs.jsonl:5: not a pair"), "{err}");
     assert!(err.contains("missing.png: cannot read image file"), "{err}");
-    assert!(err.contains("5 pairs in (1 bad lines)") && err.contains("images failed: 1"), "{err}");
-    assert_eq!(jsonl(&out).len(), 3, "the good images still filtered");
+    assert!(err.contains("pairs.jsonl:7: the text of img/rocket.jpg is empty"), "{err}");
+    assert!(err.contains("img/astronaut.png: "), "{err}");
+    assert!(err.contains("6 pairs in (2 bad lines)") && err.contains("images failed: 2"), "{err}");
+    assert_eq!(jsonl(&out).len(), 2, "the good images still filtered");
 
+    let out = capfilt(&dir, &["--output", input_path(&dir).as_str()]);
+    assert!(stderr(&out).contains("is the --input file"), "{}", stderr(&out));
     let out = capfilt(&dir, &["--threshold", "1.5"]);
     assert!(stderr(&out).contains("--threshold must be a probability from 0 to 1, not 1.5"), "{}", stderr(&out));
     let input = dir.join("pairs.jsonl");
@@ -141,4 +152,8 @@ fn bad_lines_missing_images_and_wrong_options_are_reported() {
         &model("tiny-blip"),
     ]);
     assert!(stderr(&out).contains("--filter-model") && stderr(&out).contains("no ITM head"), "{}", stderr(&out));
+}
+
+fn input_path(dir: &Path) -> String {
+    dir.join("pairs.jsonl").display().to_string()
 }

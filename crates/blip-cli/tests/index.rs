@@ -40,6 +40,28 @@ fn rows(db: &Path) -> Vec<(String, Option<usize>, Option<String>)> {
         .collect()
 }
 
+/// Every row's path, hash and embedding, by path.
+fn contents(db: &Path) -> Vec<(String, Option<String>, Vec<f32>)> {
+    let conn = Connection::open(db).unwrap();
+    let mut select = conn.prepare("SELECT path, hash, embedding FROM images ORDER BY path").unwrap();
+    select
+        .query_map([], |r| {
+            let bytes: Option<Vec<u8>> = r.get(2)?;
+            let embedding =
+                bytes.unwrap_or_default().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            Ok((r.get(0)?, r.get(1)?, embedding))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Largest difference between two embeddings (made in batches of other sizes: float noise).
+fn furthest(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
 fn name(path: &str) -> &str {
     Path::new(path).file_name().unwrap().to_str().unwrap()
 }
@@ -90,7 +112,8 @@ fn a_folder_is_indexed_with_errors_recorded_and_searched_as_blip_match_scores() 
     assert_eq!(reranked.len(), 2);
     for (hit, (want, itm)) in reranked.iter().zip(&by_itm) {
         assert_eq!(name(hit["image"].as_str().unwrap()), *want);
-        assert_eq!(hit["itm"].as_f64().unwrap(), *itm, "the same ITM probability as blip match");
+        let got = hit["itm"].as_f64().unwrap();
+        assert!((got - itm).abs() < 1e-6, "the ITM probability of blip match: {got} vs {itm}");
     }
 
     // An image query finds itself first.
@@ -138,6 +161,12 @@ fn reruns_skip_unchanged_files_reembed_changed_ones_and_prune_vanished_ones() {
     let furthest = changed.iter().zip(&rocket).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(furthest < 1e-6, "chelsea.png now holds the rocket: {furthest}");
     assert_eq!(before.iter().filter(|r| name(&r.0) == "broken.jpg").count(), 1);
+    assert_eq!(after.iter().filter(|r| name(&r.0) == "broken.jpg").count(), 0, "pruned");
+
+    // The same folder named another way is the same files: nothing new.
+    let aliased = dir.join("photos/../photos");
+    let out = index(&db, &["--model", &itm, aliased.to_str().unwrap()]);
+    assert!(stderr(&out).contains("0 indexed, 4 unchanged, 0 failed; 4 images in the index"), "{}", stderr(&out));
 }
 
 #[test]
@@ -166,6 +195,10 @@ fn an_indexer_killed_mid_batch_loses_only_that_batch_and_the_next_run_completes_
     let fresh_db = dir.join("fresh.db");
     index(&fresh_db, &["--model", &itm, photos.to_str().unwrap()]);
     assert_eq!(complete, rows(&fresh_db), "the same rows as one uninterrupted run, no duplicates");
+    for (resumed, fresh) in contents(&db).iter().zip(contents(&fresh_db)) {
+        assert_eq!((&resumed.0, &resumed.1), (&fresh.0, &fresh.1));
+        assert!(furthest(&resumed.2, &fresh.2) < 1e-6, "{}", resumed.0);
+    }
 }
 
 #[test]
@@ -201,6 +234,17 @@ fn another_model_is_refused_and_foreign_files_are_clear_errors() {
     assert!(stderr(&out).contains("no such index; make one with `blip index"), "{}", stderr(&out));
     let out = blip(&["search", "--db", db.to_str().unwrap(), "--rerank", "a cat"]);
     assert!(out.status.success(), "{}", stderr(&out));
+
+    // A real index damaged in the middle: a clear error, never a panic.
+    let damaged = dir.join("damaged.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() > 8192, "the index spans several pages");
+    bytes[4096..8192].fill(0xA5);
+    std::fs::write(&damaged, bytes).unwrap();
+    let out = blip(&["search", "--db", damaged.to_str().unwrap(), "a cat"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("damaged.db"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
 
 #[test]
@@ -243,4 +287,19 @@ fn captions_are_stored_as_blip_caption_writes_them() {
 
     let out = blip(&["index", "--db", db.to_str().unwrap(), "--num-beams", "2", &image("rocket.jpg")]);
     assert_eq!(out.status.code(), Some(2), "generation options need --caption");
+
+    // --caption on images indexed without captions captions them; another captioner is refused.
+    let later = dir.join("later.db");
+    let itm = model("tiny-itm");
+    index(&later, &["--model", &itm, &image("rocket.jpg"), &image("chelsea.png")]);
+    let out = index(&later, &["--model", &itm, "--caption", "--caption-model", &captioner, &image("rocket.jpg")]);
+    assert!(stderr(&out).contains("1 indexed, 0 unchanged"), "{}", stderr(&out));
+    let conn = Connection::open(&later).unwrap();
+    let captioned: i64 =
+        conn.query_row("SELECT count(*) FROM images WHERE caption IS NOT NULL", [], |r| r.get(0)).unwrap();
+    assert_eq!(captioned, 1);
+    let other = model("tiny-caption-st");
+    let out = index(&later, &["--model", &itm, "--caption", "--caption-model", &other, &image("rocket.jpg")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("captions of"), "{}", stderr(&out));
 }

@@ -6,13 +6,20 @@ use blip::{CaptionOptions, Captioner, ImageSource, ImageTextMatcher, RgbImage, U
 
 use crate::error::Result;
 use crate::schema::ModelIdentity;
-use crate::store::{ImageRecord, Index};
+use crate::store::{ImageRecord, Index, Stored};
 
 /// Embeds images into an [`Index`] with one model, optionally captioning them too.
 pub struct Indexer<'a> {
     matcher: &'a ImageTextMatcher,
     model: ModelIdentity,
-    captioner: Option<(&'a Captioner, &'a CaptionOptions)>,
+    captioner: Option<Captioning<'a>>,
+}
+
+/// The captioner of an [`Indexer`], with the Hub id or folder it was loaded from.
+struct Captioning<'a> {
+    captioner: &'a Captioner,
+    options: &'a CaptionOptions,
+    model: String,
 }
 
 /// How far a run has got, after each file.
@@ -59,9 +66,11 @@ impl<'a> Indexer<'a> {
         Self { matcher, model, captioner: None }
     }
 
-    /// Also captions every image indexed, storing its best caption and score.
-    pub fn with_captioner(mut self, captioner: &'a Captioner, options: &'a CaptionOptions) -> Self {
-        self.captioner = Some((captioner, options));
+    /// Also captions every image indexed, and every image already indexed without a caption,
+    /// storing its best caption and score; `model` (the captioner's Hub id or folder) is
+    /// recorded, and an index captioned by another is refused.
+    pub fn with_captioner(mut self, captioner: &'a Captioner, options: &'a CaptionOptions, model: &str) -> Self {
+        self.captioner = Some(Captioning { captioner, options, model: model.to_string() });
         self
     }
 
@@ -76,6 +85,9 @@ impl<'a> Indexer<'a> {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Summary> {
         index.bind_model(&self.model)?;
+        if let Some(captioning) = &self.captioner {
+            index.bind_caption_model(&captioning.model)?;
+        }
         let batch_size = batch_size.max(1);
         let mut summary = Summary::default();
         let mut batch = Batch::default();
@@ -104,17 +116,22 @@ impl<'a> Indexer<'a> {
             Ok(Some(what))
         };
         let path = match file {
+            ImageSource::File(path) => path,
             ImageSource::Url(url) => {
                 return fail(summary, format!("{url}: only files can be indexed; download it first"));
             }
-            other => other.path().expect("files have paths"),
+            // An entry of a folder that could not be listed: reported, no row.
+            ImageSource::Unlisted { path, reason } => return fail(summary, format!("{}: {reason}", path.display())),
         };
-        let absolute = match std::path::absolute(path) {
-            Ok(absolute) => absolute,
-            Err(e) => return fail(summary, format!("{}: {e}", path.display())),
+        // One row per file, however it is named (`../photos`, a symbolic link, ...).
+        let canonical = match std::fs::canonicalize(path) {
+            Ok(canonical) => canonical,
+            Err(e) => return fail(summary, format!("{}: cannot read image file: {e}", path.display())),
         };
-        let key = absolute.to_string_lossy().to_string();
-        let metadata = match std::fs::metadata(&absolute) {
+        let Some(key) = canonical.to_str().map(str::to_string) else {
+            return fail(summary, format!("{}: a path that is not UTF-8 cannot be stored", path.display()));
+        };
+        let metadata = match std::fs::metadata(&canonical) {
             Ok(metadata) => metadata,
             Err(e) => return fail(summary, format!("{}: cannot read image file: {e}", path.display())),
         };
@@ -125,7 +142,9 @@ impl<'a> Indexer<'a> {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos() as i64);
         let stored = index.stored(&key)?;
-        if stored.as_ref().is_some_and(|s| s.size == size && s.mtime_ns == mtime_ns) {
+        // With a captioner, images indexed without a caption are taken again.
+        let wants_caption = |s: &Stored| self.captioner.is_some() && !s.failed && !s.captioned;
+        if stored.as_ref().is_some_and(|s| s.size == size && s.mtime_ns == mtime_ns && !wants_caption(s)) {
             summary.unchanged += 1;
             return Ok(None);
         }
@@ -143,7 +162,7 @@ impl<'a> Indexer<'a> {
         };
         let decoded = file.read(&UrlLimits::default()).and_then(|bytes| {
             record.hash = Some(blake3::hash(&bytes).to_hex().to_string());
-            if stored.as_ref().is_some_and(|s| !s.failed && s.hash == record.hash) {
+            if stored.as_ref().is_some_and(|s| !s.failed && s.hash == record.hash && !wants_caption(s)) {
                 return Ok(None);
             }
             blip::load_image_from_memory(&bytes, path).map(Some)
@@ -175,8 +194,8 @@ impl<'a> Indexer<'a> {
             let (pending, images): (Vec<ImageRecord>, Vec<RgbImage>) =
                 pending.into_iter().map(|p| (p.record, p.image)).unzip();
             let embeddings = self.matcher.embed_images(&images)?.to_vec2::<f32>()?;
-            let captions = match self.captioner {
-                Some((captioner, options)) => Some(captioner.caption(&images, options)?),
+            let captions = match &self.captioner {
+                Some(c) => Some(c.captioner.caption(&images, c.options)?),
                 None => None,
             };
             for (i, (mut record, embedding)) in pending.into_iter().zip(embeddings).enumerate() {

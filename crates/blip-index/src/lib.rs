@@ -28,6 +28,6 @@ mod store;
 
 pub use error::{Error, Result};
 pub use indexer::{Indexer, Progress, Summary};
-pub use schema::{ModelIdentity, SCHEMA_VERSION};
-pub use search::Hit;
+pub use schema::{model_key, ModelIdentity, SCHEMA_VERSION};
+pub use search::{rerank, Hit, Reranked};
 pub use store::{ImageRecord, Index};

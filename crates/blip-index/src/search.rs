@@ -1,5 +1,5 @@
 //! Exact nearest neighbours: every stored embedding against the query in one matrix product,
-//! over a copy of the embeddings held in memory between searches (see docs/INDEX.md for why
+//! over a copy of the embeddings held in memory between searches (see docs/COLLECTIONS.md for why
 //! not sqlite-vec's scan or an approximate index).
 
 use std::sync::atomic::Ordering;
@@ -7,6 +7,9 @@ use std::sync::atomic::Ordering;
 use blip::ops::linear::Linear;
 use blip::{Device, Tensor};
 use candle_core::Module;
+
+use blip::{ImageTextMatcher, RgbImage};
+use rusqlite::OptionalExtension;
 
 use crate::error::{Error, Result};
 use crate::store::{from_le_bytes, Index};
@@ -41,14 +44,14 @@ impl Index {
         }
         let embeddings = cache.as_ref().expect("loaded above");
         let dim = embeddings.dim;
-        if embeddings.ids.is_empty() {
-            return Ok(vec![]);
-        }
         if query.len() != dim {
             return Err(Error::Query(format!(
                 "the query embedding has {} values; the index's embeddings have {dim}",
                 query.len()
             )));
+        }
+        if embeddings.ids.is_empty() {
+            return Ok(vec![]);
         }
         let query = Tensor::from_slice(query, (1, dim), &Device::Cpu)?;
         let scores = embeddings.product.forward(&query)?.flatten_all()?.to_vec1::<f32>()?;
@@ -57,14 +60,15 @@ impl Index {
         drop(cache);
         let mut select =
             self.conn.prepare_cached("SELECT path, caption FROM images WHERE id = ?1").map_err(self.db())?;
-        best.iter()
-            .zip(ids)
-            .map(|(&i, id)| {
-                let (path, caption) =
-                    select.query_row([id], |row| Ok((row.get(0)?, row.get(1)?))).map_err(self.db())?;
-                Ok(Hit { path, itc: scores[i], caption })
-            })
-            .collect()
+        let mut hits = Vec::with_capacity(best.len());
+        for (&i, id) in best.iter().zip(ids) {
+            // A row deleted by another process since the embeddings were read is left out.
+            let row = select.query_row([id], |row| Ok((row.get(0)?, row.get(1)?))).optional().map_err(self.db())?;
+            if let Some((path, caption)) = row {
+                hits.push(Hit { path, itc: scores[i], caption });
+            }
+        }
+        Ok(hits)
     }
 
     /// Changes when anyone commits to the database: SQLite's `data_version` for other
@@ -84,7 +88,7 @@ impl Index {
         let (mut ids, mut data) = (Vec::new(), Vec::new());
         while let Some(row) = rows.next().map_err(self.db())? {
             let bytes = row.get_ref(1).and_then(|v| Ok(v.as_blob()?)).map_err(self.db())?;
-            if bytes.len() != dim * 4 {
+            if Some(bytes.len()) != dim.checked_mul(4) {
                 return Err(Error::NotAnIndex {
                     path: self.path.clone(),
                     reason: format!("an embedding of {} bytes where {dim} f32s were recorded", bytes.len()),
@@ -96,6 +100,55 @@ impl Index {
         let matrix = Tensor::from_vec(data, (ids.len(), dim), &Device::Cpu)?;
         Ok(Embeddings { version, ids, product: Linear::new(matrix, None)?, dim })
     }
+}
+
+/// A hit rescored by the ITM head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reranked {
+    pub hit: Hit,
+    /// ITM match probability of the image and the query text.
+    pub itm: f32,
+}
+
+/// `hits` ordered by the ITM probability of `text` with each image, read again from its file,
+/// `batch_size` images per forward pass (ties keep the ITC order): ITC top-k, then ITM, as
+/// BLIP's retrieval does. An image that cannot be read any more is left out, its error returned
+/// beside the results. Needs a BlipForImageTextRetrieval matcher.
+pub fn rerank(
+    matcher: &ImageTextMatcher,
+    text: &str,
+    hits: Vec<Hit>,
+    batch_size: usize,
+) -> Result<(Vec<Reranked>, Vec<blip::Error>)> {
+    if !matcher.has_itm_head() {
+        return Err(Error::Query(
+            "reranking needs an ITM head: this index's model is a BlipModel checkpoint; index with a BlipForImageTextRetrieval checkpoint"
+                .into(),
+        ));
+    }
+    let (mut reranked, mut failures) = (Vec::with_capacity(hits.len()), Vec::new());
+    for chunk in hits.chunks(batch_size.max(1)) {
+        let mut images: Vec<RgbImage> = Vec::with_capacity(chunk.len());
+        let mut kept = Vec::with_capacity(chunk.len());
+        for hit in chunk {
+            match blip::load_image(hit.path.as_ref()) {
+                Ok(image) => {
+                    images.push(image);
+                    kept.push(hit.clone());
+                }
+                Err(err) => failures.push(err),
+            }
+        }
+        if images.is_empty() {
+            continue;
+        }
+        let scores = matcher.match_texts(&images, &[text])?;
+        for (hit, score) in kept.into_iter().zip(scores) {
+            reranked.push(Reranked { hit, itm: score.first().and_then(|s| s.itm).unwrap_or(0.0) });
+        }
+    }
+    reranked.sort_by(|a, b| b.itm.total_cmp(&a.itm));
+    Ok((reranked, failures))
 }
 
 /// Indices of the `k` largest scores, largest first, lower index first among equals.

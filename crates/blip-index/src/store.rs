@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::schema::{self, ModelIdentity};
 use crate::search::Embeddings;
 
-/// An image collection's database (see docs/INDEX.md for its tables).
+/// An image collection's database (see docs/COLLECTIONS.md for its tables).
 pub struct Index {
     pub(crate) conn: Connection,
     pub(crate) path: PathBuf,
@@ -50,6 +50,7 @@ pub(crate) struct Stored {
     pub mtime_ns: i64,
     pub hash: Option<String>,
     pub failed: bool,
+    pub captioned: bool,
 }
 
 impl Index {
@@ -101,6 +102,37 @@ impl Index {
         schema::bind_model(&self.conn, &self.path, model)
     }
 
+    /// Records the captioning model (a Hub id or folder) of an index without one, or refuses
+    /// another: captions of two captioners would mix.
+    pub fn bind_caption_model(&self, model: &str) -> Result<()> {
+        let key = schema::model_key(model);
+        match schema::bind_caption_model(&self.conn, &self.path, &key)? {
+            None => Ok(()),
+            Some(recorded) => Err(Error::OtherModel {
+                path: self.path.clone(),
+                recorded: format!("captions of {recorded}"),
+                given: format!("captions of {key}"),
+            }),
+        }
+    }
+
+    /// Refuses to search with `model` unless it is the model the index was made with, unchanged.
+    pub fn check_model(&self, model: &ModelIdentity) -> Result<()> {
+        match self.model()? {
+            Some(recorded) if recorded == *model => Ok(()),
+            Some(recorded) => Err(Error::Query(format!(
+                "{}: made with {}, but the model now loads as {}: its checkpoint changed since; index again into a new --db",
+                self.path.display(),
+                recorded.describe(),
+                model.describe()
+            ))),
+            None => Err(Error::Query(format!(
+                "{}: the index is empty; add images with `blip index`",
+                self.path.display()
+            ))),
+        }
+    }
+
     /// Rows, failed files included.
     pub fn len(&self) -> Result<usize> {
         let n: i64 = self.conn.query_row("SELECT count(*) FROM images", [], |row| row.get(0)).map_err(self.db())?;
@@ -140,21 +172,39 @@ impl Index {
 
     pub(crate) fn stored(&self, path: &str) -> Result<Option<Stored>> {
         self.conn
-            .query_row("SELECT size, mtime_ns, hash, error IS NOT NULL FROM images WHERE path = ?1", [path], |row| {
-                Ok(Stored {
-                    size: row.get::<_, i64>(0)? as u64,
-                    mtime_ns: row.get(1)?,
-                    hash: row.get(2)?,
-                    failed: row.get(3)?,
-                })
-            })
+            .query_row(
+                "SELECT size, mtime_ns, hash, error IS NOT NULL, caption IS NOT NULL FROM images WHERE path = ?1",
+                [path],
+                |row| {
+                    Ok(Stored {
+                        size: row.get::<_, i64>(0)? as u64,
+                        mtime_ns: row.get(1)?,
+                        hash: row.get(2)?,
+                        failed: row.get(3)?,
+                        captioned: row.get(4)?,
+                    })
+                },
+            )
             .optional()
             .map_err(self.db())
     }
 
     /// Writes `records` (replacing the rows of the same paths) and `touched` files' new size and
     /// modification time, in one transaction.
+    /// Every embedding must have the width recorded for the index's model.
     pub fn add(&mut self, records: &[ImageRecord], touched: &[(String, u64, i64)]) -> Result<()> {
+        if records.iter().any(|r| r.embedding.is_some()) {
+            let dim = self.model()?.map(|m| m.embedding_dim).ok_or_else(|| {
+                Error::Query(format!("{}: no model recorded yet (bind_model first)", self.path.display()))
+            })?;
+            if let Some(wrong) = records.iter().find(|r| r.embedding.as_ref().is_some_and(|e| e.len() != dim)) {
+                return Err(Error::Query(format!(
+                    "{}: an embedding of {} values where the index holds {dim}",
+                    wrong.path,
+                    wrong.embedding.as_ref().map_or(0, Vec::len)
+                )));
+            }
+        }
         let path = self.path.clone();
         let db = move |source| Error::Database { path: path.clone(), source };
         let tx = self.conn.transaction().map_err(&db)?;
@@ -197,14 +247,16 @@ impl Index {
         Ok(())
     }
 
-    /// Deletes the rows of files that no longer exist; returns how many.
+    /// Deletes the rows of files that no longer exist (a file that cannot be checked, on a
+    /// folder that cannot be read or a mount that is gone, is kept); returns how many.
     pub fn prune(&mut self) -> Result<usize> {
         let paths: Vec<String> = {
             let mut select = self.conn.prepare("SELECT path FROM images").map_err(self.db())?;
             let rows = select.query_map([], |row| row.get(0)).map_err(self.db())?;
             rows.collect::<std::result::Result<_, _>>().map_err(self.db())?
         };
-        let gone: Vec<&String> = paths.iter().filter(|p| !Path::new(p.as_str()).exists()).collect();
+        let gone: Vec<&String> =
+            paths.iter().filter(|p| matches!(Path::new(p.as_str()).try_exists(), Ok(false))).collect();
         let path = self.path.clone();
         let db = move |source| Error::Database { path: path.clone(), source };
         let tx = self.conn.transaction().map_err(&db)?;

@@ -98,7 +98,8 @@ fn fetch(url: &str, policy: &UrlPolicy, field: &str) -> Result<Vec<u8>, ApiError
         ));
     }
     let limits = blip::UrlLimits { timeout: policy.timeout, max_bytes: policy.max_bytes };
-    Ok(blip::processor::image::fetch_url(url, &limits)?)
+    blip::processor::image::fetch_url(url, &limits)
+        .map_err(|e| ApiError::bad_request("invalid_image", format!("{field}: {e}")))
 }
 
 #[cfg(test)]

@@ -126,7 +126,8 @@ pub fn capfilt(
         captioner
             .caption(images, &options.sampling())?
             .into_iter()
-            .map(|captions| captions.iter().map(|c| strip(&c.text)).collect())
+            // A caption that is nothing but the prompt says nothing: left out.
+            .map(|captions| captions.iter().map(|c| strip(&c.text)).filter(|c| !c.is_empty()).collect())
             .collect()
     } else {
         vec![vec![]; images.len()]

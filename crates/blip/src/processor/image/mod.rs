@@ -25,7 +25,7 @@ use serde_json::Value;
 use crate::error::{Error, InvalidInput, Param, Result};
 pub use decode::{load_image, load_image_from_memory};
 pub use resize::{resize_pil, resize_torchvision};
-pub use sources::{collect_sources, fetch_url, find_images, is_image_file, ImageSource, UrlLimits};
+pub use sources::{collect_sources, fetch_url, find_images, is_image_file, ImageSource, UrlLimits, IMAGE_EXTENSIONS};
 
 /// OpenAI CLIP mean, transformers' `OPENAI_CLIP_MEAN` (BLIP's default).
 pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];

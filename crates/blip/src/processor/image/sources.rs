@@ -176,8 +176,8 @@ pub fn find_images(dir: &Path) -> Vec<ImageSource> {
     found
 }
 
-/// Extensions of the formats this crate decodes.
-const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "jpe", "png", "gif", "bmp", "tif", "tiff", "webp"];
+/// Extensions of the formats this crate decodes (lower case).
+pub const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "jpe", "png", "gif", "bmp", "tif", "tiff", "webp"];
 
 /// Whether `path` is an image file: its first bytes are an image's, or its extension is an
 /// image's. An unreadable file counts when its extension does.
@@ -189,7 +189,7 @@ pub fn is_image_file(path: &Path) -> bool {
     if by_extension {
         return true;
     }
-    let mut head = [0u8; 16];
+    let mut head = [0u8; 32];
     let Ok(mut file) = std::fs::File::open(path) else { return false };
     let mut filled = 0;
     while filled < head.len() {
@@ -201,13 +201,20 @@ pub fn is_image_file(path: &Path) -> bool {
     starts_like_image(&head[..filled])
 }
 
+/// A BMP's DIB header size (bytes 14..18) is one of the known ones: "BM" alone also starts
+/// text files.
+fn is_bmp_header(head: &[u8]) -> bool {
+    let size = head.get(14..18).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    matches!(size, Some(12 | 16 | 40 | 52 | 56 | 64 | 108 | 124))
+}
+
 /// The signatures of JPEG, PNG, GIF, BMP, TIFF (and BigTIFF) and WebP.
 fn starts_like_image(head: &[u8]) -> bool {
     head.starts_with(&[0xFF, 0xD8, 0xFF])
         || head.starts_with(b"\x89PNG\r\n\x1a\n")
         || head.starts_with(b"GIF87a")
         || head.starts_with(b"GIF89a")
-        || head.starts_with(b"BM")
+        || (head.starts_with(b"BM") && is_bmp_header(head))
         || head.starts_with(b"II*\0")
         || head.starts_with(b"MM\0*")
         || head.starts_with(b"II+\0")
