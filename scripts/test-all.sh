@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every test, as CI runs them: the workspace with OpenBLAS, the library's kernels again without it
 # (the `gemm` crate's path, the library's default), the library's unit and parity tests on the
-# portable (non-SIMD) kernels, then `blip serve` with the real Python clients (their pinned
-# environment is made on first use; the Rust tests never need the network). `--workspace` keeps the feature set
+# portable (non-SIMD) kernels, then `blip serve` with the real Python clients, then the Python
+# package and its Ray pipeline (their pinned environments are made on first use; the Rust tests
+# never need the network). `--workspace` keeps the feature set
 # of the first run, so the later passes rebuild nothing but the library without OpenBLAS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,3 +12,5 @@ cargo test --release --workspace --lib --no-default-features
 BLIP_KERNELS=portable cargo test --release --workspace --lib --tests
 # blip serve with the real Python clients (huggingface_hub, openai) in a pinned environment.
 scripts/test-clients.sh
+# The Python package against the CLI, and its Ray Data pipeline on a local Ray.
+scripts/test-python.sh

@@ -1,0 +1,174 @@
+"""BLIP (Salesforce) captioning, visual question answering, image-text matching, embeddings and
+zero-shot classification, computed in Rust with the same outputs as Hugging Face transformers.
+
+    >>> import blip
+    >>> captioner = blip.Captioner()  # Salesforce/blip-image-captioning-base
+    >>> captioner.caption(["cat.jpg"], num_beams=3)[0]["caption"]
+
+Images may be paths (or http(s) URLs), the bytes of an image file, `PIL.Image.Image`s or uint8
+numpy arrays (H×W×3, H×W, H×W×4); files are decoded as transformers' `load_image` decodes them,
+PIL images and arrays converted to RGB as transformers' processor converts them. Generation
+keywords are transformers' `generate` keywords; left out, they take transformers' defaults.
+Computations release the GIL, and one object may be used from several threads at once.
+Errors: `ValueError` (bad options, undecodable images, wrong kind of checkpoint),
+`FileNotFoundError` (a missing image file), `OSError` (a checkpoint that cannot be found or
+read), `RuntimeError` (internal failures).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _blip
+from ._images import ImageLike, prepare
+
+__all__ = ["Captioner", "QuestionAnswerer", "ImageTextMatcher", "__version__"]
+__version__: str = _blip.__version__
+
+Images = Union[ImageLike, Sequence[ImageLike]]
+EarlyStopping = Union[bool, str]
+
+
+def _generation(**options: Any) -> str:
+    """The generation keywords given (not None), JSON-encoded for the native module."""
+    return json.dumps({k: v for k, v in options.items() if v is not None})
+
+
+def _texts(key: str, generated: List[List[Dict[str, Any]]], several: bool) -> List[Dict[str, Any]]:
+    """One record per input, as `blip ... --format jsonl` prints them: the best text's fields,
+    or with several asked for, all of them under `key + "s"`."""
+    if several:
+        return [{key + "s": texts} for texts in generated]
+    return [texts[0] for texts in generated]
+
+
+def _per_image(value: Union[str, Sequence[str]], count: int, name: str) -> List[str]:
+    if isinstance(value, str):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"{name}: {len(values)} given for {count} images; give one, or one per image")
+    return values
+
+
+class Captioner:
+    """A `BlipForConditionalGeneration` checkpoint (a Hub repo id, from the Hugging Face cache, or
+    a local folder), its weights held in `dtype` ("f32", "bf16" or "f16"), computing on
+    `threads` threads (None: all cores), resizing as transformers 5 ("torchvision") or 4 ("pil")."""
+
+    DEFAULT_MODEL: str = _blip.DEFAULT_CAPTION_MODEL
+
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
+                 resize: str = "torchvision") -> None:
+        self.model = model
+        self._native = _blip.NativeCaptioner(model, dtype, threads, resize)
+
+    def caption(self, images: Images, prompt: Optional[str] = None, *, max_new_tokens: Optional[int] = None,
+                min_new_tokens: Optional[int] = None, num_beams: Optional[int] = None,
+                length_penalty: Optional[float] = None, early_stopping: Optional[EarlyStopping] = None,
+                num_return_sequences: Optional[int] = None, do_sample: Optional[bool] = None,
+                temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                repetition_penalty: Optional[float] = None, no_repeat_ngram_size: Optional[int] = None,
+                seed: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Captions `images` (one batch), continuing `prompt` if given (it is part of the caption,
+        as in transformers). Returns one dict per image: `{"caption", "tokens", "score",
+        "log_prob"}` (tokens as transformers' `generate` returns them), or with
+        `num_return_sequences` > 1 `{"captions": [...]}` best first."""
+        generation = _generation(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                                 length_penalty=length_penalty, early_stopping=early_stopping,
+                                 num_return_sequences=num_return_sequences, do_sample=do_sample,
+                                 temperature=temperature, top_k=top_k, top_p=top_p,
+                                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                 seed=seed)
+        generated = self._native.caption(prepare(images), prompt, generation)
+        return _texts("caption", generated, (num_return_sequences or 1) > 1)
+
+
+class QuestionAnswerer:
+    """A `BlipForQuestionAnswering` checkpoint; arguments as `Captioner`'s."""
+
+    DEFAULT_MODEL: str = _blip.DEFAULT_VQA_MODEL
+
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
+                 resize: str = "torchvision") -> None:
+        self.model = model
+        self._native = _blip.NativeQuestionAnswerer(model, dtype, threads, resize)
+
+    def answer(self, images: Images, questions: Union[str, Sequence[str]], *, max_new_tokens: Optional[int] = None,
+               min_new_tokens: Optional[int] = None, num_beams: Optional[int] = None,
+               length_penalty: Optional[float] = None, early_stopping: Optional[EarlyStopping] = None,
+               num_return_sequences: Optional[int] = None, do_sample: Optional[bool] = None,
+               temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+               repetition_penalty: Optional[float] = None, no_repeat_ngram_size: Optional[int] = None,
+               seed: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Answers a question about each image (one question for all, or one per image).
+        Returns one dict per image: `{"answer", "tokens", "score", "log_prob"}`, or with
+        `num_return_sequences` > 1 `{"answers": [...]}` best first."""
+        items = prepare(images)
+        generation = _generation(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                                 length_penalty=length_penalty, early_stopping=early_stopping,
+                                 num_return_sequences=num_return_sequences, do_sample=do_sample,
+                                 temperature=temperature, top_k=top_k, top_p=top_p,
+                                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                 seed=seed)
+        generated = self._native.answer(items, _per_image(questions, len(items), "questions"), generation)
+        return _texts("answer", generated, (num_return_sequences or 1) > 1)
+
+    def rank(self, images: Images, questions: Union[str, Sequence[str]], answers: Sequence[str],
+             top: int = _blip.DEFAULT_RANK_TOP,
+             candidates: int = _blip.DEFAULT_RANK_CANDIDATES) -> List[List[Dict[str, Any]]]:
+        """Ranks a closed list of `answers` for each image: per image the `top` best as
+        `{"answer", "score"}` (score: the answer's log-likelihood), best first; the `candidates`
+        answers whose first token is likeliest are scored in full (BLIP's `rank_answer`)."""
+        items = prepare(images)
+        return self._native.rank(items, _per_image(questions, len(items), "questions"), list(answers), top,
+                                 candidates)
+
+
+class ImageTextMatcher:
+    """A `BlipForImageTextRetrieval` (ITM and ITC) or `BlipModel` (ITC only) checkpoint;
+    arguments as `Captioner`'s."""
+
+    DEFAULT_MODEL: str = _blip.DEFAULT_MATCHING_MODEL
+    DEFAULT_TEMPLATE: str = _blip.DEFAULT_TEMPLATE
+
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
+                 resize: str = "torchvision") -> None:
+        self.model = model
+        self._native = _blip.NativeImageTextMatcher(model, dtype, threads, resize)
+
+    @property
+    def has_itm_head(self) -> bool:
+        """Whether ITM match probabilities are available (BlipForImageTextRetrieval)."""
+        return self._native.has_itm_head
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the embeddings: 256 (retrieval ITC) or the BlipModel projection's."""
+        return self._native.embedding_dim
+
+    def match(self, images: Images, texts: Union[str, Sequence[str]]) -> List[List[Dict[str, Any]]]:
+        """Every image against every text: per image, per text `{"text", "itm", "itc"}` (ITM
+        match probability, None for BlipModel; ITC cosine similarity)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self._native.match_texts(prepare(images), texts)
+
+    def embed_images(self, images: Images) -> np.ndarray:
+        """Unit-norm image embeddings, float32 [n, embedding_dim]."""
+        return self._native.embed_images(prepare(images))
+
+    def embed_texts(self, texts: Union[str, Sequence[str]]) -> np.ndarray:
+        """Unit-norm text embeddings, float32 [n, embedding_dim]."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self._native.embed_texts(texts)
+
+    def classify(self, images: Images, labels: Sequence[str], template: str = DEFAULT_TEMPLATE,
+                 rerank: Union[bool, int] = False) -> List[List[Dict[str, Any]]]:
+        """Zero-shot classification: per image, the labels best first as `{"label",
+        "probability", "itc"}`; with `rerank` (True: the 5 best, or a number) the best labels
+        rescored with the ITM head come first, ordered by `"itm"`."""
+        count = None if rerank is False else (5 if rerank is True else int(rerank))
+        return self._native.classify(prepare(images), list(labels), template, count)

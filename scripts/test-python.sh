@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The Python package (crates/blip-py): its pinned test environment (.venv-py, from
+# crates/blip-py/requirements-test.txt, made on first use; needs PyPI once), the package built
+# into it with maturin, then pytest: every task and input kind against the `blip` program, error
+# classes, threads, and the Ray Data pipeline on a local Ray. Expects target/release/blip (built by
+# the Rust tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REQUIREMENTS=crates/blip-py/requirements-test.txt
+VENV=.venv-py
+if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt"; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
+    cp "$REQUIREMENTS" "$VENV/requirements.txt"
+fi
+[ -x target/release/blip ] || cargo build --release -p blip-cli
+VIRTUAL_ENV="$PWD/$VENV" PATH="$PWD/$VENV/bin:$PATH" maturin develop --release --quiet -m crates/blip-py/Cargo.toml
+# A hung Ray worker must not hang CI.
+timeout 1200 "$VENV/bin/python" -m pytest -q -p no:cacheprovider crates/blip-py/tests
