@@ -309,8 +309,21 @@ impl NativeImageTextMatcher {
     }
 }
 
+/// As the `blip` program does (see its main.rs): glibc would hand every large freed tensor back
+/// to the system, and the next layer's would be fresh pages to fault in and zero; kept in the
+/// heap instead, the same sizes are reused layer after layer (peak memory does not grow).
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes allocator thresholds; glibc takes them at any time.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 #[pymodule]
 fn _blip(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    keep_freed_memory();
     module.add_class::<NativeCaptioner>()?;
     module.add_class::<NativeQuestionAnswerer>()?;
     module.add_class::<NativeImageTextMatcher>()?;
