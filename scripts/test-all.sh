@@ -7,9 +7,10 @@
 # of the first run, so the later passes rebuild nothing but the library without OpenBLAS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --release --workspace
-cargo test --release --workspace --lib --no-default-features
-BLIP_KERNELS=portable cargo test --release --workspace --lib --tests
+# blip-py (the Python extension) has no Rust tests and links only into Python: scripts/test-python.sh.
+cargo test --release --workspace --exclude blip-py
+cargo test --release --workspace --exclude blip-py --lib --no-default-features
+BLIP_KERNELS=portable cargo test --release --workspace --exclude blip-py --lib --tests
 # blip serve with the real Python clients (huggingface_hub, openai) in a pinned environment.
 scripts/test-clients.sh
 # The Python package against the CLI, and its Ray Data pipeline on a local Ray.

@@ -16,5 +16,6 @@ if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQUIREMENTS" "$VENV/requirements.t
 fi
 [ -x target/release/blip ] || cargo build --release -p blip-cli
 VIRTUAL_ENV="$PWD/$VENV" PATH="$PWD/$VENV/bin:$PATH" maturin develop --release --quiet -m crates/blip-py/Cargo.toml
-# A hung Ray worker must not hang CI.
-timeout 1200 "$VENV/bin/python" -m pytest -q -p no:cacheprovider crates/blip-py/tests
+# A hung Ray worker must not hang CI: a time limit, and whatever Ray left running stopped.
+trap '"$VENV/bin/ray" stop --force >/dev/null 2>&1 || true' EXIT
+timeout --kill-after=30 1200 "$VENV/bin/python" -m pytest -q -p no:cacheprovider crates/blip-py/tests

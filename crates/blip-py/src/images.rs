@@ -8,7 +8,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyString};
 
-use crate::errors::{missing_file, to_py};
+use crate::errors::missing_file;
 
 /// One image, read from Python but not decoded yet (decoding runs without the GIL).
 pub enum Input {
@@ -75,14 +75,22 @@ fn pixels(array: &PyReadonlyArrayDyn<'_, u8>, index: usize) -> PyResult<RgbImage
             )))
         }
     };
-    if height == 0 || width == 0 || height > u32::MAX as usize || width > u32::MAX as usize {
-        return Err(PyValueError::new_err(format!("images[{index}]: an image of {width}x{height} pixels")));
+    if height == 0 || width == 0 {
+        return Err(PyValueError::new_err(format!("images[{index}]: the image has no pixels ({width}x{height})")));
+    }
+    // The decoder's limit (PIL's decompression-bomb limit), before anything is allocated.
+    if (height as u64).saturating_mul(width as u64) > blip::processor::image::MAX_PIXELS {
+        return Err(PyValueError::new_err(format!(
+            "images[{index}]: {width}x{height} pixels is over the {}-pixel limit",
+            blip::processor::image::MAX_PIXELS
+        )));
     }
     let view = array.as_array();
     let rgb: Vec<u8> = if shape.len() == 3 {
+        // Row-major order whatever the array's strides (Fortran order, flipped, sliced views).
         match array.as_slice() {
-            Ok(contiguous) => contiguous.to_vec(),
-            Err(_) => view.iter().copied().collect(),
+            Ok(contiguous) if array.is_c_contiguous() => contiguous.to_vec(),
+            _ => view.iter().copied().collect(),
         }
     } else {
         view.iter().flat_map(|&v| [v, v, v]).collect()
@@ -108,9 +116,4 @@ pub fn extract_all(images: &Bound<'_, PyAny>) -> PyResult<Vec<Input>> {
 /// Decodes every input (without the GIL), naming the first that fails.
 pub fn decode_all(inputs: Vec<Input>) -> blip::Result<Vec<RgbImage>> {
     inputs.into_iter().enumerate().map(|(i, input)| input.decode(i)).collect()
-}
-
-/// [`decode_all`]'s error as Python's.
-pub fn decoded(images: blip::Result<Vec<RgbImage>>) -> PyResult<Vec<RgbImage>> {
-    images.map_err(to_py)
 }

@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use errors::{to_py, OrPyErr};
-use images::{decode_all, decoded, extract_all};
+use images::{decode_all, extract_all};
 
 /// How a model is loaded: dtype, resize and the threads its computations use.
 struct Loading {
@@ -54,12 +54,21 @@ impl Loading {
         Ok(Self { dtype, resize, pool })
     }
 
-    /// `work` without the GIL, on this object's threads.
-    fn run<T: Send>(&self, py: Python<'_>, work: impl FnOnce() -> T + Send) -> T {
-        py.detach(|| match &self.pool {
-            Some(pool) => pool.install(work),
-            None => work(),
-        })
+    /// `work` without the GIL, on this object's threads; a panic (a bug) becomes a
+    /// `RuntimeError` instead of unwinding into Python.
+    fn run<T: Send>(&self, py: Python<'_>, work: impl FnOnce() -> blip::Result<T> + Send) -> PyResult<T> {
+        let caught = py.detach(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &self.pool {
+                Some(pool) => pool.install(work),
+                None => work(),
+            }))
+        });
+        match caught {
+            Ok(result) => result.map_err(to_py),
+            Err(_) => {
+                Err(pyo3::exceptions::PyRuntimeError::new_err("blip: internal error (a panic); please report it"))
+            }
+        }
     }
 }
 
@@ -100,7 +109,7 @@ impl NativeCaptioner {
     #[new]
     fn new(py: Python<'_>, model: &str, dtype: &str, threads: Option<usize>, resize: &str) -> PyResult<Self> {
         let loading = Loading::new(dtype, threads, resize)?;
-        let mut task = loading.run(py, || Captioner::load_with_dtype(model, &Device::Cpu, loading.dtype)).py()?;
+        let mut task = loading.run(py, || Captioner::load_with_dtype(model, &Device::Cpu, loading.dtype))?;
         task.set_resize_backend(loading.resize);
         Ok(Self { task, loading })
     }
@@ -119,7 +128,7 @@ impl NativeCaptioner {
         self.task.validate(&options).py()?;
         let inputs = extract_all(images)?;
         let captions =
-            self.loading.run(py, || decode_all(inputs).and_then(|images| self.task.caption(&images, &options))).py()?;
+            self.loading.run(py, || decode_all(inputs).and_then(|images| self.task.caption(&images, &options)))?;
         captions.iter().map(|c| texts_to_py(py, "caption", c)).collect()
     }
 }
@@ -135,8 +144,7 @@ impl NativeQuestionAnswerer {
     #[new]
     fn new(py: Python<'_>, model: &str, dtype: &str, threads: Option<usize>, resize: &str) -> PyResult<Self> {
         let loading = Loading::new(dtype, threads, resize)?;
-        let mut task =
-            loading.run(py, || QuestionAnswerer::load_with_dtype(model, &Device::Cpu, loading.dtype)).py()?;
+        let mut task = loading.run(py, || QuestionAnswerer::load_with_dtype(model, &Device::Cpu, loading.dtype))?;
         task.set_resize_backend(loading.resize);
         Ok(Self { task, loading })
     }
@@ -156,8 +164,7 @@ impl NativeQuestionAnswerer {
         let questions: Vec<&str> = questions.iter().map(String::as_str).collect();
         let answers = self
             .loading
-            .run(py, || decode_all(inputs).and_then(|images| self.task.answer(&images, &questions, &options)))
-            .py()?;
+            .run(py, || decode_all(inputs).and_then(|images| self.task.answer(&images, &questions, &options)))?;
         answers.iter().map(|a| texts_to_py(py, "answer", a)).collect()
     }
 
@@ -178,8 +185,7 @@ impl NativeQuestionAnswerer {
         let questions: Vec<&str> = questions.iter().map(String::as_str).collect();
         let ranked = self
             .loading
-            .run(py, || decode_all(inputs).and_then(|images| self.task.rank(&images, &questions, &list, &options)))
-            .py()?;
+            .run(py, || decode_all(inputs).and_then(|images| self.task.rank(&images, &questions, &list, &options)))?;
         ranked
             .iter()
             .map(|answers| {
@@ -207,8 +213,7 @@ impl NativeImageTextMatcher {
     #[new]
     fn new(py: Python<'_>, model: &str, dtype: &str, threads: Option<usize>, resize: &str) -> PyResult<Self> {
         let loading = Loading::new(dtype, threads, resize)?;
-        let mut task =
-            loading.run(py, || ImageTextMatcher::load_with_dtype(model, &Device::Cpu, loading.dtype)).py()?;
+        let mut task = loading.run(py, || ImageTextMatcher::load_with_dtype(model, &Device::Cpu, loading.dtype))?;
         task.set_resize_backend(loading.resize);
         Ok(Self { task, loading })
     }
@@ -232,10 +237,8 @@ impl NativeImageTextMatcher {
     ) -> PyResult<Vec<Bound<'py, PyList>>> {
         let inputs = extract_all(images)?;
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let scores = self
-            .loading
-            .run(py, || decode_all(inputs).and_then(|images| self.task.match_texts(&images, &texts)))
-            .py()?;
+        let scores =
+            self.loading.run(py, || decode_all(inputs).and_then(|images| self.task.match_texts(&images, &texts)))?;
         scores
             .iter()
             .map(|row| {
@@ -255,15 +258,15 @@ impl NativeImageTextMatcher {
     /// Unit-norm image embeddings, a float32 array [n, dim].
     fn embed_images<'py>(&self, py: Python<'py>, images: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let inputs = extract_all(images)?;
-        let images = decoded(self.loading.run(py, || decode_all(inputs)))?;
-        let embeddings = self.loading.run(py, || self.task.embed_images(&images)).py()?;
+        let embeddings =
+            self.loading.run(py, || decode_all(inputs).and_then(|images| self.task.embed_images(&images)))?;
         matrix_to_py(py, embeddings)
     }
 
     /// Unit-norm text embeddings, a float32 array [n, dim].
     fn embed_texts<'py>(&self, py: Python<'py>, texts: Vec<String>) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let embeddings = self.loading.run(py, || self.task.embed_texts(&texts)).py()?;
+        let embeddings = self.loading.run(py, || self.task.embed_texts(&texts))?;
         matrix_to_py(py, embeddings)
     }
 
@@ -287,8 +290,7 @@ impl NativeImageTextMatcher {
         let inputs = extract_all(images)?;
         let scores = self
             .loading
-            .run(py, || decode_all(inputs).and_then(|images| self.task.classify(&images, &labels, &options)))
-            .py()?;
+            .run(py, || decode_all(inputs).and_then(|images| self.task.classify(&images, &labels, &options)))?;
         scores
             .iter()
             .map(|row| {
@@ -312,7 +314,11 @@ impl NativeImageTextMatcher {
 /// As the `blip` program does (see its main.rs): glibc would hand every large freed tensor back
 /// to the system, and the next layer's would be fresh pages to fault in and zero; kept in the
 /// heap instead, the same sizes are reused layer after layer (peak memory does not grow).
+/// `BLIP_KEEP_FREED_MEMORY=0` leaves the process's allocator settings alone.
 fn keep_freed_memory() {
+    if std::env::var_os("BLIP_KEEP_FREED_MEMORY").is_some_and(|v| v == "0") {
+        return;
+    }
     // SAFETY: mallopt only changes allocator thresholds; glibc takes them at any time.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {

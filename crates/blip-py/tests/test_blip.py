@@ -2,6 +2,7 @@
 for images given as paths, bytes, PIL images and numpy arrays; errors of the right class; one
 object shared by threads."""
 
+import sys
 import threading
 from pathlib import Path
 
@@ -14,13 +15,19 @@ from conftest import IMAGES, cli, model
 
 
 def as_kinds(path: Path):
-    """The same image as a path, a PathLike, bytes, a PIL image and a numpy array."""
+    """The same image as a path, a PathLike, bytes (and bytearray, memoryview), a PIL image and
+    numpy arrays in C order, Fortran order and as a flipped view of a flipped copy."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
     return {
         "path": str(path),
         "pathlike": path,
         "bytes": path.read_bytes(),
+        "bytearray": bytearray(path.read_bytes()),
+        "memoryview": memoryview(path.read_bytes()),
         "pil": Image.open(path),
-        "numpy": np.asarray(Image.open(path).convert("RGB")),
+        "numpy": pixels,
+        "fortran": np.asfortranarray(pixels),
+        "strided": np.ascontiguousarray(pixels[::-1, :, ::-1])[::-1, :, ::-1],
     }
 
 
@@ -39,7 +46,8 @@ def answerer():
     return blip.QuestionAnswerer(model("tiny-vqa"))
 
 
-@pytest.mark.parametrize("kind", ["path", "pathlike", "bytes", "pil", "numpy"])
+@pytest.mark.parametrize("kind", ["path", "pathlike", "bytes", "bytearray", "memoryview", "pil", "numpy", "fortran",
+                                  "strided"])
 def test_captions_equal_the_cli_for_every_kind_of_image(captioner, kind):
     expected = cli("caption", "--model", model("tiny-caption-bin"), "--num-beams", "2", *map(str, IMAGES))
     got = captioner.caption([as_kinds(p)[kind] for p in IMAGES], num_beams=2)
@@ -61,6 +69,12 @@ def test_answers_and_ranked_answers_equal_the_cli(answerer, images, tmp_path):
     expected = cli("vqa", "--model", model("tiny-vqa"), "--question", question, *images)
     got = answerer.answer([as_kinds(Path(p))["pil"] for p in images], question)
     assert [g["tokens"] for g in got] == [e["tokens"] for e in expected]
+    assert all(abs(g["score"] - e["score"]) < 1e-6 for g, e in zip(got, expected))
+    # One question per image, one image per batch: the same answers.
+    per_image = answerer.answer(images, [question] * 3, batch_size=1)
+    assert [g["tokens"] for g in per_image] == [e["tokens"] for e in expected]
+    with pytest.raises(ValueError, match="questions: 2 given for 3 images"):
+        answerer.answer(images, [question] * 2)
 
     answers = ["a cat", "a rocket", "two", "yes"]
     (tmp_path / "answers.txt").write_text("\n".join(answers))
@@ -69,7 +83,7 @@ def test_answers_and_ranked_answers_equal_the_cli(answerer, images, tmp_path):
     got = answerer.rank(images, question, answers, top=3)
     for g, e in zip(got, expected):
         assert [a["answer"] for a in g] == [a["answer"] for a in e["answers"]]
-        assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(g, e["answers"]))
+        assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(g, e["answers"]))
 
 
 @pytest.mark.parametrize("kind", ["path", "bytes", "pil", "numpy"])
@@ -104,15 +118,33 @@ def test_embeddings_are_numpy_arrays_without_a_copy(matcher, images):
     assert embeddings.flags["C_CONTIGUOUS"]
 
 
-def test_pil_images_are_converted_as_transformers_converts_them(captioner):
-    """RGBA over white, palette and gray through RGB: the same pixels as the numpy route."""
+def test_pil_images_and_arrays_are_converted_as_transformers_converts_them(captioner):
+    """PIL: alpha composited over white (transformers' convert_to_rgb), other modes through
+    convert("RGB"); arrays: gray repeated, RGBA over white as each processor backend does it."""
+    from blip._images import prepare
+
     rgba = Image.open(IMAGES[0]).convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     composited = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    assert np.array_equal(prepare([rgba])[0], composited)
+    assert not np.array_equal(composited, np.asarray(rgba.convert("RGB")))
     assert captioner.caption(rgba)[0]["tokens"] == captioner.caption(composited)[0]["tokens"]
     gray = Image.open(IMAGES[1]).convert("L")
+    assert np.array_equal(prepare([gray])[0], np.asarray(gray.convert("RGB")))
     assert captioner.caption(gray)[0]["tokens"] == captioner.caption(np.asarray(gray))[0]["tokens"]
+    assert np.array_equal(prepare([np.asarray(gray)[..., None]])[0], np.asarray(gray.convert("RGB")))
+
+    # RGBA arrays: transformers 5's torchvision backend in float32, truncating x * 255.999
+    # (TorchvisionBackend.convert_to_rgb), its PIL backend in float64, rounding.
+    array = np.asarray(rgba)
+    x = array.astype(np.float32) * np.float32(1 / 255)  # to_dtype(float32, scale=True): mul(1/255)
+    torchvision = ((x[..., :3] * x[..., 3:] + (1 - x[..., 3:])) * np.float32(255.999)).astype(np.uint8)
+    alpha = array[..., 3:4] / 255
+    pil = np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    assert np.array_equal(prepare([array])[0], torchvision)
+    assert np.array_equal(prepare([array], "pil")[0], pil)
+    assert not np.array_equal(torchvision, pil)
 
 
 def test_errors_are_python_exceptions_of_the_right_class(captioner, matcher, images):
@@ -138,6 +170,16 @@ def test_errors_are_python_exceptions_of_the_right_class(captioner, matcher, ima
         blip.Captioner(model("tiny-itm"))
     with pytest.raises(ValueError, match="dtype"):
         blip.Captioner(model("tiny-caption-bin"), dtype="f64")
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 0, not -1"):
+        captioner.caption(images, max_new_tokens=-1)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        blip.Captioner(model("tiny-caption-bin"), threads=-2)
+    with pytest.raises(ValueError, match="labels: a string"):
+        matcher.classify(images, "cat")
+    with pytest.raises(ValueError, match="over the .*-pixel limit"):
+        captioner.caption(np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (100_000, 100_000, 3)))
+    # numpy numbers are numbers
+    assert captioner.caption(images[0], num_beams=np.int64(2))[0]["tokens"]
 
 
 def test_one_object_is_shared_by_threads(captioner, images):
@@ -150,7 +192,13 @@ def test_one_object_is_shared_by_threads(captioner, images):
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    barrier = threading.Barrier(4)
+
+    def together(i):
+        barrier.wait()
+        work(i)
+
+    threads = [threading.Thread(target=together, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -160,19 +208,29 @@ def test_one_object_is_shared_by_threads(captioner, images):
 
 
 def test_the_gil_is_released_while_computing(images):
-    """A Python thread keeps running while another computes (tiny model: many short calls)."""
+    """A Python thread runs during one native call: with a switch interval longer than the
+    call, only a released GIL lets it run (the call's return then waits out the interval)."""
     captioner = blip.Captioner(model("tiny-caption-bin"), threads=1)
-    ticks, done = [0], threading.Event()
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    ticks, done, started = [0], threading.Event(), threading.Event()
 
     def tick():
+        started.set()
         while not done.is_set():
             ticks[0] += 1
 
+    interval = sys.getswitchinterval()
     ticker = threading.Thread(target=tick)
     ticker.start()
-    before = ticks[0]
-    for _ in range(5):
-        captioner.caption(images, num_beams=3)
-    done.set()
-    ticker.join()
-    assert ticks[0] > before
+    started.wait()
+    try:
+        # Longer than the call (a tenth of a second), so a held GIL would never be handed over.
+        sys.setswitchinterval(2.0)
+        before = ticks[0]
+        captioner._native.caption(arrays, None, '{"num_beams": 3}')
+        during = ticks[0] - before
+    finally:
+        sys.setswitchinterval(interval)
+        done.set()
+        ticker.join()
+    assert during > 0

@@ -18,6 +18,7 @@ read), `RuntimeError` (internal failures).
 from __future__ import annotations
 
 import json
+import numbers
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -32,9 +33,52 @@ Images = Union[ImageLike, Sequence[ImageLike]]
 EarlyStopping = Union[bool, str]
 
 
+def _count(name: str, value: Any, least: int = 0) -> int:
+    """An integer option (numpy integers too), refused below `least` as the CLI refuses it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, not {value}")
+    return int(value)
+
+
 def _generation(**options: Any) -> str:
-    """The generation keywords given (not None), JSON-encoded for the native module."""
-    return json.dumps({k: v for k, v in options.items() if v is not None})
+    """The generation keywords given (not None), JSON-encoded for the native module; the
+    library checks their values and combinations."""
+    given = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name == "early_stopping" or name == "do_sample":
+            given[name] = value if isinstance(value, str) else bool(value)
+        elif name in ("length_penalty", "temperature", "top_p", "repetition_penalty"):
+            if not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, not {value!r}")
+            given[name] = float(value)
+        else:
+            given[name] = _count(name, value)
+    return json.dumps(given)
+
+
+def _in_batches(images: Any, batch_size: int, resize: str, run: Any) -> List[Any]:
+    """`run` over the images `batch_size` at a time (as the CLI's --batch-size), results joined."""
+    items = prepare(images, resize)
+    if not items:
+        raise ValueError("images: an empty list; give at least one image")
+    size = _count("batch_size", batch_size, 1)
+    results: List[Any] = []
+    for start in range(0, len(items), size):
+        results.extend(run(items[start:start + size], start))
+    return results
+
+
+def _texts_list(name: str, values: Union[str, Sequence[str]], single: bool) -> List[str]:
+    """Texts given as a list; one string only where one text is meant (`single`)."""
+    if isinstance(values, str):
+        if single:
+            return [values]
+        raise ValueError(f"{name}: a string; give a list of them")
+    return list(values)
 
 
 def _texts(key: str, generated: List[List[Dict[str, Any]]], several: bool) -> List[Dict[str, Any]]:
@@ -63,7 +107,8 @@ class Captioner:
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
                  resize: str = "torchvision") -> None:
-        self.model = model
+        self.model, self.resize = model, resize
+        threads = None if threads is None else _count("threads", threads, 1)
         self._native = _blip.NativeCaptioner(model, dtype, threads, resize)
 
     def caption(self, images: Images, prompt: Optional[str] = None, *, max_new_tokens: Optional[int] = None,
@@ -72,18 +117,19 @@ class Captioner:
                 num_return_sequences: Optional[int] = None, do_sample: Optional[bool] = None,
                 temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
                 repetition_penalty: Optional[float] = None, no_repeat_ngram_size: Optional[int] = None,
-                seed: Optional[int] = None) -> List[Dict[str, Any]]:
-        """Captions `images` (one batch), continuing `prompt` if given (it is part of the caption,
-        as in transformers). Returns one dict per image: `{"caption", "tokens", "score",
-        "log_prob"}` (tokens as transformers' `generate` returns them), or with
-        `num_return_sequences` > 1 `{"captions": [...]}` best first."""
+                seed: Optional[int] = None, batch_size: int = 8) -> List[Dict[str, Any]]:
+        """Captions `images`, `batch_size` per forward pass, continuing `prompt` if given (it is
+        part of the caption, as in transformers). Returns one dict per image: `{"caption",
+        "tokens", "score", "log_prob"}` (tokens as transformers' `generate` returns them), or
+        with `num_return_sequences` > 1 `{"captions": [...]}` best first."""
         generation = _generation(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                                  length_penalty=length_penalty, early_stopping=early_stopping,
                                  num_return_sequences=num_return_sequences, do_sample=do_sample,
                                  temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                                  seed=seed)
-        generated = self._native.caption(prepare(images), prompt, generation)
+        generated = _in_batches(images, batch_size, self.resize,
+                                lambda batch, _: self._native.caption(batch, prompt, generation))
         return _texts("caption", generated, (num_return_sequences or 1) > 1)
 
 
@@ -94,7 +140,8 @@ class QuestionAnswerer:
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
                  resize: str = "torchvision") -> None:
-        self.model = model
+        self.model, self.resize = model, resize
+        threads = None if threads is None else _count("threads", threads, 1)
         self._native = _blip.NativeQuestionAnswerer(model, dtype, threads, resize)
 
     def answer(self, images: Images, questions: Union[str, Sequence[str]], *, max_new_tokens: Optional[int] = None,
@@ -103,29 +150,35 @@ class QuestionAnswerer:
                num_return_sequences: Optional[int] = None, do_sample: Optional[bool] = None,
                temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
                repetition_penalty: Optional[float] = None, no_repeat_ngram_size: Optional[int] = None,
-               seed: Optional[int] = None) -> List[Dict[str, Any]]:
-        """Answers a question about each image (one question for all, or one per image).
+               seed: Optional[int] = None, batch_size: int = 8) -> List[Dict[str, Any]]:
+        """Answers a question about each image (one question for all, or one per image),
+        `batch_size` images per forward pass.
         Returns one dict per image: `{"answer", "tokens", "score", "log_prob"}`, or with
         `num_return_sequences` > 1 `{"answers": [...]}` best first."""
-        items = prepare(images)
+        count = len(images) if isinstance(images, (list, tuple)) else 1
+        questions = _per_image(questions, count, "questions")
         generation = _generation(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                                  length_penalty=length_penalty, early_stopping=early_stopping,
                                  num_return_sequences=num_return_sequences, do_sample=do_sample,
                                  temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                                  seed=seed)
-        generated = self._native.answer(items, _per_image(questions, len(items), "questions"), generation)
+        generated = _in_batches(images, batch_size, self.resize, lambda batch, start: self._native.answer(
+            batch, questions[start:start + len(batch)], generation))
         return _texts("answer", generated, (num_return_sequences or 1) > 1)
 
     def rank(self, images: Images, questions: Union[str, Sequence[str]], answers: Sequence[str],
              top: int = _blip.DEFAULT_RANK_TOP,
-             candidates: int = _blip.DEFAULT_RANK_CANDIDATES) -> List[List[Dict[str, Any]]]:
+             candidates: int = _blip.DEFAULT_RANK_CANDIDATES, batch_size: int = 8) -> List[List[Dict[str, Any]]]:
         """Ranks a closed list of `answers` for each image: per image the `top` best as
         `{"answer", "score"}` (score: the answer's log-likelihood), best first; the `candidates`
         answers whose first token is likeliest are scored in full (BLIP's `rank_answer`)."""
-        items = prepare(images)
-        return self._native.rank(items, _per_image(questions, len(items), "questions"), list(answers), top,
-                                 candidates)
+        count = len(images) if isinstance(images, (list, tuple)) else 1
+        questions = _per_image(questions, count, "questions")
+        answers = _texts_list("answers", answers, single=False)
+        top, candidates = _count("top", top, 1), _count("candidates", candidates, 1)
+        return _in_batches(images, batch_size, self.resize, lambda batch, start: self._native.rank(
+            batch, questions[start:start + len(batch)], answers, top, candidates))
 
 
 class ImageTextMatcher:
@@ -137,7 +190,8 @@ class ImageTextMatcher:
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
                  resize: str = "torchvision") -> None:
-        self.model = model
+        self.model, self.resize = model, resize
+        threads = None if threads is None else _count("threads", threads, 1)
         self._native = _blip.NativeImageTextMatcher(model, dtype, threads, resize)
 
     @property
@@ -150,15 +204,17 @@ class ImageTextMatcher:
         """Width of the embeddings: 256 (retrieval ITC) or the BlipModel projection's."""
         return self._native.embedding_dim
 
-    def match(self, images: Images, texts: Union[str, Sequence[str]]) -> List[List[Dict[str, Any]]]:
+    def match(self, images: Images, texts: Union[str, Sequence[str]],
+              batch_size: int = 8) -> List[List[Dict[str, Any]]]:
         """Every image against every text: per image, per text `{"text", "itm", "itc"}` (ITM
         match probability, None for BlipModel; ITC cosine similarity)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        return self._native.match_texts(prepare(images), texts)
+        texts = _texts_list("texts", texts, single=True)
+        return _in_batches(images, batch_size, self.resize, lambda batch, _: self._native.match_texts(batch, texts))
 
-    def embed_images(self, images: Images) -> np.ndarray:
+    def embed_images(self, images: Images, batch_size: int = 8) -> np.ndarray:
         """Unit-norm image embeddings, float32 [n, embedding_dim]."""
-        return self._native.embed_images(prepare(images))
+        parts = _in_batches(images, batch_size, self.resize, lambda batch, _: [self._native.embed_images(batch)])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def embed_texts(self, texts: Union[str, Sequence[str]]) -> np.ndarray:
         """Unit-norm text embeddings, float32 [n, embedding_dim]."""
@@ -166,9 +222,11 @@ class ImageTextMatcher:
         return self._native.embed_texts(texts)
 
     def classify(self, images: Images, labels: Sequence[str], template: str = DEFAULT_TEMPLATE,
-                 rerank: Union[bool, int] = False) -> List[List[Dict[str, Any]]]:
+                 rerank: Union[bool, int] = False, batch_size: int = 8) -> List[List[Dict[str, Any]]]:
         """Zero-shot classification: per image, the labels best first as `{"label",
         "probability", "itc"}`; with `rerank` (True: the 5 best, or a number) the best labels
         rescored with the ITM head come first, ordered by `"itm"`."""
-        count = None if rerank is False else (5 if rerank is True else int(rerank))
-        return self._native.classify(prepare(images), list(labels), template, count)
+        count = None if rerank is False else (5 if rerank is True else _count("rerank", rerank, 1))
+        labels = _texts_list("labels", labels, single=False)
+        return _in_batches(images, batch_size, self.resize,
+                           lambda batch, _: self._native.classify(batch, labels, template, count))

@@ -32,18 +32,24 @@ def pil_to_rgb(image: Any) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def array_to_rgb(array: np.ndarray) -> np.ndarray:
-    """transformers' `convert_to_rgb` on a channels-last uint8 array: one channel repeated, four
-    composited over white (rounded, as transformers rounds), three and H×W as they are."""
+def array_to_rgb(array: np.ndarray, resize: str = "torchvision") -> np.ndarray:
+    """transformers' `convert_to_rgb` on a channels-last uint8 array, as the processor backend
+    that `resize` names does it: one channel repeated; four composited over white — the
+    torchvision backend (transformers 5's default) in float32, truncating `x * 255.999`, the PIL
+    backend in float64, rounding; three channels and H×W as they are."""
     if array.ndim == 3 and array.shape[-1] == 1:
         return np.repeat(array, 3, axis=-1)
     if array.ndim == 3 and array.shape[-1] == 4:
-        alpha = array[..., 3:4] / 255
-        return np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+        if resize == "pil":
+            alpha = array[..., 3:4] / 255
+            return np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+        x = array.astype(np.float32) * np.float32(1.0 / 255)
+        composite = x[..., :3] * x[..., 3:] + (np.float32(1) - x[..., 3:])
+        return (composite * np.float32(255.999)).astype(np.uint8)
     return array
 
 
-def prepare(images: Union[ImageLike, Sequence[ImageLike]]) -> List[Any]:
+def prepare(images: Union[ImageLike, Sequence[ImageLike]], resize: str = "torchvision") -> List[Any]:
     """One image or a sequence of them, as a list the native module reads."""
     if isinstance(images, (list, tuple)):
         items = list(images)
@@ -53,10 +59,13 @@ def prepare(images: Union[ImageLike, Sequence[ImageLike]]) -> List[Any]:
     for item in items:
         if _is_pil(item):
             out.append(pil_to_rgb(item))
-        elif isinstance(item, np.ndarray):
+            continue
+        if not isinstance(item, (str, bytes, bytearray, memoryview, np.ndarray)) and hasattr(item, "__array__"):
+            item = np.asarray(item)  # torch tensors, Ray's tensor elements, ...
+        if isinstance(item, np.ndarray):
             if item.dtype != np.uint8:
                 raise ValueError(f"a numpy array of {item.dtype}; give uint8 pixels (H×W×3 or H×W)")
-            out.append(array_to_rgb(item))
+            out.append(array_to_rgb(item, resize))
         elif isinstance(item, os.PathLike):
             out.append(os.fspath(item))
         elif isinstance(item, memoryview):

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 
 /// PIL refuses images above twice its `MAX_IMAGE_PIXELS` (89,478,485) as decompression bombs; so
 /// do we, before allocating anything.
-const MAX_PIXELS: u64 = 2 * 89_478_485;
+pub const MAX_PIXELS: u64 = 2 * 89_478_485;
 
 /// Decodes an image file as transformers' `load_image` does (PIL open, `ImageOps.exif_transpose`,
 /// `convert("RGB")`), and as the BLIP processor's RGB step then sees it.

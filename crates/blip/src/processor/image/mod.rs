@@ -23,7 +23,7 @@ use ::image::RgbImage;
 use serde_json::Value;
 
 use crate::error::{Error, InvalidInput, Param, Result};
-pub use decode::{load_image, load_image_from_memory};
+pub use decode::{load_image, load_image_from_memory, MAX_PIXELS};
 pub use resize::{resize_pil, resize_torchvision};
 pub use sources::{collect_sources, fetch_url, find_images, is_image_file, ImageSource, UrlLimits, IMAGE_EXTENSIONS};
 
