@@ -6,11 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUIREMENTS=crates/blip-server/tests/clients/requirements.txt
 VENV=.venv-clients
-if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt"; then
-    rm -rf "$VENV"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
-    cp "$REQUIREMENTS" "$VENV/requirements.txt"
-fi
+scripts/ensure-venv.sh "$VENV" "$REQUIREMENTS"
 [ -x target/release/blip ] || cargo build --release -p blip-cli
 "$VENV/bin/python" crates/blip-server/tests/clients/test_clients.py

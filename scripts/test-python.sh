@@ -8,12 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUIREMENTS=crates/blip-py/requirements-test.txt
 VENV=.venv-py
-if [ ! -x "$VENV/bin/python" ] || ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt"; then
-    rm -rf "$VENV"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
-    cp "$REQUIREMENTS" "$VENV/requirements.txt"
-fi
+scripts/ensure-venv.sh "$VENV" "$REQUIREMENTS"
 [ -x target/release/blip ] || cargo build --release -p blip-cli
 VIRTUAL_ENV="$PWD/$VENV" PATH="$PWD/$VENV/bin:$PATH" maturin develop --release --quiet -m crates/blip-py/Cargo.toml
 # A hung Ray worker must not hang CI: a time limit, and whatever Ray left running stopped.

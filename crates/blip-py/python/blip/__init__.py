@@ -42,11 +42,18 @@ def _count(name: str, value: Any, least: int = 0) -> int:
     return int(value)
 
 
-def _generation(**options: Any) -> str:
-    """The generation keywords given (not None), JSON-encoded for the native module; the
-    library checks their values and combinations."""
+# transformers' `generate` keywords, as `caption` and `answer` take them.
+_GENERATION = ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty", "early_stopping",
+               "num_return_sequences", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+               "no_repeat_ngram_size", "seed")
+
+
+def _generation(arguments: Dict[str, Any]) -> str:
+    """The generation keywords among a call's `arguments` that were given (not None),
+    JSON-encoded for the native module; the library checks their values and combinations."""
     given = {}
-    for name, value in options.items():
+    for name in _GENERATION:
+        value = arguments.get(name)
         if value is None:
             continue
         if name == "early_stopping" or name == "do_sample":
@@ -122,12 +129,7 @@ class Captioner:
         part of the caption, as in transformers). Returns one dict per image: `{"caption",
         "tokens", "score", "log_prob"}` (tokens as transformers' `generate` returns them), or
         with `num_return_sequences` > 1 `{"captions": [...]}` best first."""
-        generation = _generation(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-                                 length_penalty=length_penalty, early_stopping=early_stopping,
-                                 num_return_sequences=num_return_sequences, do_sample=do_sample,
-                                 temperature=temperature, top_k=top_k, top_p=top_p,
-                                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                                 seed=seed)
+        generation = _generation(locals())
         generated = _in_batches(images, batch_size, self.resize,
                                 lambda batch, _: self._native.caption(batch, prompt, generation))
         return _texts("caption", generated, (num_return_sequences or 1) > 1)
@@ -157,12 +159,7 @@ class QuestionAnswerer:
         `num_return_sequences` > 1 `{"answers": [...]}` best first."""
         count = len(images) if isinstance(images, (list, tuple)) else 1
         questions = _per_image(questions, count, "questions")
-        generation = _generation(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-                                 length_penalty=length_penalty, early_stopping=early_stopping,
-                                 num_return_sequences=num_return_sequences, do_sample=do_sample,
-                                 temperature=temperature, top_k=top_k, top_p=top_p,
-                                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                                 seed=seed)
+        generation = _generation(locals())
         generated = _in_batches(images, batch_size, self.resize, lambda batch, start: self._native.answer(
             batch, questions[start:start + len(batch)], generation))
         return _texts("answer", generated, (num_return_sequences or 1) > 1)

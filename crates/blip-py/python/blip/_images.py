@@ -67,7 +67,7 @@ def prepare(images: Union[ImageLike, Sequence[ImageLike]], resize: str = "torchv
                 raise ValueError(f"a numpy array of {item.dtype}; give uint8 pixels (H×W×3 or H×W)")
             out.append(array_to_rgb(item, resize))
         elif isinstance(item, os.PathLike):
-            out.append(os.fspath(item))
+            out.append(os.fsdecode(os.fspath(item)))  # a path, never image bytes
         elif isinstance(item, memoryview):
             out.append(item.tobytes())
         else:
