@@ -89,14 +89,17 @@ pub fn run(args: IndexArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     if args.prune {
         summary.pruned = index.prune()?;
     }
+    let with_errors = index.failed()?;
     eprintln!(
-        "{}: {} indexed, {} unchanged, {} failed{}; {} images in the index",
+        "{}: {} indexed, {} unchanged, {} failed{}; {} images in the index{}",
         args.db.display(),
         summary.indexed,
         summary.unchanged,
         summary.failed,
         if args.prune { format!(", {} pruned", summary.pruned) } else { String::new() },
-        index.len()?
+        index.len()?,
+        // Files that failed in an earlier run and have not changed since count as unchanged.
+        if with_errors > 0 { format!(" ({with_errors} recorded with an error)") } else { String::new() }
     );
     Ok(if summary.failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

@@ -139,6 +139,15 @@ impl Index {
         Ok(n as usize)
     }
 
+    /// Rows of files that could not be indexed (kept with their error until the file changes).
+    pub fn failed(&self) -> Result<usize> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM images WHERE error IS NOT NULL", [], |row| row.get(0))
+            .map_err(self.db())?;
+        Ok(n as usize)
+    }
+
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
     }
