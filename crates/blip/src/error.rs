@@ -118,6 +118,10 @@ pub enum Param {
     Images,
     /// CapFilt's filter threshold.
     Threshold,
+    /// Token ids, attention masks and labels of a loss.
+    InputIds,
+    AttentionMask,
+    Labels,
 }
 
 impl Param {
@@ -148,6 +152,9 @@ impl Param {
             Param::Top => "top",
             Param::Images => "images",
             Param::Threshold => "threshold",
+            Param::InputIds => "input_ids",
+            Param::AttentionMask => "attention_mask",
+            Param::Labels => "labels",
         }
     }
 }

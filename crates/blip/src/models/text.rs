@@ -241,7 +241,22 @@ impl TextModel {
     /// Causal decoder step: `input_ids` [b, t] continue the sequences in `cache`; returns the
     /// last hidden states [b, t, hidden].
     pub fn forward_decoder(&self, input_ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
+        self.forward_decoder_masked(input_ids, None, cache)
+    }
+
+    /// [`Self::forward_decoder`] from an empty cache with `attention_mask` [b, t] (1 = token,
+    /// 0 = padding) hiding padded keys too: transformers' decoder mask, causal × padding, for
+    /// teacher-forced passes over padded batches (training losses).
+    pub fn forward_decoder_masked(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut DecoderCache,
+    ) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
+        if attention_mask.is_some() && cache.past_len > 0 {
+            candle_core::bail!("a decoder attention mask is only taken from an empty cache");
+        }
         let past_len = cache.past_len;
         if past_len + t > self.max_positions {
             candle_core::bail!(
@@ -250,7 +265,18 @@ impl TextModel {
                 self.max_positions
             );
         }
-        let bias = if t > 1 { Some(causal_bias(t, past_len, input_ids.device())?) } else { None };
+        let causal = if t > 1 { Some(causal_bias(t, past_len, input_ids.device())?) } else { None };
+        let bias = match attention_mask {
+            None => causal,
+            // Masked by either: the f32 minimum, as transformers' combined mask.
+            Some(mask) => {
+                let padding = padding_bias(mask)?;
+                Some(match causal {
+                    Some(causal) => padding.broadcast_minimum(&causal)?,
+                    None => padding,
+                })
+            }
+        };
         let mut xs = self.embeddings.forward(input_ids, past_len)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let encoder = match &cache.cross_attention {

@@ -40,6 +40,18 @@ impl TextLmHeadModel {
         Ok((hidden, logits))
     }
 
+    /// Teacher-forced pass from an empty `cache` over a padded batch: logits [b, t, vocab], with
+    /// `attention_mask` [b, t] hiding padded keys as transformers' decoder does.
+    pub fn forward_masked(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut DecoderCache,
+    ) -> Result<Tensor> {
+        let hidden = self.bert.forward_decoder_masked(input_ids, attention_mask, cache)?;
+        self.cls.forward(&hidden)
+    }
+
     /// One generation step: the next-token logits [b, vocab] (the LM head runs on the last
     /// position only).
     pub fn next_token_logits(&self, input_ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {

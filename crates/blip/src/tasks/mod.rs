@@ -5,6 +5,7 @@
 
 pub mod capfilt;
 pub mod caption;
+pub mod loss;
 pub mod matching;
 pub mod run;
 pub mod vqa;
