@@ -44,10 +44,7 @@ import struct
 import sys
 
 import numpy as np
-import PIL
-import safetensors
 import torch
-import transformers
 from PIL import Image, ImageOps
 
 try:
@@ -60,16 +57,10 @@ from transformers import BlipImageProcessor, BlipImageProcessorPil
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import load_image
 
-EXPECTED_VERSIONS = {
-    "transformers": (transformers.__version__, "5.24.0"),
-    "torchvision": (torchvision.__version__.split("+")[0], "0.29.2"),
-    "torch": (torch.__version__.split("+")[0], "2.15.0"),
-    "Pillow": (PIL.__version__, "13.0.0"),
-    "numpy": (np.__version__, "2.4.6"),
-    "safetensors": (safetensors.__version__, "0.8.0"),
-}
-for name, (got, want) in EXPECTED_VERSIONS.items():
-    assert got == want, f"{name} {got} != pinned {want}"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_model_fixtures  # noqa: E402  (the pinned versions, checked in one place)
+
+VERSIONS = make_model_fixtures.check_versions()
 
 COUNT = 150
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -366,7 +357,7 @@ def save_stacked_png(arrays, name):
 
 
 # ---------------------------------------------------------------- cases
-manifest = {"versions": {k: v[0] for k, v in EXPECTED_VERSIONS.items()},
+manifest = {"versions": VERSIONS,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "pairs": [f"{m}/{f}" for m, f in pairs], "cases": []}
 for i, k in enumerate(draws):
