@@ -41,6 +41,15 @@ pub enum Error {
     #[error(transparent)]
     InvalidInput(#[from] InvalidInput),
 
+    /// A file or folder a training run reads or writes (its data, its checkpoints) could not be
+    /// used; a data line that cannot be used names its line.
+    #[error("{}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+
+    /// A training run that cannot go on as asked (a resumed run whose state does not fit).
+    #[error("training: {0}")]
+    Training(String),
+
     /// Tokenizer failures (loading tokenizer.json, encoding, decoding).
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -59,6 +68,10 @@ impl Error {
 
     pub(crate) fn checkpoint(location: impl std::fmt::Display, reason: impl std::fmt::Display) -> Self {
         Error::Checkpoint { location: location.to_string(), reason: reason.to_string() }
+    }
+
+    pub(crate) fn file(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
+        Error::File { path: path.into(), reason: reason.to_string() }
     }
 
     pub(crate) fn config(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {

@@ -35,6 +35,7 @@ pub mod models;
 pub mod ops;
 pub mod processor;
 pub mod tasks;
+pub mod training;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use checkpoint::Checkpoint;

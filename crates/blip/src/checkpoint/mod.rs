@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-mod weights;
+pub(crate) mod weights;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -109,12 +109,23 @@ impl Checkpoint {
     /// Opens the weights (read tensor by tensor when the model is built), converting what is
     /// stored to `dtype` (the models ask for f32 where they keep small tensors in f32).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let weights = self.weight_reader()?;
+        Ok(VarBuilder::from_backend(Box::new(weights), dtype, device.clone()))
+    }
+
+    /// The weight files opened for reading tensor by tensor.
+    pub(crate) fn weight_reader(&self) -> Result<weights::WeightReader> {
         let opened = match self.weight_files()? {
             WeightFiles::Safetensors(files) => weights::WeightReader::open_safetensors(&files),
             WeightFiles::PyTorch(file) => weights::WeightReader::open_pytorch(&file),
-        }
-        .map(|weights| VarBuilder::from_backend(Box::new(weights), dtype, device.clone()));
+        };
         opened.map_err(|e| Error::checkpoint(&self.location, format!("cannot read the weights: {e}")))
+    }
+
+    /// The folder the checkpoint's files are in (for a Hub repo, its snapshot in the cache).
+    pub(crate) fn dir(&self) -> Result<PathBuf> {
+        let config = self.config_file()?;
+        Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
     }
 
     fn require(&self, file: &str) -> Result<PathBuf> {

@@ -111,7 +111,7 @@ impl WeightReader {
         Ok(Self { files: vec![(path.to_path_buf(), file)], tensors })
     }
 
-    fn load(&self, name: &str) -> Result<Tensor> {
+    pub(crate) fn load(&self, name: &str) -> Result<Tensor> {
         let Some(at) = self.tensors.get(name) else {
             return Err(Error::CannotFindTensor { path: name.to_string() }.bt());
         };
@@ -199,6 +199,15 @@ fn safetensors_dtype(name: &str) -> Option<DType> {
         "U8" => DType::U8,
         _ => return None,
     })
+}
+
+impl WeightReader {
+    /// Every tensor's name, sorted.
+    pub(crate) fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
 }
 
 impl SimpleBackend for WeightReader {

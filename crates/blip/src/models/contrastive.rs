@@ -20,12 +20,15 @@ pub struct ContrastiveModel {
     pub text_projection: Linear,
     /// `exp(logit_scale)`, the learned inverse temperature.
     pub logit_scale: f32,
+    /// `logit_scale` as stored (its logarithm), a scalar tensor: what training updates.
+    pub logit_scale_param: Tensor,
 }
 
 impl ContrastiveModel {
     pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> Result<Self> {
         let (v, t, p) = (cfg.vision_config.hidden_size, cfg.text_config.hidden_size, cfg.projection_dim);
-        let logit_scale = vb.get((), "logit_scale")?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let logit_scale_param = vb.to_dtype(candle_core::DType::F32).get((), "logit_scale")?;
+        let logit_scale = logit_scale_param.to_scalar::<f32>()?;
         Ok(Self {
             vision_model: VisionModel::new(&cfg.vision_config, vb.pp("vision_model"))?,
             text_model: TextModel::new(&cfg.text_config, vb.pp("text_model"))?,
@@ -33,6 +36,7 @@ impl ContrastiveModel {
             visual_projection: Linear::new(vb.get((p, v), "visual_projection.weight")?, None)?,
             text_projection: Linear::new(vb.get((p, t), "text_projection.weight")?, None)?,
             logit_scale: logit_scale.exp(),
+            logit_scale_param,
         })
     }
 

@@ -13,7 +13,7 @@ use crate::ops::activation::gelu;
 use crate::ops::attention::{attention, attention_to_states, merge_heads, split_heads, STATES_ATTENTION_QUERIES};
 use crate::ops::norm::LayerNorm;
 use crate::ops::tensor::same_bits;
-use crate::ops::{cpu_f32, on_cpu};
+use crate::ops::{cpu_f32, in_graph, on_cpu};
 
 /// `BlipTextEmbeddings`: word + absolute position embeddings, LayerNorm. The word embeddings
 /// (tied to the LM head) stay in the load dtype; looked-up rows are widened to f32.
@@ -21,6 +21,8 @@ struct TextEmbeddings {
     word_embeddings: Embedding,
     position_embeddings: Embedding,
     layer_norm: LayerNorm,
+    /// `nn.Embedding(padding_idx=pad_token_id)`: the pad token's row gets no gradient.
+    pad_token_id: u32,
 }
 
 impl TextEmbeddings {
@@ -33,6 +35,7 @@ impl TextEmbeddings {
             word_embeddings: Embedding::new(word, cfg.hidden_size),
             position_embeddings: Embedding::new(position, cfg.hidden_size),
             layer_norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+            pad_token_id: cfg.pad_token_id,
         })
     }
 
@@ -41,6 +44,17 @@ impl TextEmbeddings {
         let (_, t) = input_ids.dims2()?;
         let positions = Tensor::arange(past_len as u32, (past_len + t) as u32, input_ids.device())?;
         let words = self.word_embeddings.forward(input_ids)?.to_dtype(DType::F32)?;
+        let words = if in_graph(&words) {
+            // the pad token's rows looked up outside the graph
+            let (b, t) = input_ids.dims2()?;
+            let padding = input_ids.eq(self.pad_token_id)?.unsqueeze(2)?.broadcast_as(words.shape())?;
+            let detached = self.word_embeddings.embeddings().detach().to_dtype(DType::F32)?;
+            let constant = detached.index_select(&input_ids.flatten_all()?, 0)?.reshape(words.shape())?;
+            debug_assert_eq!(words.dims()[..2], [b, t]);
+            padding.where_cond(&constant, &words)?
+        } else {
+            words
+        };
         let positions = self.position_embeddings.forward(&positions)?.unsqueeze(0)?;
         self.layer_norm.forward(&words.broadcast_add(&positions)?)
     }
@@ -91,7 +105,8 @@ impl TextAttention {
     /// On the CPU, for a few queries, without computing the states' keys and values at all.
     fn attend_states(&self, xs: &Tensor, states: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let queries = xs.dim(1)?;
-        if !(cpu_f32(xs) && cpu_f32(states) && queries <= STATES_ATTENTION_QUERIES) {
+        let kernels_take = cpu_f32(xs) && cpu_f32(states) && !self.key.in_graph() && !self.value.in_graph();
+        if !(kernels_take && queries <= STATES_ATTENTION_QUERIES) {
             return self.attend(xs, &self.key_value(states)?, bias);
         }
         let q = self.query.forward(xs)?;
@@ -330,6 +345,8 @@ pub struct LmHead {
     dense: Linear,
     layer_norm: LayerNorm,
     decoder: Linear,
+    /// The bias's name in the checkpoint: `bias`, or `decoder.bias` where that is the only one.
+    bias_name: &'static str,
 }
 
 impl LmHead {
@@ -354,7 +371,21 @@ impl LmHead {
             dense: linear(d, d, vb.pp("transform.dense"))?,
             layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("transform.LayerNorm"))?,
             decoder: Linear::new(decoder_weight, Some(bias))?,
+            bias_name,
         })
+    }
+
+    /// Checkpoint names (under this head's prefix, `cls.predictions`) of tensors that are the
+    /// same weight as another: the decoder weight when it is the word embeddings
+    /// (`tied_embeddings`, their name `embeddings_name`), and the bias's second name. Pairs of
+    /// (name, the name of the weight it is), for saving what was trained under both.
+    pub(crate) fn ties(&self, prefix: &str, tied_embeddings: &Tensor, embeddings_name: &str) -> Vec<(String, String)> {
+        let other_bias = if self.bias_name == "bias" { "decoder.bias" } else { "bias" };
+        let mut ties = vec![(format!("{prefix}.{other_bias}"), format!("{prefix}.{}", self.bias_name))];
+        if self.decoder.weight().id() == tied_embeddings.id() {
+            ties.push((format!("{prefix}.decoder.weight"), embeddings_name.to_string()));
+        }
+        ties
     }
 
     /// hidden [b, t, hidden] → logits [b, t, vocab].

@@ -26,6 +26,12 @@ impl TextLmHeadModel {
         Ok(Self { bert, cls })
     }
 
+    /// Tied checkpoint names under `prefix` (`text_decoder`): see [`LmHead::ties`].
+    pub(crate) fn ties(&self, prefix: &str) -> Vec<(String, String)> {
+        let embeddings = format!("{prefix}.bert.embeddings.word_embeddings.weight");
+        self.cls.ties(&format!("{prefix}.cls.predictions"), self.bert.word_embeddings(), &embeddings)
+    }
+
     /// A cache for decoding against `encoder_states` [b, n, width]; `encoder_mask` [b, n]
     /// (1 = real, 0 = padding) hides padded positions.
     pub fn new_cache(&self, encoder_states: &Tensor, encoder_mask: Option<&Tensor>) -> Result<DecoderCache> {

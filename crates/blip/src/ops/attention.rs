@@ -43,7 +43,9 @@ const FUSED_ATTENTION_QUERIES: usize = 16;
 /// [b, heads, queries, keys] from [queries, keys] or [b, 1, 1 or queries, keys].
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
     let (batch, heads, queries, head_dim) = q.dims4()?;
-    if super::cpu_f32(q) && queries <= FUSED_ATTENTION_QUERIES {
+    let bias_in_graph = bias.is_some_and(super::in_graph);
+    let kernels_take = super::cpu_f32(q) && super::cpu_f32(k) && super::cpu_f32(v) && !bias_in_graph;
+    if kernels_take && queries <= FUSED_ATTENTION_QUERIES {
         let keys = k.dim(2)?;
         let shape = decode::AttentionShape { batch, heads, queries, keys, head_dim };
         let bias = match bias {
@@ -145,7 +147,19 @@ fn softmax_last_dim(xs: Tensor, scale: f64) -> Result<Tensor> {
         xs.inplace_op1(&ScaledSoftmax(scale as f32))?;
         return Ok(xs);
     }
-    candle_nn::ops::softmax_last_dim(&(xs * scale)?)
+    let scaled = (xs * scale)?;
+    if super::in_graph(&scaled) {
+        return softmax_differentiable(&scaled);
+    }
+    candle_nn::ops::softmax_last_dim(&scaled)
+}
+
+/// Softmax over the last dimension in candle's differentiable ops (its fused kernel has no
+/// backward pass). The maximum subtracted for stability is a constant to the gradient.
+pub(crate) fn softmax_differentiable(xs: &Tensor) -> Result<Tensor> {
+    let shifted = xs.broadcast_sub(&xs.max_keepdim(candle_core::D::Minus1)?.detach())?;
+    let exp = shifted.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(candle_core::D::Minus1)?)
 }
 
 struct ScaledSoftmax(f32);

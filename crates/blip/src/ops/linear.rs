@@ -62,6 +62,17 @@ impl Linear {
     pub(crate) fn bias(&self) -> &Tensor {
         &self.bias
     }
+
+    /// Whether the weight or bias is trained (in an autograd graph), so that products with it
+    /// must go through candle's differentiable ops.
+    pub(crate) fn in_graph(&self) -> bool {
+        super::in_graph(&self.weight) || super::in_graph(&self.bias)
+    }
+
+    /// Whether the CPU kernels take the product of `xs` with this layer.
+    fn kernels_take(&self, xs: &Tensor) -> bool {
+        super::cpu_f32(xs) && !self.in_graph()
+    }
 }
 
 impl Linear {
@@ -69,7 +80,7 @@ impl Linear {
     /// CPU the residual is where the product starts from, instead of an addition afterwards
     /// over the whole output.
     pub(crate) fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if !(super::cpu_f32(xs) && super::cpu_f32(residual)) {
+        if !(self.kernels_take(xs) && super::cpu_f32(residual)) {
             return self.forward(xs)? + residual;
         }
         let mut output_dims = xs.dims().to_vec();
@@ -92,7 +103,7 @@ impl Linear {
         }
         let rows = xs.elem_count() / in_dim.max(1);
         let flat = xs.reshape((rows, in_dim))?;
-        let ys = if super::on_cpu(xs) {
+        let ys = if super::on_cpu(xs) && !super::in_graph(xs) && !self.in_graph() {
             flat.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, op)?
         } else {
             flat.matmul(&self.weight.to_dtype(xs.dtype())?.t()?)?.broadcast_add(&self.bias)?

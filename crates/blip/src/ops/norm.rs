@@ -21,8 +21,22 @@ impl LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// The same in candle's differentiable ops, as PyTorch computes it: the mean, the biased
+    /// variance of the centred values, then the affine map.
+    fn differentiable(&self, xs: &Tensor) -> Result<Tensor> {
+        let centred = xs.broadcast_sub(&xs.mean_keepdim(candle_core::D::Minus1)?)?;
+        let variance = centred.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        let normed = centred.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
 impl candle_core::Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if super::in_graph(xs) || super::in_graph(&self.weight) || super::in_graph(&self.bias) {
+            return self.differentiable(xs);
+        }
         if !super::cpu_f32(xs) {
             return candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps as f32);
         }

@@ -136,10 +136,21 @@ impl<M: TaskModel> Task<M> {
     /// Reads the config first, refusing an architecture the task cannot use before anything
     /// else is fetched, then the processors, the generation defaults and the weights.
     pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device, dtype: DType) -> Result<Self> {
-        let location = &checkpoint.location;
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(Error::checkpoint(location, format!("cannot hold weights in {dtype:?}: use f32, bf16 or f16")));
+            let reason = format!("cannot hold weights in {dtype:?}: use f32, bf16 or f16");
+            return Err(Error::checkpoint(&checkpoint.location, reason));
         }
+        Self::from_checkpoint_with(checkpoint, device, || checkpoint.var_builder(dtype, device))
+    }
+
+    /// [`Self::from_checkpoint`] with the weights opened by `weights` once everything else has
+    /// been read and checked (training opens them as trained variables).
+    pub(crate) fn from_checkpoint_with(
+        checkpoint: &Checkpoint,
+        device: &Device,
+        weights: impl FnOnce() -> Result<VarBuilder<'static>>,
+    ) -> Result<Self> {
+        let location = &checkpoint.location;
         let (config, architecture) = Self::read_config(checkpoint)?;
         let generation = Self::generation_defaults(checkpoint)?;
         let image_processor = checkpoint.image_processor()?;
@@ -154,7 +165,7 @@ impl<M: TaskModel> Task<M> {
             ));
         }
         let text_processor = TextProcessor::from_file(&checkpoint.tokenizer_file()?, &config.text_config)?;
-        let weights = checkpoint.var_builder(dtype, device)?;
+        let weights = weights()?;
         let model = M::build(&config, architecture, weights).map_err(|e| {
             Error::checkpoint(location, format!("weights do not fit a {} model: {e}", architecture.class_name()))
         })?;

@@ -1,0 +1,185 @@
+//! The optimizer side of training, with PyTorch's semantics so that a run matches the same loop
+//! in PyTorch: `torch.optim.AdamW` (decoupled weight decay, bias correction), transformers'
+//! learning-rate schedules, and `torch.nn.utils.clip_grad_norm_`.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// `torch.optim.AdamW`'s settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's defaults.
+    fn default() -> Self {
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+    }
+}
+
+/// The moments of one variable.
+struct Moments {
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+}
+
+/// `torch.optim.AdamW` over a list of variables, each updated as PyTorch's single-tensor
+/// implementation does (the one it runs on the CPU), in f32. Variables without a gradient are
+/// skipped, as PyTorch skips parameters whose `.grad` is `None`.
+pub struct AdamW {
+    config: AdamWConfig,
+    vars: Vec<Var>,
+    moments: Vec<Option<Moments>>,
+    /// Steps taken per variable (PyTorch counts per parameter).
+    steps: Vec<u64>,
+}
+
+impl AdamW {
+    pub fn new(vars: Vec<Var>, config: AdamWConfig) -> Self {
+        let n = vars.len();
+        Self { config, vars, moments: (0..n).map(|_| None).collect(), steps: vec![0; n] }
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// The learning rate of the next step (a schedule sets it before each).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
+    /// One step from the gradients in `grads`:
+    /// `p ← p·(1 − lr·wd)`, `m ← m + (g − m)·(1 − β1)`, `v ← β2·v + (1 − β2)·g²`,
+    /// `p ← p − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + eps)`.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.config;
+        for (i, var) in self.vars.iter().enumerate() {
+            let Some(grad) = grads.get(var.as_tensor()) else { continue };
+            let grad: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+            let mut param: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+            let moments = self.moments[i]
+                .get_or_insert_with(|| Moments { exp_avg: vec![0.0; grad.len()], exp_avg_sq: vec![0.0; grad.len()] });
+            self.steps[i] += 1;
+            let step = self.steps[i] as i32;
+            let bias_correction1 = 1.0 - beta1.powi(step);
+            let bias_correction2_sqrt = (1.0 - beta2.powi(step)).sqrt() as f32;
+            let step_size = (lr / bias_correction1) as f32;
+            let decay = (1.0 - lr * weight_decay) as f32;
+            let (weight1, beta2_f, one_minus_beta2) = ((1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
+            let eps = eps as f32;
+            for (((p, &g), m), v) in
+                param.iter_mut().zip(&grad).zip(moments.exp_avg.iter_mut()).zip(moments.exp_avg_sq.iter_mut())
+            {
+                *p *= decay;
+                // torch.lerp with a weight below one half
+                *m += weight1 * (g - *m);
+                *v = *v * beta2_f + one_minus_beta2 * g * g;
+                let denom = v.sqrt() / bias_correction2_sqrt + eps;
+                *p += -step_size * (*m / denom);
+            }
+            var.set(&Tensor::from_vec(param, var.shape(), var.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// The optimizer's state, to resume a run exactly: per variable its step count and moments.
+    pub fn state(&self) -> Result<Vec<(u64, Option<(Tensor, Tensor)>)>> {
+        self.vars
+            .iter()
+            .zip(&self.moments)
+            .zip(&self.steps)
+            .map(|((var, moments), &steps)| {
+                let moments = match moments {
+                    Some(m) => Some((
+                        Tensor::from_slice(&m.exp_avg, var.shape(), var.device())?,
+                        Tensor::from_slice(&m.exp_avg_sq, var.shape(), var.device())?,
+                    )),
+                    None => None,
+                };
+                Ok((steps, moments))
+            })
+            .collect()
+    }
+
+    /// Restores what [`Self::state`] gave (for the same variables, in the same order).
+    pub fn restore(&mut self, state: Vec<(u64, Option<(Tensor, Tensor)>)>) -> Result<()> {
+        if state.len() != self.vars.len() {
+            return Err(crate::Error::Training(format!(
+                "optimizer state for {} weights, the model trains {}",
+                state.len(),
+                self.vars.len()
+            )));
+        }
+        for (i, (steps, moments)) in state.into_iter().enumerate() {
+            self.steps[i] = steps;
+            self.moments[i] = match moments {
+                Some((m, v)) => {
+                    Some(Moments { exp_avg: m.flatten_all()?.to_vec1()?, exp_avg_sq: v.flatten_all()?.to_vec1()? })
+                }
+                None => None,
+            };
+        }
+        Ok(())
+    }
+}
+
+/// transformers' learning-rate schedules (`get_scheduler`), each with linear warmup from 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// `get_cosine_schedule_with_warmup` (half a cosine from the peak to 0).
+    #[default]
+    Cosine,
+    /// `get_linear_schedule_with_warmup` (down to 0 at the last step).
+    Linear,
+    /// `get_constant_schedule_with_warmup`.
+    Constant,
+}
+
+impl Schedule {
+    /// The factor on the peak learning rate for the optimizer step that follows `step` earlier
+    /// ones (`LambdaLR`'s `lr_lambda(step)`: with warmup, the first step's rate is 0).
+    pub fn factor(self, step: u64, warmup: u64, total: u64) -> f64 {
+        if step < warmup {
+            return step as f64 / warmup.max(1) as f64;
+        }
+        match self {
+            Schedule::Constant => 1.0,
+            Schedule::Linear => ((total as f64 - step as f64) / (total.saturating_sub(warmup)).max(1) as f64).max(0.0),
+            Schedule::Cosine => {
+                let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+                (0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos())).max(0.0)
+            }
+        }
+    }
+}
+
+/// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: scales every gradient by
+/// `min(1, max_norm / (norm + 1e-6))`, where `norm` is the 2-norm of all gradients together;
+/// returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
+    let mut norms = Vec::with_capacity(vars.len());
+    for var in vars {
+        if let Some(grad) = grads.get(var.as_tensor()) {
+            norms.push(grad.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?);
+        }
+    }
+    // torch: the norm of the per-tensor norms, in f32
+    let total = norms.iter().map(|n| n * n).sum::<f32>().sqrt();
+    let coefficient = (max_norm as f32 / (total + 1e-6)).min(1.0);
+    for var in vars {
+        if let Some(grad) = grads.remove(var.as_tensor()) {
+            grads.insert(var.as_tensor(), (grad * coefficient as f64)?);
+        }
+    }
+    Ok(total as f64)
+}
