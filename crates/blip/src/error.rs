@@ -131,6 +131,24 @@ pub enum Param {
     Images,
     /// CapFilt's filter threshold.
     Threshold,
+    /// Fine-tuning: passes over the training data.
+    Epochs,
+    /// Fine-tuning: the peak learning rate.
+    LearningRate,
+    /// Fine-tuning: examples per forward pass.
+    BatchSize,
+    /// Fine-tuning: forward passes per optimizer step.
+    GradientAccumulationSteps,
+    /// Fine-tuning: AdamW's decoupled weight decay.
+    WeightDecay,
+    /// Fine-tuning: the global gradient norm clipped to.
+    MaxGradNorm,
+    /// Fine-tuning: the cross-entropy's label smoothing.
+    LabelSmoothing,
+    /// Fine-tuning: optimizer steps between evaluations.
+    EvalSteps,
+    /// The resolution images are resized to, the position embeddings interpolated to.
+    ImageSize,
     /// Token ids, attention masks and labels of a loss.
     InputIds,
     AttentionMask,
@@ -168,6 +186,15 @@ impl Param {
             Param::InputIds => "input_ids",
             Param::AttentionMask => "attention_mask",
             Param::Labels => "labels",
+            Param::Epochs => "num_train_epochs",
+            Param::LearningRate => "learning_rate",
+            Param::BatchSize => "batch_size",
+            Param::GradientAccumulationSteps => "gradient_accumulation_steps",
+            Param::WeightDecay => "weight_decay",
+            Param::MaxGradNorm => "max_grad_norm",
+            Param::LabelSmoothing => "label_smoothing",
+            Param::EvalSteps => "eval_steps",
+            Param::ImageSize => "image_size",
         }
     }
 }

@@ -122,10 +122,9 @@ impl Checkpoint {
         opened.map_err(|e| Error::checkpoint(&self.location, format!("cannot read the weights: {e}")))
     }
 
-    /// The folder the checkpoint's files are in (for a Hub repo, its snapshot in the cache).
-    pub(crate) fn dir(&self) -> Result<PathBuf> {
-        let config = self.config_file()?;
-        Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+    /// A file of the checkpoint, when it has one (fetched from the Hub if needed).
+    pub(crate) fn optional_file(&self, name: &str) -> Result<Option<PathBuf>> {
+        self.first_of(&[name])
     }
 
     fn require(&self, file: &str) -> Result<PathBuf> {

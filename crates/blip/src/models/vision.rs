@@ -14,9 +14,12 @@ use crate::ops::norm::LayerNorm;
 
 /// `BlipVisionEmbeddings`: a stride-16 conv over patches, a class token, learned positions.
 struct VisionEmbeddings {
-    /// The conv kernel flattened to [hidden, channels*patch*patch]: with stride = kernel size the
-    /// conv is one matrix product over non-overlapping patches.
+    /// The conv kernel flattened to [hidden, channels*patch*patch] (a view of the weight): with
+    /// stride = kernel size the conv is one matrix product over non-overlapping patches.
     patch_weight: Tensor,
+    /// Its transpose made contiguous once, for inference; none for a trained weight, whose
+    /// values change (a copy would keep the old ones).
+    patch_weight_t: Option<Tensor>,
     patch_bias: Tensor,
     class_embedding: Tensor,
     position_embedding: Tensor,
@@ -31,8 +34,11 @@ impl VisionEmbeddings {
         let (d, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
         let positions = cfg.patches_per_side().pow(2) + 1;
         let patch_weight = vb.get((d, c, p, p), "patch_embedding.weight")?.reshape((d, c * p * p))?;
+        let patch_weight_t =
+            if crate::ops::in_graph(&patch_weight) { None } else { Some(patch_weight.t()?.contiguous()?) };
         Ok(Self {
-            patch_weight: patch_weight.t()?.contiguous()?,
+            patch_weight,
+            patch_weight_t,
             patch_bias: vb.get(d, "patch_embedding.bias")?,
             class_embedding: vb.get((1, 1, d), "class_embedding")?,
             position_embedding: vb.get((1, positions, d), "position_embedding")?,
@@ -57,7 +63,11 @@ impl VisionEmbeddings {
             gh * gw,
             c * p * p,
         ))?;
-        let patch_embeds = patches.broadcast_matmul(&self.patch_weight)?.broadcast_add(&self.patch_bias)?;
+        let patch_weight_t = match &self.patch_weight_t {
+            Some(transposed) => transposed.clone(),
+            None => self.patch_weight.t()?,
+        };
+        let patch_embeds = patches.broadcast_matmul(&patch_weight_t)?.broadcast_add(&self.patch_bias)?;
         let d = patch_embeds.dim(D::Minus1)?;
         let class = self.class_embedding.broadcast_as((b, 1, d))?;
         Tensor::cat(&[&class, &patch_embeds], 1)?.broadcast_add(&self.position_embedding)

@@ -98,6 +98,10 @@ impl TextProcessor {
         self.bos_token_id
     }
 
+    pub fn pad_token_id(&self) -> u32 {
+        self.pad_token_id
+    }
+
     pub fn sep_token_id(&self) -> u32 {
         self.sep_token_id
     }

@@ -3,6 +3,8 @@
 //! ([`optim`]). Forward passes over trained weights take candle's differentiable ops instead of
 //! this crate's kernels (see [`crate::ops`]); frozen parts keep the kernels.
 
+pub mod data;
+pub mod finetune;
 pub mod optim;
 pub mod params;
 
@@ -10,6 +12,9 @@ use std::sync::Arc;
 
 use candle_core::Device;
 
+pub use data::{Dataset, Example, TrainTask};
+pub use finetune::{EvalReport, FinetuneOptions, Finetuner, Observer, Outcome, Position, StepReport};
+pub use optim::{AdamW, AdamWConfig, Schedule};
 pub use params::Params;
 
 use crate::checkpoint::Checkpoint;

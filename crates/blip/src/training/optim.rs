@@ -2,7 +2,6 @@
 //! in PyTorch: `torch.optim.AdamW` (decoupled weight decay, bias correction), transformers'
 //! learning-rate schedules, and `torch.nn.utils.clip_grad_norm_`.
 
-use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
@@ -57,13 +56,16 @@ impl AdamW {
         self.config.lr = lr;
     }
 
-    /// One step from the gradients in `grads`:
+    /// One step from `grads`, one per variable in order (`None`: the loss did not use it):
     /// `p ← p·(1 − lr·wd)`, `m ← m + (g − m)·(1 − β1)`, `v ← β2·v + (1 − β2)·g²`,
     /// `p ← p − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + eps)`.
-    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+    pub fn step(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.config;
-        for (i, var) in self.vars.iter().enumerate() {
-            let Some(grad) = grads.get(var.as_tensor()) else { continue };
+        if grads.len() != self.vars.len() {
+            return Err(crate::Error::Training(format!("{} gradients for {} weights", grads.len(), self.vars.len())));
+        }
+        for (i, (var, grad)) in self.vars.iter().zip(grads).enumerate() {
+            let Some(grad) = grad else { continue };
             let grad: Vec<f32> = grad.flatten_all()?.to_vec1()?;
             let mut param: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
             let moments = self.moments[i]
@@ -166,20 +168,36 @@ impl Schedule {
 /// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: scales every gradient by
 /// `min(1, max_norm / (norm + 1e-6))`, where `norm` is the 2-norm of all gradients together;
 /// returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    let mut norms = Vec::with_capacity(vars.len());
-    for var in vars {
-        if let Some(grad) = grads.get(var.as_tensor()) {
-            norms.push(grad.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?);
-        }
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let mut squares = 0f32;
+    for grad in grads.iter().flatten() {
+        // torch: the norm of the per-tensor norms, in f32
+        let norm = grad.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        squares += norm * norm;
     }
-    // torch: the norm of the per-tensor norms, in f32
-    let total = norms.iter().map(|n| n * n).sum::<f32>().sqrt();
+    let total = squares.sqrt();
     let coefficient = (max_norm as f32 / (total + 1e-6)).min(1.0);
-    for var in vars {
-        if let Some(grad) = grads.remove(var.as_tensor()) {
-            grads.insert(var.as_tensor(), (grad * coefficient as f64)?);
+    for grad in grads.iter_mut() {
+        if let Some(g) = grad.take() {
+            *grad = Some((g * coefficient as f64)?);
         }
     }
     Ok(total as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_transformers() {
+        // warmup 2 of 10 steps: 0, 0.5, then the peak and down
+        assert_eq!(Schedule::Cosine.factor(0, 2, 10), 0.0);
+        assert_eq!(Schedule::Cosine.factor(1, 2, 10), 0.5);
+        assert_eq!(Schedule::Cosine.factor(2, 2, 10), 1.0);
+        assert!((Schedule::Cosine.factor(6, 2, 10) - 0.5).abs() < 1e-12);
+        assert_eq!(Schedule::Linear.factor(6, 2, 10), 0.5);
+        assert_eq!(Schedule::Linear.factor(10, 2, 10), 0.0);
+        assert_eq!(Schedule::Constant.factor(9, 2, 10), 1.0);
+    }
 }
