@@ -435,6 +435,10 @@ pub fn flag(param: Param, num_return_sequences: &str) -> String {
         Param::Label => "--labels".into(),
         // --answers names a file; what can be wrong is the answers in it.
         Param::Images | Param::Answers => param.name().to_string(),
+        Param::Epochs => "--epochs".into(),
+        Param::LearningRate => "--lr".into(),
+        Param::GradientAccumulationSteps => "--grad-accum".into(),
+        Param::EvalSteps => "--eval-every".into(),
         other => format!("--{}", other.name().replace('_', "-")),
     }
 }

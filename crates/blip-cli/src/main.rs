@@ -6,6 +6,7 @@ mod caption;
 mod classify;
 mod common;
 mod embed;
+mod finetune;
 mod index;
 mod matching;
 mod search;
@@ -52,6 +53,8 @@ enum Command {
     Search(search::SearchArgs),
     /// CapFilt, the BLIP paper's dataset bootstrapping: caption images, keep the texts the ITM head matches.
     Capfilt(capfilt::CapFiltArgs),
+    /// Fine-tune a captioning or VQA checkpoint on a JSONL file of examples.
+    Finetune(finetune::FinetuneArgs),
     /// Serve models over HTTP: the Hugging Face Inference API's and OpenAI's chat completions formats.
     Serve(serve::ServeArgs),
 }
@@ -122,6 +125,7 @@ fn run(command: Command, dtype: blip::DType) -> anyhow::Result<ExitCode> {
         Command::Index(args) => index::run(args, dtype),
         Command::Search(args) => search::run(args),
         Command::Capfilt(args) => capfilt::run(args, dtype),
+        Command::Finetune(args) => finetune::run(args, dtype),
         Command::Serve(args) => serve::run(args, dtype),
     }
 }
