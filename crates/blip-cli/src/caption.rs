@@ -17,6 +17,9 @@ pub const NUM_CAPTIONS: &str = "--num-captions";
     .help("Captions per image, best first: the best beams (needs --num-beams at least as large) or independent samples (--do-sample)")),
     mut_args(common::show_generation_defaults(Captioner::default_generation())))]
 pub struct CaptionArgs {
+    #[command(flatten)]
+    image_size: common::ImageSizeArg,
+
     /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
     #[arg(long, short, default_value = Captioner::DEFAULT_MODEL)]
     model: String,
@@ -43,6 +46,7 @@ pub fn run(args: CaptionArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let generation = args.generation.resolve(&Captioner::generation_defaults(&checkpoint)?, &args.model)?;
     let mut captioner = Captioner::from_checkpoint(&checkpoint, &blip::Device::Cpu, dtype)?;
     captioner.set_resize_backend(args.run.batch.resize.into());
+    args.image_size.apply(&mut captioner)?;
     let mut options: CaptionOptions = captioner.default_options();
     options.generation = generation;
     if let Some(prompt) = &args.prompt {

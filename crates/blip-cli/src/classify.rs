@@ -14,6 +14,9 @@ use crate::sidecar::SidecarArgs;
 
 #[derive(Args)]
 pub struct ClassifyArgs {
+    #[command(flatten)]
+    image_size: common::ImageSizeArg,
+
     /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
     #[arg(long, short, default_value = ImageTextMatcher::DEFAULT_MODEL)]
     model: String,
@@ -57,6 +60,7 @@ pub fn run(args: ClassifyArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &blip::Device::Cpu, dtype)?;
     matcher.validate_classify(&labels, &options)?;
     matcher.set_resize_backend(args.run.batch.resize.into());
+    args.image_size.apply(&mut matcher)?;
     let shown = args.top.map_or(labels.len(), usize::from);
     // A sidecar file holds the best labels, comma-separated, as taggers write them.
     let tagged = args.top.map_or(1, usize::from);

@@ -65,6 +65,25 @@ pub struct BatchArgs {
     pub resize: Resize,
 }
 
+/// `--image-size`: another resolution than the checkpoint's.
+#[derive(Args)]
+pub struct ImageSizeArg {
+    /// Resize images to N×N pixels (a multiple of 16) instead of the checkpoint's size, the
+    /// vision position embeddings interpolated as transformers' `interpolate_pos_encoding=True`.
+    #[arg(long, value_name = "N")]
+    pub image_size: Option<usize>,
+}
+
+impl ImageSizeArg {
+    /// Sets the resolution of `task` when asked.
+    pub fn apply<M>(&self, task: &mut blip::Task<M>) -> Result<(), blip::Error> {
+        match self.image_size {
+            Some(size) => task.set_image_size(size),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The images and how to run over them, for the commands that print one record per image.
 #[derive(Args)]
 pub struct ImageRunArgs {

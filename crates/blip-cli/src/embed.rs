@@ -15,6 +15,9 @@ use crate::common::{self, BatchArgs, Ended, Format, UnlessClosed};
 
 #[derive(Args)]
 pub struct EmbedArgs {
+    #[command(flatten)]
+    image_size: common::ImageSizeArg,
+
     /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
     #[arg(long, short, default_value = ImageTextMatcher::DEFAULT_MODEL)]
     model: String,
@@ -65,6 +68,7 @@ pub fn run(args: EmbedArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let device = blip::Device::Cpu;
     let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &device, dtype)?;
     matcher.set_resize_backend(args.run.resize.into());
+    args.image_size.apply(&mut matcher)?;
 
     let jsonl = args.format.is_some();
     // With a file to write, a closed stdout only stops the printing: the file is still written whole.

@@ -109,6 +109,11 @@ pub struct FinetuneArgs {
     /// Skip (and count) unusable data lines and images instead of stopping.
     #[arg(long)]
     skip_bad: bool,
+
+    /// Train on images resized to N×N (a multiple of 16), the position embeddings interpolated;
+    /// the saved model's image processor says N, so it runs at N.
+    #[arg(long, value_name = "N")]
+    image_size: Option<usize>,
 }
 
 pub fn run(args: FinetuneArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
@@ -209,6 +214,7 @@ fn options(args: &FinetuneArgs, task: TrainTask) -> FinetuneOptions {
     options.seed = args.seed;
     options.eval_every = args.eval_every;
     options.skip_bad = args.skip_bad;
+    options.image_size = args.image_size;
     options
 }
 

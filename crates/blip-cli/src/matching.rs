@@ -12,6 +12,9 @@ use crate::common::{self, Format, ImageRunArgs};
 
 #[derive(Args)]
 pub struct MatchArgs {
+    #[command(flatten)]
+    image_size: common::ImageSizeArg,
+
     /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
     #[arg(long, short, default_value = ImageTextMatcher::DEFAULT_MODEL)]
     model: String,
@@ -31,6 +34,7 @@ pub fn run(args: MatchArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     let device = blip::Device::Cpu;
     let mut matcher = ImageTextMatcher::load_with_dtype(&args.model, &device, dtype)?;
     matcher.set_resize_backend(args.run.batch.resize.into());
+    args.image_size.apply(&mut matcher)?;
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     args.run.process(
         "matched",

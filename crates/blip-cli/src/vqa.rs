@@ -21,6 +21,9 @@ use crate::sidecar::SidecarArgs;
     mut_args(common::generation_conflicts_with("answers")),
 )]
 pub struct VqaArgs {
+    #[command(flatten)]
+    image_size: common::ImageSizeArg,
+
     /// Checkpoint: a Hub repo id (downloaded into the Hugging Face cache) or a local folder.
     #[arg(long, short, default_value = QuestionAnswerer::DEFAULT_MODEL)]
     model: String,
@@ -77,6 +80,7 @@ pub fn run(args: VqaArgs, dtype: blip::DType) -> anyhow::Result<ExitCode> {
     };
     let mut answerer = QuestionAnswerer::from_checkpoint(&checkpoint, &blip::Device::Cpu, dtype)?;
     answerer.set_resize_backend(args.run.batch.resize.into());
+    args.image_size.apply(&mut answerer)?;
     match job {
         Job::Generate(generation) => {
             let mut options = answerer.default_options();

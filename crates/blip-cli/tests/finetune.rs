@@ -162,6 +162,8 @@ fn vqa_fine_tunes_and_answers() {
         "--batch-size",
         "2",
         "--freeze-vision",
+        "--image-size",
+        "48",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let message = stderr(&output);
@@ -175,8 +177,17 @@ fn vqa_fine_tunes_and_answers() {
         let same = after.iter().find(|(n, _)| n == name).is_some_and(|(_, d)| d == data);
         assert_eq!(same, name.starts_with("vision_model."), "{name}");
     }
+    // trained at 48 px (the checkpoint's 32 interpolated), and saved to run at 48
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&out).join("preprocessor_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["size"], 48);
     let output = blip(&["vqa", "--model", &out, "--question", "what is it?", &image("rocket.jpg")]);
     assert!(output.status.success(), "{}", stderr(&output));
+    let output =
+        blip(&["vqa", "--model", &out, "--question", "what is it?", "--image-size", "50", &image("rocket.jpg")]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("--image-size"), "{}", stderr(&output));
     std::fs::remove_dir_all(dir).unwrap();
 }
 

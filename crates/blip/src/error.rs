@@ -149,6 +149,8 @@ pub enum Param {
     EvalSteps,
     /// The resolution images are resized to, the position embeddings interpolated to.
     ImageSize,
+    /// Grad-CAM: the text encoder layer whose cross-attention is weighed.
+    GradcamLayer,
     /// Token ids, attention masks and labels of a loss.
     InputIds,
     AttentionMask,
@@ -195,6 +197,7 @@ impl Param {
             Param::LabelSmoothing => "label_smoothing",
             Param::EvalSteps => "eval_steps",
             Param::ImageSize => "image_size",
+            Param::GradcamLayer => "block_num",
         }
     }
 }

@@ -46,6 +46,7 @@ pub use image::RgbImage;
 pub use processor::image::{load_image, load_image_from_memory, ImageSource, ResizeBackend, UrlLimits};
 pub use tasks::capfilt::{capfilt, CapFiltOptions, Filtered, FilteredText, TextSource};
 pub use tasks::caption::{Caption, CaptionOptions, Captioner, Prompt};
+pub use tasks::gradcam::GradCam;
 pub use tasks::matching::{ClassifyOptions, ImageTextMatcher, LabelScore, MatchScore};
 pub use tasks::run::GenerationRun;
 pub use tasks::vqa::{Answer, AnswerList, AnswerOptions, QuestionAnswerer, RankOptions, RankedAnswer};

@@ -2,7 +2,7 @@
 //! cross-attention to encoder states. One implementation serves the caption/answer decoder
 //! (causal, cached) and the question, matching and contrastive encoders (bidirectional).
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::cache::{CrossAttention, DecoderCache, KeyValue};
@@ -115,6 +115,20 @@ impl TextAttention {
     }
 }
 
+impl TextAttention {
+    /// Cross-attention to `states` whose probabilities [b, heads, t, n] are made a variable, the
+    /// output computed from it: the gradient of anything downstream with respect to the
+    /// probabilities is then the variable's (Grad-CAM). Images are never padded: no mask.
+    fn attend_probing(&self, xs: &Tensor, states: &Tensor) -> Result<(Tensor, Var)> {
+        let kv = self.key_value(states)?;
+        let q = split_heads(&self.query.forward(xs)?, self.heads)?;
+        let scores = (q.matmul(&kv.key.t()?.contiguous()?)? * self.scale)?;
+        let probs = Var::from_tensor(&candle_nn::ops::softmax_last_dim(&scores)?)?;
+        let context = merge_heads(&probs.as_tensor().matmul(&kv.value)?)?;
+        Ok((self.layer_norm.forward(&self.dense.forward_residual(&context, xs)?)?, probs))
+    }
+}
+
 /// What a layer's cross-attention attends to: the encoder states, or their keys and values.
 #[derive(Clone, Copy)]
 enum Encoder<'a> {
@@ -173,6 +187,21 @@ impl TextLayer {
         }
         let ffn = self.output.forward_residual(&gelu(self.intermediate.forward(&hidden)?)?, &hidden)?;
         self.output_layer_norm.forward(&ffn)
+    }
+}
+
+impl TextLayer {
+    /// [`Self::forward`] of an encoder layer with its cross-attention probabilities probed (see
+    /// [`TextAttention::attend_probing`]).
+    fn forward_probing(&self, xs: &Tensor, self_bias: Option<&Tensor>, states: &Tensor) -> Result<(Tensor, Var)> {
+        let Some(crossattention) = &self.crossattention else {
+            candle_core::bail!("this text model has no cross-attention weights");
+        };
+        let kv = self.attention.key_value(xs)?;
+        let hidden = self.attention.attend(xs, &kv, self_bias)?;
+        let (hidden, probs) = crossattention.attend_probing(&hidden, states)?;
+        let ffn = self.output.forward_residual(&gelu(self.intermediate.forward(&hidden)?)?, &hidden)?;
+        Ok((self.output_layer_norm.forward(&ffn)?, probs))
     }
 }
 
@@ -251,6 +280,34 @@ impl TextModel {
             xs = layer.forward(&xs, bias.as_ref(), &mut None, cross)?;
         }
         Ok(xs)
+    }
+
+    /// [`Self::forward_encoder`] over `encoder_states`, with the cross-attention probabilities
+    /// [b, heads, t, n] of layer `probed` returned as a variable that the returned states [b,
+    /// t, hidden] depend on: their gradient is what Grad-CAM weighs the probabilities by.
+    pub fn forward_encoder_probing(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        encoder_states: &Tensor,
+        probed: usize,
+    ) -> Result<(Tensor, Var)> {
+        if probed >= self.layers.len() {
+            candle_core::bail!("no layer {probed}: the text model has {} layers", self.layers.len());
+        }
+        let bias = attention_mask.map(padding_bias).transpose()?;
+        let mut xs = self.embeddings.forward(input_ids, 0)?;
+        let mut probs = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i == probed {
+                let (hidden, var) = layer.forward_probing(&xs, bias.as_ref(), encoder_states)?;
+                (xs, probs) = (hidden, Some(var));
+            } else {
+                xs = layer.forward(&xs, bias.as_ref(), &mut None, Some((Encoder::States(encoder_states), None)))?;
+            }
+        }
+        let probs = probs.ok_or_else(|| candle_core::Error::Msg("no probed layer".into()))?;
+        Ok((xs, probs))
     }
 
     /// Causal decoder step: `input_ids` [b, t] continue the sequences in `cache`; returns the

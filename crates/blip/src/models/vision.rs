@@ -49,13 +49,12 @@ impl VisionEmbeddings {
 
     fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = pixel_values.dims4()?;
-        if h != self.image_size || w != self.image_size {
+        let p = self.patch_size;
+        if h % p != 0 || w % p != 0 || h == 0 || w == 0 {
             candle_core::bail!(
-                "the model takes {0}x{0} images, got {h}x{w} (set the processor size to the model's image_size)",
-                self.image_size
+                "the model takes images whose sides are multiples of its {p}-pixel patches, got {h}x{w}"
             );
         }
-        let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
         // [b, c, gh, p, gw, p] → [b, gh, gw, c, p, p]: each row one patch in the conv's order.
         let patches = pixel_values.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((
@@ -70,8 +69,62 @@ impl VisionEmbeddings {
         let patch_embeds = patches.broadcast_matmul(&patch_weight_t)?.broadcast_add(&self.patch_bias)?;
         let d = patch_embeds.dim(D::Minus1)?;
         let class = self.class_embedding.broadcast_as((b, 1, d))?;
-        Tensor::cat(&[&class, &patch_embeds], 1)?.broadcast_add(&self.position_embedding)
+        Tensor::cat(&[&class, &patch_embeds], 1)?.broadcast_add(&self.positions(gh, gw)?)
     }
+
+    /// The position embeddings [1, 1 + gh·gw, hidden] of a grid of gh × gw patches: the
+    /// learned ones on the checkpoint's grid, else those interpolated as transformers'
+    /// `interpolate_pos_encoding=True` does (bicubic, `align_corners=False`), as one product with
+    /// the interpolation's weights, so that a trained embedding gets its gradient through it.
+    fn positions(&self, gh: usize, gw: usize) -> Result<Tensor> {
+        let side = self.image_size / self.patch_size;
+        if (gh, gw) == (side, side) {
+            return Ok(self.position_embedding.clone());
+        }
+        let (_, positions, d) = self.position_embedding.dims3()?;
+        let class = self.position_embedding.narrow(1, 0, 1)?;
+        let patches = self.position_embedding.narrow(1, 1, positions - 1)?.reshape((positions - 1, d))?;
+        let weights = bicubic_weights((side, side), (gh, gw));
+        let weights = Tensor::from_vec(weights, (gh * gw, side * side), self.position_embedding.device())?;
+        let interpolated = weights.matmul(&patches)?.unsqueeze(0)?;
+        Tensor::cat(&[&class, &interpolated], 1)
+    }
+}
+
+/// PyTorch's bicubic interpolation (`F.interpolate(mode="bicubic", align_corners=False)`, A =
+/// -0.75, source indices clamped at the edges) from an `input` grid to an `output` grid, as the
+/// matrix [output cells, input cells] of the weights each output takes from each input.
+fn bicubic_weights(input: (usize, usize), output: (usize, usize)) -> Vec<f32> {
+    /// Per output index along one axis: the four (clamped) source indices and their weights.
+    fn axis(input: usize, output: usize) -> Vec<[(usize, f32); 4]> {
+        const A: f32 = -0.75;
+        let scale = input as f32 / output as f32;
+        let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+        let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+        (0..output)
+            .map(|i| {
+                let source = scale * (i as f32 + 0.5) - 0.5;
+                let floor = source.floor();
+                let t = source - floor;
+                let coefficients = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+                let clamp = |k: i64| k.clamp(0, input as i64 - 1) as usize;
+                std::array::from_fn(|k| (clamp(floor as i64 - 1 + k as i64), coefficients[k]))
+            })
+            .collect()
+    }
+    let (rows, columns) = (axis(input.0, output.0), axis(input.1, output.1));
+    let mut weights = vec![0f32; output.0 * output.1 * input.0 * input.1];
+    for (y, row_taps) in rows.iter().enumerate() {
+        for (x, column_taps) in columns.iter().enumerate() {
+            let cell = &mut weights[(y * output.1 + x) * input.0 * input.1..][..input.0 * input.1];
+            for &(source_y, wy) in row_taps {
+                for &(source_x, wx) in column_taps {
+                    cell[source_y * input.1 + source_x] += wy * wx;
+                }
+            }
+        }
+    }
+    weights
 }
 
 /// `BlipAttention`: fused qkv projection, softmax attention, output projection.

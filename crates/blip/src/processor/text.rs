@@ -98,6 +98,11 @@ impl TextProcessor {
         self.bos_token_id
     }
 
+    /// The vocabulary entry of a token id (`##ing` for a word piece).
+    pub fn token_text(&self, id: u32) -> Result<String> {
+        self.tokenizer.id_to_token(id).ok_or_else(|| Error::Tokenizer(format!("no token {id} in the vocabulary")))
+    }
+
     pub fn pad_token_id(&self) -> u32 {
         self.pad_token_id
     }

@@ -131,7 +131,7 @@ impl ImageTextMatcher {
 
     /// Tokenized, padded texts (`param` names them in errors): input_ids and attention_mask
     /// [n, t].
-    fn encode_texts(&self, param: Param, texts: &[&str]) -> Result<(Tensor, Tensor)> {
+    pub(super) fn encode_texts(&self, param: Param, texts: &[&str]) -> Result<(Tensor, Tensor)> {
         check_not_empty(param, texts)?;
         let positions = self.config.text_config.max_position_embeddings;
         let several = texts.len() > 1;

@@ -5,6 +5,7 @@
 
 pub mod capfilt;
 pub mod caption;
+pub mod gradcam;
 pub mod loss;
 pub mod matching;
 pub mod run;
@@ -154,16 +155,11 @@ impl<M: TaskModel> Task<M> {
         let (config, architecture) = Self::read_config(checkpoint)?;
         let generation = Self::generation_defaults(checkpoint)?;
         let image_processor = checkpoint.image_processor()?;
-        let image_size = config.vision_config.image_size;
-        if (image_processor.height, image_processor.width) != (image_size, image_size) {
-            return Err(Error::checkpoint(
-                location,
-                format!(
-                    "the image processor's size {}x{} differs from the vision model's image_size {image_size}; resized position embeddings are not supported",
-                    image_processor.height, image_processor.width
-                ),
-            ));
-        }
+        // A processor size other than the vision model's image_size is the resolution the
+        // checkpoint runs at, the position embeddings interpolated (see `set_image_size`).
+        check_image_size(&config, image_processor.height)
+            .and(check_image_size(&config, image_processor.width))
+            .map_err(|e| Error::checkpoint(location, format!("the image processor's size: {e}")))?;
         let text_processor = TextProcessor::from_file(&checkpoint.tokenizer_file()?, &config.text_config)?;
         let weights = weights()?;
         let model = M::build(&config, architecture, weights).map_err(|e| {
@@ -244,18 +240,59 @@ impl<M> Task<M> {
         self.image_processor.backend = backend;
     }
 
-    /// `pixel_values` of the images, made by the checkpoint's image processor unless given.
+    /// `pixel_values` of the images, made by the checkpoint's image processor unless given
+    /// (then of the processor's size).
     pub fn pixel_values<'a>(&self, images: Images<'a>) -> Result<Cow<'a, Tensor>> {
         Ok(match images {
             Images::Decoded(images) => Cow::Owned(self.image_processor.preprocess_batch(images, &self.device)?),
-            Images::Pixels(pixel_values) => Cow::Borrowed(pixel_values),
+            Images::Pixels(pixel_values) => {
+                let (_, _, h, w) = pixel_values.dims4()?;
+                if (h, w) != (self.image_processor.height, self.image_processor.width) {
+                    return Err(InvalidInput::OutOfRange {
+                        param: Param::ImageSize,
+                        value: format!("pixel values of {h}x{w}"),
+                        accepted: "the image processor's size (set_image_size changes it)",
+                    }
+                    .into());
+                }
+                Cow::Borrowed(pixel_values)
+            }
         })
+    }
+
+    /// Runs the model on images resized to `size` × `size`, its vision position embeddings
+    /// interpolated as transformers' `interpolate_pos_encoding=True` does (bicubic). `size`
+    /// must be a multiple of the patch size (16).
+    pub fn set_image_size(&mut self, size: usize) -> Result<()> {
+        check_image_size(&self.config, size)?;
+        self.image_processor.height = size;
+        self.image_processor.width = size;
+        Ok(())
+    }
+
+    /// The side of the square images the model runs on (the processor's size).
+    pub fn image_size(&self) -> usize {
+        self.image_processor.height
     }
 
     /// `generate`'s defaults for this checkpoint, including its `generation_config.json`.
     pub fn generation(&self) -> &GenerationDefaults {
         &self.generation
     }
+}
+
+/// Whether the vision model can run on `size`-pixel sides: whole patches, at least one.
+fn check_image_size(config: &BlipConfig, size: usize) -> Result<()> {
+    let patch = config.vision_config.patch_size;
+    if size == 0 || size % patch != 0 {
+        return Err(InvalidInput::OutOfRange {
+            param: Param::ImageSize,
+            value: size.to_string(),
+            accepted: "a multiple of the vision model's patch size (16)",
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// `generate`'s defaults for a checkpoint.

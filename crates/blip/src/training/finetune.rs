@@ -42,6 +42,10 @@ pub struct FinetuneOptions {
     pub eval_every: Option<u64>,
     /// Skip (and count) unusable data lines and images instead of stopping.
     pub skip_bad: bool,
+    /// Train at this resolution (position embeddings interpolated); the saved checkpoints'
+    /// image processor says it. `None`: the checkpoint's.
+    #[serde(default)]
+    pub image_size: Option<usize>,
 }
 
 impl FinetuneOptions {
@@ -62,6 +66,7 @@ impl FinetuneOptions {
             label_smoothing: None,
             eval_every: None,
             skip_bad: false,
+            image_size: None,
         }
     }
 
@@ -213,11 +218,17 @@ impl Finetuner {
         let trained = if options.freeze_vision { Trained::FrozenVision } else { Trained::All };
         let (model_task, params) = match options.task {
             TrainTask::Caption => {
-                let (task, params) = Captioner::load_for_training(model, device, trained)?;
+                let (mut task, params) = Captioner::load_for_training(model, device, trained)?;
+                if let Some(size) = options.image_size {
+                    task.set_image_size(size)?;
+                }
                 (Model::Caption(task), params)
             }
             TrainTask::Vqa => {
-                let (task, params) = QuestionAnswerer::load_for_training(model, device, trained)?;
+                let (mut task, params) = QuestionAnswerer::load_for_training(model, device, trained)?;
+                if let Some(size) = options.image_size {
+                    task.set_image_size(size)?;
+                }
                 (Model::Vqa(task), params)
             }
         };
@@ -460,8 +471,14 @@ impl Finetuner {
         for name in CHECKPOINT_FILES {
             if let Some(file) = self.source.optional_file(name)? {
                 let target = dir.join(name);
-                if file != target {
-                    std::fs::copy(&file, &target).map_err(|e| Error::file(&target, e))?;
+                match self.options.image_size {
+                    Some(size) if name.ends_with("processor_config.json") => {
+                        write_atomically(&target, &with_image_size(&file, name, size)?)?;
+                    }
+                    _ if file != target => {
+                        std::fs::copy(&file, &target).map_err(|e| Error::file(&target, e))?;
+                    }
+                    _ => {}
                 }
             }
         }
@@ -553,6 +570,22 @@ fn pad_decoder(rows: &[Vec<u32>], pad: u32) -> (Vec<Vec<u32>>, Vec<Vec<u32>>, Ve
         );
     }
     (ids, mask, labels)
+}
+
+/// An image processor's settings (`preprocessor_config.json`, or the `image_processor` entry of
+/// `processor_config.json`) with their size set to `size` × `size`, in the form the file uses.
+fn with_image_size(path: &Path, name: &str, size: usize) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    let mut json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::config(path, e))?;
+    let settings = if name == "processor_config.json" { &mut json["image_processor"] } else { &mut json };
+    if let Some(object) = settings.as_object_mut() {
+        let value = match object.get("size") {
+            Some(serde_json::Value::Number(_)) => serde_json::json!(size),
+            _ => serde_json::json!({ "height": size, "width": size }),
+        };
+        object.insert("size".into(), value);
+    }
+    serde_json::to_vec_pretty(&json).map_err(|e| Error::config(path, e))
 }
 
 /// Writes `bytes` to `path` through a temporary file renamed into place.
