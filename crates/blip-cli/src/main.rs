@@ -7,6 +7,7 @@ mod classify;
 mod common;
 mod embed;
 mod finetune;
+mod heatmap;
 mod index;
 mod matching;
 mod search;
