@@ -258,6 +258,24 @@ def finetune_reference(tok):
     return losses, total, final
 
 
+def adamw_reference():
+    """torch.optim.AdamW on one tensor for four steps with given gradients and learning rates."""
+    g = torch.Generator().manual_seed(5)
+    param = torch.nn.Parameter(torch.randn(2, 5, generator=g))
+    start = param.detach().clone()
+    opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.05, eps=1e-8, betas=(0.9, 0.999))
+    steps = []
+    for lr in (1e-3, 5e-4, 0.0, 2e-3):
+        grad = torch.randn(2, 5, generator=g) * 0.01
+        grad[0, 0] = 0.0  # a zero gradient: only the weight decay moves it
+        for group in opt.param_groups:
+            group["lr"] = lr
+        param.grad = grad.clone()
+        opt.step()
+        steps.append({"lr": lr, "grad": grad.tolist(), "param": param.detach().tolist()})
+    return {"weight_decay": 0.05, "start": start.tolist(), "steps": steps}
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -282,8 +300,8 @@ def main():
                                          for i, q, a in zip(IMAGE_NAMES, QUESTIONS, ANSWERS)])
     losses, total, final = finetune_reference(tok)
     save_file(final, base.EXPECTED / "finetune-final.safetensors")
-    base.dump_json({"settings": FINETUNE, "optimizer_steps": total, "losses": losses, "versions": versions},
-                   base.EXPECTED / "finetune.json")
+    base.dump_json({"settings": FINETUNE, "optimizer_steps": total, "losses": losses, "adamw": adamw_reference(),
+                    "versions": versions}, base.EXPECTED / "finetune.json")
     print(f"gradients: {[(k, v['loss']) for k, v in cases.items() if k != 'versions']}")
     print(f"finetune: {total} steps, losses {losses[0]:.4f} -> {losses[-1]:.4f}")
 
