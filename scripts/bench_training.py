@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import REPO, machine  # noqa: E402
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "motorcycle_left.png",
-          "immunohistochemistry.png", "page.png"]
+          "ihc.png", "page.png"]
 CAPTION = "a photo of {} on a table in a bright room"
 BATCH = 8
 

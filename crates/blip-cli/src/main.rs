@@ -63,6 +63,9 @@ enum Command {
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Finetune(_)) {
+        keep_all_freed_memory();
+    }
     if let Some(threads) = cli.threads {
         // candle's kernels and rayon's pool both size themselves from this variable; set before
         // either starts a thread.
@@ -141,6 +144,17 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// A training step holds every activation until its backward pass, then frees them all: the
+/// heap would give those gigabytes back to the system and fault them in again, zeroed, the next
+/// step. Kept instead (the peak is the same: the next step needs them again).
+fn keep_all_freed_memory() {
+    // SAFETY: as in keep_freed_memory; no thread has started yet.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
     }
 }
 

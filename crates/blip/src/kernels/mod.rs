@@ -7,6 +7,7 @@
 //! in `crate::ops`.
 
 pub(crate) mod attention;
+pub(crate) mod backward;
 pub(crate) mod blas;
 pub(crate) mod dispatch;
 pub(crate) mod elementwise;

@@ -12,8 +12,43 @@ pub(crate) fn gelu(xs: Tensor) -> Result<Tensor> {
     if super::cpu_f32_contiguous(&xs) {
         xs.inplace_op1(&Gelu)?;
         Ok(xs)
+    } else if super::in_graph(&xs) && super::on_cpu(&xs) && xs.dtype() == candle_core::DType::F32 {
+        // in an autograd graph: out of place, with its backward pass
+        xs.contiguous()?.apply_op1(GeluOp)
     } else {
         xs.gelu_erf()
+    }
+}
+
+/// The GELU as an op of candle's autograd.
+struct GeluOp;
+
+impl candle_core::CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("gelu: contiguous f32 only");
+        };
+        let mut out = data[start..end].to_vec();
+        kernels::elementwise::gelu(&mut out);
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, xs: &Tensor, _ys: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (x, g) = (xs.contiguous()?, dy.contiguous()?);
+        let (x_s, g_s) = (x.storage_and_layout(), g.storage_and_layout());
+        let dx = kernels::backward::gelu(
+            super::tensor::f32_values(&x_s.0, x_s.1)?,
+            super::tensor::f32_values(&g_s.0, g_s.1)?,
+        );
+        Ok(Some(Tensor::from_vec(dx, xs.shape(), xs.device())?))
     }
 }
 

@@ -31,9 +31,54 @@ pub(crate) fn attention_packed(qkv: &Tensor, heads: usize, scale: f64) -> Result
         let context = vision::attend_packed(f32_values(&storage, layout)?, b, t, heads, head_dim, scale as f32);
         return Tensor::from_vec(context, (b, t, heads * head_dim), &candle_core::Device::Cpu);
     }
+    if super::in_graph(qkv) && super::on_cpu(qkv) && qkv.dtype() == candle_core::DType::F32 {
+        // in an autograd graph: the same kernel, with its backward pass
+        return qkv.contiguous()?.apply_op1(PackedAttention { heads, scale: scale as f32 });
+    }
     let qkv = qkv.reshape((b, t, 3, heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
     let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
     merge_heads(&attention(&q, &k, &v, scale, None)?)
+}
+
+/// [`attention_packed`] as an op of candle's autograd: the vision kernel forward, the
+/// recomputing backward of `kernels::backward::attention_packed`.
+struct PackedAttention {
+    heads: usize,
+    scale: f32,
+}
+
+impl candle_core::CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "packed-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("attention: contiguous f32 only");
+        };
+        let (b, t, three_width) = layout.shape().dims3()?;
+        let head_dim = three_width / 3 / self.heads;
+        let context = vision::attend_packed(&data[start..end], b, t, self.heads, head_dim, self.scale);
+        Ok((candle_core::CpuStorage::F32(context), candle_core::Shape::from((b, t, self.heads * head_dim))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _context: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, three_width) = qkv.dims3()?;
+        let head_dim = three_width / 3 / self.heads;
+        let (x, g) = (qkv.contiguous()?, dy.contiguous()?);
+        let (x_s, g_s) = (x.storage_and_layout(), g.storage_and_layout());
+        let dqkv = crate::kernels::backward::attention_packed(
+            f32_values(&x_s.0, x_s.1)?,
+            f32_values(&g_s.0, g_s.1)?,
+            (b, t, self.heads, head_dim),
+            self.scale,
+        );
+        Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
+    }
 }
 
 /// Up to this many queries (decoding steps), attention runs as one fused kernel on the CPU.

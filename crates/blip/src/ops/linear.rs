@@ -103,8 +103,12 @@ impl Linear {
         }
         let rows = xs.elem_count() / in_dim.max(1);
         let flat = xs.reshape((rows, in_dim))?;
-        let ys = if super::on_cpu(xs) && !super::in_graph(xs) && !self.in_graph() {
+        let trained = super::in_graph(xs) || self.in_graph();
+        let ys = if super::on_cpu(xs) && !trained {
             flat.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, op)?
+        } else if super::on_cpu(xs) && self.weight.dtype() == DType::F32 && self.weight.is_contiguous() {
+            // in an autograd graph: the same kernels, with their backward pass
+            flat.contiguous()?.apply_op3(&self.weight, &self.bias, LinearOp { residual: op.residual.clone() })?
         } else {
             flat.matmul(&self.weight.to_dtype(xs.dtype())?.t()?)?.broadcast_add(&self.bias)?
         };
@@ -227,6 +231,37 @@ impl CustomOp3 for LinearOp {
             ys
         };
         Ok((CpuStorage::F32(ys), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _ys: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.residual.is_some() {
+            candle_core::bail!("linear: the residual form has no backward pass (add the residual outside)");
+        }
+        LinearOp::backward(xs, weight, dy)
+    }
+}
+
+impl LinearOp {
+    /// `dx` (when `x` is in the graph), `dW` and `db` from `dy` (the residual's gradient is
+    /// `dy` itself, which candle's addition gives when the residual is added outside).
+    fn backward(x: &Tensor, weight: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let n = weight.dim(0)?;
+        let (x_c, w_c, dy_c) = (x.contiguous()?, weight.contiguous()?, dy.contiguous()?);
+        let (xs, ws, dys) = (x_c.storage_and_layout(), w_c.storage_and_layout(), dy_c.storage_and_layout());
+        let (xv, wv, dyv) =
+            (super::tensor::f32_values(&xs.0, xs.1)?, super::tensor::f32_values(&ws.0, ws.1)?, super::tensor::f32_values(&dys.0, dys.1)?);
+        let (dx, dw, db) = crate::kernels::backward::linear(xv, wv, dyv, (m, n, k), super::in_graph(x));
+        let device = x.device();
+        let dx = dx.map(|dx| Tensor::from_vec(dx, (m, k), device)).transpose()?;
+        Ok((dx, Some(Tensor::from_vec(dw, (n, k), device)?), Some(Tensor::from_vec(db, n, device)?)))
     }
 }
 

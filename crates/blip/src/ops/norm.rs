@@ -1,6 +1,6 @@
 //! `nn.LayerNorm` on tensors.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 
 use super::tensor::f32_values;
 use crate::kernels;
@@ -35,6 +35,10 @@ impl LayerNorm {
 impl candle_core::Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if super::in_graph(xs) || super::in_graph(&self.weight) || super::in_graph(&self.bias) {
+            if super::on_cpu(xs) && xs.dtype() == DType::F32 {
+                let op = LayerNormOp { eps: self.eps as f32 };
+                return xs.contiguous()?.apply_op3(&self.weight, &self.bias, op);
+            }
             return self.differentiable(xs);
         }
         if !super::cpu_f32(xs) {
@@ -54,6 +58,64 @@ impl candle_core::Module for LayerNorm {
             self.eps as f32,
         );
         Tensor::from_vec(normed, xs.shape(), &candle_core::Device::Cpu)
+    }
+}
+
+/// LayerNorm as an op of candle's autograd: the forward kernel, and its backward pass.
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let slice = |storage: &'_ CpuStorage, layout: &Layout| -> Result<Vec<f32>> {
+            match (storage, layout.contiguous_offsets()) {
+                (CpuStorage::F32(data), Some((start, end))) => Ok(data[start..end].to_vec()),
+                _ => candle_core::bail!("layer norm: contiguous f32 expected"),
+            }
+        };
+        let (weight, bias) = (slice(weight, weight_layout)?, slice(bias, bias_layout)?);
+        let CpuStorage::F32(data) = xs else { candle_core::bail!("layer norm: f32 expected") };
+        let Some((start, end)) = xs_layout.contiguous_offsets() else { candle_core::bail!("layer norm: contiguous expected") };
+        let normed = kernels::elementwise::layer_norm(&data[start..end], &weight, &bias, self.eps);
+        Ok((CpuStorage::F32(normed), xs_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _ys: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (xs.contiguous()?, weight.contiguous()?, dy.contiguous()?);
+        let (xs_s, w_s, g_s) = (x.storage_and_layout(), w.storage_and_layout(), g.storage_and_layout());
+        let (dx, dweight, dbias) = kernels::backward::layer_norm(
+            f32_values(&xs_s.0, xs_s.1)?,
+            f32_values(&w_s.0, w_s.1)?,
+            f32_values(&g_s.0, g_s.1)?,
+            self.eps,
+        );
+        let device = xs.device();
+        let d = weight.elem_count();
+        Ok((
+            Some(Tensor::from_vec(dx, xs.shape(), device)?),
+            Some(Tensor::from_vec(dweight, d, device)?),
+            Some(Tensor::from_vec(dbias, d, device)?),
+        ))
     }
 }
 

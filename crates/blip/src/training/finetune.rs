@@ -350,9 +350,12 @@ impl Finetuner {
         let mut micro_losses = Vec::with_capacity(group.len());
         for batch in group {
             let examples: Vec<Example> = batch.iter().map(|&i| self.train.examples[i].clone()).collect();
+            let started = std::time::Instant::now();
             let Some(loss) = self.batch_loss(&examples)? else { continue };
             micro_losses.push(loss.to_scalar::<f32>()?);
+            let forward = started.elapsed();
             let store = (loss / self.options.grad_accum as f64)?.backward()?;
+            tracing::debug!(?forward, backward = ?started.elapsed() - forward, "micro-batch");
             for (sum, var) in grads.iter_mut().zip(&vars) {
                 if let Some(grad) = store.get(var.as_tensor()) {
                     *sum = Some(match sum.take() {
@@ -369,7 +372,9 @@ impl Finetuner {
         let factor = self.options.schedule.factor(self.position.step, self.options.warmup_steps, total);
         let lr = self.options.lr * factor;
         self.optimizer.set_lr(lr);
+        let started = std::time::Instant::now();
         self.optimizer.step(&grads)?;
+        tracing::debug!(optimizer = ?started.elapsed(), "step");
         let loss = micro_losses.iter().sum::<f32>() / micro_losses.len().max(1) as f32;
         Ok(StepReport { position: self.position, total_steps: total, loss, micro_losses, lr, grad_norm })
     }
@@ -501,17 +506,19 @@ impl Finetuner {
         Ok(dir)
     }
 
+    /// `optimizer.safetensors`: per trained weight its AdamW step count (`step.<name>`, i64) and
+    /// moments (`exp_avg.<name>`, `exp_avg_sq.<name>`), written from where they are held.
     fn save_optimizer(&self, path: &Path) -> Result<()> {
-        let mut tensors = std::collections::HashMap::new();
-        for ((name, _), (steps, moments)) in self.params.vars().iter().zip(self.optimizer.state()?) {
-            tensors.insert(format!("step.{name}"), Tensor::new(&[steps as i64], &Device::Cpu)?);
+        let mut views: Vec<(String, Slice)> = Vec::new();
+        for ((name, var), (steps, moments)) in self.params.vars().iter().zip(self.optimizer.moments()) {
+            views.push((format!("step.{name}"), Slice::I64(vec![1], (steps as i64).to_le_bytes().to_vec())));
             if let Some((m, v)) = moments {
-                tensors.insert(format!("exp_avg.{name}"), m);
-                tensors.insert(format!("exp_avg_sq.{name}"), v);
+                views.push((format!("exp_avg.{name}"), Slice::F32(var.dims().to_vec(), m)));
+                views.push((format!("exp_avg_sq.{name}"), Slice::F32(var.dims().to_vec(), v)));
             }
         }
         let partial = path.with_extension("partial");
-        safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, &partial)
+        safetensors::serialize_to_file(views.iter().map(|(k, v)| (k.as_str(), v)), None, &partial)
             .map_err(|e| Error::file(&partial, e))?;
         std::fs::rename(&partial, path).map_err(|e| Error::file(path, e))
     }
@@ -532,6 +539,48 @@ impl Finetuner {
             state.push((steps, moments));
         }
         self.optimizer.restore(state)
+    }
+}
+
+/// A tensor of the optimizer state as safetensors writes it: f32 values borrowed, or the bytes
+/// of a little-endian i64.
+enum Slice<'a> {
+    F32(Vec<usize>, &'a [f32]),
+    I64(Vec<usize>, Vec<u8>),
+}
+
+impl safetensors::View for &Slice<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            Slice::F32(..) => safetensors::Dtype::F32,
+            Slice::I64(..) => safetensors::Dtype::I64,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            Slice::F32(shape, _) | Slice::I64(shape, _) => shape,
+        }
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Slice::F32(_, values) => {
+                // SAFETY: f32 has no padding and every bit pattern is a valid byte; the bytes are
+                // borrowed for as long as the values. Little-endian, as safetensors stores them,
+                // on every target this crate builds for.
+                let bytes = unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(*values)) };
+                std::borrow::Cow::Borrowed(bytes)
+            }
+            Slice::I64(_, bytes) => std::borrow::Cow::Borrowed(bytes),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            Slice::F32(_, values) => std::mem::size_of_val(*values),
+            Slice::I64(_, bytes) => bytes.len(),
+        }
     }
 }
 

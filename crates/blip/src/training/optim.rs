@@ -66,31 +66,36 @@ impl AdamW {
         }
         for (i, (var, grad)) in self.vars.iter().zip(grads).enumerate() {
             let Some(grad) = grad else { continue };
-            let grad: Vec<f32> = grad.flatten_all()?.to_vec1()?;
-            let mut param: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+            let grad = grad.contiguous()?;
+            let (grad_storage, grad_layout) = grad.storage_and_layout();
+            let grad = crate::ops::tensor::f32_values(&grad_storage, grad_layout)?;
             let moments = self.moments[i]
                 .get_or_insert_with(|| Moments { exp_avg: vec![0.0; grad.len()], exp_avg_sq: vec![0.0; grad.len()] });
             self.steps[i] += 1;
             let step = self.steps[i] as i32;
             let bias_correction1 = 1.0 - beta1.powi(step);
-            let bias_correction2_sqrt = (1.0 - beta2.powi(step)).sqrt() as f32;
-            let step_size = (lr / bias_correction1) as f32;
-            let decay = (1.0 - lr * weight_decay) as f32;
-            let (weight1, beta2_f, one_minus_beta2) = ((1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32);
-            let eps = eps as f32;
-            for (((p, &g), m), v) in
-                param.iter_mut().zip(&grad).zip(moments.exp_avg.iter_mut()).zip(moments.exp_avg_sq.iter_mut())
-            {
-                *p *= decay;
-                // torch.lerp with a weight below one half
-                *m += weight1 * (g - *m);
-                *v = *v * beta2_f + one_minus_beta2 * g * g;
-                let denom = v.sqrt() / bias_correction2_sqrt + eps;
-                *p += -step_size * (*m / denom);
-            }
-            var.set(&Tensor::from_vec(param, var.shape(), var.device())?)?;
+            let update = Update {
+                grad,
+                moments: std::sync::Mutex::new(moments),
+                decay: (1.0 - lr * weight_decay) as f32,
+                weight1: (1.0 - beta1) as f32,
+                beta2: beta2 as f32,
+                one_minus_beta2: (1.0 - beta2) as f32,
+                bias_correction2_sqrt: (1.0 - beta2.powi(step)).sqrt() as f32,
+                step_size: (lr / bias_correction1) as f32,
+                eps: eps as f32,
+            };
+            var.as_tensor().inplace_op1(&update)?;
         }
         Ok(())
+    }
+
+    /// Per variable, its step count and moments (`exp_avg`, `exp_avg_sq`), borrowed.
+    pub fn moments(&self) -> impl Iterator<Item = (u64, Option<(&[f32], &[f32])>)> {
+        self.steps
+            .iter()
+            .zip(&self.moments)
+            .map(|(&steps, m)| (steps, m.as_ref().map(|m| (m.exp_avg.as_slice(), m.exp_avg_sq.as_slice()))))
     }
 
     /// The optimizer's state, to resume a run exactly: per variable its step count and moments.
@@ -130,6 +135,56 @@ impl AdamW {
                 None => None,
             };
         }
+        Ok(())
+    }
+}
+
+/// One variable's AdamW update, applied in place to its values on all threads.
+struct Update<'a> {
+    grad: &'a [f32],
+    /// In a mutex only because the op is called through `&self`.
+    moments: std::sync::Mutex<&'a mut Moments>,
+    decay: f32,
+    weight1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    bias_correction2_sqrt: f32,
+    step_size: f32,
+    eps: f32,
+}
+
+impl candle_core::InplaceOp1 for Update<'_> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 14;
+        let (candle_core::CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("adamw: a contiguous f32 weight expected");
+        };
+        let params = &mut data[start..end];
+        let mut moments = self.moments.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if params.len() != self.grad.len() || params.len() != moments.exp_avg.len() {
+            candle_core::bail!("adamw: the gradient does not have the weight's shape");
+        }
+        let Moments { exp_avg, exp_avg_sq } = &mut **moments;
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(self.grad.par_chunks(CHUNK))
+            .zip(exp_avg.par_chunks_mut(CHUNK))
+            .zip(exp_avg_sq.par_chunks_mut(CHUNK))
+            .for_each(|(((params, grads), ms), vs)| {
+                for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(ms).zip(vs) {
+                    *p *= self.decay;
+                    // torch.lerp with a weight below one half
+                    *m += self.weight1 * (g - *m);
+                    *v = *v * self.beta2 + self.one_minus_beta2 * g * g;
+                    let denom = v.sqrt() / self.bias_correction2_sqrt + self.eps;
+                    *p += -self.step_size * (*m / denom);
+                }
+            });
         Ok(())
     }
 }
@@ -177,9 +232,12 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
     }
     let total = squares.sqrt();
     let coefficient = (max_norm as f32 / (total + 1e-6)).min(1.0);
-    for grad in grads.iter_mut() {
-        if let Some(g) = grad.take() {
-            *grad = Some((g * coefficient as f64)?);
+    // (multiplying by 1 changes nothing: skipped)
+    if coefficient < 1.0 {
+        for grad in grads.iter_mut() {
+            if let Some(g) = grad.take() {
+                *grad = Some((g * coefficient as f64)?);
+            }
         }
     }
     Ok(total as f64)
