@@ -73,6 +73,21 @@ mod tests {
     use super::*;
     use crate::kernels::dispatch::{available, with_isa};
 
+    /// The GELU's backward pass against candle's autograd of its exact GELU.
+    #[test]
+    fn gelu_backward_matches_candles_autograd() {
+        let dev = candle_core::Device::Cpu;
+        let xs = (Tensor::randn(0f32, 3.0, (5, 1001), &dev).unwrap() - 0.5).unwrap();
+        let upstream = Tensor::randn(0f32, 1.0, (5, 1001), &dev).unwrap();
+        let grad = |kernel: bool| {
+            let x = candle_core::Var::from_tensor(&xs).unwrap();
+            let ys = if kernel { gelu(x.as_tensor().clone()).unwrap() } else { x.as_tensor().gelu_erf().unwrap() };
+            (ys * &upstream).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone()
+        };
+        let diff = (grad(true) - grad(false)).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+
     #[test]
     fn gelu_tensor_matches_candles_exact_one() {
         let xs = (Tensor::randn(0f32, 3.0, (3, 577, 301), &candle_core::Device::Cpu).unwrap() - 0.5).unwrap();

@@ -337,6 +337,30 @@ mod tests {
         assert!(error.to_string().contains("encoder mask"), "{error}");
     }
 
+    /// The packed attention's backward pass (probabilities recomputed per image and head)
+    /// against candle's autograd through the plain matrix products, at BLIP's head size.
+    #[test]
+    fn packed_attention_backward_matches_candles_autograd() {
+        let dev = candle_core::Device::Cpu;
+        let (b, t, heads, d, scale) = (2, 37, 2, 64, 0.125);
+        let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * d), &dev).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, (b, t, heads * d), &dev).unwrap();
+        let ours = candle_core::Var::from_tensor(&qkv).unwrap();
+        let loss = (attention_packed(ours.as_tensor(), heads, scale).unwrap() * &weights).unwrap().sum_all().unwrap();
+        let ours_grad = loss.backward().unwrap().get(ours.as_tensor()).unwrap().clone();
+        let reference = candle_core::Var::from_tensor(&qkv).unwrap();
+        let split = reference.as_tensor().reshape((b, t, 3, heads, d)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();
+        let part = |i| split.get(i).unwrap().contiguous().unwrap();
+        let scores = (part(0).matmul(&part(1).t().unwrap()).unwrap() * scale).unwrap();
+        let probs = softmax_differentiable(&scores).unwrap();
+        let context = merge_heads(&probs.matmul(&part(2)).unwrap()).unwrap();
+        let loss = (context * &weights).unwrap().sum_all().unwrap();
+        let expected = loss.backward().unwrap().get(reference.as_tensor()).unwrap().clone();
+        let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = max(&(&ours_grad - &expected).unwrap());
+        assert!(diff < 1e-4 * max(&expected), "{diff} of {}", max(&expected));
+    }
+
     #[test]
     fn fused_attention_matches_the_matrix_products() {
         let dev = candle_core::Device::Cpu;

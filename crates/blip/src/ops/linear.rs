@@ -443,6 +443,37 @@ mod tests {
         assert!(linear.forward_residual(&xs, &Tensor::zeros((3, 9), DType::F32, &dev).unwrap()).is_err());
     }
 
+    /// The linear layer's backward pass (dx, dW, db) against candle's autograd of
+    /// `x·Wᵀ + b`, for as many rows as each forward kernel takes.
+    #[test]
+    fn linear_backward_matches_candles_autograd() {
+        let dev = Device::Cpu;
+        for rows in [65, 6, 1] {
+            let xs = Tensor::randn(0f32, 1.0, (rows, 70), &dev).unwrap();
+            let upstream = Tensor::randn(0f32, 1.0, (rows, 130), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (130, 70), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
+            let grads = |kernel: bool| {
+                let (x, w, b) = (
+                    candle_core::Var::from_tensor(&xs).unwrap(),
+                    candle_core::Var::from_tensor(&weight).unwrap(),
+                    candle_core::Var::from_tensor(&bias).unwrap(),
+                );
+                let ys = if kernel {
+                    Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone())).unwrap().forward(x.as_tensor()).unwrap()
+                } else {
+                    x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap()
+                };
+                let store = (ys * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+                [x, w, b].map(|v| store.get(v.as_tensor()).unwrap().clone())
+            };
+            let (ours, expected) = (grads(true), grads(false));
+            for (name, (a, b)) in ["x", "weight", "bias"].iter().zip(ours.iter().zip(&expected)) {
+                assert!(max_diff(a, b) < 1e-4, "{rows} rows, {name}: {}", max_diff(a, b));
+            }
+        }
+    }
+
     #[test]
     fn inputs_of_the_wrong_width_are_an_error() {
         let weight = Tensor::zeros((8, 32), DType::F32, &Device::Cpu).unwrap();

@@ -126,6 +126,31 @@ mod tests {
     use super::*;
     use crate::kernels::dispatch::{available, with_isa};
 
+    /// LayerNorm's backward pass against candle's autograd through the plain formula.
+    #[test]
+    fn layer_norm_backward_matches_candles_autograd() {
+        let dev = candle_core::Device::Cpu;
+        let xs = (Tensor::randn(0f32, 3.0, (3, 7, 301), &dev).unwrap() + 2.0).unwrap();
+        let upstream = Tensor::randn(0f32, 1.0, (3, 7, 301), &dev).unwrap();
+        let weight = Tensor::randn(1f32, 0.3, 301, &dev).unwrap();
+        let bias = Tensor::randn(0f32, 0.2, 301, &dev).unwrap();
+        let grads = |kernel: bool| {
+            let x = candle_core::Var::from_tensor(&xs).unwrap();
+            let w = candle_core::Var::from_tensor(&weight).unwrap();
+            let b = candle_core::Var::from_tensor(&bias).unwrap();
+            let norm = LayerNorm::new(w.as_tensor().clone(), b.as_tensor().clone(), 1e-5);
+            let ys = if kernel { candle_core::Module::forward(&norm, x.as_tensor()).unwrap() } else { norm.differentiable(x.as_tensor()).unwrap() };
+            let store = (ys * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            [x, w, b].map(|v| store.get(v.as_tensor()).unwrap().clone())
+        };
+        let (ours, expected) = (grads(true), grads(false));
+        let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        for (name, (a, b)) in ["x", "weight", "bias"].iter().zip(ours.iter().zip(&expected)) {
+            let diff = max(&(a - b).unwrap());
+            assert!(diff < 1e-4 * max(b), "{name}: {diff} of {}", max(b));
+        }
+    }
+
     #[test]
     fn layer_norm_matches_the_f64_formula() {
         let dev = candle_core::Device::Cpu;
