@@ -84,6 +84,19 @@ fn a_stopped_run_resumes_to_the_uninterrupted_weights() {
     }
 
     let checkpoint_s = checkpoint.display().to_string();
+    // other data (one caption changed) is not the same run
+    let other = dir.join("other.jsonl");
+    let text = std::fs::read_to_string(&train).unwrap().replacen("a cat lying on a sofa", "a cat on a sofa", 1);
+    std::fs::write(
+        &other,
+        text.replace("../images-model/", &format!("{}/", fixtures().join("images-model").display())),
+    )
+    .unwrap();
+    let other_s = other.display().to_string();
+    let output = blip(&["finetune", "caption", "--train", &other_s, "--out", &stopped_s, "--resume", &checkpoint_s]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("other data"), "{}", stderr(&output));
+
     let output = blip(&["finetune", "caption", "--train", &train, "--out", &stopped_s, "--resume", &checkpoint_s]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stderr(&output).contains("resuming at optimizer step 4 of 9"), "{}", stderr(&output));

@@ -11,9 +11,15 @@ use super::math::{erf, exp};
 /// Rows per parallel task in the row-wise kernels.
 const ROWS: usize = 16;
 
-/// `y = x·Wᵀ + b` with x [m, k], W [n, k]: `dx = dy·W` [m, k] (when `want_dx`), `dW = dyᵀ·x`
-/// [n, k], `db = Σ_rows dy` [n].
-pub(crate) fn linear(x: &[f32], w: &[f32], dy: &[f32], (m, n, k): (usize, usize, usize), want_dx: bool) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+/// `y = x·Wᵀ + b` with x [m, k], W [n, k]: `dx = dy·W` [m, k] and `dW = dyᵀ·x` [n, k] (each
+/// when wanted: `(dx, dW)`), `db = Σ_rows dy` [n].
+pub(crate) fn linear(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (m, n, k): (usize, usize, usize),
+    (want_dx, want_dw): (bool, bool),
+) -> (Option<Vec<f32>>, Option<Vec<f32>>, Vec<f32>) {
     assert!(x.len() == m * k && w.len() == n * k && dy.len() == m * n, "linear backward: shapes");
     let parallelism = parallelism();
     let dx = want_dx.then(|| {
@@ -27,14 +33,18 @@ pub(crate) fn linear(x: &[f32], w: &[f32], dy: &[f32], (m, n, k): (usize, usize,
         }
         dx
     });
-    let mut dw = vec![0f32; n * k];
-    // SAFETY: dyᵀ [n, m] read from dy [m, n] row-major, x [m, k] row-major, dW [n, k] row-major.
-    unsafe {
-        let out = Strided { ptr: dw.as_mut_ptr(), row: k as isize, col: 1 };
-        let a = Strided { ptr: dy.as_ptr(), row: 1, col: n as isize };
-        let b = Strided { ptr: x.as_ptr(), row: k as isize, col: 1 };
-        matmul((n, k, m), out, false, a, b, parallelism);
-    }
+    let dw = want_dw.then(|| {
+        let mut dw = vec![0f32; n * k];
+        // SAFETY: dyᵀ [n, m] read from dy [m, n] row-major, x [m, k] row-major, dW [n, k]
+        // row-major.
+        unsafe {
+            let out = Strided { ptr: dw.as_mut_ptr(), row: k as isize, col: 1 };
+            let a = Strided { ptr: dy.as_ptr(), row: 1, col: n as isize };
+            let b = Strided { ptr: x.as_ptr(), row: k as isize, col: 1 };
+            matmul((n, k, m), out, false, a, b, parallelism);
+        }
+        dw
+    });
     let db = column_sums(dy, n);
     (dx, dw, db)
 }
@@ -124,7 +134,12 @@ pub(crate) fn gelu(x: &[f32], dy: &[f32]) -> Vec<f32> {
 /// gradient `dy` [b, t, heads, hd], the gradient of `qkv`, each (image, head) on its own, the
 /// probabilities recomputed (flash-attention's trade: no [t, t] matrix kept between passes):
 /// `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P∘(dP − rowsum(dP∘P))·scale`, `dQ = dS·K`, `dK = dSᵀ·Q`.
-pub(crate) fn attention_packed(qkv: &[f32], dy: &[f32], (b, t, heads, hd): (usize, usize, usize, usize), scale: f32) -> Vec<f32> {
+pub(crate) fn attention_packed(
+    qkv: &[f32],
+    dy: &[f32],
+    (b, t, heads, hd): (usize, usize, usize, usize),
+    scale: f32,
+) -> Vec<f32> {
     let width = heads * hd;
     assert!(qkv.len() == b * t * 3 * width && dy.len() == b * t * width, "attention backward: shapes");
     let mut dqkv = vec![0f32; qkv.len()];

@@ -105,7 +105,8 @@ impl TextAttention {
     /// On the CPU, for a few queries, without computing the states' keys and values at all.
     fn attend_states(&self, xs: &Tensor, states: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let queries = xs.dim(1)?;
-        let kernels_take = cpu_f32(xs) && cpu_f32(states) && !self.key.in_graph() && !self.value.in_graph();
+        let trained = self.query.in_graph() || self.key.in_graph() || self.value.in_graph();
+        let kernels_take = cpu_f32(xs) && cpu_f32(states) && !trained;
         if !(kernels_take && queries <= STATES_ATTENTION_QUERIES) {
             return self.attend(xs, &self.key_value(states)?, bias);
         }

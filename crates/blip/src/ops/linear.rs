@@ -256,12 +256,17 @@ impl LinearOp {
         let n = weight.dim(0)?;
         let (x_c, w_c, dy_c) = (x.contiguous()?, weight.contiguous()?, dy.contiguous()?);
         let (xs, ws, dys) = (x_c.storage_and_layout(), w_c.storage_and_layout(), dy_c.storage_and_layout());
-        let (xv, wv, dyv) =
-            (super::tensor::f32_values(&xs.0, xs.1)?, super::tensor::f32_values(&ws.0, ws.1)?, super::tensor::f32_values(&dys.0, dys.1)?);
-        let (dx, dw, db) = crate::kernels::backward::linear(xv, wv, dyv, (m, n, k), super::in_graph(x));
+        let (xv, wv, dyv) = (
+            super::tensor::f32_values(&xs.0, xs.1)?,
+            super::tensor::f32_values(&ws.0, ws.1)?,
+            super::tensor::f32_values(&dys.0, dys.1)?,
+        );
+        let wanted = (super::in_graph(x), super::in_graph(weight));
+        let (dx, dw, db) = crate::kernels::backward::linear(xv, wv, dyv, (m, n, k), wanted);
         let device = x.device();
         let dx = dx.map(|dx| Tensor::from_vec(dx, (m, k), device)).transpose()?;
-        Ok((dx, Some(Tensor::from_vec(dw, (n, k), device)?), Some(Tensor::from_vec(db, n, device)?)))
+        let dw = dw.map(|dw| Tensor::from_vec(dw, (n, k), device)).transpose()?;
+        Ok((dx, dw, Some(Tensor::from_vec(db, n, device)?)))
     }
 }
 
@@ -460,7 +465,10 @@ mod tests {
                     candle_core::Var::from_tensor(&bias).unwrap(),
                 );
                 let ys = if kernel {
-                    Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone())).unwrap().forward(x.as_tensor()).unwrap()
+                    Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()))
+                        .unwrap()
+                        .forward(x.as_tensor())
+                        .unwrap()
                 } else {
                     x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap()
                 };

@@ -88,7 +88,9 @@ impl candle_core::CustomOp3 for LayerNormOp {
         };
         let (weight, bias) = (slice(weight, weight_layout)?, slice(bias, bias_layout)?);
         let CpuStorage::F32(data) = xs else { candle_core::bail!("layer norm: f32 expected") };
-        let Some((start, end)) = xs_layout.contiguous_offsets() else { candle_core::bail!("layer norm: contiguous expected") };
+        let Some((start, end)) = xs_layout.contiguous_offsets() else {
+            candle_core::bail!("layer norm: contiguous expected")
+        };
         let normed = kernels::elementwise::layer_norm(&data[start..end], &weight, &bias, self.eps);
         Ok((CpuStorage::F32(normed), xs_layout.shape().clone()))
     }
@@ -139,7 +141,11 @@ mod tests {
             let w = candle_core::Var::from_tensor(&weight).unwrap();
             let b = candle_core::Var::from_tensor(&bias).unwrap();
             let norm = LayerNorm::new(w.as_tensor().clone(), b.as_tensor().clone(), 1e-5);
-            let ys = if kernel { candle_core::Module::forward(&norm, x.as_tensor()).unwrap() } else { norm.differentiable(x.as_tensor()).unwrap() };
+            let ys = if kernel {
+                candle_core::Module::forward(&norm, x.as_tensor()).unwrap()
+            } else {
+                norm.differentiable(x.as_tensor()).unwrap()
+            };
             let store = (ys * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
             [x, w, b].map(|v| store.get(v.as_tensor()).unwrap().clone())
         };

@@ -37,6 +37,26 @@ pub struct Dataset {
     pub skipped: Vec<(usize, String)>,
 }
 
+impl Dataset {
+    /// FNV-1a over every example's image path, texts and line, in order, as hex: the same for
+    /// the same data, whatever the machine.
+    pub fn fingerprint(&self) -> String {
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        let mut feed = |bytes: &[u8]| {
+            for &b in bytes.iter().chain(&[0xff]) {
+                hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for example in &self.examples {
+            feed(example.image.to_string_lossy().as_bytes());
+            feed(example.text.as_bytes());
+            feed(example.answer.as_deref().unwrap_or_default().as_bytes());
+            feed(&example.line.to_le_bytes());
+        }
+        format!("{hash:016x}")
+    }
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Line {

@@ -122,6 +122,10 @@ struct TrainerState {
     options: FinetuneOptions,
     position: Position,
     total_steps: u64,
+    /// A fingerprint of the training examples (paths and texts, in file order): resuming on
+    /// other data would not continue the same run.
+    #[serde(default)]
+    data_fingerprint: String,
     /// The checkpoint the run started from.
     source: String,
 }
@@ -260,6 +264,13 @@ impl Finetuner {
         let mut run = Self::new(&dir_name, state.options, train, eval, device)?;
         run.source_name = state.source;
         run.position = state.position;
+        if !state.data_fingerprint.is_empty() && state.data_fingerprint != run.train.fingerprint() {
+            return Err(Error::Training(format!(
+                "{}: the run was trained on other data than {}: resume with the same --train file",
+                dir.display(),
+                run.train.path.display()
+            )));
+        }
         if run.total_steps() != state.total_steps {
             return Err(Error::Training(format!(
                 "{}: the run had {} optimizer steps in all, this data gives {}: resume with the same --train file",
@@ -314,9 +325,7 @@ impl Finetuner {
                 self.position.step += 1;
                 observer.step(&StepReport { position: self.position, ..report });
                 if self.options.eval_every.is_some_and(|every| self.position.step % every == 0) {
-                    if let Some(eval) = self.evaluate()? {
-                        observer.eval(&eval);
-                    }
+                    self.evaluate_into(observer);
                 }
                 if stop.load(Ordering::SeqCst) && self.position.step < total {
                     let saved = self.save_checkpoint(out, observer)?;
@@ -325,12 +334,10 @@ impl Finetuner {
             }
             self.position.epoch += 1;
             self.position.batch = 0;
-            if self.options.eval_every.is_none() {
-                if let Some(eval) = self.evaluate()? {
-                    observer.eval(&eval);
-                }
-            }
             self.save_checkpoint(out, observer)?;
+            if self.options.eval_every.is_none() {
+                self.evaluate_into(observer);
+            }
         }
         self.save(out)?;
         observer.saved(out);
@@ -375,7 +382,8 @@ impl Finetuner {
         let started = std::time::Instant::now();
         self.optimizer.step(&grads)?;
         tracing::debug!(optimizer = ?started.elapsed(), "step");
-        let loss = micro_losses.iter().sum::<f32>() / micro_losses.len().max(1) as f32;
+        // (no usable example in the group: NaN, as a mean over nothing)
+        let loss = micro_losses.iter().sum::<f32>() / micro_losses.len() as f32;
         Ok(StepReport { position: self.position, total_steps: total, loss, micro_losses, lr, grad_norm })
     }
 
@@ -437,6 +445,16 @@ impl Finetuner {
         }
     }
 
+    /// Evaluates and tells `observer`; an evaluation that fails (an unreadable eval image) is
+    /// a warning, not the end of the run.
+    fn evaluate_into(&mut self, observer: &mut dyn Observer) {
+        match self.evaluate() {
+            Ok(Some(eval)) => observer.eval(&eval),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("evaluation at step {} failed: {e}", self.position.step),
+        }
+    }
+
     /// The mean loss over the eval data (weighted by examples) and, when captioning, greedy
     /// captions of its first three images.
     pub fn evaluate(&mut self) -> Result<Option<EvalReport>> {
@@ -493,6 +511,7 @@ impl Finetuner {
             options: self.options.clone(),
             position: self.position,
             total_steps: self.total_steps(),
+            data_fingerprint: self.train.fingerprint(),
             source: self.source_name.clone(),
         };
         let text = serde_json::to_string_pretty(&state).map_err(|e| Error::Training(e.to_string()))?;
@@ -569,7 +588,8 @@ impl safetensors::View for &Slice<'_> {
                 // SAFETY: f32 has no padding and every bit pattern is a valid byte; the bytes are
                 // borrowed for as long as the values. Little-endian, as safetensors stores them,
                 // on every target this crate builds for.
-                let bytes = unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(*values)) };
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(*values)) };
                 std::borrow::Cow::Borrowed(bytes)
             }
             Slice::I64(_, bytes) => std::borrow::Cow::Borrowed(bytes),

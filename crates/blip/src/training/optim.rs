@@ -127,6 +127,16 @@ impl AdamW {
             )));
         }
         for (i, (steps, moments)) in state.into_iter().enumerate() {
+            let expected = self.vars[i].elem_count();
+            if let Some((m, v)) = &moments {
+                if m.elem_count() != expected || v.elem_count() != expected {
+                    return Err(crate::Error::Training(format!(
+                        "optimizer state of {} and {} values for a weight of {expected}",
+                        m.elem_count(),
+                        v.elem_count()
+                    )));
+                }
+            }
             self.steps[i] = steps;
             self.moments[i] = match moments {
                 Some((m, v)) => {
@@ -166,7 +176,10 @@ impl candle_core::InplaceOp1 for Update<'_> {
         };
         let params = &mut data[start..end];
         let mut moments = self.moments.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if params.len() != self.grad.len() || params.len() != moments.exp_avg.len() {
+        if params.len() != self.grad.len()
+            || params.len() != moments.exp_avg.len()
+            || params.len() != moments.exp_avg_sq.len()
+        {
             candle_core::bail!("adamw: the gradient does not have the weight's shape");
         }
         let Moments { exp_avg, exp_avg_sq } = &mut **moments;
@@ -182,7 +195,8 @@ impl candle_core::InplaceOp1 for Update<'_> {
                     *m += self.weight1 * (g - *m);
                     *v = *v * self.beta2 + self.one_minus_beta2 * g * g;
                     let denom = v.sqrt() / self.bias_correction2_sqrt + self.eps;
-                    *p += -self.step_size * (*m / denom);
+                    // torch.addcdiv: value·m, then / denom
+                    *p += (-self.step_size * *m) / denom;
                 }
             });
         Ok(())
