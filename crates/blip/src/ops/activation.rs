@@ -33,21 +33,13 @@ impl candle_core::CustomOp1 for GeluOp {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (candle_core::CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("gelu: contiguous f32 only");
-        };
-        let mut out = data[start..end].to_vec();
+        let mut out = super::tensor::cpu_f32_slice(storage, layout, "gelu")?.to_vec();
         kernels::elementwise::gelu(&mut out);
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 
     fn bwd(&self, xs: &Tensor, _ys: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let (x, g) = (xs.contiguous()?, dy.contiguous()?);
-        let (x_s, g_s) = (x.storage_and_layout(), g.storage_and_layout());
-        let dx = kernels::backward::gelu(
-            super::tensor::f32_values(&x_s.0, x_s.1)?,
-            super::tensor::f32_values(&g_s.0, g_s.1)?,
-        );
+        let dx = super::tensor::with_f32_values([xs, dy], |[x, g]| kernels::backward::gelu(x, g))?;
         Ok(Some(Tensor::from_vec(dx, xs.shape(), xs.device())?))
     }
 }

@@ -57,26 +57,20 @@ impl candle_core::CustomOp1 for PackedAttention {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (candle_core::CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("attention: contiguous f32 only");
-        };
+        let qkv = super::tensor::cpu_f32_slice(storage, layout, "attention")?;
         let (b, t, three_width) = layout.shape().dims3()?;
         let head_dim = three_width / 3 / self.heads;
-        let context = vision::attend_packed(&data[start..end], b, t, self.heads, head_dim, self.scale);
+        let context = vision::attend_packed(qkv, b, t, self.heads, head_dim, self.scale);
         Ok((candle_core::CpuStorage::F32(context), candle_core::Shape::from((b, t, self.heads * head_dim))))
     }
 
     fn bwd(&self, qkv: &Tensor, _context: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let (b, t, three_width) = qkv.dims3()?;
         let head_dim = three_width / 3 / self.heads;
-        let (x, g) = (qkv.contiguous()?, dy.contiguous()?);
-        let (x_s, g_s) = (x.storage_and_layout(), g.storage_and_layout());
-        let dqkv = crate::kernels::backward::attention_packed(
-            f32_values(&x_s.0, x_s.1)?,
-            f32_values(&g_s.0, g_s.1)?,
-            (b, t, self.heads, head_dim),
-            self.scale,
-        );
+        let shape = (b, t, self.heads, head_dim);
+        let dqkv = super::tensor::with_f32_values([qkv, dy], |[x, g]| {
+            crate::kernels::backward::attention_packed(x, g, shape, self.scale)
+        })?;
         Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
     }
 }

@@ -254,15 +254,10 @@ impl LinearOp {
     fn backward(x: &Tensor, weight: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (m, k) = x.dims2()?;
         let n = weight.dim(0)?;
-        let (x_c, w_c, dy_c) = (x.contiguous()?, weight.contiguous()?, dy.contiguous()?);
-        let (xs, ws, dys) = (x_c.storage_and_layout(), w_c.storage_and_layout(), dy_c.storage_and_layout());
-        let (xv, wv, dyv) = (
-            super::tensor::f32_values(&xs.0, xs.1)?,
-            super::tensor::f32_values(&ws.0, ws.1)?,
-            super::tensor::f32_values(&dys.0, dys.1)?,
-        );
         let wanted = (super::in_graph(x), super::in_graph(weight));
-        let (dx, dw, db) = crate::kernels::backward::linear(xv, wv, dyv, (m, n, k), wanted);
+        let (dx, dw, db) = super::tensor::with_f32_values([x, weight, dy], |[x, w, dy]| {
+            crate::kernels::backward::linear(x, w, dy, (m, n, k), wanted)
+        })?;
         let device = x.device();
         let dx = dx.map(|dx| Tensor::from_vec(dx, (m, k), device)).transpose()?;
         let dw = dw.map(|dw| Tensor::from_vec(dw, (n, k), device)).transpose()?;

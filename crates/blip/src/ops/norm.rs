@@ -2,7 +2,7 @@
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 
-use super::tensor::f32_values;
+use super::tensor::{cpu_f32_slice, f32_values, with_f32_values};
 use crate::kernels;
 
 /// `nn.LayerNorm` over the last dimension. On f32 CPU tensors it runs in one vectorized kernel
@@ -80,18 +80,10 @@ impl candle_core::CustomOp3 for LayerNormOp {
         bias: &CpuStorage,
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let slice = |storage: &'_ CpuStorage, layout: &Layout| -> Result<Vec<f32>> {
-            match (storage, layout.contiguous_offsets()) {
-                (CpuStorage::F32(data), Some((start, end))) => Ok(data[start..end].to_vec()),
-                _ => candle_core::bail!("layer norm: contiguous f32 expected"),
-            }
-        };
-        let (weight, bias) = (slice(weight, weight_layout)?, slice(bias, bias_layout)?);
-        let CpuStorage::F32(data) = xs else { candle_core::bail!("layer norm: f32 expected") };
-        let Some((start, end)) = xs_layout.contiguous_offsets() else {
-            candle_core::bail!("layer norm: contiguous expected")
-        };
-        let normed = kernels::elementwise::layer_norm(&data[start..end], &weight, &bias, self.eps);
+        let (weight, bias) =
+            (cpu_f32_slice(weight, weight_layout, "layer norm")?, cpu_f32_slice(bias, bias_layout, "layer norm")?);
+        let normed =
+            kernels::elementwise::layer_norm(cpu_f32_slice(xs, xs_layout, "layer norm")?, weight, bias, self.eps);
         Ok((CpuStorage::F32(normed), xs_layout.shape().clone()))
     }
 
@@ -103,14 +95,8 @@ impl candle_core::CustomOp3 for LayerNormOp {
         _ys: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, w, g) = (xs.contiguous()?, weight.contiguous()?, dy.contiguous()?);
-        let (xs_s, w_s, g_s) = (x.storage_and_layout(), w.storage_and_layout(), g.storage_and_layout());
-        let (dx, dweight, dbias) = kernels::backward::layer_norm(
-            f32_values(&xs_s.0, xs_s.1)?,
-            f32_values(&w_s.0, w_s.1)?,
-            f32_values(&g_s.0, g_s.1)?,
-            self.eps,
-        );
+        let (dx, dweight, dbias) =
+            with_f32_values([xs, weight, dy], |[x, w, g]| kernels::backward::layer_norm(x, w, g, self.eps))?;
         let device = xs.device();
         let d = weight.elem_count();
         Ok((

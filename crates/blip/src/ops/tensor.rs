@@ -39,6 +39,27 @@ pub(crate) fn f32_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'
     }
 }
 
+/// The values of contiguous CPU f32 storage, as a custom op's forward pass receives it; `op`
+/// names the op in the error.
+pub(crate) fn cpu_f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("{op}: contiguous f32 CPU values expected"),
+    }
+}
+
+/// Calls `f` with the values of each of `tensors` (f32 on the CPU, made contiguous first): what
+/// a backward pass reads its inputs and gradient with.
+pub(crate) fn with_f32_values<const N: usize, R>(tensors: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> R) -> Result<R> {
+    let contiguous = tensors.map(Tensor::contiguous);
+    let contiguous: Vec<Tensor> = contiguous.into_iter().collect::<Result<_>>()?;
+    let guards: Vec<_> = contiguous.iter().map(Tensor::storage_and_layout).collect();
+    let values: Vec<&[f32]> =
+        guards.iter().map(|(storage, layout)| f32_values(storage, layout)).collect::<Result<_>>()?;
+    let values: [&[f32]; N] = values.try_into().map_err(|_| candle_core::Error::Msg("tensor count".into()))?;
+    Ok(f(values))
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::DType;
