@@ -107,10 +107,21 @@ struct NativeCaptioner {
 #[pymethods]
 impl NativeCaptioner {
     #[new]
-    fn new(py: Python<'_>, model: &str, dtype: &str, threads: Option<usize>, resize: &str) -> PyResult<Self> {
+    #[pyo3(signature = (model, dtype, threads, resize, image_size=None))]
+    fn new(
+        py: Python<'_>,
+        model: &str,
+        dtype: &str,
+        threads: Option<usize>,
+        resize: &str,
+        image_size: Option<usize>,
+    ) -> PyResult<Self> {
         let loading = Loading::new(dtype, threads, resize)?;
         let mut task = loading.run(py, || Captioner::load_with_dtype(model, &Device::Cpu, loading.dtype))?;
         task.set_resize_backend(loading.resize);
+        if let Some(size) = image_size {
+            task.set_image_size(size).map_err(to_py)?;
+        }
         Ok(Self { task, loading })
     }
 
@@ -142,10 +153,21 @@ struct NativeQuestionAnswerer {
 #[pymethods]
 impl NativeQuestionAnswerer {
     #[new]
-    fn new(py: Python<'_>, model: &str, dtype: &str, threads: Option<usize>, resize: &str) -> PyResult<Self> {
+    #[pyo3(signature = (model, dtype, threads, resize, image_size=None))]
+    fn new(
+        py: Python<'_>,
+        model: &str,
+        dtype: &str,
+        threads: Option<usize>,
+        resize: &str,
+        image_size: Option<usize>,
+    ) -> PyResult<Self> {
         let loading = Loading::new(dtype, threads, resize)?;
         let mut task = loading.run(py, || QuestionAnswerer::load_with_dtype(model, &Device::Cpu, loading.dtype))?;
         task.set_resize_backend(loading.resize);
+        if let Some(size) = image_size {
+            task.set_image_size(size).map_err(to_py)?;
+        }
         Ok(Self { task, loading })
     }
 
@@ -211,10 +233,21 @@ struct NativeImageTextMatcher {
 #[pymethods]
 impl NativeImageTextMatcher {
     #[new]
-    fn new(py: Python<'_>, model: &str, dtype: &str, threads: Option<usize>, resize: &str) -> PyResult<Self> {
+    #[pyo3(signature = (model, dtype, threads, resize, image_size=None))]
+    fn new(
+        py: Python<'_>,
+        model: &str,
+        dtype: &str,
+        threads: Option<usize>,
+        resize: &str,
+        image_size: Option<usize>,
+    ) -> PyResult<Self> {
         let loading = Loading::new(dtype, threads, resize)?;
         let mut task = loading.run(py, || ImageTextMatcher::load_with_dtype(model, &Device::Cpu, loading.dtype))?;
         task.set_resize_backend(loading.resize);
+        if let Some(size) = image_size {
+            task.set_image_size(size).map_err(to_py)?;
+        }
         Ok(Self { task, loading })
     }
 
@@ -248,6 +281,41 @@ impl NativeImageTextMatcher {
                     dict.set_item("text", text)?;
                     dict.set_item("itm", score.itm)?;
                     dict.set_item("itc", score.itc)?;
+                    list.append(dict)?;
+                }
+                Ok(list)
+            })
+            .collect()
+    }
+
+    /// Grad-CAM maps: per image, per text a dict `{"text", "map": float32 [rows, cols],
+    /// "tokens": [(token, float32 [rows, cols])], "itm"}`.
+    fn gradcam<'py>(
+        &self,
+        py: Python<'py>,
+        images: &Bound<'py, PyAny>,
+        texts: Vec<String>,
+        layer: usize,
+    ) -> PyResult<Vec<Bound<'py, PyList>>> {
+        let inputs = extract_all(images)?;
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let cams =
+            self.loading.run(py, || decode_all(inputs).and_then(|images| self.task.gradcam(&images, &texts, layer)))?;
+        let grid =
+            |values: &[f32], (rows, cols): (usize, usize)| values.to_vec().into_pyarray(py).reshape([rows, cols]);
+        cams.iter()
+            .map(|row| {
+                let list = PyList::empty(py);
+                for cam in row {
+                    let dict = PyDict::new(py);
+                    dict.set_item("text", &cam.text)?;
+                    dict.set_item("map", grid(&cam.map, cam.grid)?)?;
+                    let tokens = PyList::empty(py);
+                    for (token, values) in &cam.tokens {
+                        tokens.append((token, grid(values, cam.grid)?))?;
+                    }
+                    dict.set_item("tokens", tokens)?;
+                    dict.set_item("itm", cam.itm)?;
                     list.append(dict)?;
                 }
                 Ok(list)

@@ -2,6 +2,7 @@
 for images given as paths, bytes, PIL images and numpy arrays; errors of the right class; one
 object shared by threads."""
 
+import json
 import sys
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 import blip
-from conftest import IMAGES, cli, model
+from conftest import FIXTURES, IMAGES, cli, model
 
 
 def as_kinds(path: Path):
@@ -234,3 +235,30 @@ def test_the_gil_is_released_while_computing(images):
         done.set()
         ticker.join()
     assert during > 0
+
+
+def test_image_size_captions_as_the_cli(images):
+    """`image_size` runs at another resolution, as `blip caption --image-size` does."""
+    captioner = blip.Captioner(model("tiny-caption-st"), image_size=224)
+    ours = [c["caption"] for c in captioner.caption(images)]
+    theirs = [r["caption"] for r in cli("caption", "--model", model("tiny-caption-st"), "--image-size", "224", *images)]
+    assert ours == theirs
+    with pytest.raises(ValueError, match="image_size"):
+        blip.Captioner(model("tiny-caption-st"), image_size=100)
+
+
+def test_gradcam_maps_equal_pytorchs(images):
+    """The maps of crates/blip/tests/gradcam_parity.rs (LAVIS's compute_gradcam in PyTorch)."""
+    expected = json.loads((FIXTURES / "expected/gradcam.json").read_text())
+    matcher = blip.ImageTextMatcher(model(expected["model"]))
+    case = next(c for c in expected["cases"] if c["block_num"] == 0 and c["image"] == "astronaut.png")
+    image = str(FIXTURES / "images-model" / case["image"])
+    cams = matcher.gradcam(image, expected["texts"], layer=0)[0]
+    scale = max(max(m) for c in expected["cases"] for m in c["maps"])
+    for cam, theirs, tokens in zip(cams, case["maps"], case["token_maps"]):
+        assert cam["map"].shape == tuple(case["grid"]) and cam["map"].dtype == np.float32
+        assert np.abs(cam["map"].ravel() - np.array(theirs)).max() <= 1e-4 * scale
+        assert len(cam["tokens"]) == len(tokens)
+    assert [t for t, _ in cams[1]["tokens"]] == ["an", "astronaut"]
+    with pytest.raises(ValueError, match="block_num|layer"):
+        matcher.gradcam(image, ["a cat"], layer=6)

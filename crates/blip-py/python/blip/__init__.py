@@ -108,15 +108,18 @@ def _per_image(value: Union[str, Sequence[str]], count: int, name: str) -> List[
 class Captioner:
     """A `BlipForConditionalGeneration` checkpoint (a Hub repo id, from the Hugging Face cache, or
     a local folder), its weights held in `dtype` ("f32", "bf16" or "f16"), computing on
-    `threads` threads (None: all cores), resizing as transformers 5 ("torchvision") or 4 ("pil")."""
+    `threads` threads (None: all cores), resizing as transformers 5 ("torchvision") or 4 ("pil").
+    `image_size` runs it on N×N images (a multiple of 16) instead of the checkpoint's size, the
+    vision position embeddings interpolated as transformers' `interpolate_pos_encoding=True`."""
 
     DEFAULT_MODEL: str = _blip.DEFAULT_CAPTION_MODEL
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
-                 resize: str = "torchvision") -> None:
+                 resize: str = "torchvision", image_size: Optional[int] = None) -> None:
         self.model, self.resize = model, resize
         threads = None if threads is None else _count("threads", threads, 1)
-        self._native = _blip.NativeCaptioner(model, dtype, threads, resize)
+        image_size = None if image_size is None else _count("image_size", image_size, 16)
+        self._native = _blip.NativeCaptioner(model, dtype, threads, resize, image_size)
 
     def caption(self, images: Images, prompt: Optional[str] = None, *, max_new_tokens: Optional[int] = None,
                 min_new_tokens: Optional[int] = None, num_beams: Optional[int] = None,
@@ -141,10 +144,11 @@ class QuestionAnswerer:
     DEFAULT_MODEL: str = _blip.DEFAULT_VQA_MODEL
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
-                 resize: str = "torchvision") -> None:
+                 resize: str = "torchvision", image_size: Optional[int] = None) -> None:
         self.model, self.resize = model, resize
         threads = None if threads is None else _count("threads", threads, 1)
-        self._native = _blip.NativeQuestionAnswerer(model, dtype, threads, resize)
+        image_size = None if image_size is None else _count("image_size", image_size, 16)
+        self._native = _blip.NativeQuestionAnswerer(model, dtype, threads, resize, image_size)
 
     def answer(self, images: Images, questions: Union[str, Sequence[str]], *, max_new_tokens: Optional[int] = None,
                min_new_tokens: Optional[int] = None, num_beams: Optional[int] = None,
@@ -186,10 +190,11 @@ class ImageTextMatcher:
     DEFAULT_TEMPLATE: str = _blip.DEFAULT_TEMPLATE
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
-                 resize: str = "torchvision") -> None:
+                 resize: str = "torchvision", image_size: Optional[int] = None) -> None:
         self.model, self.resize = model, resize
         threads = None if threads is None else _count("threads", threads, 1)
-        self._native = _blip.NativeImageTextMatcher(model, dtype, threads, resize)
+        image_size = None if image_size is None else _count("image_size", image_size, 16)
+        self._native = _blip.NativeImageTextMatcher(model, dtype, threads, resize, image_size)
 
     @property
     def has_itm_head(self) -> bool:
@@ -207,6 +212,18 @@ class ImageTextMatcher:
         match probability, None for BlipModel; ITC cosine similarity)."""
         texts = _texts_list("texts", texts, single=True)
         return _in_batches(images, batch_size, self.resize, lambda batch, _: self._native.match_texts(batch, texts))
+
+    def gradcam(self, images: Images, texts: Union[str, Sequence[str]], layer: int = 6,
+                batch_size: int = 8) -> List[List[Dict[str, Any]]]:
+        """Grad-CAM maps of where each text matches each image, as LAVIS's `compute_gradcam`
+        (the BLIP demo's): per image, per text `{"text", "map", "tokens", "itm"}`, `map` the
+        float32 [rows, cols] patch map averaged over the text's tokens, `tokens` each token with
+        its own map, from the ITM text encoder's layer `layer` (0-based; LAVIS uses 6).
+        BlipForImageTextRetrieval checkpoints only."""
+        texts = _texts_list("texts", texts, single=True)
+        layer = _count("layer", layer, 0)
+        return _in_batches(images, batch_size, self.resize,
+                           lambda batch, _: self._native.gradcam(batch, texts, layer))
 
     def embed_images(self, images: Images, batch_size: int = 8) -> np.ndarray:
         """Unit-norm image embeddings, float32 [n, embedding_dim]."""
