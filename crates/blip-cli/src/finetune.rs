@@ -55,6 +55,7 @@ pub struct FinetuneArgs {
     #[arg(long, value_name = "ID|DIR")]
     model: Option<String>,
 
+    /// Passes over the training data.
     #[arg(long, default_value_t = 3)]
     epochs: u64,
 
@@ -78,6 +79,8 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 0)]
     warmup_steps: u64,
 
+    /// The learning rate after warmup: transformers' cosine, linear (to 0 at the last step) or
+    /// constant schedule.
     #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
     schedule: Schedule,
 
