@@ -54,6 +54,23 @@ impl Loading {
         Ok(Self { dtype, resize, pool })
     }
 
+    /// Loads `model` as task `M` with these settings (`dtype`, `threads`, `resize`) at
+    /// `image_size` (None: the checkpoint's), returning it with its settings.
+    fn load<M: blip::TaskModel + Send>(
+        py: Python<'_>,
+        model: &str,
+        (dtype, threads, resize): (&str, Option<usize>, &str),
+        image_size: Option<usize>,
+    ) -> PyResult<(blip::Task<M>, Self)> {
+        let loading = Loading::new(dtype, threads, resize)?;
+        let mut task = loading.run(py, || blip::Task::<M>::load_with_dtype(model, &Device::Cpu, loading.dtype))?;
+        task.set_resize_backend(loading.resize);
+        if let Some(size) = image_size {
+            task.set_image_size(size).map_err(to_py)?;
+        }
+        Ok((task, loading))
+    }
+
     /// `work` without the GIL, on this object's threads; a panic (a bug) becomes a
     /// `RuntimeError` instead of unwinding into Python.
     fn run<T: Send>(&self, py: Python<'_>, work: impl FnOnce() -> blip::Result<T> + Send) -> PyResult<T> {
@@ -116,12 +133,7 @@ impl NativeCaptioner {
         resize: &str,
         image_size: Option<usize>,
     ) -> PyResult<Self> {
-        let loading = Loading::new(dtype, threads, resize)?;
-        let mut task = loading.run(py, || Captioner::load_with_dtype(model, &Device::Cpu, loading.dtype))?;
-        task.set_resize_backend(loading.resize);
-        if let Some(size) = image_size {
-            task.set_image_size(size).map_err(to_py)?;
-        }
+        let (task, loading) = Loading::load(py, model, (dtype, threads, resize), image_size)?;
         Ok(Self { task, loading })
     }
 
@@ -162,12 +174,7 @@ impl NativeQuestionAnswerer {
         resize: &str,
         image_size: Option<usize>,
     ) -> PyResult<Self> {
-        let loading = Loading::new(dtype, threads, resize)?;
-        let mut task = loading.run(py, || QuestionAnswerer::load_with_dtype(model, &Device::Cpu, loading.dtype))?;
-        task.set_resize_backend(loading.resize);
-        if let Some(size) = image_size {
-            task.set_image_size(size).map_err(to_py)?;
-        }
+        let (task, loading) = Loading::load(py, model, (dtype, threads, resize), image_size)?;
         Ok(Self { task, loading })
     }
 
@@ -242,12 +249,7 @@ impl NativeImageTextMatcher {
         resize: &str,
         image_size: Option<usize>,
     ) -> PyResult<Self> {
-        let loading = Loading::new(dtype, threads, resize)?;
-        let mut task = loading.run(py, || ImageTextMatcher::load_with_dtype(model, &Device::Cpu, loading.dtype))?;
-        task.set_resize_backend(loading.resize);
-        if let Some(size) = image_size {
-            task.set_image_size(size).map_err(to_py)?;
-        }
+        let (task, loading) = Loading::load(py, model, (dtype, threads, resize), image_size)?;
         Ok(Self { task, loading })
     }
 

@@ -105,6 +105,14 @@ def _per_image(value: Union[str, Sequence[str]], count: int, name: str) -> List[
     return values
 
 
+def _load(native: Any, model: str, dtype: str, threads: Optional[int], resize: str,
+          image_size: Optional[int]) -> Any:
+    """The native object of a task class, its integer settings checked first."""
+    threads = None if threads is None else _count("threads", threads, 1)
+    image_size = None if image_size is None else _count("image_size", image_size, 16)
+    return native(model, dtype, threads, resize, image_size)
+
+
 class Captioner:
     """A `BlipForConditionalGeneration` checkpoint (a Hub repo id, from the Hugging Face cache, or
     a local folder), its weights held in `dtype` ("f32", "bf16" or "f16"), computing on
@@ -117,9 +125,7 @@ class Captioner:
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
                  resize: str = "torchvision", image_size: Optional[int] = None) -> None:
         self.model, self.resize = model, resize
-        threads = None if threads is None else _count("threads", threads, 1)
-        image_size = None if image_size is None else _count("image_size", image_size, 16)
-        self._native = _blip.NativeCaptioner(model, dtype, threads, resize, image_size)
+        self._native = _load(_blip.NativeCaptioner, model, dtype, threads, resize, image_size)
 
     def caption(self, images: Images, prompt: Optional[str] = None, *, max_new_tokens: Optional[int] = None,
                 min_new_tokens: Optional[int] = None, num_beams: Optional[int] = None,
@@ -146,9 +152,7 @@ class QuestionAnswerer:
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
                  resize: str = "torchvision", image_size: Optional[int] = None) -> None:
         self.model, self.resize = model, resize
-        threads = None if threads is None else _count("threads", threads, 1)
-        image_size = None if image_size is None else _count("image_size", image_size, 16)
-        self._native = _blip.NativeQuestionAnswerer(model, dtype, threads, resize, image_size)
+        self._native = _load(_blip.NativeQuestionAnswerer, model, dtype, threads, resize, image_size)
 
     def answer(self, images: Images, questions: Union[str, Sequence[str]], *, max_new_tokens: Optional[int] = None,
                min_new_tokens: Optional[int] = None, num_beams: Optional[int] = None,
@@ -192,9 +196,7 @@ class ImageTextMatcher:
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "f32", threads: Optional[int] = None,
                  resize: str = "torchvision", image_size: Optional[int] = None) -> None:
         self.model, self.resize = model, resize
-        threads = None if threads is None else _count("threads", threads, 1)
-        image_size = None if image_size is None else _count("image_size", image_size, 16)
-        self._native = _blip.NativeImageTextMatcher(model, dtype, threads, resize, image_size)
+        self._native = _load(_blip.NativeImageTextMatcher, model, dtype, threads, resize, image_size)
 
     @property
     def has_itm_head(self) -> bool:
