@@ -17,7 +17,7 @@ mod vqa;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// BLIP vision-language models without Python: the same outputs as Hugging Face transformers.
 #[derive(Parser)]
@@ -62,7 +62,22 @@ enum Command {
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    let cli = Cli::parse();
+    // oneDNN's OpenMP threads (bf16 products) sleep when idle instead of spinning against the
+    // project's own pool; set before any thread exists (libgomp reads it when oneDNN loads).
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+        std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
+    }
+    let mut command = Cli::command();
+    if std::env::args().skip(1).any(|arg| arg == "--version" || arg == "-V") {
+        // which kernels and libraries run here (this loads oneDNN, so only when asked)
+        let version = format!("{}\n{}", env!("CARGO_PKG_VERSION"), blip::compute_paths());
+        command = command.version(&*Box::leak(version.into_boxed_str()));
+    }
+    let matches = command.get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if matches!(cli.command, Command::Finetune(_)) {
         keep_all_freed_memory();
     }

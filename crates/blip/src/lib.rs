@@ -38,6 +38,7 @@ pub mod tasks;
 pub mod training;
 
 pub use candle_core::{DType, Device, Tensor};
+pub use kernels::{bf16_products_in_bf16, compute_paths};
 pub use checkpoint::Checkpoint;
 pub use config::Architecture;
 pub use error::{Error, InvalidInput, Param, Result};

@@ -1,5 +1,9 @@
 //! Weights held in bf16 or f16 against the same checkpoint in f32: the bar is a logits cosine
-//! ≥ 0.999 and the same top-1 token on ≥ 95% of teacher-forced steps. The steps are the f32
+//! ≥ 0.999 and the same top-1 token on ≥ 95% of teacher-forced steps where only the weights are
+//! rounded (f16, and bf16 with f32 products); where bf16 models multiply in bf16 (oneDNN: the
+//! activations a product takes are rounded too), at least as close to f32 as PyTorch's bf16 is
+//! on the same steps (expected/bf16.json, scripts/make_bf16_fixtures.py). CI runs this file
+//! with `BLIP_BF16=onednn` and `BLIP_BF16=f32`, so both paths are held to their bar anywhere. The steps are the f32
 //! model's own greedy captions, fed back through both models. The tiny checkpoint is
 //! `tiny-caption-scaled`, whose weights are scaled by fan-in as trained ones are (the parity
 //! fixtures' unscaled random weights amplify rounding far more: PyTorch's own bf16 logits there
@@ -57,23 +61,39 @@ fn compare(model_dir: &Path, images: &[image::RgbImage], dtype: DType) -> (f32, 
     (min_cosine, agreeing / cosines.len() as f32)
 }
 
-fn check(model_dir: &Path, images: &[image::RgbImage]) {
+/// The bar for each dtype: (smallest logits cosine, share of steps with the same top-1 token).
+fn check(model_dir: &Path, images: &[image::RgbImage], bf16_products_bar: (f32, f32)) {
     for dtype in [DType::BF16, DType::F16] {
         let (min_cosine, top1) = compare(model_dir, images, dtype);
-        eprintln!("{dtype:?} against f32: smallest logits cosine {min_cosine:.6}, same top-1 on {:.1}%", top1 * 100.0);
-        assert!(min_cosine >= 0.999, "{dtype:?}: logits cosine {min_cosine} < 0.999");
-        assert!(top1 >= 0.95, "{dtype:?}: same top-1 token on {top1} < 95% of steps");
+        let products = if dtype == DType::BF16 && blip::bf16_products_in_bf16() { "bf16" } else { "f32" };
+        eprintln!(
+            "{dtype:?} ({products} products) against f32: smallest logits cosine {min_cosine:.6}, same top-1 on {:.1}%",
+            top1 * 100.0
+        );
+        let (cosine_bar, top1_bar) = if products == "bf16" { bf16_products_bar } else { (0.999, 0.95) };
+        assert!(min_cosine >= cosine_bar, "{dtype:?}: logits cosine {min_cosine} < {cosine_bar}");
+        assert!(top1 >= top1_bar, "{dtype:?}: same top-1 token on {top1} < {top1_bar} of steps");
     }
 }
 
 #[test]
 fn half_precision_weights_keep_the_tiny_models_logits() {
-    check(&fixtures().join("models/tiny-caption-scaled"), &images(&fixtures()));
+    if std::env::var("BLIP_BF16").is_ok_and(|v| v.eq_ignore_ascii_case("onednn")) {
+        assert!(blip::bf16_products_in_bf16(), "BLIP_BF16=onednn, but oneDNN did not load: {}", blip::compute_paths());
+    }
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected/bf16.json")).unwrap()).unwrap();
+    let pytorch = (
+        expected["pytorch_bf16_min_cosine"].as_f64().unwrap() as f32,
+        expected["pytorch_bf16_top1"].as_f64().unwrap() as f32,
+    );
+    check(&fixtures().join("models/tiny-caption-scaled"), &images(&fixtures()), pytorch);
 }
 
 #[test]
 #[ignore = "needs a full-size fixture: BLIP_FULL_FIXTURE=/tmp/blip-full (scripts/make_model_fixtures.py --full)"]
 fn full_size() {
     let root = PathBuf::from(std::env::var("BLIP_FULL_FIXTURE").expect("BLIP_FULL_FIXTURE"));
-    check(&root.join("model"), &images(&fixtures()));
+    // PyTorch bf16 on this checkpoint: scripts/bf16_accuracy.py (BENCHMARKS.md)
+    check(&root.join("model"), &images(&fixtures()), (0.9998, 0.98));
 }

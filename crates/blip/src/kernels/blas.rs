@@ -28,7 +28,7 @@ pub(crate) unsafe fn matmul(
     parallelism: gemm::Parallelism,
 ) {
     #[cfg(feature = "openblas")]
-    if let Some(call) = openblas::SgemmCall::new((m, n, k), &dst, &a, &b) {
+    if let Some(call) = openblas::SgemmCall::new((m, n, k), &dst, &a, &b).filter(|_| openblas::knows_this_cpu()) {
         // SAFETY: the views, by the caller's contract; `new` checked that BLAS can address them.
         return unsafe { call.run(dst.ptr, accumulate, a.ptr, b.ptr, parallelism) };
     }
@@ -74,6 +74,38 @@ mod openblas {
 
     extern "C" {
         fn openblas_set_num_threads(threads: c_int);
+        fn openblas_get_corename() -> *const std::ffi::c_char;
+    }
+
+    /// OpenBLAS's kernels that use AVX2 and FMA (or AVX-512), by the core names it reports.
+    const AVX2_CORES: [&str; 6] = ["haswell", "zen", "skylakex", "cooperlake", "sapphirerapids", "excavator"];
+
+    /// Whether OpenBLAS runs kernels made for this CPU: a release older than the CPU runs its
+    /// generic SSE3 kernel ("Prescott"), several times slower than the `gemm` crate, which is
+    /// then used instead. Decided once.
+    pub(super) fn knows_this_cpu() -> bool {
+        static KNOWS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *KNOWS.get_or_init(|| {
+            // SAFETY: returns a pointer to a static NUL-terminated string.
+            let core = unsafe { std::ffi::CStr::from_ptr(openblas_get_corename()) }.to_string_lossy().to_lowercase();
+            let has_avx2 = matches!(crate::kernels::dispatch::detected(), crate::kernels::dispatch::Isa::Avx2Fma(_));
+            let knows = !has_avx2 || AVX2_CORES.contains(&core.as_str());
+            if !knows {
+                tracing::debug!("OpenBLAS runs its {core} kernel on this CPU: matrix products on the gemm crate instead");
+            }
+            knows
+        })
+    }
+
+    /// "OpenBLAS (Haswell kernels)", or why it is not used.
+    pub(crate) fn describe() -> String {
+        // SAFETY: as in knows_this_cpu.
+        let core = unsafe { std::ffi::CStr::from_ptr(openblas_get_corename()) }.to_string_lossy().into_owned();
+        if knows_this_cpu() {
+            format!("OpenBLAS ({core} kernels)")
+        } else {
+            format!("the gemm crate (OpenBLAS would run its generic {core} kernel on this CPU)")
+        }
     }
 
     /// Fewest rows or columns of dst per thread worth a split.
@@ -216,6 +248,14 @@ mod openblas {
     }
 }
 
+/// Which library runs the f32 products here, e.g. "OpenBLAS (Haswell kernels)".
+pub(crate) fn describe() -> String {
+    #[cfg(feature = "openblas")]
+    return openblas::describe();
+    #[cfg(not(feature = "openblas"))]
+    "the gemm crate".to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,7 +291,7 @@ mod tests {
                 let b_view = Strided { ptr: b.as_ptr(), row: b_row, col: b_col };
                 #[cfg(feature = "openblas")]
                 assert!(
-                    openblas::SgemmCall::new((m, n, k), &dst_view, &a_view, &b_view).is_some(),
+                    !openblas::knows_this_cpu() || openblas::SgemmCall::new((m, n, k), &dst_view, &a_view, &b_view).is_some(),
                     "layouts {layouts}"
                 );
                 // SAFETY: each view covers exactly its buffer.

@@ -2,10 +2,14 @@
 //!
 //! The CPU is probed on first use; `BLIP_KERNELS=portable` in the environment forces the
 //! portable (baseline-target) code paths instead, so that they can be run and tested on any
-//! machine. Any other value, or none, means auto-detect. OpenBLAS and the `gemm` crate keep their
-//! own dispatch.
+//! machine. Any other value, or none, means auto-detect. OpenBLAS, the `gemm` crate and oneDNN
+//! keep their own dispatch. Products with bf16 weights run on oneDNN's bf16 kernels where the
+//! CPU has bf16 instructions and oneDNN is installed ([`bf16_products`]; `BLIP_BF16` forces
+//! either path).
 
 use std::sync::OnceLock;
+
+use super::onednn::OneDnn;
 
 /// The environment variable that forces the portable kernels: value `portable` (in any case).
 pub(crate) const ENV_VAR: &str = "BLIP_KERNELS";
@@ -42,7 +46,7 @@ impl Avx2Fma {
 }
 
 /// The fastest instruction set this CPU runs, ignoring the environment.
-fn detected() -> Isa {
+pub(crate) fn detected() -> Isa {
     Avx2Fma::detect().map_or(Isa::Portable, Isa::Avx2Fma)
 }
 
@@ -67,6 +71,86 @@ fn chosen() -> Isa {
     })
 }
 
+/// The environment variable that picks how products with bf16 weights run: `onednn` (oneDNN's
+/// bf16 products on any CPU, emulated where it has no bf16 instructions), `f32` (the weights
+/// widened, products in f32), unset or `auto`: oneDNN where the CPU has bf16 instructions.
+pub(crate) const BF16_ENV_VAR: &str = "BLIP_BF16";
+
+/// How products with bf16 weights run.
+#[derive(Clone, Copy)]
+pub(crate) enum Bf16Products {
+    /// bf16 inputs (activations rounded to bf16), f32 accumulation, through oneDNN (AMX or
+    /// AVX512-BF16 where the CPU has them).
+    OneDnn(&'static OneDnn),
+    /// The weights widened to f32 and the products in f32 (the portable kernels or BLAS): faster
+    /// than emulated bf16 on CPUs without bf16 instructions.
+    Widened,
+}
+
+impl std::fmt::Debug for Bf16Products {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Bf16Products::OneDnn(_) => "OneDnn",
+            Bf16Products::Widened => "Widened",
+        })
+    }
+}
+
+/// Whether this CPU multiplies bf16 in hardware (AVX512-BF16; every AMX CPU has it too).
+fn cpu_has_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512bf16") {
+        return true;
+    }
+    false
+}
+
+/// The process's choice for bf16 products, and why: made once (the first bf16 model's load).
+pub(crate) fn bf16_products() -> Bf16Products {
+    #[cfg(test)]
+    if let Some(forced) = test_hook::forced_bf16() {
+        return forced;
+    }
+    bf16_choice().0
+}
+
+/// [`bf16_products`] with a line saying which path runs and why (for `--version`).
+pub(crate) fn bf16_choice() -> (Bf16Products, &'static str) {
+    static CHOSEN: OnceLock<(Bf16Products, String)> = OnceLock::new();
+    let (products, why) = CHOSEN.get_or_init(|| {
+        let asked = std::env::var(BF16_ENV_VAR).unwrap_or_default().to_ascii_lowercase();
+        let widened = |why: String| (Bf16Products::Widened, format!("bf16 weights widened, f32 products ({why})"));
+        match (asked.as_str(), OneDnn::load()) {
+            ("f32", _) => widened(format!("{BF16_ENV_VAR}=f32")),
+            ("onednn", Ok(onednn)) => {
+                (Bf16Products::OneDnn(onednn), format!("bf16 products on {} ({BF16_ENV_VAR}=onednn)", onednn.describe()))
+            }
+            (_, Ok(onednn)) if cpu_has_bf16() => {
+                (Bf16Products::OneDnn(onednn), format!("bf16 products on {}", onednn.describe()))
+            }
+            (_, Ok(_)) => widened("this CPU has no bf16 instructions".into()),
+            (_, Err(why)) => widened(why.to_string()),
+        }
+    });
+    (*products, why.as_str())
+}
+
+/// Every bf16 product path this machine can run, widened first (tests run both).
+#[cfg(test)]
+pub(crate) fn available_bf16() -> Vec<Bf16Products> {
+    let mut paths = vec![Bf16Products::Widened];
+    if let Ok(onednn) = OneDnn::load() {
+        paths.push(Bf16Products::OneDnn(onednn));
+    }
+    paths
+}
+
+/// Runs `f` with bf16 products on the given path (tests only; serialized as [`with_isa`]).
+#[cfg(test)]
+pub(crate) fn with_bf16<T>(products: Bf16Products, f: impl FnOnce() -> T) -> T {
+    test_hook::with_bf16(products, f)
+}
+
 /// Every instruction set this CPU can run, portable first: what tests run each kernel with.
 #[cfg(test)]
 pub(crate) fn available() -> Vec<Isa> {
@@ -89,10 +173,31 @@ pub(crate) fn with_isa<T>(isa: Isa, f: impl FnOnce() -> T) -> T {
 mod test_hook {
     use std::sync::{Mutex, PoisonError, RwLock};
 
-    use super::Isa;
+    use super::{Bf16Products, Isa};
 
     static FORCED: RwLock<Option<Isa>> = RwLock::new(None);
+    static FORCED_BF16: RwLock<Option<Bf16Products>> = RwLock::new(None);
     static SERIAL: Mutex<()> = Mutex::new(());
+    /// Taken before SERIAL where both are (with_bf16 around with_isa).
+    static SERIAL_BF16: Mutex<()> = Mutex::new(());
+
+    pub(super) fn forced_bf16() -> Option<Bf16Products> {
+        *FORCED_BF16.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn with_bf16<T>(products: Bf16Products, f: impl FnOnce() -> T) -> T {
+        let _serial = SERIAL_BF16.lock().unwrap_or_else(PoisonError::into_inner);
+        /// Clears the override even when `f` panics (a failing assertion).
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                *FORCED_BF16.write().unwrap_or_else(PoisonError::into_inner) = None;
+            }
+        }
+        *FORCED_BF16.write().unwrap_or_else(PoisonError::into_inner) = Some(products);
+        let _reset = Reset;
+        f()
+    }
 
     pub(super) fn forced() -> Option<Isa> {
         *FORCED.read().unwrap_or_else(PoisonError::into_inner)

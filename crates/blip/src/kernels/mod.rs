@@ -13,4 +13,23 @@ pub(crate) mod dispatch;
 pub(crate) mod elementwise;
 pub(crate) mod few_rows;
 pub(crate) mod math;
+pub(crate) mod onednn;
 pub(crate) mod widen;
+
+/// Which code runs the computations on this CPU, one line each (what `blip --version` prints):
+/// the hand-written kernels' instruction set, the f32 products' library, and how models loaded
+/// in bf16 multiply.
+pub fn compute_paths() -> String {
+    let kernels = match dispatch::isa() {
+        dispatch::Isa::Avx2Fma(_) => "AVX2 + FMA",
+        dispatch::Isa::Portable => "portable",
+    };
+    let (_, bf16) = dispatch::bf16_choice();
+    format!("kernels: {kernels}\nf32 products: {}\nbf16 models: {bf16}", blas::describe())
+}
+
+/// Whether models loaded in bf16 multiply in bf16 in this process (oneDNN's products, where the
+/// CPU has bf16 instructions or `BLIP_BF16=onednn`), rather than widening the weights to f32.
+pub fn bf16_products_in_bf16() -> bool {
+    matches!(dispatch::bf16_choice().0, dispatch::Bf16Products::OneDnn(_))
+}

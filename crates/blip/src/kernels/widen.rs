@@ -1,4 +1,5 @@
-//! Weight elements (f32, f16, bf16) widened to f32 as the kernels load them.
+//! Weight elements (f32, f16, bf16) widened to f32 as the kernels load them, and activations
+//! rounded to bf16 where a bf16 product consumes them.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -94,6 +95,40 @@ fn widen_lanes<W: Widen>(src: &[W], dst: &mut [f32]) {
     dst.iter_mut().zip(src).for_each(|(f, w)| *f = w.widen());
 }
 
+/// Rounds f32 values to bf16 to nearest, ties to even, as `half::bf16::from_f32` (and PyTorch)
+/// do (`dst` as long as `src`); NaNs stay NaNs.
+pub(crate) fn narrow_bf16(src: &[f32], dst: &mut [half::bf16]) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa::Avx2Fma proves the features narrow_bf16_avx2 is compiled for.
+        Isa::Avx2Fma(_) => unsafe { narrow_bf16_avx2(src, dst) },
+        _ => narrow_lanes(src, dst),
+    }
+}
+
+/// [`narrow_lanes`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn narrow_bf16_avx2(src: &[f32], dst: &mut [half::bf16]) {
+    narrow_lanes(src, dst)
+}
+
+/// Integer arithmetic on the bits, branch-free, so that the compiler vectorizes it.
+#[inline(always)]
+fn narrow_lanes(src: &[f32], dst: &mut [half::bf16]) {
+    dst.iter_mut().zip(src).for_each(|(d, &x)| {
+        let bits = x.to_bits();
+        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+        // a NaN keeps its sign and top payload bits, made quiet so that rounding cannot carry
+        // it into an infinity
+        let nan = (bits >> 16) | 0x40;
+        *d = half::bf16::from_bits(if x.is_nan() { nan } else { rounded } as u16);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +141,24 @@ mod tests {
             let mut dst = vec![0f32; src.len()];
             with_isa(isa, || widen_bf16(&src, &mut dst));
             assert!(dst.iter().zip(&src).all(|(&d, s)| d == s.to_f32()), "{isa:?}");
+        }
+    }
+
+    #[test]
+    fn f32_narrows_to_nearest_even_as_half_does() {
+        let mut src: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.7312).sin() * 10f32.powi(i % 9 - 4)).collect();
+        // ties both ways, the largest finite values, infinities, zeros, subnormals, NaN
+        src.extend([1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, f32::MAX, -f32::MAX, f32::INFINITY, f32::NEG_INFINITY]);
+        src.extend([0.0, -0.0, 1e-40, -3e-39, f32::MIN_POSITIVE]);
+        for isa in available() {
+            let mut dst = vec![half::bf16::ZERO; src.len()];
+            with_isa(isa, || narrow_bf16(&src, &mut dst));
+            for (d, &s) in dst.iter().zip(&src) {
+                assert_eq!(d.to_bits(), half::bf16::from_f32(s).to_bits(), "{isa:?}: {s:e}");
+            }
+            let mut nan = [half::bf16::ZERO];
+            narrow_bf16(&[f32::NAN], &mut nan);
+            assert!(nan[0].is_nan());
         }
     }
 }

@@ -149,7 +149,8 @@ impl VisionAttention {
 
     /// `residual` + attention(xs).
     fn forward(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let context = attention_packed(&self.qkv.forward(xs)?, self.heads, self.scale)?;
+        let bf16_model = self.qkv.weight().dtype() == DType::BF16;
+        let context = attention_packed(&self.qkv.forward(xs)?, self.heads, self.scale, bf16_model)?;
         self.projection.forward_residual(&context, residual)
     }
 }

@@ -6,6 +6,7 @@ use candle_core::{Result, Tensor};
 use super::linear::Linear;
 use super::tensor::f32_values;
 use crate::kernels::attention::{cross, decode, vision};
+use crate::kernels::dispatch::{bf16_products, Bf16Products};
 use crate::kernels::elementwise;
 
 /// Multi-head split: [b, t, h*d] → [b, h, t, d].
@@ -22,13 +23,21 @@ pub(crate) fn merge_heads(xs: &Tensor) -> Result<Tensor> {
 
 /// Self-attention from a fused projection `qkv` [b, t, 3·width] laid out as [b, t, 3, heads,
 /// head_dim] (transformers' `reshape(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4)`), to the
-/// context with heads merged [b, t, width].
-pub(crate) fn attention_packed(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+/// context with heads merged [b, t, width]. A model loaded in bf16 (`bf16_model`) multiplies in
+/// bf16 where the process has bf16 products (see [`crate::kernels::dispatch::bf16_products`]).
+pub(crate) fn attention_packed(qkv: &Tensor, heads: usize, scale: f64, bf16_model: bool) -> Result<Tensor> {
     let (b, t, three_width) = qkv.dims3()?;
     let head_dim = three_width / 3 / heads;
     if super::cpu_f32_contiguous(qkv) {
         let (storage, layout) = qkv.storage_and_layout();
-        let context = vision::attend_packed(f32_values(&storage, layout)?, b, t, heads, head_dim, scale as f32);
+        let qkv = f32_values(&storage, layout)?;
+        let context = match bf16_products() {
+            Bf16Products::OneDnn(onednn) if bf16_model => {
+                vision::attend_packed_bf16(onednn, qkv, b, t, heads, head_dim, scale as f32)
+                    .map_err(candle_core::Error::msg)?
+            }
+            _ => vision::attend_packed(qkv, b, t, heads, head_dim, scale as f32),
+        };
         return Tensor::from_vec(context, (b, t, heads * head_dim), &candle_core::Device::Cpu);
     }
     if super::in_graph(qkv) && super::on_cpu(qkv) && qkv.dtype() == candle_core::DType::F32 {
@@ -222,7 +231,7 @@ mod tests {
     use candle_core::DType;
 
     use super::*;
-    use crate::kernels::dispatch::{available, with_isa};
+    use crate::kernels::dispatch::{available, available_bf16, with_bf16, with_isa};
 
     #[test]
     fn packed_attention_matches_the_split_heads_one() {
@@ -261,10 +270,53 @@ mod tests {
             let probs = weights.broadcast_div(&weights.sum_keepdim(3).unwrap()).unwrap();
             let expected = merge_heads(&probs.matmul(&part(2)).unwrap()).unwrap();
             for isa in available() {
-                let packed = with_isa(isa, || attention_packed(&qkv, heads, scale).unwrap());
+                let packed = with_isa(isa, || attention_packed(&qkv, heads, scale, false).unwrap());
                 let diff = (packed.to_dtype(DType::F64).unwrap() - &expected).unwrap().abs().unwrap();
                 let diff = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
                 assert!(diff < tolerance, "{isa:?}: {b}x{t} tokens, {heads} heads of {d}: {diff}");
+            }
+        }
+    }
+
+    /// A bf16 model's packed attention on oneDNN (where installed): the product of q, k and v
+    /// rounded to bf16, softmax of f32 scores, probabilities rounded to bf16, against that
+    /// computation in f64 from the same rounded values. Where an f32 probability and its f64
+    /// value round to neighbouring bf16 values, the output moves by 2⁻⁸·p·|v|: the tolerance
+    /// allows that for p·|v| up to 0.25 (measured: 2.7e-4 at most). The widened path is the f32
+    /// kernel.
+    #[test]
+    fn bf16_packed_attention_multiplies_rounded_values() {
+        let dev = candle_core::Device::Cpu;
+        for products in available_bf16() {
+            for (b, t, heads, d, scale) in [(2, 37, 3, 16, 0.25), (1, 50, 2, 64, 0.125)] {
+                let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * d), &dev).unwrap();
+                let rounded = qkv.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap();
+                let split = rounded.reshape((b, t, 3, heads, d)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();
+                let part = |i| split.get(i).unwrap().contiguous().unwrap();
+                let scores = (part(0).matmul(&part(1).t().unwrap()).unwrap() * scale).unwrap();
+                let weights = scores.broadcast_sub(&scores.max_keepdim(3).unwrap()).unwrap().exp().unwrap();
+                let probs = weights.broadcast_div(&weights.sum_keepdim(3).unwrap()).unwrap();
+                let probs = match products {
+                    Bf16Products::OneDnn(_) => probs.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap(),
+                    Bf16Products::Widened => probs,
+                };
+                let values = match products {
+                    Bf16Products::OneDnn(_) => part(2),
+                    Bf16Products::Widened => {
+                        let split = qkv.to_dtype(DType::F64).unwrap().reshape((b, t, 3, heads, d)).unwrap();
+                        split.permute((2, 0, 3, 1, 4)).unwrap().get(2).unwrap().contiguous().unwrap()
+                    }
+                };
+                let expected = merge_heads(&probs.matmul(&values).unwrap()).unwrap();
+                let expected = match products {
+                    // the widened path is the f32 kernel, on the unrounded values
+                    Bf16Products::Widened => attention_packed(&qkv, heads, scale, false).unwrap().to_dtype(DType::F64).unwrap(),
+                    Bf16Products::OneDnn(_) => expected,
+                };
+                let ours = with_bf16(products, || attention_packed(&qkv, heads, scale, true).unwrap());
+                let diff = (ours.to_dtype(DType::F64).unwrap() - &expected).unwrap().abs().unwrap();
+                let diff = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+                assert!(diff < 1e-3, "{products:?}: {b}x{t} tokens, {heads} heads of {d}: {diff}");
             }
         }
     }
@@ -340,7 +392,7 @@ mod tests {
         let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * d), &dev).unwrap();
         let weights = Tensor::randn(0f32, 1.0, (b, t, heads * d), &dev).unwrap();
         let ours = candle_core::Var::from_tensor(&qkv).unwrap();
-        let loss = (attention_packed(ours.as_tensor(), heads, scale).unwrap() * &weights).unwrap().sum_all().unwrap();
+        let loss = (attention_packed(ours.as_tensor(), heads, scale, false).unwrap() * &weights).unwrap().sum_all().unwrap();
         let ours_grad = loss.backward().unwrap().get(ours.as_tensor()).unwrap().clone();
         let reference = candle_core::Var::from_tensor(&qkv).unwrap();
         let split = reference.as_tensor().reshape((b, t, 3, heads, d)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();

@@ -10,7 +10,9 @@
 //!   a block of weight rows in register tiles, each weight read once from where it is stored
 //!   (no packed copy, which costs much of the time at these sizes);
 //! - many rows (vision, long texts): one blocked product over the whole matrix on all threads,
-//!   bf16/f16 weights widened to f32 first.
+//!   bf16/f16 weights widened to f32 first; or, for bf16 weights where the CPU multiplies bf16
+//!   (see [`crate::kernels::dispatch::bf16_products`]), oneDNN's bf16 product of the input
+//!   rounded to bf16, accumulated in f32.
 //!
 //! The products are OpenBLAS's sgemm with the `openblas` feature, else the `gemm` crate's
 //! (see [`crate::kernels::blas::matmul`]).
@@ -22,14 +24,18 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::kernels::blas::{matmul, Strided};
+use crate::kernels::dispatch::{bf16_products, Bf16Products};
 use crate::kernels::few_rows::{dot_kernel, rows_times_weights};
-use crate::kernels::widen::widen_bf16;
+use crate::kernels::onednn::{OneDnn, View};
+use crate::kernels::widen::{narrow_bf16, widen_bf16};
 
 /// Input rows below which each weight row is dotted with the input row; from there up to
 /// [`STREAMED_ROWS`], blocks of weight rows are multiplied in register tiles as they stream in;
 /// above, one blocked product over the whole matrix is fastest.
 const DOT_ROWS: usize = 2;
 const STREAMED_ROWS: usize = 32;
+/// Input rows from which a bf16 model's products run on oneDNN (where bf16 products are on).
+const BF16_PRODUCT_ROWS: usize = STREAMED_ROWS + 1;
 /// Weight rows per parallel task in the row-dot kernel.
 const DOT_BLOCK: usize = 64;
 /// Weight rows per parallel task in the streamed product.
@@ -217,18 +223,36 @@ impl CustomOp3 for LinearOp {
             },
             None => None,
         };
-        let ys = if m > STREAMED_ROWS {
-            blocked_product(xs, m, k, weights, n, bias, residual)
-        } else {
-            let mut ys = if m < DOT_ROWS {
-                row_dot_product(xs, m, k, weights, n, bias)
-            } else {
-                streamed_product(xs, m, k, weights, n, bias)
-            };
-            if let Some(residual) = residual {
-                ys.iter_mut().zip(residual).for_each(|(y, r)| *y += r);
+        let onednn = match (weights, bf16_products()) {
+            (Weights::BF16(_), Bf16Products::OneDnn(onednn)) => Some(onednn),
+            _ => None,
+        };
+        let rounded;
+        let ys = match (weights, onednn) {
+            (Weights::BF16(w), Some(onednn)) if m >= BF16_PRODUCT_ROWS => {
+                bf16_product(onednn, xs, m, k, w, n, bias, residual).map_err(candle_core::Error::msg)?
             }
-            ys
+            _ if m > STREAMED_ROWS => blocked_product(xs, m, k, weights, n, bias, residual),
+            _ => {
+                // bf16 products round every input a bf16 model's products take, whatever the
+                // rows: the project's kernels take the rounded values too
+                let xs = match onednn {
+                    Some(_) => {
+                        rounded = rounded_to_bf16(xs);
+                        &rounded[..]
+                    }
+                    None => xs,
+                };
+                let mut ys = if m < DOT_ROWS {
+                    row_dot_product(xs, m, k, weights, n, bias)
+                } else {
+                    streamed_product(xs, m, k, weights, n, bias)
+                };
+                if let Some(residual) = residual {
+                    ys.iter_mut().zip(residual).for_each(|(y, r)| *y += r);
+                }
+                ys
+            }
         };
         Ok((CpuStorage::F32(ys), Shape::from((m, n))))
     }
@@ -339,18 +363,7 @@ fn blocked_product(
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
     let w = weights.to_f32();
-    // The starting rows written straight into fresh memory (no zeroing pass first).
-    let mut ys = Vec::with_capacity(m * n);
-    ys.spare_capacity_mut()[..m * n].par_chunks_mut(n).enumerate().for_each(|(i, row)| match residual {
-        Some(residual) => row.iter_mut().zip(bias).zip(&residual[i * n..]).for_each(|((y, &b), &r)| {
-            y.write(b + r);
-        }),
-        None => row.iter_mut().zip(bias).for_each(|(y, &b)| {
-            y.write(b);
-        }),
-    });
-    // SAFETY: the m·n elements were all written just above.
-    unsafe { ys.set_len(m * n) };
+    let mut ys = starting_rows(m, n, bias, residual);
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the strides describe xs [m, k] row-major, Wᵀ [k, n] read from W [n, k] row-major
@@ -363,10 +376,62 @@ fn blocked_product(
     ys
 }
 
+/// Many input rows with bf16 weights, on oneDNN's bf16 products: the input rounded to bf16, the
+/// product accumulated in f32 onto the bias rows (plus the residual's), on oneDNN's threads.
+#[allow(clippy::too_many_arguments)]
+fn bf16_product(
+    onednn: &'static OneDnn,
+    xs: &[f32],
+    m: usize,
+    k: usize,
+    w: &[bf16],
+    n: usize,
+    bias: &[f32],
+    residual: Option<&[f32]>,
+) -> std::result::Result<Vec<f32>, String> {
+    let mut rounded = vec![bf16::ZERO; m * k];
+    rounded.par_chunks_mut(k).zip(xs.par_chunks(k)).for_each(|(dst, src)| narrow_bf16(src, dst));
+    let mut ys = starting_rows(m, n, bias, residual);
+    onednn.matmul(
+        (&rounded, View::matrix(m, k, k)),
+        (w, View::transposed(k, n, k)),
+        (&mut ys, View::matrix(m, n, n)),
+        true,
+        candle_core::utils::get_num_threads(),
+    )?;
+    Ok(ys)
+}
+
+/// The values rounded to bf16 and back: what a bf16 product takes of them.
+fn rounded_to_bf16(xs: &[f32]) -> Vec<f32> {
+    let mut rounded = vec![bf16::ZERO; xs.len()];
+    narrow_bf16(xs, &mut rounded);
+    let mut widened = vec![0f32; xs.len()];
+    widen_bf16(&rounded, &mut widened);
+    widened
+}
+
+/// [m, n] rows of the bias (plus the residual's rows), where a product accumulates.
+fn starting_rows(m: usize, n: usize, bias: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
+    // Written straight into fresh memory (no zeroing pass first).
+    let mut ys = Vec::with_capacity(m * n);
+    ys.spare_capacity_mut()[..m * n].par_chunks_mut(n).enumerate().for_each(|(i, row)| match residual {
+        Some(residual) => row.iter_mut().zip(bias).zip(&residual[i * n..]).for_each(|((y, &b), &r)| {
+            y.write(b + r);
+        }),
+        None => row.iter_mut().zip(bias).for_each(|(y, &b)| {
+            y.write(b);
+        }),
+    });
+    // SAFETY: the m·n elements were all written just above.
+    unsafe { ys.set_len(m * n) };
+    ys
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::dispatch::{available, with_isa};
+    use crate::kernels::dispatch::{available, available_bf16, with_bf16, with_isa};
     use candle_core::Device;
 
     /// The same product in f64 from the f32 values, as the reference.
@@ -400,11 +465,44 @@ mod tests {
                 // the reference uses the same rounded weights: only the f32 summation differs
                 let expected = reference(&xs, &stored.to_dtype(DType::F32).unwrap(), &bias);
                 for isa in available() {
-                    let ours = with_isa(isa, || linear.forward(&xs).unwrap());
+                    // (oneDNN's bf16 products, which round the input too: the test below)
+                    let ours = with_bf16(Bf16Products::Widened, || with_isa(isa, || linear.forward(&xs).unwrap()));
                     assert_eq!(ours.dims(), &[rows.0, rows.1, 130]);
                     let diff = max_diff(&ours, &expected);
                     assert!(diff < 1e-4, "{isa:?}: {rows:?} {dtype:?}: {diff}");
                 }
+            }
+        }
+    }
+
+    /// A bf16 model with bf16 products on (oneDNN, where installed) multiplies the input rounded
+    /// to bf16, whatever the rows (oneDNN's product for many, the project's kernels for few):
+    /// the sum of the exact products of those values in f32.
+    #[test]
+    fn bf16_products_multiply_the_input_rounded_to_bf16() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (130, 70), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
+        let linear = Linear::new(weight.clone(), Some(bias.clone())).unwrap();
+        let widened = weight.to_dtype(DType::F32).unwrap();
+        // 80 rows (oneDNN), 6 (streamed), 1 (row-dot)
+        for rows in [80, 6, 1] {
+            let xs = Tensor::randn(0f32, 1.0, (rows, 70), &dev).unwrap();
+            let residual = Tensor::randn(0f32, 1.0, (rows, 130), &dev).unwrap();
+            let rounded = xs.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+            for products in available_bf16() {
+                let expected_input = match products {
+                    Bf16Products::OneDnn(_) => &rounded,
+                    Bf16Products::Widened => &xs,
+                };
+                let expected = reference(expected_input, &widened, &bias);
+                let (plain, with_residual) = with_bf16(products, || {
+                    (linear.forward(&xs).unwrap(), linear.forward_residual(&xs, &residual).unwrap())
+                });
+                let diff = max_diff(&plain, &expected);
+                assert!(diff < 1e-4, "{products:?}, {rows} rows: {diff}");
+                let diff = max_diff(&with_residual, &(expected + &residual).unwrap());
+                assert!(diff < 1e-4, "{products:?}, {rows} rows, with the residual: {diff}");
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The vision tower's self-attention, straight from its fused q/k/v projection.
 
+use half::bf16;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -11,6 +12,8 @@ use super::SharedOut;
 use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::dispatch::{isa, Isa};
 use crate::kernels::elementwise::softmax_rows;
+use crate::kernels::onednn::{OneDnn, View};
+use crate::kernels::widen::narrow_bf16;
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::math::exp8;
 
@@ -53,6 +56,74 @@ pub(crate) fn attend_packed(
         })
     });
     out
+}
+
+/// [`attend_packed`] with bf16 products on oneDNN: q, k and v rounded to bf16, the scores
+/// accumulated in f32, softmax in f32, the probabilities rounded to bf16 for the product with v
+/// (as PyTorch's bf16 attention does), one single-threaded task per image and head.
+pub(crate) fn attend_packed_bf16(
+    onednn: &'static OneDnn,
+    qkv: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Result<Vec<f32>, String> {
+    let (n, d, width) = (tokens, head_dim, heads * head_dim);
+    let row = 3 * width;
+    // Rounded into one dense [n, d] block per image, part (q, k, v) and head: oneDNN's AMX
+    // kernels take dense operands only.
+    let mut blocks = vec![bf16::ZERO; qkv.len()];
+    blocks.par_chunks_mut(n * d).enumerate().for_each(|(block, dst)| {
+        let (b, column) = (block / (3 * heads), block % (3 * heads) * d);
+        for (dst, src) in dst.chunks_mut(d).zip(qkv[b * n * row..].chunks(row)) {
+            narrow_bf16(&src[column..column + d], dst);
+        }
+    });
+    let mut out = vec![0f32; batch * n * width];
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    let blocks = &blocks;
+    (0..batch * heads).into_par_iter().try_for_each(|task| {
+        let (b, h) = (task / heads, task % heads);
+        let head_block = |part: usize| &blocks[((b * 3 + part) * heads + h) * n * d..][..n * d];
+        let (q, k, v) = (head_block(0), head_block(1), head_block(2));
+        BF16_SCRATCH.with_borrow_mut(|(scores, probabilities, context)| {
+            scores.resize(n * n, 0.0);
+            probabilities.resize(n * n, bf16::ZERO);
+            context.resize(n * d, 0.0);
+            onednn.matmul(
+                (q, View::matrix(n, d, d)),
+                (k, View::transposed(d, n, d)),
+                (scores, View::matrix(n, n, n)),
+                false,
+                1,
+            )?;
+            softmax_rows(scores, n, scale);
+            narrow_bf16(scores, probabilities);
+            onednn.matmul(
+                (probabilities, View::matrix(n, n, n)),
+                (v, View::matrix(n, d, d)),
+                (context, View::matrix(n, d, d)),
+                false,
+                1,
+            )?;
+            for (t, context) in context.chunks(d).enumerate() {
+                // SAFETY: row t of image b, head h's d columns: within out, and written by this
+                // task alone.
+                unsafe { std::ptr::copy_nonoverlapping(context.as_ptr(), out_ptr.at((b * n + t) * width + h * d), d) };
+            }
+            Ok::<_, String>(())
+        })
+    })?;
+    Ok(out)
+}
+
+thread_local! {
+    /// Each thread's [n, n] scores and probabilities and [n, d] context for
+    /// [`attend_packed_bf16`], reused.
+    static BF16_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<bf16>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Queries per block of [`attend_head_blocked`]: two registers wide.

@@ -1,0 +1,227 @@
+//! The part of oneDNN 2.x's C API the bf16 products use, loaded from `libdnnl.so.2` at run time
+//! (so that the build and the binary never need oneDNN; without it bf16 keeps f32 products).
+//!
+//! Descriptors are passed by pointer only, so they are held as opaque, suitably aligned byte
+//! buffers at least as large as the library's structs (checked against its version at load).
+
+use std::ffi::{c_char, c_int, c_uint, c_void};
+
+use libloading::Library;
+
+pub(super) type Status = c_int;
+pub(super) const SUCCESS: Status = 0;
+
+pub(super) type Engine = *mut c_void;
+pub(super) type Stream = *mut c_void;
+pub(super) type Memory = *mut c_void;
+pub(super) type PrimitiveDesc = *mut c_void;
+pub(super) type Primitive = *mut c_void;
+pub(super) type Attr = *mut c_void;
+pub(super) type PostOps = *mut c_void;
+
+/// `dnnl_data_type_t`.
+pub(super) const BF16: c_int = 2;
+pub(super) const F32: c_int = 3;
+/// `dnnl_cpu`.
+const CPU: c_int = 1;
+/// `dnnl_stream_default_flags`.
+const STREAM_DEFAULT_FLAGS: c_uint = 1;
+/// `dnnl_query_impl_info_str`.
+pub(super) const QUERY_IMPL_INFO: c_int = 8;
+/// `DNNL_ARG_SRC`, `DNNL_ARG_WEIGHTS`, `DNNL_ARG_DST`.
+pub(super) const ARG_SRC: c_int = 1;
+pub(super) const ARG_WEIGHTS: c_int = 33;
+pub(super) const ARG_DST: c_int = 17;
+/// `DNNL_ARG_SCRATCHPAD`.
+pub(super) const ARG_SCRATCHPAD: c_int = 80;
+/// `dnnl_scratchpad_mode_user`: each call passes its own scratch memory, so that primitives
+/// may run on several threads at once (the library's shared scratchpad is not safe for that).
+pub(super) const SCRATCHPAD_MODE_USER: c_int = 1;
+/// `dnnl_query_scratchpad_md`.
+pub(super) const QUERY_SCRATCHPAD_MD: c_int = 136;
+
+/// `dnnl_memory_desc_t` (696 bytes in oneDNN 2.6), opaque.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub(super) struct MemoryDesc(pub [u8; 1024]);
+
+/// `dnnl_matmul_desc_t` (2,800 bytes in oneDNN 2.6), opaque.
+#[repr(C, align(8))]
+pub(super) struct MatmulDesc(pub [u8; 4096]);
+
+impl MemoryDesc {
+    pub(super) fn zeroed() -> Self {
+        Self([0; 1024])
+    }
+}
+
+impl MatmulDesc {
+    pub(super) fn zeroed() -> Box<Self> {
+        Box::new(Self([0; 4096]))
+    }
+}
+
+/// `dnnl_exec_arg_t`.
+#[repr(C)]
+pub(super) struct ExecArg {
+    pub arg: c_int,
+    pub memory: Memory,
+}
+
+/// `dnnl_version_t`.
+#[repr(C)]
+pub(super) struct Version {
+    pub major: c_int,
+    pub minor: c_int,
+    pub patch: c_int,
+    pub hash: *const c_char,
+    pub cpu_runtime: c_uint,
+    pub gpu_runtime: c_uint,
+}
+
+/// The library and the entry points, resolved once.
+pub(super) struct Api {
+    pub version: unsafe extern "C" fn() -> *const Version,
+    pub engine_create: unsafe extern "C" fn(*mut Engine, c_int, usize) -> Status,
+    pub stream_create: unsafe extern "C" fn(*mut Stream, Engine, c_uint) -> Status,
+    pub stream_wait: unsafe extern "C" fn(Stream) -> Status,
+    pub memory_desc_init_by_strides:
+        unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, *const i64) -> Status,
+    pub memory_desc_get_size: unsafe extern "C" fn(*const MemoryDesc) -> usize,
+    pub matmul_desc_init: unsafe extern "C" fn(
+        *mut MatmulDesc,
+        *const MemoryDesc,
+        *const MemoryDesc,
+        *const MemoryDesc,
+        *const MemoryDesc,
+    ) -> Status,
+    pub primitive_attr_create: unsafe extern "C" fn(*mut Attr) -> Status,
+    pub primitive_attr_destroy: unsafe extern "C" fn(Attr) -> Status,
+    pub primitive_attr_set_post_ops: unsafe extern "C" fn(Attr, PostOps) -> Status,
+    pub primitive_attr_set_scratchpad_mode: unsafe extern "C" fn(Attr, c_int) -> Status,
+    pub post_ops_create: unsafe extern "C" fn(*mut PostOps) -> Status,
+    pub post_ops_destroy: unsafe extern "C" fn(PostOps) -> Status,
+    pub post_ops_append_sum: unsafe extern "C" fn(PostOps, f32) -> Status,
+    pub primitive_desc_create:
+        unsafe extern "C" fn(*mut PrimitiveDesc, *const c_void, Attr, Engine, PrimitiveDesc) -> Status,
+    pub primitive_desc_query: unsafe extern "C" fn(PrimitiveDesc, c_int, c_int, *mut c_void) -> Status,
+    pub primitive_desc_query_md: unsafe extern "C" fn(PrimitiveDesc, c_int, c_int) -> *const MemoryDesc,
+    pub primitive_desc_destroy: unsafe extern "C" fn(PrimitiveDesc) -> Status,
+    pub primitive_create: unsafe extern "C" fn(*mut Primitive, PrimitiveDesc) -> Status,
+    pub primitive_destroy: unsafe extern "C" fn(Primitive) -> Status,
+    pub primitive_execute: unsafe extern "C" fn(Primitive, Stream, c_int, *const ExecArg) -> Status,
+    pub memory_create: unsafe extern "C" fn(*mut Memory, *const MemoryDesc, Engine, *mut c_void) -> Status,
+    pub memory_destroy: unsafe extern "C" fn(Memory) -> Status,
+    /// OpenMP's thread count (the Debian build runs on libgomp), so that oneDNN uses the
+    /// project's `--threads`; absent for other threading runtimes.
+    pub omp_set_num_threads: Option<unsafe extern "C" fn(c_int)>,
+    pub engine: Engine,
+    _library: Library,
+    _openmp: Option<Library>,
+}
+
+// SAFETY: the entry points are plain C functions and the engine is an immutable handle that
+// oneDNN allows to be shared between threads (streams, which are not, are made per thread).
+unsafe impl Send for Api {}
+// SAFETY: as for Send.
+unsafe impl Sync for Api {}
+
+/// The library's file name (oneDNN 2.x's soname).
+pub(super) const LIBRARY: &str = "libdnnl.so.2";
+
+impl Api {
+    /// Loads oneDNN 2.x and its CPU engine, or says why not.
+    pub(super) fn load() -> Result<Self, String> {
+        // SAFETY: loading a shared library runs its initializers; oneDNN's only set up its own
+        // state. The symbols below are taken with the signatures of oneDNN 2.x's dnnl.h, and
+        // the major version is checked before any other is called.
+        unsafe {
+            set_openmp_waiting();
+            let library = Library::new(LIBRARY).map_err(|e| format!("{LIBRARY} not loaded ({e})"))?;
+            macro_rules! symbol {
+                ($name:literal) => {
+                    *library
+                        .get(concat!($name, "\0").as_bytes())
+                        .map_err(|e| format!("{LIBRARY}: no {} ({e})", $name))?
+                };
+            }
+            let version: unsafe extern "C" fn() -> *const Version = symbol!("dnnl_version");
+            let found = &*version();
+            if found.major != 2 {
+                return Err(format!("{LIBRARY} is oneDNN {}.{}, not 2.x", found.major, found.minor));
+            }
+            let openmp = Library::new("libgomp.so.1").ok();
+            let omp_set_num_threads = openmp.as_ref().and_then(|omp| omp.get(b"omp_set_num_threads\0").ok().map(|f| *f));
+            let mut api = Api {
+                version,
+                engine_create: symbol!("dnnl_engine_create"),
+                stream_create: symbol!("dnnl_stream_create"),
+                stream_wait: symbol!("dnnl_stream_wait"),
+                memory_desc_init_by_strides: symbol!("dnnl_memory_desc_init_by_strides"),
+                memory_desc_get_size: symbol!("dnnl_memory_desc_get_size"),
+                matmul_desc_init: symbol!("dnnl_matmul_desc_init"),
+                primitive_attr_create: symbol!("dnnl_primitive_attr_create"),
+                primitive_attr_destroy: symbol!("dnnl_primitive_attr_destroy"),
+                primitive_attr_set_post_ops: symbol!("dnnl_primitive_attr_set_post_ops"),
+                primitive_attr_set_scratchpad_mode: symbol!("dnnl_primitive_attr_set_scratchpad_mode"),
+                post_ops_create: symbol!("dnnl_post_ops_create"),
+                post_ops_destroy: symbol!("dnnl_post_ops_destroy"),
+                post_ops_append_sum: symbol!("dnnl_post_ops_append_sum"),
+                primitive_desc_create: symbol!("dnnl_primitive_desc_create"),
+                primitive_desc_query: symbol!("dnnl_primitive_desc_query"),
+                primitive_desc_query_md: symbol!("dnnl_primitive_desc_query_md"),
+                primitive_desc_destroy: symbol!("dnnl_primitive_desc_destroy"),
+                primitive_create: symbol!("dnnl_primitive_create"),
+                primitive_destroy: symbol!("dnnl_primitive_destroy"),
+                primitive_execute: symbol!("dnnl_primitive_execute"),
+                memory_create: symbol!("dnnl_memory_create"),
+                memory_destroy: symbol!("dnnl_memory_destroy"),
+                omp_set_num_threads,
+                engine: std::ptr::null_mut(),
+                _library: library,
+                _openmp: openmp,
+            };
+            check((api.engine_create)(&mut api.engine, CPU, 0), "engine")?;
+            Ok(api)
+        }
+    }
+
+    /// "2.6.3".
+    pub(super) fn version_string(&self) -> String {
+        // SAFETY: dnnl_version returns a pointer to a static struct.
+        let v = unsafe { &*(self.version)() };
+        format!("{}.{}.{}", v.major, v.minor, v.patch)
+    }
+
+    /// A stream on the CPU engine, for the calling thread.
+    pub(super) fn new_stream(&self) -> Result<Stream, String> {
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: the engine is valid for the library's lifetime.
+        check(unsafe { (self.stream_create)(&mut stream, self.engine, STREAM_DEFAULT_FLAGS) }, "stream")?;
+        Ok(stream)
+    }
+}
+
+/// The environment variable that tells OpenMP whether idle threads spin or sleep.
+pub(crate) const OPENMP_WAIT_POLICY: &str = "OMP_WAIT_POLICY";
+
+/// OpenMP's idle threads sleep rather than spin, unless the environment says otherwise: they
+/// wait between oneDNN's products while the project's own pool computes the rest, and spinning
+/// would take its cores. libgomp reads this once, when oneDNN loads it.
+fn set_openmp_waiting() {
+    if std::env::var_os(OPENMP_WAIT_POLICY).is_none() {
+        // Setting the environment races with threads reading it; blip's CLI sets this at its
+        // start instead, before any thread exists, so this only runs for other users of the
+        // library, at the first bf16 model's load.
+        std::env::set_var(OPENMP_WAIT_POLICY, "PASSIVE");
+    }
+}
+
+/// A status as a result naming the call.
+pub(super) fn check(status: Status, what: &str) -> Result<(), String> {
+    if status == SUCCESS {
+        Ok(())
+    } else {
+        Err(format!("oneDNN: {what} failed (status {status})"))
+    }
+}

@@ -1,0 +1,392 @@
+//! Products with bf16 inputs and f32 accumulation through oneDNN's matmul primitive, which runs
+//! them on AMX tiles or AVX512-BF16 dot products where the CPU has them (as PyTorch's and
+//! OpenVINO's bf16 do). oneDNN is loaded at run time (see [`ffi`]); [`crate::kernels::dispatch`]
+//! decides once per process whether bf16 models use it.
+
+mod ffi;
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use half::bf16;
+
+use ffi::{check, Api, ExecArg, MatmulDesc, MemoryDesc};
+
+/// oneDNN, loaded, with the primitives made so far.
+pub(crate) struct OneDnn {
+    api: Api,
+    /// One primitive per product shape (made once: making one costs far more than running it).
+    primitives: Mutex<HashMap<Key, Arc<Matmul>>>,
+}
+
+thread_local! {
+    /// Each thread's scratch memory for the primitives it runs, reused.
+    static SCRATCHPAD: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Primitives kept before the cache is emptied (texts of many lengths make many shapes).
+const MAX_PRIMITIVES: usize = 256;
+
+/// An operand of [`OneDnn::matmul`]: `[batch, rows, cols]` with strides in elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct View {
+    pub dims: [usize; 3],
+    pub strides: [usize; 3],
+}
+
+impl View {
+    /// A row-major [rows, cols] matrix whose rows are `row_stride` apart.
+    pub(crate) fn matrix(rows: usize, cols: usize, row_stride: usize) -> Self {
+        Self { dims: [1, rows, cols], strides: [rows * row_stride, row_stride, 1] }
+    }
+
+    /// The transpose of a row-major [cols, rows] matrix (a weight [out, in] read as [in, out]).
+    pub(crate) fn transposed(rows: usize, cols: usize, row_stride: usize) -> Self {
+        Self { dims: [1, rows, cols], strides: [cols * row_stride, 1, row_stride] }
+    }
+
+    /// One past the last element addressed.
+    fn extent(&self) -> usize {
+        1 + (0..3).map(|d| (self.dims[d].max(1) - 1) * self.strides[d]).sum::<usize>()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    a: View,
+    b: View,
+    dst: View,
+    accumulate: bool,
+}
+
+/// A made primitive; destroyed with its descriptor when the cache drops it.
+struct Matmul {
+    primitive: ffi::Primitive,
+    descriptor: ffi::PrimitiveDesc,
+    /// Its operands' memory descriptors, in the order src, weights, dst.
+    descs: [MemoryDesc; 3],
+    /// Its scratchpad's (owned by `descriptor`; null when it needs none).
+    scratch_desc: *const MemoryDesc,
+    /// Bytes of scratch memory a call needs.
+    scratch_bytes: usize,
+    api: &'static Api,
+}
+
+// SAFETY: oneDNN primitives are immutable once made and may run from several threads at once.
+unsafe impl Send for Matmul {}
+// SAFETY: as for Send.
+unsafe impl Sync for Matmul {}
+
+impl Matmul {
+    /// The implementation oneDNN picked, e.g. `brg:avx512_core_amx_bf16`.
+    fn implementation(&self) -> Result<String, String> {
+        let mut info: *const c_char = std::ptr::null();
+        // SAFETY: the query writes a pointer to a string the descriptor owns, read while it lives.
+        unsafe {
+            check(
+                (self.api.primitive_desc_query)(
+                    self.descriptor,
+                    ffi::QUERY_IMPL_INFO,
+                    0,
+                    (&mut info as *mut *const c_char).cast(),
+                ),
+                "query",
+            )?;
+            Ok(CStr::from_ptr(info).to_string_lossy().into_owned())
+        }
+    }
+}
+
+impl Drop for Matmul {
+    fn drop(&mut self) {
+        // SAFETY: made by this module and dropped once, when no call holds it (Arc).
+        unsafe {
+            (self.api.primitive_destroy)(self.primitive);
+            (self.api.primitive_desc_destroy)(self.descriptor);
+        }
+    }
+}
+
+impl OneDnn {
+    /// oneDNN from `libdnnl.so.2`, or why it cannot be used.
+    pub(crate) fn load() -> Result<&'static OneDnn, String> {
+        static LOADED: OnceLock<Result<OneDnn, String>> = OnceLock::new();
+        LOADED
+            .get_or_init(|| Api::load().map(|api| OneDnn { api, primitives: Mutex::new(HashMap::new()) }))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// "oneDNN 2.6.3".
+    pub(crate) fn describe(&self) -> String {
+        format!("oneDNN {}", self.api.version_string())
+    }
+
+    /// `dst (+)= a · b` for every batch entry: a [batch, m, k] and b [batch, k, n] in bf16, dst
+    /// [batch, m, n] in f32, accumulating onto dst's values when `accumulate`, on the calling
+    /// thread and `threads` OpenMP threads.
+    ///
+    /// Errors when an operand's slice is shorter than its view addresses, or oneDNN fails.
+    pub(crate) fn matmul(
+        &'static self,
+        (a, a_view): (&[bf16], View),
+        (b, b_view): (&[bf16], View),
+        (dst, dst_view): (&mut [f32], View),
+        accumulate: bool,
+        threads: usize,
+    ) -> Result<(), String> {
+        if a.len() < a_view.extent() || b.len() < b_view.extent() || dst.len() < dst_view.extent() {
+            return Err("oneDNN matmul: an operand is shorter than its view".into());
+        }
+        // SAFETY: each view lies within its slice (checked above); dst is borrowed mutably, so it
+        // overlaps neither operand.
+        unsafe { self.matmul_at((a.as_ptr(), a_view), (b.as_ptr(), b_view), (dst.as_mut_ptr(), dst_view), accumulate, threads) }
+    }
+
+    /// [`OneDnn::matmul`] over raw pointers, for destinations that parallel tasks share (each
+    /// writing its own elements).
+    ///
+    /// # Safety
+    /// Every element a view addresses must lie within its buffer; no other thread may read or
+    /// write the elements of dst's view meanwhile, and dst's view must not overlap a's or b's.
+    pub(crate) unsafe fn matmul_at(
+        &'static self,
+        (a, a_view): (*const bf16, View),
+        (b, b_view): (*const bf16, View),
+        (dst, dst_view): (*mut f32, View),
+        accumulate: bool,
+        threads: usize,
+    ) -> Result<(), String> {
+        let [batch, m, k] = a_view.dims;
+        let ok = b_view.dims == [batch, k, dst_view.dims[2]] && dst_view.dims == [batch, m, b_view.dims[2]];
+        if !ok {
+            return Err(format!("oneDNN matmul: shapes {:?} · {:?} → {:?}", a_view.dims, b_view.dims, dst_view.dims));
+        }
+        let matmul = self.primitive(Key { a: a_view, b: b_view, dst: dst_view, accumulate })?;
+        if let Some(set_threads) = self.api.omp_set_num_threads {
+            // SAFETY: sets the calling thread's OpenMP thread count.
+            unsafe { set_threads(threads.max(1) as c_int) };
+        }
+        SCRATCHPAD.with_borrow_mut(|scratch| {
+            // u64 words: oneDNN wants its scratchpad aligned (64 bytes is asked of buffers it
+            // allocates, but user memory only needs the element alignment).
+            scratch.resize(matmul.scratch_bytes.div_ceil(8) + 8, 0);
+            let aligned = scratch.as_mut_ptr().align_offset(8).min(8);
+            // SAFETY: within the buffer (8 spare words).
+            let scratch = unsafe { scratch.as_mut_ptr().add(aligned) };
+            // SAFETY: the caller's contract, and a scratch buffer of the size the primitive asks.
+            unsafe { self.execute(&matmul, [a as *mut c_void, b as *mut c_void, dst.cast(), scratch.cast()]) }
+        })
+    }
+
+    /// Runs `matmul` over memory at `handles` (src, weights, dst, scratchpad).
+    ///
+    /// # Safety
+    /// As [`OneDnn::matmul_at`]'s, and the scratchpad must hold `matmul.scratch_bytes`.
+    unsafe fn execute(&self, matmul: &Matmul, handles: [*mut c_void; 4]) -> Result<(), String> {
+        let mut memories = [std::ptr::null_mut(); 4];
+        let mut descs: Vec<*const MemoryDesc> = matmul.descs.iter().map(|d| d as *const MemoryDesc).collect();
+        if !matmul.scratch_desc.is_null() {
+            descs.push(matmul.scratch_desc);
+        }
+        let result = (|| {
+            for (memory, (&desc, handle)) in memories.iter_mut().zip(descs.iter().zip(handles)) {
+                // SAFETY: a memory object over the caller's buffer, which holds every element the
+                // descriptor addresses (the caller's contract); oneDNN only reads src and weights.
+                check(unsafe { (self.api.memory_create)(memory, desc, self.api.engine, handle) }, "memory")?;
+            }
+            let args = [
+                ExecArg { arg: ffi::ARG_SRC, memory: memories[0] },
+                ExecArg { arg: ffi::ARG_WEIGHTS, memory: memories[1] },
+                ExecArg { arg: ffi::ARG_DST, memory: memories[2] },
+                ExecArg { arg: ffi::ARG_SCRATCHPAD, memory: memories[3] },
+            ];
+            let stream = self.stream()?;
+            // SAFETY: the primitive, its arguments and this thread's stream are valid; the call
+            // returns once the stream has finished (waited on below).
+            unsafe {
+                let count = descs.len() as c_int;
+                check((self.api.primitive_execute)(matmul.primitive, stream, count, args.as_ptr()), "execute")?;
+                check((self.api.stream_wait)(stream), "wait")
+            }
+        })();
+        for memory in memories.into_iter().filter(|memory| !memory.is_null()) {
+            // SAFETY: made above, used by nothing else.
+            unsafe { (self.api.memory_destroy)(memory) };
+        }
+        result
+    }
+
+    /// The calling thread's stream (oneDNN streams are not shared between threads).
+    fn stream(&self) -> Result<ffi::Stream, String> {
+        thread_local! {
+            static STREAM: Cell<ffi::Stream> = const { Cell::new(std::ptr::null_mut()) };
+        }
+        STREAM.with(|stream| {
+            if stream.get().is_null() {
+                stream.set(self.api.new_stream()?);
+            }
+            Ok(stream.get())
+        })
+    }
+
+    fn primitive(&'static self, key: Key) -> Result<Arc<Matmul>, String> {
+        let mut cache = self.primitives.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(matmul) = cache.get(&key) {
+            return Ok(matmul.clone());
+        }
+        if cache.len() >= MAX_PRIMITIVES {
+            cache.clear();
+        }
+        let matmul = Arc::new(self.make(key)?);
+        cache.insert(key, matmul.clone());
+        Ok(matmul)
+    }
+
+    fn make(&'static self, key: Key) -> Result<Matmul, String> {
+        let api = &self.api;
+        let descs = [(key.a, ffi::BF16), (key.b, ffi::BF16), (key.dst, ffi::F32)].map(|(view, dtype)| {
+            let mut desc = MemoryDesc::zeroed();
+            let dims = view.dims.map(|d| d as i64);
+            let strides = view.strides.map(|s| s as i64);
+            // SAFETY: writes one descriptor from three dims and strides.
+            let status = unsafe { (api.memory_desc_init_by_strides)(&mut desc, 3, dims.as_ptr(), dtype, strides.as_ptr()) };
+            check(status, "memory descriptor").map(|()| desc)
+        });
+        let [a, b, dst] = descs;
+        let descs = [a?, b?, dst?];
+        let mut op = MatmulDesc::zeroed();
+        let mut attr = std::ptr::null_mut();
+        let mut post_ops = std::ptr::null_mut();
+        let mut descriptor = std::ptr::null_mut();
+        let mut primitive = std::ptr::null_mut();
+        // SAFETY: every descriptor and handle is made here and passed by pointer as dnnl.h
+        // declares; the attribute and post-ops are destroyed once the descriptor holds copies.
+        unsafe {
+            check(
+                (api.matmul_desc_init)(&mut *op, &descs[0], &descs[1], std::ptr::null(), &descs[2]),
+                "matmul descriptor",
+            )?;
+            check((api.primitive_attr_create)(&mut attr), "attributes")?;
+            let made = (|| {
+                check((api.primitive_attr_set_scratchpad_mode)(attr, ffi::SCRATCHPAD_MODE_USER), "scratchpad mode")?;
+                if key.accumulate {
+                    check((api.post_ops_create)(&mut post_ops), "post-ops")?;
+                    check((api.post_ops_append_sum)(post_ops, 1.0), "sum post-op")?;
+                    check((api.primitive_attr_set_post_ops)(attr, post_ops), "post-ops")?;
+                }
+                check(
+                    (api.primitive_desc_create)(
+                        &mut descriptor,
+                        (&*op as *const MatmulDesc).cast(),
+                        attr,
+                        api.engine,
+                        std::ptr::null_mut(),
+                    ),
+                    "matmul primitive descriptor",
+                )?;
+                check((api.primitive_create)(&mut primitive, descriptor), "matmul primitive")
+            })();
+            if !post_ops.is_null() {
+                (api.post_ops_destroy)(post_ops);
+            }
+            (api.primitive_attr_destroy)(attr);
+            if let Err(e) = made {
+                if !descriptor.is_null() {
+                    (api.primitive_desc_destroy)(descriptor);
+                }
+                return Err(e);
+            }
+        }
+        // SAFETY: the descriptor is valid; the query returns a pointer into it, valid while it
+        // lives (as long as the Matmul).
+        let scratch_desc = unsafe { (api.primitive_desc_query_md)(descriptor, ffi::QUERY_SCRATCHPAD_MD, 0) };
+        let scratch_bytes = match scratch_desc.is_null() {
+            true => 0,
+            // SAFETY: a valid memory descriptor.
+            false => unsafe { (api.memory_desc_get_size)(scratch_desc) },
+        };
+        let matmul = Matmul { primitive, descriptor, descs, scratch_desc, scratch_bytes, api };
+        if std::env::var_os("BLIP_ONEDNN_TRACE").is_some() {
+            eprintln!("oneDNN {:?} x {:?} -> {:?}: {:?}", key.a, key.b, key.dst, matmul.implementation());
+        }
+        Ok(matmul)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The f64 product of the same bf16 values, as the reference.
+    fn reference(a: &[bf16], b: &[bf16], (m, n, k): (usize, usize, usize), b_transposed: bool) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut sum = 0f64;
+                for p in 0..k {
+                    let bv = if b_transposed { b[j * k + p] } else { b[p * n + j] };
+                    sum += a[i * k + p].to_f64() * bv.to_f64();
+                }
+                out[i * n + j] = sum as f32;
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<bf16> {
+        (0..len).map(|i| bf16::from_f32(((i as u32 * 2654435761 + seed) % 1000) as f32 / 500.0 - 1.0)).collect()
+    }
+
+    #[test]
+    fn bf16_products_match_the_exact_product_of_the_same_values() {
+        let Ok(onednn) = OneDnn::load() else {
+            eprintln!("oneDNN not installed: skipped");
+            return;
+        };
+        let (m, n, k) = (37, 50, 70);
+        let (a, w) = (values(m * k, 1), values(n * k, 7));
+        let expected = reference(&a, &w, (m, n, k), true);
+        for accumulate in [false, true] {
+            let mut dst = vec![if accumulate { 1.0 } else { f32::NAN }; m * n];
+            onednn
+                .matmul(
+                    (&a, View::matrix(m, k, k)),
+                    (&w, View::transposed(k, n, k)),
+                    (&mut dst, View::matrix(m, n, n)),
+                    accumulate,
+                    2,
+                )
+                .unwrap();
+            let offset = if accumulate { 1.0 } else { 0.0 };
+            for (ours, exact) in dst.iter().zip(&expected) {
+                assert!((ours - offset - exact).abs() < 1e-4, "{ours} vs {exact} + {offset}");
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_and_short_buffers_are_errors() {
+        let Ok(onednn) = OneDnn::load() else { return };
+        let (a, w) = (values(6, 1), values(6, 2));
+        let mut dst = vec![0f32; 4];
+        let shapes = onednn.matmul(
+            (&a, View::matrix(2, 3, 3)),
+            (&w, View::transposed(2, 3, 2)),
+            (&mut dst, View::matrix(2, 2, 2)),
+            false,
+            1,
+        );
+        assert!(shapes.is_err());
+        let short = onednn.matmul(
+            (&a[..5], View::matrix(2, 3, 3)),
+            (&w, View::transposed(3, 2, 3)),
+            (&mut dst, View::matrix(2, 2, 2)),
+            false,
+            1,
+        );
+        assert!(short.is_err());
+    }
+}
