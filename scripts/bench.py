@@ -141,6 +141,8 @@ def ratio(ours, theirs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--output", default=str(REPO / "BENCHMARKS.md"),
+                    help="where the report goes (default: BENCHMARKS.md, replaced whole)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "blip-bench"),
                     help="where the checkpoint is built (not committed)")
     args = ap.parse_args()
@@ -285,7 +287,7 @@ def main():
             "kernels, and PyTorch's bf16 has no hardware path, which is why it is slower than its f32 here.",
             "",
         ]
-    (REPO / "BENCHMARKS.md").write_text("\n".join(lines))
+    Path(args.output).write_text("\n".join(lines))
     print("\n".join(lines))
     print(json.dumps({"ours": ours, "ours_bf16": ours_bf16, "torch_f32": torch_f32, "torch_bf16": torch_bf16,
                       "ours_f32_rounds": ours_runs, "torch_f32_rounds": torch_runs}, indent=1))

@@ -10,6 +10,7 @@ use std::arch::x86_64::*;
 
 use super::dispatch::{isa, Isa};
 use super::math::{erf, exp_and_sum, lane_sum};
+use super::widen::narrow_scaled_bf16;
 #[cfg(target_arch = "x86_64")]
 use super::math::{exp8, exp_and_sum_avx2};
 
@@ -140,6 +141,35 @@ pub(crate) fn softmax_rows(data: &mut [f32], row_len: usize, scale: f32) {
     }
 }
 
+/// Softmax of `scale`·x over each row of `row_len` values, on this thread, written rounded to
+/// bf16 into `out` (as long as `data`, whose values are left as the unnormalized exponentials):
+/// the probabilities a bf16 product takes, without a second pass over them.
+pub(crate) fn softmax_rows_to_bf16(data: &mut [f32], row_len: usize, scale: f32, out: &mut [half::bf16]) {
+    let rows = data.chunks_mut(row_len).zip(out.chunks_mut(row_len));
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa::Avx2Fma proves the features the two kernels are compiled for.
+        Isa::Avx2Fma(_) => rows.for_each(|(row, out)| unsafe {
+            let inverse = softmax_exponentials_avx2(row, scale);
+            scaled_to_bf16_avx2(row, inverse, out)
+        }),
+        _ => rows.for_each(|(row, out)| {
+            let inverse = softmax_exponentials(row, scale);
+            narrow_scaled_bf16(row, inverse, out)
+        }),
+    }
+}
+
+/// [`narrow_scaled_bf16`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scaled_to_bf16_avx2(row: &[f32], factor: f32, out: &mut [half::bf16]) {
+    narrow_scaled_bf16(row, factor, out)
+}
+
 /// [`softmax_row`] with the max and the exponentials in AVX2 registers.
 ///
 /// # Safety
@@ -147,6 +177,18 @@ pub(crate) fn softmax_rows(data: &mut [f32], row_len: usize, scale: f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_avx2(row: &mut [f32], scale: f32) {
+    // SAFETY: the features, by the caller's contract.
+    let inverse = unsafe { softmax_exponentials_avx2(row, scale) };
+    row.iter_mut().for_each(|x| *x *= inverse);
+}
+
+/// The exponentials of `scale`·x less the row's max, in place; returns 1 / their sum.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_exponentials_avx2(row: &mut [f32], scale: f32) -> f32 {
     // SAFETY: the loads read eight elements within a chunk of the row, the store writes eight
     // lanes to an array of eight; the features, by the caller's contract.
     unsafe {
@@ -160,8 +202,7 @@ unsafe fn softmax_avx2(row: &mut [f32], scale: f32) {
         _mm256_storeu_ps(lanes.as_mut_ptr(), maxes);
         let tail = chunks.remainder().iter().map(|&x| x * scale);
         let max = tail.chain(lanes).fold(f32::NEG_INFINITY, f32::max);
-        let inverse = 1.0 / exp_and_sum_avx2(row, scale, max);
-        row.iter_mut().for_each(|x| *x *= inverse);
+        1.0 / exp_and_sum_avx2(row, scale, max)
     }
 }
 
@@ -169,6 +210,13 @@ unsafe fn softmax_avx2(row: &mut [f32], scale: f32) {
 /// single running sum would be a chain of dependent additions the compiler cannot vectorize).
 #[inline(always)]
 fn softmax_row(row: &mut [f32], scale: f32) {
+    let inverse = softmax_exponentials(row, scale);
+    row.iter_mut().for_each(|x| *x *= inverse);
+}
+
+/// The exponentials of `scale`·x less the row's max, in place; returns 1 / their sum.
+#[inline(always)]
+fn softmax_exponentials(row: &mut [f32], scale: f32) -> f32 {
     const LANES: usize = 8;
     let mut maxes = [f32::NEG_INFINITY; LANES];
     let chunks = row.chunks_exact(LANES);
@@ -179,10 +227,8 @@ fn softmax_row(row: &mut [f32], scale: f32) {
         }
     }
     let max = maxes.iter().fold(tail_max, |m, &x| m.max(x));
-    let sum = exp_and_sum(row, scale, max);
     // one division per row, as PyTorch's vectorized softmax does
-    let inverse = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inverse);
+    1.0 / exp_and_sum(row, scale, max)
 }
 
 #[cfg(test)]
@@ -190,6 +236,25 @@ mod tests {
     use super::*;
     use crate::kernels::dispatch::{available, with_isa};
     use crate::kernels::math::exp;
+
+    #[test]
+    fn softmax_to_bf16_is_the_softmax_rounded() {
+        let row_len = 37;
+        let data: Vec<f32> = (0..row_len * 3).map(|i| ((i * 7919) % 101) as f32 * 0.13 - 6.0).collect();
+        for isa in available() {
+            let mut expected = data.clone();
+            let mut scratch = data.clone();
+            let mut out = vec![half::bf16::ZERO; data.len()];
+            with_isa(isa, || {
+                softmax_rows(&mut expected, row_len, 0.7);
+                softmax_rows_to_bf16(&mut scratch, row_len, 0.7, &mut out);
+            });
+            for (o, e) in out.iter().zip(&expected) {
+                // the same f32 softmax (one product fewer: exp·(1/sum) rounded once), then rounded
+                assert!((o.to_f32() - e).abs() <= e.abs() / 128.0, "{isa:?}: {o} vs {e}");
+            }
+        }
+    }
 
     #[test]
     fn gelu_is_within_pytorchs_erf_error_of_the_exact_one() {

@@ -119,14 +119,27 @@ unsafe fn narrow_bf16_avx2(src: &[f32], dst: &mut [half::bf16]) {
 /// Integer arithmetic on the bits, branch-free, so that the compiler vectorizes it.
 #[inline(always)]
 fn narrow_lanes(src: &[f32], dst: &mut [half::bf16]) {
-    dst.iter_mut().zip(src).for_each(|(d, &x)| {
+    dst.iter_mut().zip(src).for_each(|(d, &x)| *d = round_to_bf16(x));
+}
+
+/// `src`·`factor` rounded to bf16 as [`narrow_bf16`] rounds, in one pass (inlined into the
+/// caller's instruction set).
+#[inline(always)]
+pub(crate) fn narrow_scaled_bf16(src: &[f32], factor: f32, dst: &mut [half::bf16]) {
+    dst.iter_mut().zip(src).for_each(|(d, &x)| *d = round_to_bf16(x * factor));
+}
+
+/// One value to nearest, ties to even.
+#[inline(always)]
+fn round_to_bf16(x: f32) -> half::bf16 {
+    {
         let bits = x.to_bits();
         let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
         // a NaN keeps its sign and top payload bits, made quiet so that rounding cannot carry
         // it into an infinity
         let nan = (bits >> 16) | 0x40;
-        *d = half::bf16::from_bits(if x.is_nan() { nan } else { rounded } as u16);
-    });
+        half::bf16::from_bits(if x.is_nan() { nan } else { rounded } as u16)
+    }
 }
 
 #[cfg(test)]

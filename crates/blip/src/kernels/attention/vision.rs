@@ -11,7 +11,7 @@ use super::combine::CombineTile;
 use super::SharedOut;
 use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::dispatch::{isa, Isa};
-use crate::kernels::elementwise::softmax_rows;
+use crate::kernels::elementwise::{softmax_rows, softmax_rows_to_bf16};
 use crate::kernels::onednn::{OneDnn, View};
 use crate::kernels::widen::narrow_bf16;
 #[cfg(target_arch = "x86_64")]
@@ -99,8 +99,7 @@ pub(crate) fn attend_packed_bf16(
                 false,
                 1,
             )?;
-            softmax_rows(scores, n, scale);
-            narrow_bf16(scores, probabilities);
+            softmax_rows_to_bf16(scores, n, scale, probabilities);
             onednn.matmul(
                 (probabilities, View::matrix(n, n, n)),
                 (v, View::matrix(n, d, d)),

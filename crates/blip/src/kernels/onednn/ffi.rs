@@ -1,8 +1,10 @@
-//! The part of oneDNN 2.x's C API the bf16 products use, loaded from `libdnnl.so.2` at run time
-//! (so that the build and the binary never need oneDNN; without it bf16 keeps f32 products).
+//! The part of oneDNN's C API the bf16 products use, loaded at run time from `libdnnl.so.3`
+//! (oneDNN 3.x) or `libdnnl.so.2` (2.x), so that the build and the binary never need oneDNN
+//! (without it bf16 keeps f32 products).
 //!
-//! Descriptors are passed by pointer only, so they are held as opaque, suitably aligned byte
-//! buffers at least as large as the library's structs (checked against its version at load).
+//! The two versions differ in how memory descriptors and the matmul's descriptor are made: 2.x
+//! fills structs the caller owns (held here as opaque, aligned byte buffers larger than the
+//! library's structs), 3.x returns handles. Everything else takes them by pointer either way.
 
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
@@ -85,32 +87,22 @@ pub(super) struct Api {
     pub engine_create: unsafe extern "C" fn(*mut Engine, c_int, usize) -> Status,
     pub stream_create: unsafe extern "C" fn(*mut Stream, Engine, c_uint) -> Status,
     pub stream_wait: unsafe extern "C" fn(Stream) -> Status,
-    pub memory_desc_init_by_strides:
-        unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, *const i64) -> Status,
-    pub memory_desc_get_size: unsafe extern "C" fn(*const MemoryDesc) -> usize,
-    pub matmul_desc_init: unsafe extern "C" fn(
-        *mut MatmulDesc,
-        *const MemoryDesc,
-        *const MemoryDesc,
-        *const MemoryDesc,
-        *const MemoryDesc,
-    ) -> Status,
+    pub memory_desc_get_size: unsafe extern "C" fn(Desc) -> usize,
+    /// The calls that differ between the major versions.
+    pub versioned: Versioned,
     pub primitive_attr_create: unsafe extern "C" fn(*mut Attr) -> Status,
     pub primitive_attr_destroy: unsafe extern "C" fn(Attr) -> Status,
     pub primitive_attr_set_post_ops: unsafe extern "C" fn(Attr, PostOps) -> Status,
     pub primitive_attr_set_scratchpad_mode: unsafe extern "C" fn(Attr, c_int) -> Status,
     pub post_ops_create: unsafe extern "C" fn(*mut PostOps) -> Status,
     pub post_ops_destroy: unsafe extern "C" fn(PostOps) -> Status,
-    pub post_ops_append_sum: unsafe extern "C" fn(PostOps, f32) -> Status,
-    pub primitive_desc_create:
-        unsafe extern "C" fn(*mut PrimitiveDesc, *const c_void, Attr, Engine, PrimitiveDesc) -> Status,
     pub primitive_desc_query: unsafe extern "C" fn(PrimitiveDesc, c_int, c_int, *mut c_void) -> Status,
-    pub primitive_desc_query_md: unsafe extern "C" fn(PrimitiveDesc, c_int, c_int) -> *const MemoryDesc,
+    pub primitive_desc_query_md: unsafe extern "C" fn(PrimitiveDesc, c_int, c_int) -> Desc,
     pub primitive_desc_destroy: unsafe extern "C" fn(PrimitiveDesc) -> Status,
     pub primitive_create: unsafe extern "C" fn(*mut Primitive, PrimitiveDesc) -> Status,
     pub primitive_destroy: unsafe extern "C" fn(Primitive) -> Status,
     pub primitive_execute: unsafe extern "C" fn(Primitive, Stream, c_int, *const ExecArg) -> Status,
-    pub memory_create: unsafe extern "C" fn(*mut Memory, *const MemoryDesc, Engine, *mut c_void) -> Status,
+    pub memory_create: unsafe extern "C" fn(*mut Memory, Desc, Engine, *mut c_void) -> Status,
     pub memory_destroy: unsafe extern "C" fn(Memory) -> Status,
     /// OpenMP's thread count (the Debian build runs on libgomp), so that oneDNN uses the
     /// project's `--threads`; absent for other threading runtimes.
@@ -126,30 +118,102 @@ unsafe impl Send for Api {}
 // SAFETY: as for Send.
 unsafe impl Sync for Api {}
 
-/// The library's file name (oneDNN 2.x's soname).
-pub(super) const LIBRARY: &str = "libdnnl.so.2";
+/// A memory descriptor as the calls take it: a pointer to 2.x's struct, or 3.x's handle.
+pub(super) type Desc = *const c_void;
+
+/// oneDNN 2.x's descriptor calls.
+pub(super) struct V2 {
+    pub memory_desc_init_by_strides: unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, *const i64) -> Status,
+    pub matmul_desc_init: unsafe extern "C" fn(*mut MatmulDesc, Desc, Desc, Desc, Desc) -> Status,
+    pub primitive_desc_create: unsafe extern "C" fn(*mut PrimitiveDesc, *const c_void, Attr, Engine, PrimitiveDesc) -> Status,
+    pub post_ops_append_sum: unsafe extern "C" fn(PostOps, f32) -> Status,
+}
+
+/// oneDNN 3.x's descriptor calls.
+pub(super) struct V3 {
+    pub memory_desc_create_with_strides: unsafe extern "C" fn(*mut Desc, c_int, *const i64, c_int, *const i64) -> Status,
+    pub memory_desc_destroy: unsafe extern "C" fn(Desc) -> Status,
+    pub matmul_primitive_desc_create:
+        unsafe extern "C" fn(*mut PrimitiveDesc, Engine, Desc, Desc, Desc, Desc, Attr) -> Status,
+    pub post_ops_append_sum: unsafe extern "C" fn(PostOps, f32, i32, c_int) -> Status,
+}
+
+pub(super) enum Versioned {
+    V2(V2),
+    V3(V3),
+}
+
+/// A memory descriptor this module made: 2.x's struct, or 3.x's handle (destroyed on drop).
+pub(super) enum OwnedDesc {
+    V2(Box<MemoryDesc>),
+    V3(Desc, unsafe extern "C" fn(Desc) -> Status),
+}
+
+impl OwnedDesc {
+    pub(super) fn as_ptr(&self) -> Desc {
+        match self {
+            OwnedDesc::V2(desc) => (&**desc as *const MemoryDesc).cast(),
+            OwnedDesc::V3(handle, _) => *handle,
+        }
+    }
+}
+
+impl Drop for OwnedDesc {
+    fn drop(&mut self) {
+        if let OwnedDesc::V3(handle, destroy) = self {
+            // SAFETY: a handle made by memory_desc_create_with_strides, destroyed once.
+            unsafe { destroy(*handle) };
+        }
+    }
+}
+
+/// The libraries tried, newest first (oneDNN's sonames).
+pub(super) const LIBRARIES: [&str; 2] = ["libdnnl.so.3", "libdnnl.so.2"];
 
 impl Api {
-    /// Loads oneDNN 2.x and its CPU engine, or says why not.
+    /// Loads oneDNN (3.x, else 2.x) and its CPU engine, or says why not.
     pub(super) fn load() -> Result<Self, String> {
+        let mut failures = Vec::new();
+        for name in LIBRARIES {
+            match Self::load_from(name) {
+                Ok(api) => return Ok(api),
+                Err(e) => failures.push(e),
+            }
+        }
+        Err(failures.join("; "))
+    }
+
+    fn load_from(name: &str) -> Result<Self, String> {
         // SAFETY: loading a shared library runs its initializers; oneDNN's only set up its own
-        // state. The symbols below are taken with the signatures of oneDNN 2.x's dnnl.h, and
-        // the major version is checked before any other is called.
+        // state. The symbols below are taken with the signatures of dnnl.h of the major version
+        // the library reports, which is checked before any other call.
         unsafe {
             set_openmp_waiting();
-            let library = Library::new(LIBRARY).map_err(|e| format!("{LIBRARY} not loaded ({e})"))?;
+            let library = Library::new(name).map_err(|e| format!("{name} not loaded ({e})"))?;
             macro_rules! symbol {
                 ($name:literal) => {
                     *library
                         .get(concat!($name, "\0").as_bytes())
-                        .map_err(|e| format!("{LIBRARY}: no {} ({e})", $name))?
+                        .map_err(|e| format!("{name}: no {} ({e})", $name))?
                 };
             }
             let version: unsafe extern "C" fn() -> *const Version = symbol!("dnnl_version");
             let found = &*version();
-            if found.major != 2 {
-                return Err(format!("{LIBRARY} is oneDNN {}.{}, not 2.x", found.major, found.minor));
-            }
+            let versioned = match found.major {
+                2 => Versioned::V2(V2 {
+                    memory_desc_init_by_strides: symbol!("dnnl_memory_desc_init_by_strides"),
+                    matmul_desc_init: symbol!("dnnl_matmul_desc_init"),
+                    primitive_desc_create: symbol!("dnnl_primitive_desc_create"),
+                    post_ops_append_sum: symbol!("dnnl_post_ops_append_sum"),
+                }),
+                3 => Versioned::V3(V3 {
+                    memory_desc_create_with_strides: symbol!("dnnl_memory_desc_create_with_strides"),
+                    memory_desc_destroy: symbol!("dnnl_memory_desc_destroy"),
+                    matmul_primitive_desc_create: symbol!("dnnl_matmul_primitive_desc_create"),
+                    post_ops_append_sum: symbol!("dnnl_post_ops_append_sum"),
+                }),
+                major => return Err(format!("{name} is oneDNN {major}.{}, not 2.x or 3.x", found.minor)),
+            };
             let openmp = Library::new("libgomp.so.1").ok();
             let omp_set_num_threads = openmp.as_ref().and_then(|omp| omp.get(b"omp_set_num_threads\0").ok().map(|f| *f));
             let mut api = Api {
@@ -157,17 +221,14 @@ impl Api {
                 engine_create: symbol!("dnnl_engine_create"),
                 stream_create: symbol!("dnnl_stream_create"),
                 stream_wait: symbol!("dnnl_stream_wait"),
-                memory_desc_init_by_strides: symbol!("dnnl_memory_desc_init_by_strides"),
                 memory_desc_get_size: symbol!("dnnl_memory_desc_get_size"),
-                matmul_desc_init: symbol!("dnnl_matmul_desc_init"),
+                versioned,
                 primitive_attr_create: symbol!("dnnl_primitive_attr_create"),
                 primitive_attr_destroy: symbol!("dnnl_primitive_attr_destroy"),
                 primitive_attr_set_post_ops: symbol!("dnnl_primitive_attr_set_post_ops"),
                 primitive_attr_set_scratchpad_mode: symbol!("dnnl_primitive_attr_set_scratchpad_mode"),
                 post_ops_create: symbol!("dnnl_post_ops_create"),
                 post_ops_destroy: symbol!("dnnl_post_ops_destroy"),
-                post_ops_append_sum: symbol!("dnnl_post_ops_append_sum"),
-                primitive_desc_create: symbol!("dnnl_primitive_desc_create"),
                 primitive_desc_query: symbol!("dnnl_primitive_desc_query"),
                 primitive_desc_query_md: symbol!("dnnl_primitive_desc_query_md"),
                 primitive_desc_destroy: symbol!("dnnl_primitive_desc_destroy"),
@@ -184,6 +245,66 @@ impl Api {
             check((api.engine_create)(&mut api.engine, CPU, 0), "engine")?;
             Ok(api)
         }
+    }
+
+    /// A strided memory descriptor of `dtype` over `dims`.
+    pub(super) fn memory_desc(&self, dims: &[i64], strides: &[i64], dtype: c_int) -> Result<OwnedDesc, String> {
+        let ndims = dims.len() as c_int;
+        // SAFETY: dims and strides hold ndims values each; the descriptor is written by oneDNN.
+        unsafe {
+            match &self.versioned {
+                Versioned::V2(v2) => {
+                    let mut desc = Box::new(MemoryDesc::zeroed());
+                    let status = (v2.memory_desc_init_by_strides)(&mut *desc, ndims, dims.as_ptr(), dtype, strides.as_ptr());
+                    check(status, "memory descriptor").map(|()| OwnedDesc::V2(desc))
+                }
+                Versioned::V3(v3) => {
+                    let mut handle = std::ptr::null();
+                    let status =
+                        (v3.memory_desc_create_with_strides)(&mut handle, ndims, dims.as_ptr(), dtype, strides.as_ptr());
+                    check(status, "memory descriptor").map(|()| OwnedDesc::V3(handle, v3.memory_desc_destroy))
+                }
+            }
+        }
+    }
+
+    /// Appends `dst += 1.0 · previous dst` (the sum post-op) to `post_ops`.
+    ///
+    /// # Safety
+    /// `post_ops` must be a live post-ops handle.
+    pub(super) unsafe fn append_sum(&self, post_ops: PostOps) -> Result<(), String> {
+        // SAFETY: by the caller's contract; `0` for 3.x's data type is `dnnl_data_type_undef`
+        // (dst's own type), and its zero point 0 is no shift.
+        let status = unsafe {
+            match &self.versioned {
+                Versioned::V2(v2) => (v2.post_ops_append_sum)(post_ops, 1.0),
+                Versioned::V3(v3) => (v3.post_ops_append_sum)(post_ops, 1.0, 0, 0),
+            }
+        };
+        check(status, "sum post-op")
+    }
+
+    /// A matmul primitive descriptor `dst = src · weights` (no bias) with `attr`.
+    ///
+    /// # Safety
+    /// The descriptors and `attr` must be live.
+    pub(super) unsafe fn matmul_desc(&self, src: Desc, weights: Desc, dst: Desc, attr: Attr) -> Result<PrimitiveDesc, String> {
+        let mut descriptor = std::ptr::null_mut();
+        // SAFETY: by the caller's contract; 2.x's operation descriptor lives on the heap until
+        // the primitive descriptor, which copies it, is made.
+        let status = unsafe {
+            match &self.versioned {
+                Versioned::V2(v2) => {
+                    let mut op = MatmulDesc::zeroed();
+                    check((v2.matmul_desc_init)(&mut *op, src, weights, std::ptr::null(), dst), "matmul descriptor")?;
+                    (v2.primitive_desc_create)(&mut descriptor, (&*op as *const MatmulDesc).cast(), attr, self.engine, std::ptr::null_mut())
+                }
+                Versioned::V3(v3) => {
+                    (v3.matmul_primitive_desc_create)(&mut descriptor, self.engine, src, weights, std::ptr::null(), dst, attr)
+                }
+            }
+        };
+        check(status, "matmul primitive descriptor").map(|()| descriptor)
     }
 
     /// "2.6.3".

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use half::bf16;
 
-use ffi::{check, Api, ExecArg, MatmulDesc, MemoryDesc};
+use ffi::{check, Api, Desc, ExecArg, OwnedDesc};
 
 /// oneDNN, loaded, with the primitives made so far.
 pub(crate) struct OneDnn {
@@ -66,9 +66,9 @@ struct Matmul {
     primitive: ffi::Primitive,
     descriptor: ffi::PrimitiveDesc,
     /// Its operands' memory descriptors, in the order src, weights, dst.
-    descs: [MemoryDesc; 3],
+    descs: [OwnedDesc; 3],
     /// Its scratchpad's (owned by `descriptor`; null when it needs none).
-    scratch_desc: *const MemoryDesc,
+    scratch_desc: Desc,
     /// Bytes of scratch memory a call needs.
     scratch_bytes: usize,
     api: &'static Api,
@@ -187,7 +187,7 @@ impl OneDnn {
     /// As [`OneDnn::matmul_at`]'s, and the scratchpad must hold `matmul.scratch_bytes`.
     unsafe fn execute(&self, matmul: &Matmul, handles: [*mut c_void; 4]) -> Result<(), String> {
         let mut memories = [std::ptr::null_mut(); 4];
-        let mut descs: Vec<*const MemoryDesc> = matmul.descs.iter().map(|d| d as *const MemoryDesc).collect();
+        let mut descs: Vec<Desc> = matmul.descs.iter().map(OwnedDesc::as_ptr).collect();
         if !matmul.scratch_desc.is_null() {
             descs.push(matmul.scratch_desc);
         }
@@ -247,59 +247,37 @@ impl OneDnn {
 
     fn make(&'static self, key: Key) -> Result<Matmul, String> {
         let api = &self.api;
-        let descs = [(key.a, ffi::BF16), (key.b, ffi::BF16), (key.dst, ffi::F32)].map(|(view, dtype)| {
-            let mut desc = MemoryDesc::zeroed();
-            let dims = view.dims.map(|d| d as i64);
-            let strides = view.strides.map(|s| s as i64);
-            // SAFETY: writes one descriptor from three dims and strides.
-            let status = unsafe { (api.memory_desc_init_by_strides)(&mut desc, 3, dims.as_ptr(), dtype, strides.as_ptr()) };
-            check(status, "memory descriptor").map(|()| desc)
-        });
+        let descs = [(key.a, ffi::BF16), (key.b, ffi::BF16), (key.dst, ffi::F32)]
+            .map(|(view, dtype)| api.memory_desc(&view.dims.map(|d| d as i64), &view.strides.map(|s| s as i64), dtype));
         let [a, b, dst] = descs;
         let descs = [a?, b?, dst?];
-        let mut op = MatmulDesc::zeroed();
         let mut attr = std::ptr::null_mut();
         let mut post_ops = std::ptr::null_mut();
-        let mut descriptor = std::ptr::null_mut();
         let mut primitive = std::ptr::null_mut();
-        // SAFETY: every descriptor and handle is made here and passed by pointer as dnnl.h
-        // declares; the attribute and post-ops are destroyed once the descriptor holds copies.
-        unsafe {
-            check(
-                (api.matmul_desc_init)(&mut *op, &descs[0], &descs[1], std::ptr::null(), &descs[2]),
-                "matmul descriptor",
-            )?;
+        // SAFETY: every descriptor and handle is made here and passed as dnnl.h declares; the
+        // attribute and post-ops are destroyed once the primitive descriptor holds copies.
+        let descriptor = unsafe {
             check((api.primitive_attr_create)(&mut attr), "attributes")?;
             let made = (|| {
                 check((api.primitive_attr_set_scratchpad_mode)(attr, ffi::SCRATCHPAD_MODE_USER), "scratchpad mode")?;
                 if key.accumulate {
                     check((api.post_ops_create)(&mut post_ops), "post-ops")?;
-                    check((api.post_ops_append_sum)(post_ops, 1.0), "sum post-op")?;
+                    api.append_sum(post_ops)?;
                     check((api.primitive_attr_set_post_ops)(attr, post_ops), "post-ops")?;
                 }
-                check(
-                    (api.primitive_desc_create)(
-                        &mut descriptor,
-                        (&*op as *const MatmulDesc).cast(),
-                        attr,
-                        api.engine,
-                        std::ptr::null_mut(),
-                    ),
-                    "matmul primitive descriptor",
-                )?;
-                check((api.primitive_create)(&mut primitive, descriptor), "matmul primitive")
+                let descriptor = api.matmul_desc(descs[0].as_ptr(), descs[1].as_ptr(), descs[2].as_ptr(), attr)?;
+                if let Err(e) = check((api.primitive_create)(&mut primitive, descriptor), "matmul primitive") {
+                    (api.primitive_desc_destroy)(descriptor);
+                    return Err(e);
+                }
+                Ok(descriptor)
             })();
             if !post_ops.is_null() {
                 (api.post_ops_destroy)(post_ops);
             }
             (api.primitive_attr_destroy)(attr);
-            if let Err(e) = made {
-                if !descriptor.is_null() {
-                    (api.primitive_desc_destroy)(descriptor);
-                }
-                return Err(e);
-            }
-        }
+            made?
+        };
         // SAFETY: the descriptor is valid; the query returns a pointer into it, valid while it
         // lives (as long as the Matmul).
         let scratch_desc = unsafe { (api.primitive_desc_query_md)(descriptor, ffi::QUERY_SCRATCHPAD_MD, 0) };
