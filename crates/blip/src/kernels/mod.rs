@@ -8,6 +8,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod backward;
+pub(crate) mod bf16_dot;
 pub(crate) mod blas;
 pub(crate) mod dispatch;
 pub(crate) mod elementwise;

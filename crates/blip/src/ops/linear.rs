@@ -24,6 +24,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::kernels::blas::{matmul, Strided};
+use crate::kernels::bf16_dot::{self, Avx512Bf16};
 use crate::kernels::dispatch::{bf16_products, Bf16Products};
 use crate::kernels::few_rows::{dot_kernel, rows_times_weights};
 use crate::kernels::onednn::{OneDnn, View};
@@ -233,6 +234,14 @@ impl CustomOp3 for LinearOp {
                 bf16_product(onednn, xs, m, k, w, n, bias, residual).map_err(candle_core::Error::msg)?
             }
             _ if m > STREAMED_ROWS => blocked_product(xs, m, k, weights, n, bias, residual),
+            (Weights::BF16(w), Some(_)) if Avx512Bf16::detect().is_some() => {
+                let proof = Avx512Bf16::detect().expect("detected just above");
+                let mut ys = bf16_few_rows(proof, xs, m, k, w, n, bias);
+                if let Some(residual) = residual {
+                    ys.iter_mut().zip(residual).for_each(|(y, r)| *y += r);
+                }
+                ys
+            }
             _ => {
                 // bf16 products round every input a bf16 model's products take, whatever the
                 // rows: the project's kernels take the rounded values too
@@ -341,6 +350,24 @@ fn streamed_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, 
             Weights::BF16(w) => rows_times_weights(xs, m, k, w, outs),
             Weights::F16(w) => rows_times_weights(xs, m, k, w, outs),
         }
+    });
+    transpose(&transposed, n, m)
+}
+
+/// A few input rows of a bf16 model multiplying in bf16, on AVX512-BF16: the input rounded to
+/// bf16, each task the products of every input row with a block of weight rows.
+fn bf16_few_rows(proof: Avx512Bf16, xs: &[f32], m: usize, k: usize, w: &[bf16], n: usize, bias: &[f32]) -> Vec<f32> {
+    let mut rounded = vec![bf16::ZERO; m * k];
+    narrow_bf16(xs, &mut rounded);
+    // Transposed [n, m], as in row_dot_product; a block of weight rows per task.
+    let block = if m < DOT_ROWS { DOT_BLOCK } else { STREAM_BLOCK };
+    let mut transposed = vec![0f32; n * m];
+    transposed.par_chunks_mut(block * m).enumerate().for_each(|(index, outs)| {
+        let (first, rows) = (index * block, outs.len() / m);
+        for (column, &b) in outs.chunks_mut(m).zip(&bias[first..first + rows]) {
+            column.fill(b);
+        }
+        bf16_dot::rows_times_weights(proof, &rounded, m, k, &w[first * k..(first + rows) * k], outs);
     });
     transpose(&transposed, n, m)
 }
