@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""The vision tower beside OpenVINO (not run by CI; results in BENCHMARKS.md): the full-size
-random captioning checkpoint of scripts/bench.py, the same 8 scikit-image photos at 384 px, in
-one run on this machine, seconds per image at batch 1 (mean over the first 4 photos) and batch 8:
+"""Issue 20's benchmark (not run by CI; results in BENCHMARKS.md): the full-size random
+captioning checkpoint of scripts/bench.py, the same 8 scikit-image photos at 384 px, in one run on
+this machine, 2 threads, each figure the best of 3 timings after a warm-up:
 
-  - this project (crates/blip/examples/bench.rs), f32 and bf16 weights;
-  - PyTorch + transformers, f32 and bf16;
-  - OpenVINO: `ov.convert_model(model.vision_model)` compiled for the CPU with
-    `INFERENCE_PRECISION_HINT` f32 and bf16, 2 threads, the latency hint (issue 20's setting).
+  - the vision tower, seconds per image at batch 1 (mean over the first 4 photos) and batch 8:
+    this project (crates/blip/examples/bench.rs) f32 and bf16, PyTorch + transformers f32 and
+    bf16, and OpenVINO (`ov.convert_model(model.vision_model)` compiled for the CPU with
+    `INFERENCE_PRECISION_HINT` f32 and bf16, 2 threads, the latency hint);
+  - whole `generate` (greedy, exactly 20 new tokens) at batch 1 and 8, and batch-1 decoding per
+    token, for this project and PyTorch in f32 and bf16.
 
-Each is the best of 3 timings after a warm-up. Records the CPU model and flags, and whether the
-CPU has bf16 instructions (without them OpenVINO's bf16 hint runs f32).
+Prints the CPU model and flags, which bf16 path this project takes (`blip --version`), and the
+ratios first, then the seconds.
 
     .venv/bin/pip install -r scripts/requirements-bench-openvino.txt
     .venv/bin/python scripts/bench_vision_openvino.py [--work DIR]
@@ -17,6 +19,7 @@ CPU has bf16 instructions (without them OpenVINO's bf16 hint runs f32).
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import IMAGES, REPO, machine  # noqa: E402
 
 THREADS = 2
+NEW_TOKENS = 20
 
 
 def best(f, repeat=3):
@@ -59,7 +63,8 @@ def main():
     model_dir = Path(args.work) / "model"
     paths = [Path(skimage.__file__).parent / "data" / n for n in IMAGES]
     torch.set_num_threads(THREADS)
-    results = {}
+    vision, generate, decode = {}, {}, {}
+    gen = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         processor = BlipProcessor.from_pretrained(model_dir)
@@ -67,7 +72,10 @@ def main():
         for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
             model = BlipForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
             with torch.no_grad():
-                results[f"PyTorch {name}"] = per_image(lambda pv: model.vision_model(pixel_values=pv.to(dtype)), pixels)
+                pv = pixels.to(dtype)
+                vision[f"PyTorch {name}"] = per_image(lambda p: model.vision_model(pixel_values=p), pv)
+                generate[f"PyTorch {name}"] = per_image(lambda p: model.generate(pixel_values=p, **gen), pv)
+            decode[f"PyTorch {name}"] = (generate[f"PyTorch {name}"][0] - vision[f"PyTorch {name}"][0]) / NEW_TOKENS
         model = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
         with torch.no_grad():
             converted = ov.convert_model(model.vision_model, example_input={"pixel_values": pixels[:1]})
@@ -77,24 +85,41 @@ def main():
         config = {"INFERENCE_PRECISION_HINT": name, "INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"}
         compiled = core.compile_model(converted, "CPU", config)
         request = compiled.create_infer_request()
-        results[f"OpenVINO {name}"] = per_image(lambda pv: request.infer({0: pv.numpy()}), pixels)
-    subprocess.run(["cargo", "build", "--release", "--example", "bench", "--features", "blip/openblas"], cwd=REPO,
-                   check=True, capture_output=True)
+        vision[f"OpenVINO {name}"] = per_image(lambda pv: request.infer({0: pv.numpy()}), pixels)
+    subprocess.run(["cargo", "build", "--release", "--example", "bench", "--bin", "blip", "--features", "blip/openblas"],
+                   cwd=REPO, check=True, capture_output=True)
+    env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS))
+    paths_line = subprocess.run([str(REPO / "target/release/blip"), "--version"], capture_output=True, text=True,
+                                env=env, check=True).stdout.strip().replace("\n", "; ")
     for name in ("f32", "bf16"):
         cmd = [str(REPO / "target/release/examples/bench"), str(model_dir), name] + [str(p) for p in paths]
-        ours = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                         env={"RAYON_NUM_THREADS": str(THREADS)}).stdout)
-        results[f"this project {name}"] = (ours["vision_b1_s"], ours["vision_b8_s_per_image"])
+        runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
+                for _ in range(3)]
+        best_of = lambda key: min(r[key] for r in runs)  # noqa: E731
+        vision[f"this project {name}"] = (best_of("vision_b1_s"), best_of("vision_b8_s_per_image"))
+        generate[f"this project {name}"] = (best_of("generate_b1_s"), best_of("generate_b8_s_per_image"))
+        decode[f"this project {name}"] = best_of("decode_ms_per_token_b1") / 1e3
     print(f"# {machine()}; OpenVINO {ov.__version__} CPU capabilities: {' '.join(capabilities)}; {THREADS} threads")
-    print("| vision tower (s/image) | " + " | ".join(results) + " |")
-    print("|---|" + "---|" * len(results))
+    print(f"# {paths_line}")
+    print("\nRatios (this project / other; below 1 is faster):\n")
+    print("| | batch 1 | batch 8 |")
+    print("|---|---|---|")
+    for p in ("f32", "bf16"):
+        for other in ("OpenVINO", "PyTorch"):
+            o, t = vision[f"this project {p}"], vision[f"{other} {p}"]
+            print(f"| vision {p} / {other} {p} | {o[0] / t[0]:.2f}× | {o[1] / t[1]:.2f}× |")
+    for p in ("f32", "bf16"):
+        o, t = generate[f"this project {p}"], generate[f"PyTorch {p}"]
+        print(f"| whole `generate` {p} / PyTorch {p} | {o[0] / t[0]:.2f}× | {o[1] / t[1]:.2f}× |")
+    print("\n| vision tower (s/image) | " + " | ".join(vision) + " |")
+    print("|---|" + "---|" * len(vision))
     for i, label in enumerate(("batch 1", "batch 8")):
-        print(f"| {label} | " + " | ".join(f"{v[i]:.3f}" for v in results.values()) + " |")
-    for i, label in enumerate(("batch 1", "batch 8")):
-        o, t, v = results["this project f32"][i], results["PyTorch f32"][i], results["OpenVINO f32"][i]
-        ob, tb, vb = results["this project bf16"][i], results["PyTorch bf16"][i], results["OpenVINO bf16"][i]
-        print(f"{label}: this project / OpenVINO f32 {o / v:.2f}×, / PyTorch f32 {o / t:.2f}×; "
-              f"bf16: / OpenVINO {ob / vb:.2f}×, / PyTorch {ob / tb:.2f}×")
+        print(f"| {label} | " + " | ".join(f"{v[i]:.3f}" for v in vision.values()) + " |")
+    print("\n| whole `generate`, 20 tokens | " + " | ".join(generate) + " |")
+    print("|---|" + "---|" * len(generate))
+    for i, label in enumerate(("batch 1 (s/image)", "batch 8 (s/image)")):
+        print(f"| {label} | " + " | ".join(f"{v[i]:.3f}" for v in generate.values()) + " |")
+    print("| decoding, batch 1 (ms/token) | " + " | ".join(f"{v * 1e3:.1f}" for v in decode.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -287,8 +287,9 @@ impl OneDnn {
             false => unsafe { (api.memory_desc_get_size)(scratch_desc) },
         };
         let matmul = Matmul { primitive, descriptor, descs, scratch_desc, scratch_bytes, api };
-        if std::env::var_os("BLIP_ONEDNN_TRACE").is_some() {
-            eprintln!("oneDNN {:?} x {:?} -> {:?}: {:?}", key.a, key.b, key.dst, matmul.implementation());
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let implementation = matmul.implementation().unwrap_or_else(|e| e);
+            tracing::debug!(a = ?key.a, b = ?key.b, dst = ?key.dst, implementation, "oneDNN matmul made");
         }
         Ok(matmul)
     }
