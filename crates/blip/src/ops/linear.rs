@@ -27,7 +27,7 @@ use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::bf16_dot::{self, Avx512Bf16};
 use crate::kernels::dispatch::{bf16_products, Bf16Products};
 use crate::kernels::few_rows::{dot_kernel, rows_times_weights};
-use crate::kernels::onednn::{OneDnn, View};
+use crate::kernels::onednn::{OneDnn, Start, View};
 use crate::kernels::widen::{narrow_bf16, widen_bf16};
 
 /// Input rows below which each weight row is dotted with the input row; from there up to
@@ -404,7 +404,8 @@ fn blocked_product(
 }
 
 /// Many input rows with bf16 weights, on oneDNN's bf16 products: the input rounded to bf16, the
-/// product accumulated in f32 onto the bias rows (plus the residual's), on oneDNN's threads.
+/// product accumulated in f32, plus the bias (and the residual, where the product starts), on
+/// oneDNN's threads.
 #[allow(clippy::too_many_arguments)]
 fn bf16_product(
     onednn: &'static OneDnn,
@@ -418,14 +419,20 @@ fn bf16_product(
 ) -> std::result::Result<Vec<f32>, String> {
     let mut rounded = vec![bf16::ZERO; m * k];
     rounded.par_chunks_mut(k).zip(xs.par_chunks(k)).for_each(|(dst, src)| narrow_bf16(src, dst));
-    let mut ys = starting_rows(m, n, bias, residual);
-    onednn.matmul(
-        (&rounded, View::matrix(m, k, k)),
-        (w, View::transposed(k, n, k)),
-        (&mut ys, View::matrix(m, n, n)),
-        true,
-        candle_core::utils::get_num_threads(),
-    )?;
+    let (a, b) = ((&rounded[..], View::matrix(m, k, k)), (w, View::transposed(k, n, k)));
+    let threads = candle_core::utils::get_num_threads();
+    if residual.is_some() {
+        let mut ys = starting_rows(m, n, bias, residual);
+        onednn.matmul(a, b, (&mut ys, View::matrix(m, n, n)), Start::Dst, threads)?;
+        return Ok(ys);
+    }
+    // oneDNN writes every element (the bias its own): no pass over the output first.
+    let mut ys = Vec::with_capacity(m * n);
+    // SAFETY: the views lie within rounded (m·k), w (n·k, the caller's) and ys's capacity (m·n);
+    // ys is fresh, so it overlaps neither operand.
+    unsafe { onednn.matmul_at((a.0.as_ptr(), a.1), (b.0.as_ptr(), b.1), (ys.as_mut_ptr(), View::matrix(m, n, n)), Start::Bias(bias), threads)? };
+    // SAFETY: the product wrote all m·n elements.
+    unsafe { ys.set_len(m * n) };
     Ok(ys)
 }
 

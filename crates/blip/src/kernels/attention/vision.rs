@@ -12,7 +12,7 @@ use super::SharedOut;
 use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::dispatch::{isa, Isa};
 use crate::kernels::elementwise::{softmax_rows, softmax_rows_to_bf16};
-use crate::kernels::onednn::{OneDnn, View};
+use crate::kernels::onednn::{OneDnn, Start, View};
 use crate::kernels::widen::narrow_bf16;
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::math::exp8;
@@ -96,7 +96,7 @@ pub(crate) fn attend_packed_bf16(
                 (q, View::matrix(n, d, d)),
                 (k, View::transposed(d, n, d)),
                 (scores, View::matrix(n, n, n)),
-                false,
+                Start::Zero,
                 1,
             )?;
             softmax_rows_to_bf16(scores, n, scale, probabilities);
@@ -104,7 +104,7 @@ pub(crate) fn attend_packed_bf16(
                 (probabilities, View::matrix(n, n, n)),
                 (v, View::matrix(n, d, d)),
                 (context, View::matrix(n, d, d)),
-                false,
+                Start::Zero,
                 1,
             )?;
             for (t, context) in context.chunks(d).enumerate() {

@@ -34,6 +34,8 @@ pub(super) const QUERY_IMPL_INFO: c_int = 8;
 pub(super) const ARG_SRC: c_int = 1;
 pub(super) const ARG_WEIGHTS: c_int = 33;
 pub(super) const ARG_DST: c_int = 17;
+/// `DNNL_ARG_BIAS`.
+pub(super) const ARG_BIAS: c_int = 41;
 /// `DNNL_ARG_SCRATCHPAD`.
 pub(super) const ARG_SCRATCHPAD: c_int = 80;
 /// `dnnl_scratchpad_mode_user`: each call passes its own scratch memory, so that primitives
@@ -284,11 +286,19 @@ impl Api {
         check(status, "sum post-op")
     }
 
-    /// A matmul primitive descriptor `dst = src · weights` (no bias) with `attr`.
+    /// A matmul primitive descriptor `dst = src · weights (+ bias)` with `attr` (`bias` null for
+    /// none).
     ///
     /// # Safety
     /// The descriptors and `attr` must be live.
-    pub(super) unsafe fn matmul_desc(&self, src: Desc, weights: Desc, dst: Desc, attr: Attr) -> Result<PrimitiveDesc, String> {
+    pub(super) unsafe fn matmul_desc(
+        &self,
+        src: Desc,
+        weights: Desc,
+        bias: Desc,
+        dst: Desc,
+        attr: Attr,
+    ) -> Result<PrimitiveDesc, String> {
         let mut descriptor = std::ptr::null_mut();
         // SAFETY: by the caller's contract; 2.x's operation descriptor lives on the heap until
         // the primitive descriptor, which copies it, is made.
@@ -296,11 +306,11 @@ impl Api {
             match &self.versioned {
                 Versioned::V2(v2) => {
                     let mut op = MatmulDesc::zeroed();
-                    check((v2.matmul_desc_init)(&mut *op, src, weights, std::ptr::null(), dst), "matmul descriptor")?;
+                    check((v2.matmul_desc_init)(&mut *op, src, weights, bias, dst), "matmul descriptor")?;
                     (v2.primitive_desc_create)(&mut descriptor, (&*op as *const MatmulDesc).cast(), attr, self.engine, std::ptr::null_mut())
                 }
                 Versioned::V3(v3) => {
-                    (v3.matmul_primitive_desc_create)(&mut descriptor, self.engine, src, weights, std::ptr::null(), dst, attr)
+                    (v3.matmul_primitive_desc_create)(&mut descriptor, self.engine, src, weights, bias, dst, attr)
                 }
             }
         };

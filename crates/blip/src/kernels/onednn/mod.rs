@@ -53,20 +53,48 @@ impl View {
     }
 }
 
+/// What a product adds itself to.
+#[derive(Clone, Copy)]
+pub(crate) enum Start<'a> {
+    /// Nothing: `dst = a·b`.
+    Zero,
+    /// dst's values: `dst += a·b`.
+    Dst,
+    /// A row [n] added to every row: `dst = a·b + bias`.
+    Bias(&'a [f32]),
+}
+
+impl Start<'_> {
+    fn kind(&self) -> StartKind {
+        match self {
+            Start::Zero => StartKind::Zero,
+            Start::Dst => StartKind::Dst,
+            Start::Bias(_) => StartKind::Bias,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum StartKind {
+    Zero,
+    Dst,
+    Bias,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     a: View,
     b: View,
     dst: View,
-    accumulate: bool,
+    start: StartKind,
 }
 
 /// A made primitive; destroyed with its descriptor when the cache drops it.
 struct Matmul {
     primitive: ffi::Primitive,
     descriptor: ffi::PrimitiveDesc,
-    /// Its operands' memory descriptors, in the order src, weights, dst.
-    descs: [OwnedDesc; 3],
+    /// Its operands' memory descriptors, in the order src, weights, dst, and the bias's.
+    descs: Vec<OwnedDesc>,
     /// Its scratchpad's (owned by `descriptor`; null when it needs none).
     scratch_desc: Desc,
     /// Bytes of scratch memory a call needs.
@@ -124,9 +152,8 @@ impl OneDnn {
         format!("oneDNN {}", self.api.version_string())
     }
 
-    /// `dst (+)= a · b` for every batch entry: a [batch, m, k] and b [batch, k, n] in bf16, dst
-    /// [batch, m, n] in f32, accumulating onto dst's values when `accumulate`, on the calling
-    /// thread and `threads` OpenMP threads.
+    /// `dst = start + a · b` for every batch entry: a [batch, m, k] and b [batch, k, n] in bf16,
+    /// dst [batch, m, n] in f32, on the calling thread and `threads` OpenMP threads.
     ///
     /// Errors when an operand's slice is shorter than its view addresses, or oneDNN fails.
     pub(crate) fn matmul(
@@ -134,7 +161,7 @@ impl OneDnn {
         (a, a_view): (&[bf16], View),
         (b, b_view): (&[bf16], View),
         (dst, dst_view): (&mut [f32], View),
-        accumulate: bool,
+        start: Start,
         threads: usize,
     ) -> Result<(), String> {
         if a.len() < a_view.extent() || b.len() < b_view.extent() || dst.len() < dst_view.extent() {
@@ -142,7 +169,7 @@ impl OneDnn {
         }
         // SAFETY: each view lies within its slice (checked above); dst is borrowed mutably, so it
         // overlaps neither operand.
-        unsafe { self.matmul_at((a.as_ptr(), a_view), (b.as_ptr(), b_view), (dst.as_mut_ptr(), dst_view), accumulate, threads) }
+        unsafe { self.matmul_at((a.as_ptr(), a_view), (b.as_ptr(), b_view), (dst.as_mut_ptr(), dst_view), start, threads) }
     }
 
     /// [`OneDnn::matmul`] over raw pointers, for destinations that parallel tasks share (each
@@ -156,7 +183,7 @@ impl OneDnn {
         (a, a_view): (*const bf16, View),
         (b, b_view): (*const bf16, View),
         (dst, dst_view): (*mut f32, View),
-        accumulate: bool,
+        start: Start,
         threads: usize,
     ) -> Result<(), String> {
         let [batch, m, k] = a_view.dims;
@@ -164,7 +191,14 @@ impl OneDnn {
         if !ok {
             return Err(format!("oneDNN matmul: shapes {:?} · {:?} → {:?}", a_view.dims, b_view.dims, dst_view.dims));
         }
-        let matmul = self.primitive(Key { a: a_view, b: b_view, dst: dst_view, accumulate })?;
+        let bias = match start {
+            Start::Bias(bias) if bias.len() != dst_view.dims[2] => {
+                return Err(format!("oneDNN matmul: a bias of {} for {} columns", bias.len(), dst_view.dims[2]))
+            }
+            Start::Bias(bias) => bias.as_ptr() as *mut c_void,
+            _ => std::ptr::null_mut(),
+        };
+        let matmul = self.primitive(Key { a: a_view, b: b_view, dst: dst_view, start: start.kind() })?;
         if let Some(set_threads) = self.api.omp_set_num_threads {
             // SAFETY: sets the calling thread's OpenMP thread count.
             unsafe { set_threads(threads.max(1) as c_int) };
@@ -176,43 +210,54 @@ impl OneDnn {
             let aligned = scratch.as_mut_ptr().align_offset(8).min(8);
             // SAFETY: within the buffer (8 spare words).
             let scratch = unsafe { scratch.as_mut_ptr().add(aligned) };
-            // SAFETY: the caller's contract, and a scratch buffer of the size the primitive asks.
-            unsafe { self.execute(&matmul, [a as *mut c_void, b as *mut c_void, dst.cast(), scratch.cast()]) }
+            let mut handles = vec![
+                (ffi::ARG_SRC, a as *mut c_void),
+                (ffi::ARG_WEIGHTS, b as *mut c_void),
+                (ffi::ARG_DST, dst.cast()),
+            ];
+            if !bias.is_null() {
+                handles.push((ffi::ARG_BIAS, bias));
+            }
+            handles.push((ffi::ARG_SCRATCHPAD, scratch.cast()));
+            // SAFETY: the caller's contract, the bias's length (checked above), and a scratch
+            // buffer of the size the primitive asks.
+            unsafe { self.execute(&matmul, &handles) }
         })
     }
 
-    /// Runs `matmul` over memory at `handles` (src, weights, dst, scratchpad).
+    /// Runs `matmul` over memory at `handles`: src, weights, dst, the bias where the primitive
+    /// takes one, then the scratchpad.
     ///
     /// # Safety
     /// As [`OneDnn::matmul_at`]'s, and the scratchpad must hold `matmul.scratch_bytes`.
-    unsafe fn execute(&self, matmul: &Matmul, handles: [*mut c_void; 4]) -> Result<(), String> {
-        let mut memories = [std::ptr::null_mut(); 4];
+    unsafe fn execute(&self, matmul: &Matmul, handles: &[(c_int, *mut c_void)]) -> Result<(), String> {
         let mut descs: Vec<Desc> = matmul.descs.iter().map(OwnedDesc::as_ptr).collect();
-        if !matmul.scratch_desc.is_null() {
-            descs.push(matmul.scratch_desc);
+        descs.push(matmul.scratch_desc);
+        if descs.len() != handles.len() {
+            return Err("oneDNN matmul: a bias for a primitive without one, or none for one with".into());
         }
+        let mut args: Vec<ExecArg> = Vec::with_capacity(handles.len());
         let result = (|| {
-            for (memory, (&desc, handle)) in memories.iter_mut().zip(descs.iter().zip(handles)) {
+            for (&desc, &(arg, handle)) in descs.iter().zip(handles) {
+                if desc.is_null() {
+                    continue; // no scratchpad needed
+                }
+                let mut memory = std::ptr::null_mut();
                 // SAFETY: a memory object over the caller's buffer, which holds every element the
-                // descriptor addresses (the caller's contract); oneDNN only reads src and weights.
-                check(unsafe { (self.api.memory_create)(memory, desc, self.api.engine, handle) }, "memory")?;
+                // descriptor addresses (the caller's contract); oneDNN only reads all but dst.
+                check(unsafe { (self.api.memory_create)(&mut memory, desc, self.api.engine, handle) }, "memory")?;
+                args.push(ExecArg { arg, memory });
             }
-            let args = [
-                ExecArg { arg: ffi::ARG_SRC, memory: memories[0] },
-                ExecArg { arg: ffi::ARG_WEIGHTS, memory: memories[1] },
-                ExecArg { arg: ffi::ARG_DST, memory: memories[2] },
-                ExecArg { arg: ffi::ARG_SCRATCHPAD, memory: memories[3] },
-            ];
             let stream = self.stream()?;
             // SAFETY: the primitive, its arguments and this thread's stream are valid; the call
             // returns once the stream has finished (waited on below).
             unsafe {
-                let count = descs.len() as c_int;
+                let count = args.len() as c_int;
                 check((self.api.primitive_execute)(matmul.primitive, stream, count, args.as_ptr()), "execute")?;
                 check((self.api.stream_wait)(stream), "wait")
             }
         })();
-        for memory in memories.into_iter().filter(|memory| !memory.is_null()) {
+        for memory in args.iter().map(|arg| arg.memory) {
             // SAFETY: made above, used by nothing else.
             unsafe { (self.api.memory_destroy)(memory) };
         }
@@ -247,10 +292,17 @@ impl OneDnn {
 
     fn make(&'static self, key: Key) -> Result<Matmul, String> {
         let api = &self.api;
-        let descs = [(key.a, ffi::BF16), (key.b, ffi::BF16), (key.dst, ffi::F32)]
-            .map(|(view, dtype)| api.memory_desc(&view.dims.map(|d| d as i64), &view.strides.map(|s| s as i64), dtype));
-        let [a, b, dst] = descs;
-        let descs = [a?, b?, dst?];
+        let mut views = vec![(key.a, ffi::BF16), (key.b, ffi::BF16), (key.dst, ffi::F32)];
+        if key.start == StartKind::Bias {
+            // one row of n, broadcast over the batch and the rows
+            let n = key.dst.dims[2];
+            views.push((View { dims: [1, 1, n], strides: [n, n, 1] }, ffi::F32));
+        }
+        let descs = views
+            .into_iter()
+            .map(|(view, dtype)| api.memory_desc(&view.dims.map(|d| d as i64), &view.strides.map(|s| s as i64), dtype))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bias_desc = descs.get(3).map_or(std::ptr::null(), OwnedDesc::as_ptr);
         let mut attr = std::ptr::null_mut();
         let mut post_ops = std::ptr::null_mut();
         let mut primitive = std::ptr::null_mut();
@@ -260,12 +312,13 @@ impl OneDnn {
             check((api.primitive_attr_create)(&mut attr), "attributes")?;
             let made = (|| {
                 check((api.primitive_attr_set_scratchpad_mode)(attr, ffi::SCRATCHPAD_MODE_USER), "scratchpad mode")?;
-                if key.accumulate {
+                if key.start == StartKind::Dst {
                     check((api.post_ops_create)(&mut post_ops), "post-ops")?;
                     api.append_sum(post_ops)?;
                     check((api.primitive_attr_set_post_ops)(attr, post_ops), "post-ops")?;
                 }
-                let descriptor = api.matmul_desc(descs[0].as_ptr(), descs[1].as_ptr(), descs[2].as_ptr(), attr)?;
+                let descriptor =
+                    api.matmul_desc(descs[0].as_ptr(), descs[1].as_ptr(), bias_desc, descs[2].as_ptr(), attr)?;
                 if let Err(e) = check((api.primitive_create)(&mut primitive, descriptor), "matmul primitive") {
                     (api.primitive_desc_destroy)(descriptor);
                     return Err(e);
@@ -328,19 +381,24 @@ mod tests {
         let (m, n, k) = (37, 50, 70);
         let (a, w) = (values(m * k, 1), values(n * k, 7));
         let expected = reference(&a, &w, (m, n, k), true);
-        for accumulate in [false, true] {
-            let mut dst = vec![if accumulate { 1.0 } else { f32::NAN }; m * n];
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 3.0).collect();
+        for start in [Start::Zero, Start::Dst, Start::Bias(&bias)] {
+            let mut dst = vec![if matches!(start, Start::Dst) { 1.0 } else { f32::NAN }; m * n];
             onednn
                 .matmul(
                     (&a, View::matrix(m, k, k)),
                     (&w, View::transposed(k, n, k)),
                     (&mut dst, View::matrix(m, n, n)),
-                    accumulate,
+                    start,
                     2,
                 )
                 .unwrap();
-            let offset = if accumulate { 1.0 } else { 0.0 };
-            for (ours, exact) in dst.iter().zip(&expected) {
+            for (index, (ours, exact)) in dst.iter().zip(&expected).enumerate() {
+                let offset = match start {
+                    Start::Zero => 0.0,
+                    Start::Dst => 1.0,
+                    Start::Bias(bias) => bias[index % n],
+                };
                 assert!((ours - offset - exact).abs() < 1e-4, "{ours} vs {exact} + {offset}");
             }
         }
@@ -355,7 +413,7 @@ mod tests {
             (&a, View::matrix(2, 3, 3)),
             (&w, View::transposed(2, 3, 2)),
             (&mut dst, View::matrix(2, 2, 2)),
-            false,
+            Start::Zero,
             1,
         );
         assert!(shapes.is_err());
@@ -363,9 +421,18 @@ mod tests {
             (&a[..5], View::matrix(2, 3, 3)),
             (&w, View::transposed(3, 2, 3)),
             (&mut dst, View::matrix(2, 2, 2)),
-            false,
+            Start::Zero,
             1,
         );
         assert!(short.is_err());
+        let bias = [1.0f32; 3];
+        let wrong_bias = onednn.matmul(
+            (&a, View::matrix(2, 3, 3)),
+            (&w, View::transposed(3, 2, 3)),
+            (&mut dst, View::matrix(2, 2, 2)),
+            Start::Bias(&bias),
+            1,
+        );
+        assert!(wrong_bias.is_err());
     }
 }
