@@ -62,11 +62,6 @@ enum Command {
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    // oneDNN's OpenMP threads (bf16 products) sleep when idle instead of spinning against the
-    // project's own pool; set before any thread exists (libgomp reads it when oneDNN loads).
-    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
-        std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
-    }
     let mut command = Cli::command();
     if std::env::args().skip(1).any(|arg| arg == "--version" || arg == "-V") {
         // which kernels and libraries run here (this loads oneDNN, so only when asked)

@@ -404,8 +404,10 @@ fn blocked_product(
 }
 
 /// Many input rows with bf16 weights, on oneDNN's bf16 products: the input rounded to bf16, the
-/// product accumulated in f32, plus the bias (and the residual, where the product starts), on
-/// oneDNN's threads.
+/// product accumulated in f32, plus the bias (and the residual, where the product starts). The
+/// rows are split among rayon's threads, each running oneDNN on its own share: one thread pool
+/// for the whole model (oneDNN's own threads, woken for each product while rayon's wait, cost
+/// more than the products gain).
 #[allow(clippy::too_many_arguments)]
 fn bf16_product(
     onednn: &'static OneDnn,
@@ -417,23 +419,47 @@ fn bf16_product(
     bias: &[f32],
     residual: Option<&[f32]>,
 ) -> std::result::Result<Vec<f32>, String> {
-    let mut rounded = vec![bf16::ZERO; m * k];
-    rounded.par_chunks_mut(k).zip(xs.par_chunks(k)).for_each(|(dst, src)| narrow_bf16(src, dst));
-    let (a, b) = ((&rounded[..], View::matrix(m, k, k)), (w, View::transposed(k, n, k)));
-    let threads = candle_core::utils::get_num_threads();
-    if residual.is_some() {
-        let mut ys = starting_rows(m, n, bias, residual);
-        onednn.matmul(a, b, (&mut ys, View::matrix(m, n, n)), Start::Dst, threads)?;
-        return Ok(ys);
-    }
-    // oneDNN writes every element (the bias its own): no pass over the output first.
-    let mut ys = Vec::with_capacity(m * n);
-    // SAFETY: the views lie within rounded (m·k), w (n·k, the caller's) and ys's capacity (m·n);
-    // ys is fresh, so it overlaps neither operand.
-    unsafe { onednn.matmul_at((a.0.as_ptr(), a.1), (b.0.as_ptr(), b.1), (ys.as_mut_ptr(), View::matrix(m, n, n)), Start::Bias(bias), threads)? };
-    // SAFETY: the product wrote all m·n elements.
+    let parts = candle_core::utils::get_num_threads().clamp(1, m.div_ceil(BF16_PART_ROWS));
+    let rows = m.div_ceil(parts);
+    let weights = (w, View::transposed(k, n, k));
+    let start = if residual.is_some() { Start::Dst } else { Start::Bias(bias) };
+    // With a residual the product starts from bias + residual; without, oneDNN writes every
+    // element itself (the bias its own), with no pass over the output first.
+    let mut ys = match residual {
+        Some(_) => starting_rows(m, n, bias, residual),
+        None => Vec::with_capacity(m * n),
+    };
+    let outs = ys.as_mut_ptr() as usize;
+    xs.par_chunks(rows * k).enumerate().try_for_each(|(part, xs)| {
+        let part_rows = xs.len() / k;
+        ROUNDED.with_borrow_mut(|rounded| {
+            rounded.resize(xs.len(), bf16::ZERO);
+            narrow_bf16(xs, rounded);
+            let out = (outs as *mut f32).wrapping_add(part * rows * n);
+            // SAFETY: this part's rows of the output (within its m·n capacity), written by this
+            // task alone; the input is this thread's buffer, the weights the caller's [n, k].
+            unsafe {
+                onednn.matmul_at(
+                    (rounded.as_ptr(), View::matrix(part_rows, k, k)),
+                    (weights.0.as_ptr(), weights.1),
+                    (out, View::matrix(part_rows, n, n)),
+                    start,
+                    1,
+                )
+            }
+        })
+    })?;
+    // SAFETY: the parts wrote (or the starting rows held) all m·n elements.
     unsafe { ys.set_len(m * n) };
     Ok(ys)
+}
+
+/// Fewest input rows per thread of [`bf16_product`].
+const BF16_PART_ROWS: usize = 64;
+
+thread_local! {
+    /// Each thread's share of the input rounded to bf16, reused.
+    static ROUNDED: std::cell::RefCell<Vec<bf16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The values rounded to bf16 and back: what a bf16 product takes of them.

@@ -190,7 +190,6 @@ impl Api {
         // state. The symbols below are taken with the signatures of dnnl.h of the major version
         // the library reports, which is checked before any other call.
         unsafe {
-            set_openmp_waiting();
             let library = Library::new(name).map_err(|e| format!("{name} not loaded ({e})"))?;
             macro_rules! symbol {
                 ($name:literal) => {
@@ -330,21 +329,6 @@ impl Api {
         // SAFETY: the engine is valid for the library's lifetime.
         check(unsafe { (self.stream_create)(&mut stream, self.engine, STREAM_DEFAULT_FLAGS) }, "stream")?;
         Ok(stream)
-    }
-}
-
-/// The environment variable that tells OpenMP whether idle threads spin or sleep.
-pub(crate) const OPENMP_WAIT_POLICY: &str = "OMP_WAIT_POLICY";
-
-/// OpenMP's idle threads sleep rather than spin, unless the environment says otherwise: they
-/// wait between oneDNN's products while the project's own pool computes the rest, and spinning
-/// would take its cores. libgomp reads this once, when oneDNN loads it.
-fn set_openmp_waiting() {
-    if std::env::var_os(OPENMP_WAIT_POLICY).is_none() {
-        // Setting the environment races with threads reading it; blip's CLI sets this at its
-        // start instead, before any thread exists, so this only runs for other users of the
-        // library, at the first bf16 model's load.
-        std::env::set_var(OPENMP_WAIT_POLICY, "PASSIVE");
     }
 }
 
