@@ -38,12 +38,12 @@ pub mod tasks;
 pub mod training;
 
 pub use candle_core::{DType, Device, Tensor};
-pub use kernels::{bf16_products_in_bf16, compute_paths};
 pub use checkpoint::Checkpoint;
 pub use config::Architecture;
 pub use error::{Error, InvalidInput, Param, Result};
 pub use generation::{EarlyStopping, GenerationOptions, GenerationOverrides};
 pub use image::RgbImage;
+pub use kernels::{bf16_products_in_bf16, compute_paths};
 pub use processor::image::{load_image, load_image_from_memory, ImageSource, ResizeBackend, UrlLimits};
 pub use tasks::capfilt::{capfilt, CapFiltOptions, Filtered, FilteredText, TextSource};
 pub use tasks::caption::{Caption, CaptionOptions, Captioner, Prompt};

@@ -9,6 +9,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
+#[cfg(target_arch = "x86_64")]
 use super::dispatch::{isa, Isa};
 
 /// Proof that this CPU has AVX-512 (F, BW) and AVX512-BF16: only [`Avx512Bf16::detect`] makes

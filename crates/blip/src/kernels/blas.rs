@@ -91,7 +91,9 @@ mod openblas {
             let has_avx2 = matches!(crate::kernels::dispatch::detected(), crate::kernels::dispatch::Isa::Avx2Fma(_));
             let knows = !has_avx2 || AVX2_CORES.contains(&core.as_str());
             if !knows {
-                tracing::debug!("OpenBLAS runs its {core} kernel on this CPU: matrix products on the gemm crate instead");
+                tracing::debug!(
+                    "OpenBLAS runs its {core} kernel on this CPU: matrix products on the gemm crate instead"
+                );
             }
             knows
         })
@@ -291,7 +293,8 @@ mod tests {
                 let b_view = Strided { ptr: b.as_ptr(), row: b_row, col: b_col };
                 #[cfg(feature = "openblas")]
                 assert!(
-                    !openblas::knows_this_cpu() || openblas::SgemmCall::new((m, n, k), &dst_view, &a_view, &b_view).is_some(),
+                    !openblas::knows_this_cpu()
+                        || openblas::SgemmCall::new((m, n, k), &dst_view, &a_view, &b_view).is_some(),
                     "layouts {layouts}"
                 );
                 // SAFETY: each view covers exactly its buffer.

@@ -122,9 +122,10 @@ pub(crate) fn bf16_choice() -> (Bf16Products, &'static str) {
         let widened = |why: String| (Bf16Products::Widened, format!("bf16 weights widened, f32 products ({why})"));
         match (asked.as_str(), OneDnn::load()) {
             ("f32", _) => widened(format!("{BF16_ENV_VAR}=f32")),
-            ("onednn", Ok(onednn)) => {
-                (Bf16Products::OneDnn(onednn), format!("bf16 products on {} ({BF16_ENV_VAR}=onednn)", onednn.describe()))
-            }
+            ("onednn", Ok(onednn)) => (
+                Bf16Products::OneDnn(onednn),
+                format!("bf16 products on {} ({BF16_ENV_VAR}=onednn)", onednn.describe()),
+            ),
             (_, Ok(onednn)) if cpu_has_bf16() => {
                 (Bf16Products::OneDnn(onednn), format!("bf16 products on {}", onednn.describe()))
             }

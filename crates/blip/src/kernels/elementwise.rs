@@ -10,9 +10,9 @@ use std::arch::x86_64::*;
 
 use super::dispatch::{isa, Isa};
 use super::math::{erf, exp_and_sum, lane_sum};
-use super::widen::narrow_scaled_bf16;
 #[cfg(target_arch = "x86_64")]
 use super::math::{exp8, exp_and_sum_avx2};
+use super::widen::narrow_scaled_bf16;
 
 /// The exact GELU, `x·½·(1 + erf(x/√2))`, as PyTorch's vectorized CPU kernel computes it: erf by
 /// Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7, PyTorch's own choice), exp by a Cephes

@@ -95,8 +95,9 @@ fn widen_lanes<W: Widen>(src: &[W], dst: &mut [f32]) {
     dst.iter_mut().zip(src).for_each(|(f, w)| *f = w.widen());
 }
 
-/// Rounds f32 values to bf16 to nearest, ties to even, as `half::bf16::from_f32` (and PyTorch)
-/// do (`dst` as long as `src`); NaNs stay NaNs.
+/// Rounds f32 values to bf16 to nearest, ties to even, as `half::bf16::from_f32` does, and
+/// PyTorch for numbers (`dst` as long as `src`); NaNs stay NaNs, with their sign and top payload
+/// (PyTorch makes every NaN 0x7fc0).
 pub(crate) fn narrow_bf16(src: &[f32], dst: &mut [half::bf16]) {
     match isa() {
         #[cfg(target_arch = "x86_64")]

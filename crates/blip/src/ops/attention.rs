@@ -402,7 +402,8 @@ mod tests {
         let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * d), &dev).unwrap();
         let weights = Tensor::randn(0f32, 1.0, (b, t, heads * d), &dev).unwrap();
         let ours = candle_core::Var::from_tensor(&qkv).unwrap();
-        let loss = (attention_packed(ours.as_tensor(), heads, scale, false).unwrap() * &weights).unwrap().sum_all().unwrap();
+        let loss =
+            (attention_packed(ours.as_tensor(), heads, scale, false).unwrap() * &weights).unwrap().sum_all().unwrap();
         let ours_grad = loss.backward().unwrap().get(ours.as_tensor()).unwrap().clone();
         let reference = candle_core::Var::from_tensor(&qkv).unwrap();
         let split = reference.as_tensor().reshape((b, t, 3, heads, d)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();

@@ -23,8 +23,9 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::kernels::blas::{matmul, Strided};
+use super::tensor::cpu_f32_slice;
 use crate::kernels::bf16_dot::{self, Avx512Bf16};
+use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::dispatch::{bf16_products, Bf16Products};
 use crate::kernels::few_rows::{dot_kernel, rows_times_weights};
 use crate::kernels::onednn::{OneDnn, Start, View};
@@ -203,8 +204,11 @@ impl CustomOp3 for LinearOp {
         if weight_k != k {
             candle_core::bail!("linear: input has {k} features, the weight takes {weight_k}");
         }
-        let xs = f32_slice(xs, xs_layout, "input")?;
-        let bias = f32_slice(bias, bias_layout, "bias")?;
+        let xs = cpu_f32_slice(xs, xs_layout, "linear input")?;
+        let bias = cpu_f32_slice(bias, bias_layout, "linear bias")?;
+        if bias.len() != n {
+            candle_core::bail!("linear: a bias of {} for {n} outputs", bias.len());
+        }
         let Some((start, end)) = weight_layout.contiguous_offsets() else {
             candle_core::bail!("linear: the weight must be contiguous");
         };
@@ -224,6 +228,10 @@ impl CustomOp3 for LinearOp {
             },
             None => None,
         };
+        if m == 0 || k == 0 {
+            // no products: the bias rows (plus the residual's)
+            return Ok((CpuStorage::F32(starting_rows(m, n, bias, residual)), Shape::from((m, n))));
+        }
         let onednn = match (weights, bf16_products()) {
             (Weights::BF16(_), Bf16Products::OneDnn(onednn)) => Some(onednn),
             _ => None,
@@ -295,13 +303,6 @@ impl LinearOp {
         let dx = dx.map(|dx| Tensor::from_vec(dx, (m, k), device)).transpose()?;
         let dw = dw.map(|dw| Tensor::from_vec(dw, (n, k), device)).transpose()?;
         Ok((dx, dw, Some(Tensor::from_vec(db, n, device)?)))
-    }
-}
-
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("linear: the {what} must be contiguous f32"),
     }
 }
 
@@ -473,6 +474,7 @@ fn rounded_to_bf16(xs: &[f32]) -> Vec<f32> {
 
 /// [m, n] rows of the bias (plus the residual's rows), where a product accumulates.
 fn starting_rows(m: usize, n: usize, bias: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
+    assert!(bias.len() == n && residual.is_none_or(|r| r.len() >= m * n), "linear: starting rows of {m}x{n}");
     // Written straight into fresh memory (no zeroing pass first).
     let mut ys = Vec::with_capacity(m * n);
     ys.spare_capacity_mut()[..m * n].par_chunks_mut(n).enumerate().for_each(|(i, row)| match residual {
@@ -641,6 +643,22 @@ mod tests {
         let linear = Linear::new(weight, None).unwrap();
         for xs in [Tensor::zeros((2, 31), DType::F32, &Device::Cpu), Tensor::new(1f32, &Device::Cpu)] {
             assert!(linear.forward(&xs.unwrap()).is_err());
+        }
+    }
+
+    /// A bias of the wrong length is an error on every kernel, never unwritten output.
+    #[test]
+    fn a_bias_of_the_wrong_length_is_an_error() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let weight = Tensor::zeros((8, 32), dtype, &dev).unwrap();
+            let linear = Linear::new(weight, Some(Tensor::zeros(5, DType::F32, &dev).unwrap())).unwrap();
+            for rows in [1, 6, 65] {
+                let xs = Tensor::zeros((rows, 32), DType::F32, &dev).unwrap();
+                assert!(linear.forward(&xs).is_err(), "{dtype:?}, {rows} rows");
+                let residual = Tensor::zeros((rows, 8), DType::F32, &dev).unwrap();
+                assert!(linear.forward_residual(&xs, &residual).is_err(), "{dtype:?}, {rows} rows");
+            }
         }
     }
 

@@ -12,10 +12,10 @@ use super::SharedOut;
 use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::dispatch::{isa, Isa};
 use crate::kernels::elementwise::{softmax_rows, softmax_rows_to_bf16};
-use crate::kernels::onednn::{OneDnn, Start, View};
-use crate::kernels::widen::narrow_bf16;
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::math::exp8;
+use crate::kernels::onednn::{OneDnn, Start, View};
+use crate::kernels::widen::narrow_bf16;
 
 /// Self-attention straight from a fused projection's output `qkv` [batch, tokens, 3, heads,
 /// head_dim] (the vision tower's layout) to the context with heads merged [batch, tokens,

@@ -89,6 +89,7 @@ pub(super) struct Api {
     pub engine_create: unsafe extern "C" fn(*mut Engine, c_int, usize) -> Status,
     pub stream_create: unsafe extern "C" fn(*mut Stream, Engine, c_uint) -> Status,
     pub stream_wait: unsafe extern "C" fn(Stream) -> Status,
+    pub stream_destroy: unsafe extern "C" fn(Stream) -> Status,
     pub memory_desc_get_size: unsafe extern "C" fn(Desc) -> usize,
     /// The calls that differ between the major versions.
     pub versioned: Versioned,
@@ -106,13 +107,45 @@ pub(super) struct Api {
     pub primitive_execute: unsafe extern "C" fn(Primitive, Stream, c_int, *const ExecArg) -> Status,
     pub memory_create: unsafe extern "C" fn(*mut Memory, Desc, Engine, *mut c_void) -> Status,
     pub memory_destroy: unsafe extern "C" fn(Memory) -> Status,
-    /// OpenMP's thread count (the Debian build runs on libgomp), so that oneDNN uses the
-    /// project's `--threads`; absent for other threading runtimes.
-    pub omp_set_num_threads: Option<unsafe extern "C" fn(c_int)>,
+    /// The OpenMP runtime's thread-count calls, where oneDNN runs on OpenMP (Debian's build
+    /// does): none for its other threading runtimes.
+    pub openmp: Option<OpenMp>,
     pub engine: Engine,
     _library: Library,
-    _openmp: Option<Library>,
 }
+
+/// `omp_get_max_threads` and `omp_set_num_threads` of the OpenMP runtime oneDNN was linked with.
+pub(super) struct OpenMp {
+    get_max_threads: unsafe extern "C" fn() -> c_int,
+    set_num_threads: unsafe extern "C" fn(c_int),
+}
+
+impl OpenMp {
+    /// Sets the calling thread's OpenMP thread count until the guard drops (then restores it).
+    pub(super) fn set_threads(&self, threads: usize) -> OpenMpThreads<'_> {
+        // SAFETY: plain OpenMP calls about the calling thread's setting.
+        let previous = unsafe { (self.get_max_threads)() };
+        // SAFETY: as above.
+        unsafe { (self.set_num_threads)(threads.min(c_int::MAX as usize) as c_int) };
+        OpenMpThreads { openmp: self, previous }
+    }
+}
+
+/// Restores the calling thread's OpenMP thread count when dropped.
+pub(super) struct OpenMpThreads<'a> {
+    openmp: &'a OpenMp,
+    previous: c_int,
+}
+
+impl Drop for OpenMpThreads<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as in OpenMp::set_threads.
+        unsafe { (self.openmp.set_num_threads)(self.previous) };
+    }
+}
+
+/// `DNNL_RUNTIME_OMP`, a `dnnl_version_t::cpu_runtime`.
+const RUNTIME_OMP: c_uint = 2;
 
 // SAFETY: the entry points are plain C functions and the engine is an immutable handle that
 // oneDNN allows to be shared between threads (streams, which are not, are made per thread).
@@ -125,15 +158,18 @@ pub(super) type Desc = *const c_void;
 
 /// oneDNN 2.x's descriptor calls.
 pub(super) struct V2 {
-    pub memory_desc_init_by_strides: unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, *const i64) -> Status,
+    pub memory_desc_init_by_strides:
+        unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, *const i64) -> Status,
     pub matmul_desc_init: unsafe extern "C" fn(*mut MatmulDesc, Desc, Desc, Desc, Desc) -> Status,
-    pub primitive_desc_create: unsafe extern "C" fn(*mut PrimitiveDesc, *const c_void, Attr, Engine, PrimitiveDesc) -> Status,
+    pub primitive_desc_create:
+        unsafe extern "C" fn(*mut PrimitiveDesc, *const c_void, Attr, Engine, PrimitiveDesc) -> Status,
     pub post_ops_append_sum: unsafe extern "C" fn(PostOps, f32) -> Status,
 }
 
 /// oneDNN 3.x's descriptor calls.
 pub(super) struct V3 {
-    pub memory_desc_create_with_strides: unsafe extern "C" fn(*mut Desc, c_int, *const i64, c_int, *const i64) -> Status,
+    pub memory_desc_create_with_strides:
+        unsafe extern "C" fn(*mut Desc, c_int, *const i64, c_int, *const i64) -> Status,
     pub memory_desc_destroy: unsafe extern "C" fn(Desc) -> Status,
     pub matmul_primitive_desc_create:
         unsafe extern "C" fn(*mut PrimitiveDesc, Engine, Desc, Desc, Desc, Desc, Attr) -> Status,
@@ -193,9 +229,7 @@ impl Api {
             let library = Library::new(name).map_err(|e| format!("{name} not loaded ({e})"))?;
             macro_rules! symbol {
                 ($name:literal) => {
-                    *library
-                        .get(concat!($name, "\0").as_bytes())
-                        .map_err(|e| format!("{name}: no {} ({e})", $name))?
+                    *library.get(concat!($name, "\0").as_bytes()).map_err(|e| format!("{name}: no {} ({e})", $name))?
                 };
             }
             let version: unsafe extern "C" fn() -> *const Version = symbol!("dnnl_version");
@@ -215,13 +249,19 @@ impl Api {
                 }),
                 major => return Err(format!("{name} is oneDNN {major}.{}, not 2.x or 3.x", found.minor)),
             };
-            let openmp = Library::new("libgomp.so.1").ok();
-            let omp_set_num_threads = openmp.as_ref().and_then(|omp| omp.get(b"omp_set_num_threads\0").ok().map(|f| *f));
+            // looked up through oneDNN's handle, which searches the libraries it was linked with
+            let openmp =
+                match (found.cpu_runtime, library.get(b"omp_get_max_threads\0"), library.get(b"omp_set_num_threads\0"))
+                {
+                    (RUNTIME_OMP, Ok(get), Ok(set)) => Some(OpenMp { get_max_threads: *get, set_num_threads: *set }),
+                    _ => None,
+                };
             let mut api = Api {
                 version,
                 engine_create: symbol!("dnnl_engine_create"),
                 stream_create: symbol!("dnnl_stream_create"),
                 stream_wait: symbol!("dnnl_stream_wait"),
+                stream_destroy: symbol!("dnnl_stream_destroy"),
                 memory_desc_get_size: symbol!("dnnl_memory_desc_get_size"),
                 versioned,
                 primitive_attr_create: symbol!("dnnl_primitive_attr_create"),
@@ -238,10 +278,9 @@ impl Api {
                 primitive_execute: symbol!("dnnl_primitive_execute"),
                 memory_create: symbol!("dnnl_memory_create"),
                 memory_destroy: symbol!("dnnl_memory_destroy"),
-                omp_set_num_threads,
+                openmp,
                 engine: std::ptr::null_mut(),
                 _library: library,
-                _openmp: openmp,
             };
             check((api.engine_create)(&mut api.engine, CPU, 0), "engine")?;
             Ok(api)
@@ -256,13 +295,19 @@ impl Api {
             match &self.versioned {
                 Versioned::V2(v2) => {
                     let mut desc = Box::new(MemoryDesc::zeroed());
-                    let status = (v2.memory_desc_init_by_strides)(&mut *desc, ndims, dims.as_ptr(), dtype, strides.as_ptr());
+                    let status =
+                        (v2.memory_desc_init_by_strides)(&mut *desc, ndims, dims.as_ptr(), dtype, strides.as_ptr());
                     check(status, "memory descriptor").map(|()| OwnedDesc::V2(desc))
                 }
                 Versioned::V3(v3) => {
                     let mut handle = std::ptr::null();
-                    let status =
-                        (v3.memory_desc_create_with_strides)(&mut handle, ndims, dims.as_ptr(), dtype, strides.as_ptr());
+                    let status = (v3.memory_desc_create_with_strides)(
+                        &mut handle,
+                        ndims,
+                        dims.as_ptr(),
+                        dtype,
+                        strides.as_ptr(),
+                    );
                     check(status, "memory descriptor").map(|()| OwnedDesc::V3(handle, v3.memory_desc_destroy))
                 }
             }
@@ -306,7 +351,13 @@ impl Api {
                 Versioned::V2(v2) => {
                     let mut op = MatmulDesc::zeroed();
                     check((v2.matmul_desc_init)(&mut *op, src, weights, bias, dst), "matmul descriptor")?;
-                    (v2.primitive_desc_create)(&mut descriptor, (&*op as *const MatmulDesc).cast(), attr, self.engine, std::ptr::null_mut())
+                    (v2.primitive_desc_create)(
+                        &mut descriptor,
+                        (&*op as *const MatmulDesc).cast(),
+                        attr,
+                        self.engine,
+                        std::ptr::null_mut(),
+                    )
                 }
                 Versioned::V3(v3) => {
                     (v3.matmul_primitive_desc_create)(&mut descriptor, self.engine, src, weights, bias, dst, attr)

@@ -87,6 +87,8 @@ struct Key {
     b: View,
     dst: View,
     start: StartKind,
+    /// The OpenMP threads it runs on (fixed when made).
+    threads: usize,
 }
 
 /// A made primitive; destroyed with its descriptor when the cache drops it.
@@ -108,7 +110,7 @@ unsafe impl Send for Matmul {}
 unsafe impl Sync for Matmul {}
 
 impl Matmul {
-    /// The implementation oneDNN picked, e.g. `brg:avx512_core_amx_bf16`.
+    /// The implementation oneDNN picked, e.g. `brg:avx512_core_amx_bf16` (2.6).
     fn implementation(&self) -> Result<String, String> {
         let mut info: *const c_char = std::ptr::null();
         // SAFETY: the query writes a pointer to a string the descriptor owns, read while it lives.
@@ -138,7 +140,7 @@ impl Drop for Matmul {
 }
 
 impl OneDnn {
-    /// oneDNN from `libdnnl.so.2`, or why it cannot be used.
+    /// oneDNN from `libdnnl.so.3` or `libdnnl.so.2`, or why it cannot be used.
     pub(crate) fn load() -> Result<&'static OneDnn, String> {
         static LOADED: OnceLock<Result<OneDnn, String>> = OnceLock::new();
         LOADED
@@ -147,7 +149,7 @@ impl OneDnn {
             .map_err(Clone::clone)
     }
 
-    /// "oneDNN 2.6.3".
+    /// "oneDNN 3.14.0".
     pub(crate) fn describe(&self) -> String {
         format!("oneDNN {}", self.api.version_string())
     }
@@ -169,7 +171,9 @@ impl OneDnn {
         }
         // SAFETY: each view lies within its slice (checked above); dst is borrowed mutably, so it
         // overlaps neither operand.
-        unsafe { self.matmul_at((a.as_ptr(), a_view), (b.as_ptr(), b_view), (dst.as_mut_ptr(), dst_view), start, threads) }
+        unsafe {
+            self.matmul_at((a.as_ptr(), a_view), (b.as_ptr(), b_view), (dst.as_mut_ptr(), dst_view), start, threads)
+        }
     }
 
     /// [`OneDnn::matmul`] over raw pointers, for destinations that parallel tasks share (each
@@ -198,18 +202,15 @@ impl OneDnn {
             Start::Bias(bias) => bias.as_ptr() as *mut c_void,
             _ => std::ptr::null_mut(),
         };
-        let matmul = self.primitive(Key { a: a_view, b: b_view, dst: dst_view, start: start.kind() })?;
-        if let Some(set_threads) = self.api.omp_set_num_threads {
-            // SAFETY: sets the calling thread's OpenMP thread count.
-            unsafe { set_threads(threads.max(1) as c_int) };
-        }
+        // oneDNN fixes a primitive's thread count when it is made, from the calling thread's
+        // OpenMP setting: set it first (and key the cache by it), restore it after.
+        let threads = threads.max(1);
+        let _threads = self.api.openmp.as_ref().map(|omp| omp.set_threads(threads));
+        let matmul = self.primitive(Key { a: a_view, b: b_view, dst: dst_view, start: start.kind(), threads })?;
         SCRATCHPAD.with_borrow_mut(|scratch| {
-            // u64 words: oneDNN wants its scratchpad aligned (64 bytes is asked of buffers it
-            // allocates, but user memory only needs the element alignment).
-            scratch.resize(matmul.scratch_bytes.div_ceil(8) + 8, 0);
-            let aligned = scratch.as_mut_ptr().align_offset(8).min(8);
-            // SAFETY: within the buffer (8 spare words).
-            let scratch = unsafe { scratch.as_mut_ptr().add(aligned) };
+            // oneDNN aligns each entry of the scratchpad itself within the size it asks for.
+            scratch.resize(matmul.scratch_bytes.div_ceil(8), 0);
+            let scratch = scratch.as_mut_ptr();
             let mut handles = vec![
                 (ffi::ARG_SRC, a as *mut c_void),
                 (ffi::ARG_WEIGHTS, b as *mut c_void),
@@ -230,7 +231,7 @@ impl OneDnn {
     ///
     /// # Safety
     /// As [`OneDnn::matmul_at`]'s, and the scratchpad must hold `matmul.scratch_bytes`.
-    unsafe fn execute(&self, matmul: &Matmul, handles: &[(c_int, *mut c_void)]) -> Result<(), String> {
+    unsafe fn execute(&'static self, matmul: &Matmul, handles: &[(c_int, *mut c_void)]) -> Result<(), String> {
         let mut descs: Vec<Desc> = matmul.descs.iter().map(OwnedDesc::as_ptr).collect();
         descs.push(matmul.scratch_desc);
         if descs.len() != handles.len() {
@@ -264,16 +265,29 @@ impl OneDnn {
         result
     }
 
-    /// The calling thread's stream (oneDNN streams are not shared between threads).
-    fn stream(&self) -> Result<ffi::Stream, String> {
-        thread_local! {
-            static STREAM: Cell<ffi::Stream> = const { Cell::new(std::ptr::null_mut()) };
-        }
-        STREAM.with(|stream| {
-            if stream.get().is_null() {
-                stream.set(self.api.new_stream()?);
+    /// The calling thread's stream (oneDNN streams are not shared between threads), destroyed
+    /// when the thread ends.
+    fn stream(&'static self) -> Result<ffi::Stream, String> {
+        /// A thread's stream.
+        struct ThreadStream(Cell<Option<(ffi::Stream, &'static Api)>>);
+        impl Drop for ThreadStream {
+            fn drop(&mut self) {
+                if let Some((stream, api)) = self.0.get() {
+                    // SAFETY: made by this thread, used by nothing else once it ends.
+                    unsafe { (api.stream_destroy)(stream) };
+                }
             }
-            Ok(stream.get())
+        }
+        thread_local! {
+            static STREAM: ThreadStream = const { ThreadStream(Cell::new(None)) };
+        }
+        STREAM.with(|stream| match stream.0.get() {
+            Some((stream, _)) => Ok(stream),
+            None => {
+                let made = self.api.new_stream()?;
+                stream.0.set(Some((made, &self.api)));
+                Ok(made)
+            }
         })
     }
 
