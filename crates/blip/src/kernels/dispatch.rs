@@ -187,17 +187,7 @@ mod test_hook {
     }
 
     pub(super) fn with_bf16<T>(products: Bf16Products, f: impl FnOnce() -> T) -> T {
-        let _serial = SERIAL_BF16.lock().unwrap_or_else(PoisonError::into_inner);
-        /// Clears the override even when `f` panics (a failing assertion).
-        struct Reset;
-        impl Drop for Reset {
-            fn drop(&mut self) {
-                *FORCED_BF16.write().unwrap_or_else(PoisonError::into_inner) = None;
-            }
-        }
-        *FORCED_BF16.write().unwrap_or_else(PoisonError::into_inner) = Some(products);
-        let _reset = Reset;
-        f()
+        with_override(&SERIAL_BF16, &FORCED_BF16, products, f)
     }
 
     pub(super) fn forced() -> Option<Isa> {
@@ -205,16 +195,21 @@ mod test_hook {
     }
 
     pub(super) fn with<T>(isa: Isa, f: impl FnOnce() -> T) -> T {
-        let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-        /// Clears the override even when `f` panics (a failing assertion).
-        struct Reset;
-        impl Drop for Reset {
+        with_override(&SERIAL, &FORCED, isa, f)
+    }
+
+    /// Runs `f` with `slot` holding `value`, one such call at a time per `serial`; the slot is
+    /// cleared even when `f` panics (a failing assertion).
+    fn with_override<V, T>(serial: &Mutex<()>, slot: &'static RwLock<Option<V>>, value: V, f: impl FnOnce() -> T) -> T {
+        let _serial = serial.lock().unwrap_or_else(PoisonError::into_inner);
+        struct Reset<V: 'static>(&'static RwLock<Option<V>>);
+        impl<V> Drop for Reset<V> {
             fn drop(&mut self) {
-                *FORCED.write().unwrap_or_else(PoisonError::into_inner) = None;
+                *self.0.write().unwrap_or_else(PoisonError::into_inner) = None;
             }
         }
-        *FORCED.write().unwrap_or_else(PoisonError::into_inner) = Some(isa);
-        let _reset = Reset;
+        *slot.write().unwrap_or_else(PoisonError::into_inner) = Some(value);
+        let _reset = Reset(slot);
         f()
     }
 }
