@@ -79,7 +79,14 @@ fn check(model_dir: &Path, images: &[image::RgbImage], bf16_products_bar: (f32, 
 #[test]
 fn half_precision_weights_keep_the_tiny_models_logits() {
     if std::env::var("BLIP_BF16").is_ok_and(|v| v.eq_ignore_ascii_case("onednn")) {
-        assert!(blip::bf16_products_in_bf16(), "BLIP_BF16=onednn, but oneDNN did not load: {}", blip::compute_paths());
+        // oneDNN must be installed; only a CPU it has no bf16 products for (2.x without
+        // AVX-512) leaves the f32 products, and says so
+        let paths = blip::compute_paths();
+        let unsupported = paths.contains("has no bf16 products on this CPU");
+        assert!(blip::bf16_products_in_bf16() || unsupported, "BLIP_BF16=onednn, but oneDNN did not load: {paths}");
+        if unsupported {
+            eprintln!("{paths}");
+        }
     }
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected/bf16.json")).unwrap()).unwrap();

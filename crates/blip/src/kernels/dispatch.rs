@@ -72,8 +72,9 @@ fn chosen() -> Isa {
 }
 
 /// The environment variable that picks how products with bf16 weights run: `onednn` (oneDNN's
-/// bf16 products on any CPU, emulated where it has no bf16 instructions), `f32` (the weights
-/// widened, products in f32), unset or `auto`: oneDNN where the CPU has bf16 instructions.
+/// bf16 products wherever oneDNN makes them, emulated on CPUs without bf16 instructions; 2.x
+/// makes none without AVX-512), `f32` (the weights widened, products in f32), unset or `auto`:
+/// oneDNN where the CPU has bf16 instructions.
 pub(crate) const BF16_ENV_VAR: &str = "BLIP_BF16";
 
 /// How products with bf16 weights run.

@@ -367,6 +367,24 @@ impl Api {
         check(status, "matmul primitive descriptor").map(|()| descriptor)
     }
 
+    /// Whether this oneDNN makes bf16 products on this CPU (2.x has none without AVX-512): a
+    /// small one is described, then dropped.
+    pub(super) fn check_bf16_products(&self) -> Result<(), String> {
+        let (dims, strides) = ([1, 16, 16], [256, 16, 1]);
+        let src = self.memory_desc(&dims, &strides, BF16)?;
+        let weights = self.memory_desc(&dims, &strides, BF16)?;
+        let dst = self.memory_desc(&dims, &strides, F32)?;
+        // SAFETY: live descriptors, no attributes (null is oneDNN's default), and the
+        // primitive descriptor made is destroyed at once.
+        unsafe {
+            let descriptor = self
+                .matmul_desc(src.as_ptr(), weights.as_ptr(), std::ptr::null(), dst.as_ptr(), std::ptr::null_mut())
+                .map_err(|_| format!("oneDNN {} has no bf16 products on this CPU", self.version_string()))?;
+            (self.primitive_desc_destroy)(descriptor);
+        }
+        Ok(())
+    }
+
     /// "2.6.3".
     pub(super) fn version_string(&self) -> String {
         // SAFETY: dnnl_version returns a pointer to a static struct.

@@ -140,11 +140,16 @@ impl Drop for Matmul {
 }
 
 impl OneDnn {
-    /// oneDNN from `libdnnl.so.3` or `libdnnl.so.2`, or why it cannot be used.
+    /// oneDNN from `libdnnl.so.3` or `libdnnl.so.2`, where it makes bf16 products on this CPU,
+    /// or why it cannot be used.
     pub(crate) fn load() -> Result<&'static OneDnn, String> {
         static LOADED: OnceLock<Result<OneDnn, String>> = OnceLock::new();
         LOADED
-            .get_or_init(|| Api::load().map(|api| OneDnn { api, primitives: Mutex::new(HashMap::new()) }))
+            .get_or_init(|| {
+                let api = Api::load()?;
+                api.check_bf16_products()?;
+                Ok(OneDnn { api, primitives: Mutex::new(HashMap::new()) })
+            })
             .as_ref()
             .map_err(Clone::clone)
     }
