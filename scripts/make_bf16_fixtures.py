@@ -15,12 +15,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_model_fixtures as base  # noqa: E402  (pins, paths)
 
-import torch  # noqa: E402
-from transformers import BlipForConditionalGeneration, BlipProcessor  # noqa: E402
+from bf16_accuracy import IMAGES, STEPS, agreement, teacher_forced  # noqa: E402  (the same measure)
+from transformers import BlipProcessor  # noqa: E402
 from transformers.image_utils import load_image  # noqa: E402
 
-STEPS = 30
-IMAGES = ["chelsea.png", "astronaut.png", "rocket.jpg"]
 MODEL = "tiny-caption-scaled"
 
 
@@ -30,26 +28,14 @@ def main():
     proc = BlipProcessor.from_pretrained(model_dir)
     images = [load_image(str(base.IMAGES_DIR / n)) for n in IMAGES]
     pixels = proc(images=images, return_tensors="pt").pixel_values
-    f32 = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
-    bf16 = BlipForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        ids = f32.generate(pixel_values=pixels, max_new_tokens=STEPS, min_new_tokens=STEPS)
-        assert ids.shape[1] == STEPS + 1, ids.shape
-
-        def logits(model, dtype):
-            image_embeds = model.vision_model(pixel_values=pixels.to(dtype)).last_hidden_state
-            out = model.text_decoder(input_ids=ids, encoder_hidden_states=image_embeds)
-            return out.logits.float().flatten(0, 1)
-
-        reference, reduced = logits(f32, torch.float32), logits(bf16, torch.bfloat16)
-    cosines = torch.nn.functional.cosine_similarity(reduced, reference, dim=1)
-    top1 = (reduced.argmax(1) == reference.argmax(1)).float().mean().item()
+    ids, reference, reduced = teacher_forced(model_dir, pixels)
+    cosine, top1 = agreement(reduced, reference)
     out = {"model": MODEL, "images": IMAGES, "steps": STEPS, "ids": ids.tolist(),
            "f32_top1": reference.argmax(1).tolist(), "pytorch_bf16_top1_tokens": reduced.argmax(1).tolist(),
-           "pytorch_bf16_min_cosine": cosines.min().item(), "pytorch_bf16_top1": top1, "versions": versions}
+           "pytorch_bf16_min_cosine": cosine, "pytorch_bf16_top1": top1, "versions": versions}
     base.dump_json(out, base.EXPECTED / "bf16.json")
-    print(f"PyTorch bf16 against f32: smallest logits cosine {cosines.min().item():.6f}, "
-          f"same top-1 on {top1 * 100:.1f}% ({len(cosines)} steps)")
+    print(f"PyTorch bf16 against f32: smallest logits cosine {cosine:.6f}, "
+          f"same top-1 on {top1 * 100:.1f}% ({len(reference)} steps)")
 
 
 if __name__ == "__main__":

@@ -236,23 +236,24 @@ impl CustomOp3 for LinearOp {
             (Weights::BF16(_), Bf16Products::OneDnn(onednn)) => Some(onednn),
             _ => None,
         };
-        let rounded;
-        let ys = match (weights, onednn) {
+        let shape = Shape::from((m, n));
+        match (weights, onednn) {
             (Weights::BF16(w), Some(onednn)) if m >= BF16_PRODUCT_ROWS => {
-                bf16_product(onednn, xs, m, k, w, n, bias, residual).map_err(candle_core::Error::msg)?
+                let ys = bf16_product(onednn, xs, m, k, w, n, bias, residual).map_err(candle_core::Error::msg)?;
+                return Ok((CpuStorage::F32(ys), shape));
             }
-            _ if m > STREAMED_ROWS => blocked_product(xs, m, k, weights, n, bias, residual),
-            (Weights::BF16(w), Some(_)) if Avx512Bf16::detect().is_some() => {
-                let proof = Avx512Bf16::detect().expect("detected just above");
-                let mut ys = bf16_few_rows(proof, xs, m, k, w, n, bias);
-                if let Some(residual) = residual {
-                    ys.iter_mut().zip(residual).for_each(|(y, r)| *y += r);
-                }
-                ys
+            _ if m > STREAMED_ROWS => {
+                return Ok((CpuStorage::F32(blocked_product(xs, m, k, weights, n, bias, residual)), shape));
             }
+            _ => {}
+        }
+        // A few rows. bf16 products round every input a bf16 model's products take, whatever the
+        // rows: on AVX512-BF16's dot products where the CPU has them, else the project's kernels
+        // take the rounded values.
+        let rounded;
+        let mut ys = match (weights, onednn.and_then(|_| Avx512Bf16::detect())) {
+            (Weights::BF16(w), Some(proof)) => bf16_few_rows(proof, xs, m, k, w, n, bias),
             _ => {
-                // bf16 products round every input a bf16 model's products take, whatever the
-                // rows: the project's kernels take the rounded values too
                 let xs = match onednn {
                     Some(_) => {
                         rounded = rounded_to_bf16(xs);
@@ -260,18 +261,17 @@ impl CustomOp3 for LinearOp {
                     }
                     None => xs,
                 };
-                let mut ys = if m < DOT_ROWS {
+                if m < DOT_ROWS {
                     row_dot_product(xs, m, k, weights, n, bias)
                 } else {
                     streamed_product(xs, m, k, weights, n, bias)
-                };
-                if let Some(residual) = residual {
-                    ys.iter_mut().zip(residual).for_each(|(y, r)| *y += r);
                 }
-                ys
             }
         };
-        Ok((CpuStorage::F32(ys), Shape::from((m, n))))
+        if let Some(residual) = residual {
+            ys.iter_mut().zip(residual).for_each(|(y, r)| *y += r);
+        }
+        Ok((CpuStorage::F32(ys), shape))
     }
 
     fn bwd(
@@ -445,7 +445,6 @@ fn bf16_product(
                     (weights.0.as_ptr(), weights.1),
                     (out, View::matrix(part_rows, n, n)),
                     start,
-                    1,
                 )
             }
         })

@@ -97,7 +97,6 @@ pub(crate) fn attend_packed_bf16(
                 (k, View::transposed(d, n, d)),
                 (scores, View::matrix(n, n, n)),
                 Start::Zero,
-                1,
             )?;
             softmax_rows_to_bf16(scores, n, scale, probabilities);
             onednn.matmul(
@@ -105,7 +104,6 @@ pub(crate) fn attend_packed_bf16(
                 (v, View::matrix(n, d, d)),
                 (context, View::matrix(n, d, d)),
                 Start::Zero,
-                1,
             )?;
             for (t, context) in context.chunks(d).enumerate() {
                 // SAFETY: row t of image b, head h's d columns: within out, and written by this

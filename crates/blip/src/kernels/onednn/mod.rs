@@ -87,8 +87,6 @@ struct Key {
     b: View,
     dst: View,
     start: StartKind,
-    /// The OpenMP threads it runs on (fixed when made).
-    threads: usize,
 }
 
 /// A made primitive; destroyed with its descriptor when the cache drops it.
@@ -160,7 +158,7 @@ impl OneDnn {
     }
 
     /// `dst = start + a · b` for every batch entry: a [batch, m, k] and b [batch, k, n] in bf16,
-    /// dst [batch, m, n] in f32, on the calling thread and `threads` OpenMP threads.
+    /// dst [batch, m, n] in f32, on the calling thread alone.
     ///
     /// Errors when an operand's slice is shorter than its view addresses, or oneDNN fails.
     pub(crate) fn matmul(
@@ -169,16 +167,13 @@ impl OneDnn {
         (b, b_view): (&[bf16], View),
         (dst, dst_view): (&mut [f32], View),
         start: Start,
-        threads: usize,
     ) -> Result<(), String> {
         if a.len() < a_view.extent() || b.len() < b_view.extent() || dst.len() < dst_view.extent() {
             return Err("oneDNN matmul: an operand is shorter than its view".into());
         }
         // SAFETY: each view lies within its slice (checked above); dst is borrowed mutably, so it
         // overlaps neither operand.
-        unsafe {
-            self.matmul_at((a.as_ptr(), a_view), (b.as_ptr(), b_view), (dst.as_mut_ptr(), dst_view), start, threads)
-        }
+        unsafe { self.matmul_at((a.as_ptr(), a_view), (b.as_ptr(), b_view), (dst.as_mut_ptr(), dst_view), start) }
     }
 
     /// [`OneDnn::matmul`] over raw pointers, for destinations that parallel tasks share (each
@@ -193,7 +188,6 @@ impl OneDnn {
         (b, b_view): (*const bf16, View),
         (dst, dst_view): (*mut f32, View),
         start: Start,
-        threads: usize,
     ) -> Result<(), String> {
         let [batch, m, k] = a_view.dims;
         let ok = b_view.dims == [batch, k, dst_view.dims[2]] && dst_view.dims == [batch, m, b_view.dims[2]];
@@ -207,11 +201,11 @@ impl OneDnn {
             Start::Bias(bias) => bias.as_ptr() as *mut c_void,
             _ => std::ptr::null_mut(),
         };
-        // oneDNN fixes a primitive's thread count when it is made, from the calling thread's
-        // OpenMP setting: set it first (and key the cache by it), restore it after.
-        let threads = threads.max(1);
-        let _threads = self.api.openmp.as_ref().map(|omp| omp.set_threads(threads));
-        let matmul = self.primitive(Key { a: a_view, b: b_view, dst: dst_view, start: start.kind(), threads })?;
+        // One thread: the callers split the work among rayon's threads themselves. oneDNN fixes
+        // a primitive's thread count when it is made, from the calling thread's OpenMP setting,
+        // so it is set first (and restored after).
+        let _one_thread = self.api.openmp.as_ref().map(|omp| omp.set_threads(1));
+        let matmul = self.primitive(Key { a: a_view, b: b_view, dst: dst_view, start: start.kind() })?;
         SCRATCHPAD.with_borrow_mut(|scratch| {
             // oneDNN aligns each entry of the scratchpad itself within the size it asks for.
             scratch.resize(matmul.scratch_bytes.div_ceil(8), 0);
@@ -409,7 +403,6 @@ mod tests {
                     (&w, View::transposed(k, n, k)),
                     (&mut dst, View::matrix(m, n, n)),
                     start,
-                    2,
                 )
                 .unwrap();
             for (index, (ours, exact)) in dst.iter().zip(&expected).enumerate() {
@@ -433,7 +426,6 @@ mod tests {
             (&w, View::transposed(2, 3, 2)),
             (&mut dst, View::matrix(2, 2, 2)),
             Start::Zero,
-            1,
         );
         assert!(shapes.is_err());
         let short = onednn.matmul(
@@ -441,7 +433,6 @@ mod tests {
             (&w, View::transposed(3, 2, 3)),
             (&mut dst, View::matrix(2, 2, 2)),
             Start::Zero,
-            1,
         );
         assert!(short.is_err());
         let bias = [1.0f32; 3];
@@ -450,7 +441,6 @@ mod tests {
             (&w, View::transposed(3, 2, 3)),
             (&mut dst, View::matrix(2, 2, 2)),
             Start::Bias(&bias),
-            1,
         );
         assert!(wrong_bias.is_err());
     }
