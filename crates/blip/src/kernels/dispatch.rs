@@ -120,6 +120,9 @@ pub(crate) fn bf16_choice() -> (Bf16Products, &'static str) {
     static CHOSEN: OnceLock<(Bf16Products, String)> = OnceLock::new();
     let (products, why) = CHOSEN.get_or_init(|| {
         let asked = std::env::var(BF16_ENV_VAR).unwrap_or_default().to_ascii_lowercase();
+        if !["", "auto", "f32", "onednn"].contains(&asked.as_str()) {
+            tracing::warn!("{BF16_ENV_VAR}={asked} is not onednn, f32 or auto: choosing from the CPU");
+        }
         let widened = |why: String| (Bf16Products::Widened, format!("bf16 weights widened, f32 products ({why})"));
         match (asked.as_str(), OneDnn::load()) {
             ("f32", _) => widened(format!("{BF16_ENV_VAR}=f32")),

@@ -25,8 +25,12 @@ pub fn compute_paths() -> String {
         dispatch::Isa::Avx2Fma(_) => "AVX2 + FMA",
         dispatch::Isa::Portable => "portable",
     };
-    let (_, bf16) = dispatch::bf16_choice();
-    format!("kernels: {kernels}\nf32 products: {}\nbf16 models: {bf16}", blas::describe())
+    let (products, bf16) = dispatch::bf16_choice();
+    let decoding = match (products, bf16_dot::Avx512Bf16::detect()) {
+        (dispatch::Bf16Products::OneDnn(_), Some(_)) => "; bf16 decoding on AVX512-BF16",
+        _ => "",
+    };
+    format!("kernels: {kernels}{decoding}\nf32 products: {}\nbf16 models: {bf16}", blas::describe())
 }
 
 /// Whether models loaded in bf16 multiply in bf16 in this process (oneDNN's products, where the
