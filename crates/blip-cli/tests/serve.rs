@@ -450,6 +450,36 @@ fn concurrent_requests_batch_and_equal_the_cli() {
     assert!(metrics.contains("blip_requests_total{route=\"/models/{*model_id}\",status=\"200\"} 7"), "{metrics}");
 }
 
+/// Continuous batching: a request that arrives while a long generation decodes joins it at the
+/// next step, and is answered when its own caption ends, long before the other's.
+#[test]
+fn a_request_joins_the_running_generation_and_ends_first() {
+    let server = Server::start(&[CAPTION], &[]);
+    let url = server.url("/models/tiny-caption-bin");
+    let path = image("chelsea.png");
+    // 64 sampled sequences to the full length
+    let parameters =
+        json!({"do_sample": true, "num_return_sequences": 64, "min_new_tokens": 63, "max_new_tokens": 63, "seed": 1});
+    let long = json!({"inputs": b64(&path), "parameters": parameters});
+    let start = std::time::Instant::now();
+    let alone = ok(post_json(&url, long.clone()));
+    let whole = start.elapsed();
+
+    let started = std::time::Instant::now();
+    let running = {
+        let url = url.clone();
+        std::thread::spawn(move || (ok(post_json(&url, long)), started.elapsed()))
+    };
+    std::thread::sleep(whole / 4);
+    let short_path = image("rocket.jpg");
+    let short = ok(post_json(&url, json!({"inputs": b64(&short_path)})));
+    let short_done = started.elapsed();
+    let (joined, long_done) = running.join().unwrap();
+    assert!(short_done < long_done, "the short request waited for the long one: {short_done:?} vs {long_done:?}");
+    assert_eq!(short[0]["generated_text"], cli_caption(&[], &short_path).as_str());
+    assert_eq!(joined, alone, "the long generation changed when another joined it");
+}
+
 fn answer_text(result: Result<ureq::Response, ureq::Error>) -> String {
     result.expect("200").into_string().unwrap()
 }

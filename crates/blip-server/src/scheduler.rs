@@ -2,7 +2,11 @@
 //! takes what is waiting (up to `--max-batch-size` jobs), drops the jobs whose client is gone,
 //! and runs the rest in as few library calls as their options allow: images of concurrent
 //! requests go through the vision tower together, and their sequences decode together.
+//! Generation is continuous: between two decoding steps the worker takes the jobs that arrived,
+//! and they join the running batch (whatever their options), each answered when its own
+//! sequences end.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -140,63 +144,231 @@ struct Worker {
 /// Longest a worker waits for requests on their way in before it starts a batch.
 const GATHER: Duration = Duration::from_millis(50);
 
+/// The generation being decoded, and who waits for each of its inputs.
+struct Decoding<'a> {
+    run: GenerationRun<'a>,
+    waiting: HashMap<usize, Waiting>,
+}
+
+/// A generation job in the running batch.
+struct Waiting {
+    reply: oneshot::Sender<Reply>,
+    tokens: Option<TokenSender>,
+    /// The most jobs decoded together while it ran.
+    batch: usize,
+}
+
 impl Worker {
-    /// Runs batches until every sender is gone (the server shut down).
+    /// Runs batches until every sender is gone (the server shut down) and nothing runs.
     fn run(self, mut jobs: mpsc::Receiver<Queued>) {
-        while let Some(first) = jobs.blocking_recv() {
-            // Taken from the queue, the jobs give their places back at once.
-            let Queued { job, _slot } = first;
-            drop(_slot);
-            let mut batch = vec![job];
-            // Requests that hold a place but are not queued yet are still being decoded: wait
-            // a little for them (alone, a request waits for nothing), so that requests sent
-            // together run together instead of the first alone.
-            let deadline = Instant::now() + GATHER;
-            while batch.len() < self.max_batch {
-                match jobs.try_recv() {
-                    Ok(Queued { job, _slot }) => batch.push(job),
-                    Err(_) if self.slots.available_permits() < self.max_queue && Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(1));
+        let mut decoding: Option<Decoding> = None;
+        let mut open = true;
+        while open || decoding.is_some() {
+            let mut batch = Vec::new();
+            match &decoding {
+                // Idle: wait for a job, then a little for requests on their way in.
+                None => match jobs.blocking_recv() {
+                    Some(first) => {
+                        batch.push(first.job);
+                        self.gather(&mut jobs, &mut batch);
                     }
-                    Err(_) => break,
+                    None => open = false,
+                },
+                // Decoding: what has arrived joins at this step, up to the batch size.
+                Some(running) => {
+                    while running.waiting.len() + batch.len() < self.max_batch {
+                        match jobs.try_recv() {
+                            Ok(Queued { job, _slot }) => batch.push(job),
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => {
+                                open = false;
+                                break;
+                            }
+                        }
+                    }
                 }
             }
             let before = batch.len();
             batch.retain(|job| !job.reply.is_closed());
             self.metrics.cancelled(&self.model, before - batch.len());
-            if batch.is_empty() {
+            if batch.is_empty() && decoding.is_none() {
                 continue;
             }
+            // rayon's pool runs the model's kernels; a worker of it runs a step's many small
+            // parallel steps inline (see blip::generation::generate). A panic (a bug) fails the
+            // requests running (their replies are dropped: 500), not the worker.
             let start = Instant::now();
             let size = batch.len();
-            self.metrics.batch(&self.model, size);
-            // rayon's pool runs the model's kernels; a worker of it runs a batch's many small
-            // parallel steps inline (see blip::generation::generate).
-            // A panic (a bug) fails this batch's requests (their replies are dropped: 500),
-            // not the worker.
-            let ran =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rayon::scope(|_| self.run_batch(batch))));
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rayon::scope(|_| self.advance(&mut decoding, batch))
+            }));
             if ran.is_err() {
                 tracing::error!(model = self.model, "a batch panicked; its requests failed");
+                decoding = None;
             }
-            tracing::debug!(model = self.model, size, seconds = start.elapsed().as_secs_f64(), "batch");
+            tracing::trace!(model = self.model, size, seconds = start.elapsed().as_secs_f64(), "step");
         }
+    }
+
+    /// Adds to `batch` the jobs queued within [`GATHER`] while requests holding a place are on
+    /// their way in (alone, a request waits for nothing), so that requests sent together start
+    /// together instead of the first alone.
+    fn gather(&self, jobs: &mut mpsc::Receiver<Queued>, batch: &mut Vec<Job>) {
+        let deadline = Instant::now() + GATHER;
+        while batch.len() < self.max_batch {
+            match jobs.try_recv() {
+                Ok(Queued { job, _slot }) => batch.push(job),
+                Err(_) if self.slots.available_permits() < self.max_queue && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Starts the new jobs (generation jobs joining the running batch, the others run whole),
+    /// then steps the running generation once and answers the jobs whose sequences ended.
+    fn advance<'a>(&'a self, decoding: &mut Option<Decoding<'a>>, batch: Vec<Job>) {
+        let (generating, others): (Vec<Job>, Vec<Job>) =
+            batch.into_iter().partition(|job| matches!(job.work, Work::Caption { .. } | Work::Answer { .. }));
+        if !others.is_empty() {
+            self.run_batch(others);
+        }
+        if !generating.is_empty() {
+            self.start_generation(decoding, generating);
+        }
+        let Some(running) = decoding else { return };
+        if let Err(err) = self.step(running) {
+            for (_, waiting) in running.waiting.drain() {
+                let _ = waiting.reply.send(Err(err.clone()));
+            }
+        }
+        if running.run.is_done() {
+            // every input has been answered; none can be left waiting
+            for (_, waiting) in running.waiting.drain() {
+                let _ = waiting.reply.send(Err(ApiError::internal("generation ended without this request's answer")));
+            }
+        }
+        if running.waiting.is_empty() {
+            *decoding = None;
+        }
+    }
+
+    /// Starts generation jobs, in groups of equal options, and joins them to the running batch.
+    fn start_generation<'a>(&'a self, decoding: &mut Option<Decoding<'a>>, jobs: Vec<Job>) {
+        for group in groups(jobs) {
+            let (mut works, mut waiting) = (Vec::new(), Vec::new());
+            for Job { work, reply } in group {
+                let tokens = match &work {
+                    Work::Caption { tokens, .. } | Work::Answer { tokens, .. } => tokens.clone(),
+                    _ => None,
+                };
+                works.push(work);
+                waiting.push(Waiting { reply, tokens, batch: 0 });
+            }
+            let run = match self.start_run(works) {
+                Ok(run) => run,
+                Err(err) => {
+                    for job in waiting {
+                        let _ = job.reply.send(Err(err.clone()));
+                    }
+                    continue;
+                }
+            };
+            match decoding {
+                None => {
+                    *decoding = Some(Decoding { run, waiting: waiting.into_iter().enumerate().collect() });
+                }
+                Some(running) => match running.run.join(run) {
+                    Ok(offset) => {
+                        running.waiting.extend(waiting.into_iter().enumerate().map(|(i, w)| (offset + i, w)));
+                    }
+                    Err(err) => {
+                        let err = ApiError::from(err);
+                        for job in waiting {
+                            let _ = job.reply.send(Err(err.clone()));
+                        }
+                    }
+                },
+            }
+        }
+        if let Some(running) = decoding {
+            self.metrics.batch(&self.model, running.waiting.len());
+        }
+    }
+
+    /// The vision tower (and question encoder) for generation jobs of equal options, and their
+    /// generation started.
+    fn start_run(&self, works: Vec<Work>) -> Result<GenerationRun<'_>, ApiError> {
+        match (&self.engine, &works[0]) {
+            (Engine::Caption(captioner), Work::Caption { generation, .. }) => {
+                let generation = generation.clone();
+                let (mut images, mut prompts) = (Vec::new(), Vec::new());
+                for work in works {
+                    let Work::Caption { image, prompt, .. } = work else { unreachable!("grouped") };
+                    images.push(image);
+                    prompts.push(prompt);
+                }
+                let pixels = self.batch_pixels(images)?;
+                let options = CaptionOptions::new(Prompt::PerImage(prompts), generation);
+                Ok(captioner.start_captions(&pixels, &options)?)
+            }
+            (Engine::Vqa(vqa), Work::Answer { generation, .. }) => {
+                let options = AnswerOptions::new(generation.clone());
+                let (mut images, mut questions) = (Vec::new(), Vec::new());
+                for work in works {
+                    let Work::Answer { image, question, .. } = work else { unreachable!("grouped") };
+                    images.push(image);
+                    questions.push(question);
+                }
+                let pixels = self.batch_pixels(images)?;
+                let questions: Vec<&str> = questions.iter().map(String::as_str).collect();
+                Ok(vqa.start_answers(&pixels, &questions, &options)?)
+            }
+            _ => Err(ApiError::internal("this model does not serve this task")),
+        }
+    }
+
+    /// One token more for every running sequence: stops the inputs whose client is gone,
+    /// streams tokens to the clients that asked, answers the jobs whose sequences all ended.
+    fn step(&self, running: &mut Decoding<'_>) -> Result<(), ApiError> {
+        let gone: Vec<usize> =
+            running.waiting.iter().filter(|(_, waiting)| waiting.reply.is_closed()).map(|(&input, _)| input).collect();
+        for input in gone {
+            running.run.stop(input)?;
+            running.waiting.remove(&input);
+            self.metrics.cancelled(&self.model, 1);
+        }
+        let together = running.waiting.len();
+        for waiting in running.waiting.values_mut() {
+            waiting.batch = waiting.batch.max(together);
+        }
+        if !running.run.is_done() {
+            let waiting = &running.waiting;
+            running.run.step(&mut |input, sequence, token| {
+                if let Some(Some(sender)) = waiting.get(&input).map(|w| &w.tokens) {
+                    let _ = sender.send((sequence, token));
+                }
+            })?;
+        }
+        for (input, texts) in running.run.take_finished()? {
+            let tokens: usize = texts.iter().map(|t| t.tokens.len()).sum();
+            self.metrics.tokens(&self.model, tokens);
+            if let Some(waiting) = running.waiting.remove(&input) {
+                let _ = waiting.reply.send(Ok((Output::Texts(texts), waiting.batch)));
+            }
+        }
+        Ok(())
     }
 
     /// Runs the jobs in groups that one library call can serve together.
     fn run_batch(&self, batch: Vec<Job>) {
         let size = batch.len();
-        let mut groups: Vec<Vec<Job>> = Vec::new();
-        for job in batch {
-            match groups.iter_mut().find(|group| batches_with(&group[0].work, &job.work)) {
-                Some(group) => group.push(job),
-                None => groups.push(vec![job]),
-            }
-        }
-        for group in groups {
+        for group in groups(batch) {
+            self.metrics.batch(&self.model, group.len());
             let (works, replies): (Vec<Work>, Vec<oneshot::Sender<Reply>>) =
                 group.into_iter().map(|job| (job.work, job.reply)).unzip();
-            let results = match self.run_group(works, &replies) {
+            let results = match self.run_group(works) {
                 Ok(outputs) => outputs.into_iter().map(Ok).collect(),
                 Err(err) => replies.iter().map(|_| Err(err.clone())).collect::<Vec<_>>(),
             };
@@ -206,38 +378,9 @@ impl Worker {
         }
     }
 
-    /// One library call for jobs that [`batches_with`] put together.
-    /// Generation stops early for jobs whose client is gone (`replies` closed).
-    fn run_group(&self, works: Vec<Work>, replies: &[oneshot::Sender<Reply>]) -> Result<Vec<Output>, ApiError> {
+    /// One library call for jobs that [`batches_with`] put together (not generation).
+    fn run_group(&self, works: Vec<Work>) -> Result<Vec<Output>, ApiError> {
         match (&self.engine, &works[0]) {
-            (Engine::Caption(captioner), Work::Caption { generation, .. }) => {
-                let generation = generation.clone();
-                let (mut images, mut prompts, mut senders) = (Vec::new(), Vec::new(), Vec::new());
-                for work in works {
-                    let Work::Caption { image, prompt, tokens, .. } = work else { unreachable!("grouped") };
-                    images.push(image);
-                    prompts.push(prompt);
-                    senders.push(tokens);
-                }
-                let pixels = self.batch_pixels(images)?;
-                let options = CaptionOptions::new(Prompt::PerImage(prompts), generation);
-                let run = captioner.start_captions(&pixels, &options)?;
-                self.generate(run, &senders, replies)
-            }
-            (Engine::Vqa(vqa), Work::Answer { generation, .. }) => {
-                let options = AnswerOptions::new(generation.clone());
-                let (mut images, mut questions, mut senders) = (Vec::new(), Vec::new(), Vec::new());
-                for work in works {
-                    let Work::Answer { image, question, tokens, .. } = work else { unreachable!("grouped") };
-                    images.push(image);
-                    questions.push(question);
-                    senders.push(tokens);
-                }
-                let pixels = self.batch_pixels(images)?;
-                let questions: Vec<&str> = questions.iter().map(String::as_str).collect();
-                let run = vqa.start_answers(&pixels, &questions, &options)?;
-                self.generate(run, &senders, replies)
-            }
             (Engine::Matching(matcher), Work::Classify { labels, options, .. }) => {
                 let (labels, options) = (labels.clone(), options.clone());
                 let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
@@ -287,33 +430,18 @@ impl Worker {
         self.metrics.images(&self.model, images.len());
         Tensor::cat(&images, 0).map_err(|e| ApiError::internal(format!("batching images: {e}")))
     }
+}
 
-    /// Steps a generation to its end, streaming tokens to the clients that asked, and stopping
-    /// the inputs whose client is gone (all gone: it ends there); counts the tokens generated.
-    fn generate(
-        &self,
-        mut run: GenerationRun<'_>,
-        senders: &[Option<TokenSender>],
-        replies: &[oneshot::Sender<Reply>],
-    ) -> Result<Vec<Output>, ApiError> {
-        let mut gone = vec![false; replies.len()];
-        loop {
-            for (input, reply) in replies.iter().enumerate() {
-                if !gone[input] && reply.is_closed() {
-                    gone[input] = true;
-                    run.stop(input)?;
-                    self.metrics.cancelled(&self.model, 1);
-                }
-            }
-            if gone.iter().all(|&g| g) || run.step(&mut stream_to(senders))? {
-                break;
-            }
+/// Jobs in groups that one library call can serve together, in arrival order.
+fn groups(jobs: Vec<Job>) -> Vec<Vec<Job>> {
+    let mut groups: Vec<Vec<Job>> = Vec::new();
+    for job in jobs {
+        match groups.iter_mut().find(|group| batches_with(&group[0].work, &job.work)) {
+            Some(group) => group.push(job),
+            None => groups.push(vec![job]),
         }
-        let generated = run.finish()?;
-        let tokens: usize = generated.iter().flatten().map(|g| g.tokens.len()).sum();
-        self.metrics.tokens(&self.model, tokens);
-        Ok(generated.into_iter().map(Output::Texts).collect())
     }
+    groups
 }
 
 /// Whether two jobs can run in one library call: the same task with the same options (prompts
@@ -329,14 +457,5 @@ fn batches_with(a: &Work, b: &Work) -> bool {
         (Work::EmbedImage { .. }, Work::EmbedImage { .. }) => true,
         (Work::EmbedText { .. }, Work::EmbedText { .. }) => true,
         _ => false,
-    }
-}
-
-/// The library's token callback, forwarding each row's tokens to its client if it streams.
-fn stream_to(senders: &[Option<TokenSender>]) -> impl FnMut(usize, usize, u32) + Send + '_ {
-    move |row, sequence, token| {
-        if let Some(Some(sender)) = senders.get(row) {
-            let _ = sender.send((sequence, token));
-        }
     }
 }

@@ -9,6 +9,9 @@ pub(crate) mod config;
 mod overrides;
 pub mod processors;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use candle_core::{Device, Result, Tensor};
 
 use crate::error::{InvalidInput, Param};
@@ -311,175 +314,260 @@ impl<D: Decoder + ?Sized> Decoder for &mut D {
     }
 }
 
+/// A decoder whose batch can take the rows of another batch of the same model, decoding from
+/// other positions: what lets a generation join a running one (continuous batching).
+pub trait Join {
+    /// Appends `other`'s rows after this batch's rows.
+    fn join(&mut self, other: Self) -> Result<()>;
+}
+
 /// A batch being generated one step at a time: what [`generate`] runs to its end, for callers
-/// that interleave batches (a server starting new requests while others decode) or stop some
-/// of a batch's prefixes early. Beam search runs whole in [`Generation::start`].
+/// that interleave batches or stop some of a batch's prefixes early. Prefixes are numbered from
+/// 0 in the order given to [`Generation::start`]; another generation's prefixes [`join`]ed later
+/// are numbered after them. Beam search runs whole in [`Generation::start`].
+///
+/// [`join`]: Generation::join
 pub struct Generation<D> {
     decoder: D,
-    /// Sequences returned per prefix.
-    copies: usize,
-    state: State,
+    /// The prefixes not yet taken by the caller, by number.
+    prefixes: BTreeMap<usize, Prefix>,
+    /// The number the next joined prefix gets.
+    next_prefix: usize,
+    /// Batch row → (prefix, copy) of the sequence it decodes.
+    active: Vec<(usize, usize)>,
+    /// What the decoder reads next: the prefixes, then each row's last token.
+    input: Option<Tensor>,
+    device: Device,
 }
 
-enum State {
-    /// Every sequence has ended (or beam search has run): per prefix, its sequences.
-    Done(Vec<Vec<Generated>>),
-    Stepping(Box<Stepping>),
-}
-
-/// Greedy search and multinomial sampling between steps.
-struct Stepping {
-    options: GenerationOptions,
+/// One prefix's sequences and how they are generated.
+struct Prefix {
+    options: Arc<GenerationOptions>,
     eos_token_id: u32,
     prefix_len: usize,
-    /// One per returned sequence: prefix `i / copies`'s copy `i % copies`.
-    sequences: Vec<Vec<u32>>,
-    log_probs: Vec<f32>,
-    streams: Vec<Sampler>,
-    /// Batch row → index into `sequences`.
-    active: Vec<usize>,
-    /// What the decoder reads next: the prefixes, then each row's last token.
-    input: Tensor,
-    step: usize,
-    device: Device,
+    /// Its `num_return_sequences` sequences.
+    sequences: Vec<Sequence>,
+    /// Sequences still being generated.
+    running: usize,
+    /// Beam search's sequences, best first, when beam search generated them.
+    searched: Option<Vec<Generated>>,
+}
+
+/// A sequence of greedy search or sampling.
+struct Sequence {
+    tokens: Vec<u32>,
+    log_prob: f32,
+    sampler: Sampler,
+}
+
+impl Prefix {
+    /// Its sequences, those still running ending as they are.
+    fn generated(self) -> Vec<Generated> {
+        if let Some(searched) = self.searched {
+            return searched;
+        }
+        let prefix_len = self.prefix_len;
+        self.sequences
+            .into_iter()
+            .map(|s| {
+                let new_tokens = s.tokens.len() - prefix_len;
+                let score = if new_tokens == 0 { 0.0 } else { s.log_prob / new_tokens as f32 };
+                Generated { tokens: s.tokens, new_tokens, log_prob: s.log_prob, score }
+            })
+            .collect()
+    }
 }
 
 impl<D: Decoder> Generation<D> {
     /// Starts generating from every prefix (all of one length) until `eos_token_id` or
     /// `max_new_tokens`; the decoder holds one batch row per prefix.
     pub fn start(
-        mut decoder: D,
+        decoder: D,
         prefixes: &[Vec<u32>],
         eos_token_id: u32,
         options: &GenerationOptions,
         device: &Device,
     ) -> Result<Self> {
         options.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let copies = options.num_return_sequences;
-        let Some(first) = prefixes.first() else {
-            return Ok(Self { decoder, copies, state: State::Done(vec![]) });
+        let mut generation = Self {
+            decoder,
+            prefixes: BTreeMap::new(),
+            next_prefix: prefixes.len(),
+            active: vec![],
+            input: None,
+            device: device.clone(),
         };
+        let Some(first) = prefixes.first() else { return Ok(generation) };
         if prefixes.iter().any(|p| p.len() != first.len()) {
             candle_core::bail!("generation needs prefixes of equal length");
         }
-        if options.num_beams > 1 {
-            let generated = beam::beam_search(&mut decoder, prefixes, eos_token_id, options, device)?;
-            return Ok(Self { decoder, copies, state: State::Done(generated) });
-        }
-        let rows: Vec<u32> = (0..prefixes.len() as u32).flat_map(|r| std::iter::repeat_n(r, copies)).collect();
-        if copies > 1 {
-            decoder.keep_rows(&rows)?;
-        }
-        let sequences: Vec<Vec<u32>> = rows.iter().map(|&r| prefixes[r as usize].clone()).collect();
-        // One random stream per returned sequence, seeded by its index, so that an input samples
-        // the same alone or in a batch.
-        let seed = options.seed.unwrap_or_else(random_seed);
-        let streams = (0..sequences.len()).map(|i| Sampler::new(seed, (i % copies) as u64)).collect();
-        let stepping = Stepping {
+        let options = Arc::new(options.clone());
+        let copies = options.num_return_sequences;
+        let prefix = |sequences, running, searched| Prefix {
             options: options.clone(),
             eos_token_id,
             prefix_len: first.len(),
-            log_probs: vec![0.0; sequences.len()],
-            active: (0..sequences.len()).collect(),
-            input: Tensor::new(sequences.clone(), device)?,
             sequences,
-            streams,
-            step: 0,
-            device: device.clone(),
+            running,
+            searched,
         };
-        let mut generation = Self { decoder, copies, state: State::Stepping(Box::new(stepping)) };
-        if options.max_new_tokens == 0 {
-            generation.end();
+        if options.num_beams > 1 {
+            let generated = beam::beam_search(&mut generation.decoder, prefixes, eos_token_id, &options, device)?;
+            for (i, searched) in generated.into_iter().enumerate() {
+                generation.prefixes.insert(i, prefix(vec![], 0, Some(searched)));
+            }
+            return Ok(generation);
         }
+        let rows: Vec<u32> = (0..prefixes.len() as u32).flat_map(|r| std::iter::repeat_n(r, copies)).collect();
+        if copies > 1 {
+            generation.decoder.keep_rows(&rows)?;
+        }
+        // One random stream per returned sequence, seeded by its index, so that an input samples
+        // the same alone or in a batch.
+        let seed = options.seed.unwrap_or_else(random_seed);
+        for (i, tokens) in prefixes.iter().enumerate() {
+            let sequences = (0..copies)
+                .map(|copy| Sequence {
+                    tokens: tokens.clone(),
+                    log_prob: 0.0,
+                    sampler: Sampler::new(seed, copy as u64),
+                })
+                .collect();
+            generation.prefixes.insert(i, prefix(sequences, copies, None));
+        }
+        generation.active = rows.iter().enumerate().map(|(i, &r)| (r as usize, i % copies)).collect();
+        let input: Vec<Vec<u32>> = rows.iter().map(|&r| prefixes[r as usize].clone()).collect();
+        generation.input = Some(Tensor::new(input, device)?);
         Ok(generation)
     }
 
     /// Whether every sequence has ended.
     pub fn is_done(&self) -> bool {
-        matches!(self.state, State::Done(_))
+        self.active.is_empty()
+    }
+
+    /// Batch rows being decoded.
+    pub fn rows(&self) -> usize {
+        self.active.len()
     }
 
     /// Chooses the next token of every running sequence; true once every sequence has ended.
     pub fn step(&mut self, on_token: &mut OnToken<'_>) -> Result<bool> {
-        let State::Stepping(s) = &mut self.state else { return Ok(true) };
-        let logits = self.decoder.next_logits(&s.input)?.to_vec2::<f32>()?;
-        let mut still_running = Vec::with_capacity(s.active.len());
-        for (row, (&seq, mut scores)) in s.active.iter().zip(logits).enumerate() {
+        let Some(input) = &self.input else { return Ok(true) };
+        let logits = self.decoder.next_logits(input)?.to_vec2::<f32>()?;
+        let mut still_running = Vec::with_capacity(self.active.len());
+        for (row, (&(id, copy), mut scores)) in self.active.iter().zip(logits).enumerate() {
+            let prefix = self.prefixes.get_mut(&id).expect("active prefixes are kept");
+            let options = &*prefix.options;
+            let sequence = &mut prefix.sequences[copy];
+            let step = sequence.tokens.len() - prefix.prefix_len;
             let model_log_probs = processors::log_softmax(&scores);
-            apply_processors(&mut scores, &s.sequences[seq], s.step, s.eos_token_id, &s.options);
-            let token = if s.options.do_sample {
-                warp(&mut scores, &s.options);
-                s.streams[seq].draw(&processors::softmax(&scores))
+            apply_processors(&mut scores, &sequence.tokens, step, prefix.eos_token_id, options);
+            let token = if options.do_sample {
+                warp(&mut scores, options);
+                sequence.sampler.draw(&processors::softmax(&scores))
             } else {
                 argmax(&scores)
             };
-            s.log_probs[seq] += model_log_probs[token as usize];
-            s.sequences[seq].push(token);
-            on_token(seq / self.copies, seq % self.copies, token);
-            if token != s.eos_token_id {
+            sequence.log_prob += model_log_probs[token as usize];
+            sequence.tokens.push(token);
+            on_token(id, copy, token);
+            if token != prefix.eos_token_id && step + 1 < options.max_new_tokens {
                 still_running.push(row as u32);
+            } else {
+                prefix.running -= 1;
             }
         }
-        s.step += 1;
-        if still_running.is_empty() || s.step == s.options.max_new_tokens {
-            self.end();
-            return Ok(true);
-        }
         self.keep(still_running)?;
-        Ok(false)
+        Ok(self.is_done())
     }
 
     /// Stops generating `prefix`'s sequences (their caller is gone): they end as they are.
     pub fn stop(&mut self, prefix: usize) -> Result<()> {
-        let State::Stepping(s) = &self.state else { return Ok(()) };
-        let copies = self.copies;
-        let keep: Vec<u32> = (0..s.active.len() as u32).filter(|&r| s.active[r as usize] / copies != prefix).collect();
-        if keep.is_empty() {
-            self.end();
+        let Some(state) = self.prefixes.get_mut(&prefix) else { return Ok(()) };
+        state.running = 0;
+        let keep: Vec<u32> = (0..self.active.len() as u32).filter(|&r| self.active[r as usize].0 != prefix).collect();
+        if keep.len() == self.active.len() {
             return Ok(());
         }
-        if keep.len() < s.active.len() {
-            self.keep(keep)?;
+        if keep.is_empty() {
+            self.active.clear();
+            self.input = None;
+            return Ok(());
         }
+        // the rows' next input as it was (before the first step: their whole prefixes)
+        if let Some(input) = &self.input {
+            self.input = Some(input.index_select(&Tensor::new(keep.as_slice(), &self.device)?, 0)?);
+        }
+        self.decoder.keep_rows(&keep)?;
+        self.active = keep.iter().map(|&r| self.active[r as usize]).collect();
         Ok(())
     }
 
-    /// Keeps these batch rows, and sets the next input to their last tokens.
+    /// Keeps these batch rows after a step, and sets the next input to their last tokens.
     fn keep(&mut self, rows: Vec<u32>) -> Result<()> {
-        let State::Stepping(s) = &mut self.state else { return Ok(()) };
-        if rows.len() < s.active.len() {
-            self.decoder.keep_rows(&rows)?;
-            s.active = rows.iter().map(|&r| s.active[r as usize]).collect();
+        if rows.is_empty() {
+            self.active.clear();
+            self.input = None;
+            return Ok(());
         }
-        let last: Vec<u32> = s.active.iter().map(|&seq| *s.sequences[seq].last().expect("non-empty")).collect();
-        s.input = Tensor::new(last, &s.device)?.unsqueeze(1)?;
+        if rows.len() < self.active.len() {
+            self.decoder.keep_rows(&rows)?;
+            self.active = rows.iter().map(|&r| self.active[r as usize]).collect();
+        }
+        let last: Vec<u32> = self
+            .active
+            .iter()
+            .map(|(id, copy)| *self.prefixes[id].sequences[*copy].tokens.last().expect("non-empty"))
+            .collect();
+        self.input = Some(Tensor::new(last, &self.device)?.unsqueeze(1)?);
         Ok(())
     }
 
-    fn end(&mut self) {
-        if let State::Stepping(s) = &mut self.state {
-            let sequences = std::mem::take(&mut s.sequences);
-            let generated: Vec<Generated> = sequences
-                .into_iter()
-                .zip(&s.log_probs)
-                .map(|(tokens, &log_prob)| {
-                    let new_tokens = tokens.len() - s.prefix_len;
-                    let score = if new_tokens == 0 { 0.0 } else { log_prob / new_tokens as f32 };
-                    Generated { tokens, new_tokens, log_prob, score }
-                })
-                .collect();
-            self.state = State::Done(generated.chunks(self.copies).map(|c| c.to_vec()).collect());
-        }
+    /// The prefixes whose sequences have all ended, with their sequences (best first for beam
+    /// search), taken out of the generation.
+    pub fn take_finished(&mut self) -> Vec<(usize, Vec<Generated>)> {
+        let finished: Vec<usize> = self.prefixes.iter().filter(|(_, p)| p.running == 0).map(|(&id, _)| id).collect();
+        finished.into_iter().map(|id| (id, self.prefixes.remove(&id).expect("listed").generated())).collect()
     }
 
-    /// Per prefix, its sequences (best first for beam search); sequences still running end as
-    /// they are.
-    pub fn finish(mut self) -> Vec<Vec<Generated>> {
-        self.end();
-        match self.state {
-            State::Done(generated) => generated,
-            State::Stepping(_) => unreachable!("ended above"),
+    /// Per prefix not taken, in order, its sequences (best first for beam search); sequences
+    /// still running end as they are.
+    pub fn finish(self) -> Vec<Vec<Generated>> {
+        self.prefixes.into_values().map(Prefix::generated).collect()
+    }
+}
+
+impl<D: Decoder + Join> Generation<D> {
+    /// Adds `other`'s prefixes to this generation, their rows to its batch: from the next step
+    /// they decode together, each with its own options and positions. Both must be between
+    /// steps reading one token per row (`other` after its first step, unless its prefixes are a
+    /// single token). Returns the number `other`'s prefix 0 has here (the others follow).
+    pub fn join(&mut self, other: Self) -> Result<usize> {
+        let offset = self.next_prefix;
+        if let (Some(mine), Some(theirs)) = (&self.input, &other.input) {
+            if mine.dim(1)? != theirs.dim(1)? {
+                candle_core::bail!("a generation joins another between steps that read one token per row");
+            }
         }
+        self.next_prefix += other.next_prefix;
+        self.prefixes.extend(other.prefixes.into_iter().map(|(id, prefix)| (id + offset, prefix)));
+        let joined = other.active.into_iter().map(|(id, copy)| (id + offset, copy));
+        self.input = match (self.input.take(), other.input) {
+            (mine, None) => mine,
+            (None, Some(theirs)) => {
+                // nothing of this batch runs: the other's decoder takes its place
+                self.decoder = other.decoder;
+                self.active = joined.collect();
+                Some(theirs)
+            }
+            (Some(mine), Some(theirs)) => {
+                self.decoder.join(other.decoder)?;
+                self.active.extend(joined);
+                Some(Tensor::cat(&[mine, theirs], 0)?)
+            }
+        };
+        Ok(offset)
     }
 }
 

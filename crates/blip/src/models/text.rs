@@ -39,10 +39,17 @@ impl TextEmbeddings {
         })
     }
 
-    /// Positions run from `past_len`, whatever the padding (as transformers does).
-    fn forward(&self, input_ids: &Tensor, past_len: usize) -> Result<Tensor> {
-        let (_, t) = input_ids.dims2()?;
-        let positions = Tensor::arange(past_len as u32, (past_len + t) as u32, input_ids.device())?;
+    /// Positions run from `past_len`, whatever the padding (as transformers does), less each
+    /// row's `skipped` cache positions (rows joined from another batch; empty: none).
+    fn forward(&self, input_ids: &Tensor, past_len: usize, skipped: &[usize]) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let positions = if skipped.iter().all(|&s| s == 0) {
+            Tensor::arange(past_len as u32, (past_len + t) as u32, input_ids.device())?
+        } else {
+            let starts = skipped.iter().map(|&s| (past_len - s) as u32);
+            let positions: Vec<u32> = starts.flat_map(|start| start..start + t as u32).collect();
+            Tensor::from_vec(positions, (b, t), input_ids.device())?
+        };
         let words = self.word_embeddings.forward(input_ids)?.to_dtype(DType::F32)?;
         let words = if in_graph(&words) {
             // the pad token's rows looked up outside the graph
@@ -55,7 +62,10 @@ impl TextEmbeddings {
         } else {
             words
         };
-        let positions = self.position_embeddings.forward(&positions)?.unsqueeze(0)?;
+        let mut positions = self.position_embeddings.forward(&positions)?;
+        if positions.rank() == 2 {
+            positions = positions.unsqueeze(0)?;
+        }
         self.layer_norm.forward(&words.broadcast_add(&positions)?)
     }
 }
@@ -254,6 +264,7 @@ impl TextModel {
             cross_attention,
             cross_attention_bias: encoder_mask.map(padding_bias).transpose()?,
             past_len: 0,
+            padding: vec![0; encoder_states.dim(0)?],
         })
     }
 
@@ -271,7 +282,7 @@ impl TextModel {
             candle_core::bail!("text of {t} tokens exceeds the model's {} positions", self.max_positions);
         }
         let bias = attention_mask.map(padding_bias).transpose()?;
-        let mut xs = self.embeddings.forward(input_ids, 0)?;
+        let mut xs = self.embeddings.forward(input_ids, 0, &[])?;
         for layer in &self.layers {
             let cross = match (encoder_states, &layer.crossattention) {
                 (Some(states), Some(_)) => Some((Encoder::States(states), None)),
@@ -297,7 +308,7 @@ impl TextModel {
             candle_core::bail!("no layer {probed}: the text model has {} layers", self.layers.len());
         }
         let bias = attention_mask.map(padding_bias).transpose()?;
-        let mut xs = self.embeddings.forward(input_ids, 0)?;
+        let mut xs = self.embeddings.forward(input_ids, 0, &[])?;
         let mut probs = None;
         for (i, layer) in self.layers.iter().enumerate() {
             if i == probed {
@@ -340,6 +351,13 @@ impl TextModel {
         }
         let causal = if t > 1 { Some(causal_bias(t, past_len, input_ids.device())?) } else { None };
         let bias = match attention_mask {
+            None if cache.is_padded() => {
+                let skipped = skipped_bias(&cache.padding, past_len + t, input_ids.device())?;
+                Some(match causal {
+                    Some(causal) => skipped.broadcast_minimum(&causal)?,
+                    None => skipped,
+                })
+            }
             None => causal,
             // Masked by either: the f32 minimum, as transformers' combined mask.
             Some(mask) => {
@@ -350,7 +368,7 @@ impl TextModel {
                 })
             }
         };
-        let mut xs = self.embeddings.forward(input_ids, past_len)?;
+        let mut xs = self.embeddings.forward(input_ids, past_len, &cache.padding)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let encoder = match &cache.cross_attention {
                 CrossAttention::States(states) => Encoder::States(states),
@@ -370,6 +388,15 @@ fn causal_bias(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     let s = past + t;
     let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::MIN })).collect();
     Tensor::from_vec(mask, (t, s), device)
+}
+
+/// Additive bias [b, 1, 1, len] masking each row's first `skipped[row]` cache positions (the
+/// padding of rows joined from another batch) with the f32 minimum: their weight is exactly
+/// zero, so a row decodes as it would alone.
+fn skipped_bias(skipped: &[usize], len: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> =
+        skipped.iter().flat_map(|&s| (0..len).map(move |j| if j < s { f32::MIN } else { 0.0 })).collect();
+    Tensor::from_vec(mask, (skipped.len(), 1, 1, len), device)
 }
 
 /// Additive bias [b, 1, 1, n] from a 0/1 mask [b, n]: 0 where attended, the f32 minimum on

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use super::cache::DecoderCache;
 use super::text::{LmHead, TextModel};
 use crate::config::TextConfig;
-use crate::generation::Decoder;
+use crate::generation::{Decoder, Join};
 
 pub struct TextLmHeadModel {
     /// `bert`
@@ -85,5 +85,14 @@ impl Decoder for Decoding<'_> {
 
     fn keep_rows(&mut self, rows: &[u32]) -> Result<()> {
         self.cache.select_rows(rows)
+    }
+}
+
+impl Join for Decoding<'_> {
+    fn join(&mut self, other: Self) -> Result<()> {
+        if !std::ptr::eq(self.model, other.model) {
+            candle_core::bail!("only batches decoding with the same model can join");
+        }
+        self.cache.join(other.cache)
     }
 }

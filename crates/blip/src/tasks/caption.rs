@@ -122,8 +122,9 @@ impl Captioner {
     }
 
     /// Captions images (one batch): `num_return_sequences` captions per image, best first.
-    /// Images whose prompts differ in length decode as separate batches, so every image gets
-    /// what it gets alone (transformers pads such batches and shifts positions).
+    /// Images whose prompts differ in length read their prompts as separate batches, then decode
+    /// as one, each row from its own positions, so every image gets what it gets alone
+    /// (transformers pads such batches and shifts positions).
     pub fn caption<'a>(&self, images: impl Into<Images<'a>>, options: &CaptionOptions) -> Result<Vec<Vec<Caption>>> {
         self.caption_streaming(images, options, &mut |_, _, _| ())
     }
