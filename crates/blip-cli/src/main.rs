@@ -76,6 +76,9 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Finetune(_)) {
         keep_all_freed_memory();
     }
+    if matches!(cli.command, Command::Serve(_)) {
+        few_heap_arenas();
+    }
     if let Some(threads) = cli.threads {
         // candle's kernels and rayon's pool both size themselves from this variable; set before
         // either starts a thread.
@@ -165,6 +168,21 @@ fn keep_all_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+    }
+}
+
+/// glibc gives each thread that allocates an arena of its own (up to 8 per core), and what a
+/// thread frees stays in its arena (see keep_freed_memory): a server's many threads (HTTP,
+/// decoding, the model's) would each keep their peak. Two arenas, as `MALLOC_ARENA_MAX=2` gives
+/// (which, when set, decides instead).
+fn few_heap_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    // SAFETY: as in keep_freed_memory; no thread has started yet.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

@@ -19,7 +19,7 @@ use crate::error::ApiError;
 use crate::images::{ImageSource, UrlPolicy};
 use crate::metrics::Metrics;
 use crate::models::{LoadOptions, ServedModel, Task};
-use crate::scheduler::{Output, Pixels, Slot, Work};
+use crate::scheduler::{Output, Resized, Slot, Work};
 use crate::tasks;
 
 /// How the server runs, from its flags.
@@ -111,10 +111,10 @@ impl AppState {
     }
 
     /// The image `source` names, decoded and preprocessed for `model`.
-    pub async fn pixels(&self, model: &ServedModel, source: ImageSource, field: &str) -> Result<Pixels, ApiError> {
+    pub async fn pixels(&self, model: &ServedModel, source: ImageSource, field: &str) -> Result<Resized, ApiError> {
         let engine = model.engine.clone();
         let policy = self.config.url_policy();
-        source.load(&policy, field, &self.decoding, move |image| Ok(engine.preprocess(image)?)).await
+        source.load(&policy, field, &self.decoding, move |image| Ok(engine.resize(image))).await
     }
 
     /// Queues `work` on `model` in the place `slot` holds and waits for its answer: 504 after

@@ -63,7 +63,11 @@ impl Default for Metrics {
             registry.register("requests", "Requests answered, by route and status", metrics.requests.clone());
             registry.register("request_duration_seconds", "Time to answer a request", metrics.latency.clone());
             registry.register("queue_depth", "Jobs waiting for a model's worker", metrics.queue_depth.clone());
-            registry.register("batch_size", "Jobs per batch a model's worker ran", metrics.batch_size.clone());
+            registry.register(
+                "batch_size",
+                "Jobs a model's worker ran together: in one call, or decoding together when jobs joined",
+                metrics.batch_size.clone(),
+            );
             registry.register("images", "Images through a model's vision tower", metrics.images.clone());
             registry.register("generated_tokens", "Tokens in generated sequences", metrics.tokens.clone());
             registry.register(

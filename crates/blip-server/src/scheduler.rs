@@ -28,13 +28,23 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// An image's `pixel_values` [1, 3, size, size], by the model's own processor.
-    pub fn preprocess(&self, image: RgbImage) -> blip::Result<Tensor> {
-        let images = [image];
+    /// An image resized by the model's own processor (its values are made in the worker).
+    pub fn resize(&self, image: RgbImage) -> Resized {
+        let processor = match self {
+            Engine::Caption(task) => task.image_processor(),
+            Engine::Vqa(task) => task.image_processor(),
+            Engine::Matching(task) => task.image_processor(),
+        };
+        processor.resize(image)
+    }
+
+    /// `pixel_values` [n, 3, size, size] of resized images, by the model's own processor.
+    fn pixel_values(&self, images: &[Resized]) -> blip::Result<Tensor> {
+        let images = Images::from(images);
         let pixels = match self {
-            Engine::Caption(task) => task.pixel_values(Images::from(&images))?,
-            Engine::Vqa(task) => task.pixel_values(Images::from(&images))?,
-            Engine::Matching(task) => task.pixel_values(Images::from(&images))?,
+            Engine::Caption(task) => task.pixel_values(images)?,
+            Engine::Vqa(task) => task.pixel_values(images)?,
+            Engine::Matching(task) => task.pixel_values(images)?,
         };
         Ok(pixels.into_owned())
     }
@@ -43,17 +53,23 @@ impl Engine {
 /// (image or question, sequence, token) for each token chosen, when a client streams.
 pub type TokenSender = mpsc::UnboundedSender<(usize, u32)>;
 
-/// An image as the model's processor made it: `pixel_values` [1, 3, size, size]. Queued jobs
-/// hold these rather than decoded images, so that a queue of large photos stays small.
-pub type Pixels = Tensor;
+/// An image resized by the model's processor, not yet turned into `pixel_values`: queued jobs
+/// hold these rather than decoded photos or f32 values, so that a queue stays small (442 KB
+/// per image at 384 px, against 1.8 MB of values).
+pub type Resized = RgbImage;
+
+/// Images per library call at most: the vision tower's activations grow with its batch (about
+/// 19 MB per image at 384 px), and beyond a few images a batch is no faster per image. Generation
+/// jobs started in several calls still decode as one batch.
+const IMAGES_PER_CALL: usize = 4;
 
 /// What a request asks of the model, its inputs decoded and its options checked.
 pub enum Work {
-    Caption { image: Pixels, prompt: Option<String>, generation: GenerationOptions, tokens: Option<TokenSender> },
-    Answer { image: Pixels, question: String, generation: GenerationOptions, tokens: Option<TokenSender> },
-    Classify { image: Pixels, labels: Vec<String>, options: ClassifyOptions },
-    Match { image: Pixels, texts: Vec<String> },
-    EmbedImage { image: Pixels },
+    Caption { image: Resized, prompt: Option<String>, generation: GenerationOptions, tokens: Option<TokenSender> },
+    Answer { image: Resized, question: String, generation: GenerationOptions, tokens: Option<TokenSender> },
+    Classify { image: Resized, labels: Vec<String>, options: ClassifyOptions },
+    Match { image: Resized, texts: Vec<String> },
+    EmbedImage { image: Resized },
     EmbedText { text: String },
 }
 
@@ -168,8 +184,10 @@ impl Worker {
             match &decoding {
                 // Idle: wait for a job, then a little for requests on their way in.
                 None => match jobs.blocking_recv() {
-                    Some(first) => {
-                        batch.push(first.job);
+                    Some(Queued { job, _slot }) => {
+                        // taken from the queue, a job gives its place back at once
+                        drop(_slot);
+                        batch.push(job);
                         self.gather(&mut jobs, &mut batch);
                     }
                     None => open = false,
@@ -266,7 +284,10 @@ impl Worker {
                 works.push(work);
                 waiting.push(Waiting { reply, tokens, batch: 0 });
             }
-            let run = match self.start_run(works) {
+            // A panic (a bug) starting these jobs fails them alone, not the running batch.
+            let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.start_run(works)))
+                .unwrap_or_else(|_| Err(ApiError::internal("the model failed on this request")));
+            let run = match started {
                 Ok(run) => run,
                 Err(err) => {
                     for job in waiting {
@@ -415,7 +436,7 @@ impl Worker {
 
     /// The images of jobs that carry one each, as one batch.
     fn take_images(&self, works: Vec<Work>) -> Result<Tensor, ApiError> {
-        let images: Vec<Pixels> = works
+        let images: Vec<Resized> = works
             .into_iter()
             .filter_map(|work| match work {
                 Work::Classify { image, .. } | Work::Match { image, .. } | Work::EmbedImage { image } => Some(image),
@@ -425,18 +446,20 @@ impl Worker {
         self.batch_pixels(images)
     }
 
-    /// Jobs' `pixel_values` stacked into one batch, counted.
-    fn batch_pixels(&self, images: Vec<Pixels>) -> Result<Tensor, ApiError> {
+    /// Jobs' `pixel_values` as one batch, counted.
+    fn batch_pixels(&self, images: Vec<Resized>) -> Result<Tensor, ApiError> {
         self.metrics.images(&self.model, images.len());
-        Tensor::cat(&images, 0).map_err(|e| ApiError::internal(format!("batching images: {e}")))
+        Ok(self.engine.pixel_values(&images)?)
     }
 }
 
-/// Jobs in groups that one library call can serve together, in arrival order.
+/// Jobs in groups that one library call can serve together (at most [`IMAGES_PER_CALL`] jobs
+/// with an image each), in arrival order.
 fn groups(jobs: Vec<Job>) -> Vec<Vec<Job>> {
     let mut groups: Vec<Vec<Job>> = Vec::new();
     for job in jobs {
-        match groups.iter_mut().find(|group| batches_with(&group[0].work, &job.work)) {
+        let has_room = |group: &Vec<Job>| group.len() < IMAGES_PER_CALL || matches!(job.work, Work::EmbedText { .. });
+        match groups.iter_mut().find(|group| has_room(group) && batches_with(&group[0].work, &job.work)) {
             Some(group) => group.push(job),
             None => groups.push(vec![job]),
         }

@@ -12,7 +12,7 @@ use crate::app::{answered, AppState};
 use crate::error::ApiError;
 use crate::hf;
 use crate::models::{ServedModel, Task};
-use crate::scheduler::{Engine, Output, Pixels, Slot, TokenSender, Work};
+use crate::scheduler::{Engine, Output, Resized, Slot, TokenSender, Work};
 
 /// Runs `task` in the queue place `slot` holds. The body is dropped once parsed, so that a
 /// waiting request holds only its `pixel_values`.
@@ -161,7 +161,7 @@ impl GenerationJob {
     }
 
     /// The job for `image`, streaming its tokens to `tokens` if given.
-    pub fn work(self, image: Pixels, tokens: Option<TokenSender>) -> Work {
+    pub fn work(self, image: Resized, tokens: Option<TokenSender>) -> Work {
         let generation = self.generation;
         match self.captioning {
             true => Work::Caption { image, prompt: self.text, generation, tokens },

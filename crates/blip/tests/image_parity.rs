@@ -171,6 +171,9 @@ fn pixel_values_bit_exact_at_384() {
             }
             let got = processor(backend).preprocess(&image);
             assert_eq!(got.len(), expected.len());
+            // resized first (what a server queues), the values made later: the same bits
+            let later = processor(backend).preprocess(&processor(backend).resize(image.clone()));
+            assert!(later.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "resize, then preprocess");
             let mismatches = got.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
             let resized = match backend {
                 ResizeBackend::Torchvision => resize_torchvision(&image, 384, 384),

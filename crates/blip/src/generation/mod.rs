@@ -545,28 +545,26 @@ impl<D: Decoder + Join> Generation<D> {
     /// single token). Returns the number `other`'s prefix 0 has here (the others follow).
     pub fn join(&mut self, other: Self) -> Result<usize> {
         let offset = self.next_prefix;
-        if let (Some(mine), Some(theirs)) = (&self.input, &other.input) {
-            if mine.dim(1)? != theirs.dim(1)? {
-                candle_core::bail!("a generation joins another between steps that read one token per row");
-            }
-        }
-        self.next_prefix += other.next_prefix;
-        self.prefixes.extend(other.prefixes.into_iter().map(|(id, prefix)| (id + offset, prefix)));
-        let joined = other.active.into_iter().map(|(id, copy)| (id + offset, copy));
-        self.input = match (self.input.take(), other.input) {
-            (mine, None) => mine,
+        // The batch first (what can fail), then the bookkeeping.
+        match (&self.input, other.input) {
+            (_, None) => {}
             (None, Some(theirs)) => {
                 // nothing of this batch runs: the other's decoder takes its place
                 self.decoder = other.decoder;
-                self.active = joined.collect();
-                Some(theirs)
+                self.input = Some(theirs);
             }
             (Some(mine), Some(theirs)) => {
+                if mine.dim(1)? != theirs.dim(1)? {
+                    candle_core::bail!("a generation joins another between steps that read one token per row");
+                }
+                let input = Tensor::cat(&[mine, &theirs], 0)?;
                 self.decoder.join(other.decoder)?;
-                self.active.extend(joined);
-                Some(Tensor::cat(&[mine, theirs], 0)?)
+                self.input = Some(input);
             }
-        };
+        }
+        self.active.extend(other.active.into_iter().map(|(id, copy)| (id + offset, copy)));
+        self.next_prefix += other.next_prefix;
+        self.prefixes.extend(other.prefixes.into_iter().map(|(id, prefix)| (id + offset, prefix)));
         Ok(offset)
     }
 }

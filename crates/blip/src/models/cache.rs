@@ -100,6 +100,7 @@ impl DecoderCache {
     /// right-padded, the padding masked out.
     pub(crate) fn join(&mut self, other: DecoderCache) -> Result<()> {
         let (rows, other_rows) = (self.padding.len(), other.padding.len());
+        let device = self.device().or_else(|| other.device()).unwrap_or(Device::Cpu);
         let len = self.past_len.max(other.past_len);
         for (mine, theirs) in self.self_attention.iter_mut().zip(other.self_attention) {
             let Some(like) = mine.as_ref().or(theirs.as_ref()).cloned() else { continue };
@@ -116,7 +117,6 @@ impl DecoderCache {
 
         let (n, other_n) = (encoder_len(&self.cross_attention)?, encoder_len(&other.cross_attention)?);
         let width = n.max(other_n);
-        let device = self.device().unwrap_or(Device::Cpu);
         self.cross_attention_bias = match (self.cross_attention_bias.take(), other.cross_attention_bias) {
             (None, None) if n == other_n => None,
             (mine, theirs) => {

@@ -251,17 +251,30 @@ impl ImageProcessor {
         Ok(candle_core::Tensor::from_vec(data, (images.len(), 3, h, w), device)?)
     }
 
+    /// The image as [`preprocess`](Self::preprocess) resizes it before making its values: what
+    /// to keep when the values are made later (a quarter of their memory); preprocessing it
+    /// gives the same values as preprocessing the original.
+    pub fn resize(&self, image: RgbImage) -> RgbImage {
+        match self.resized(&image) {
+            Some(resized) => resized,
+            None => image,
+        }
+    }
+
+    /// The image resized to the processor's size, unless it needs no resizing.
+    fn resized(&self, image: &RgbImage) -> Option<RgbImage> {
+        if !self.do_resize || (image.height() as usize, image.width() as usize) == (self.height, self.width) {
+            return None;
+        }
+        Some(match self.backend {
+            ResizeBackend::Torchvision => resize_torchvision(image, self.height, self.width),
+            ResizeBackend::Pil => resize_pil(image, self.height, self.width),
+        })
+    }
+
     fn preprocess_into(&self, image: &RgbImage, out: &mut [f32]) {
-        let resized;
-        let src = if self.do_resize && (image.height() as usize, image.width() as usize) != (self.height, self.width) {
-            resized = match self.backend {
-                ResizeBackend::Torchvision => resize_torchvision(image, self.height, self.width),
-                ResizeBackend::Pil => resize_pil(image, self.height, self.width),
-            };
-            &resized
-        } else {
-            image
-        };
+        let resized = self.resized(image);
+        let src = resized.as_ref().unwrap_or(image);
         let lut = self.value_table();
         let plane = src.width() as usize * src.height() as usize;
         debug_assert_eq!(out.len(), 3 * plane);
