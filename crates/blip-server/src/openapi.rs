@@ -122,3 +122,26 @@ struct ApiDoc;
 pub async fn document() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The document's generation parameters are the keys the parser (the library's
+    /// `GenerationOverrides`, which refuses unknown keys and names the ones it knows) accepts.
+    #[test]
+    fn generation_parameters_are_the_keys_the_parser_accepts() {
+        let document = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let schema = &document["components"]["schemas"]["GenerationParameters"]["properties"];
+        let documented: BTreeSet<String> =
+            schema.as_object().expect("properties").keys().filter(|k| *k != "generation_parameters").cloned().collect();
+        let refusal =
+            serde_json::from_str::<blip::GenerationOverrides>(r#"{"no such key": 1}"#).unwrap_err().to_string();
+        let (_, expected) = refusal.split_once("expected one of ").expect("serde names the known fields");
+        // `a`, `b`, ... `z` at line 1 column 12
+        let accepted: BTreeSet<String> = expected.split('`').skip(1).step_by(2).map(String::from).collect();
+        assert_eq!(documented, accepted, "{refusal}");
+    }
+}
