@@ -28,17 +28,40 @@ pub(crate) enum Isa {
 
 /// Proof that this CPU has AVX2, FMA and F16C: only [`Avx2Fma::detect`] makes one, so a kernel
 /// that matches [`Isa::Avx2Fma`] may call its `#[target_feature(enable = "avx2,fma,f16c")]` code.
+/// It carries the proof of AVX-512 too where the CPU has it (and the kernels may use it), for
+/// the kernels that have an AVX-512 version; the others run their AVX2 code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Avx2Fma(());
+pub(crate) struct Avx2Fma(Option<Avx512>);
 
 impl Avx2Fma {
-    /// The proof, where the CPU has the three features.
+    /// The proof, where the CPU has the three features (with AVX-512's where it has those).
     fn detect() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("f16c")
         {
+            return Some(Self(Avx512::detect()));
+        }
+        None
+    }
+
+    /// The AVX-512 proof, where the CPU has AVX-512 and the kernels use it.
+    #[inline]
+    pub(crate) fn avx512(self) -> Option<Avx512> {
+        self.0
+    }
+}
+
+/// Proof that this CPU has AVX-512 F and BW besides AVX2 and FMA: kernels holding one may call
+/// their `#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]` code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Avx512(());
+
+impl Avx512 {
+    fn detect() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
             return Some(Self(()));
         }
         None
@@ -161,7 +184,10 @@ pub(crate) fn with_bf16<T>(products: Bf16Products, f: impl FnOnce() -> T) -> T {
 pub(crate) fn available() -> Vec<Isa> {
     let mut isas = vec![Isa::Portable];
     if let Isa::Avx2Fma(proof) = detected() {
-        isas.push(Isa::Avx2Fma(proof));
+        isas.push(Isa::Avx2Fma(Avx2Fma(None)));
+        if proof.avx512().is_some() {
+            isas.push(Isa::Avx2Fma(proof));
+        }
     }
     isas
 }

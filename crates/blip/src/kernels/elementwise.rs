@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 use super::dispatch::{isa, Isa};
 use super::math::{erf, exp_and_sum, lane_sum};
 #[cfg(target_arch = "x86_64")]
-use super::math::{exp8, exp_and_sum_avx2};
+use super::math::{exp16, exp8, exp_and_sum_avx2, exp_and_sum_avx512};
 use super::widen::narrow_scaled_bf16;
 
 /// The exact GELU, `x·½·(1 + erf(x/√2))`, as PyTorch's vectorized CPU kernel computes it: erf by
@@ -20,6 +20,11 @@ use super::widen::narrow_scaled_bf16;
 pub(crate) fn gelu(data: &mut [f32]) {
     const CHUNK: usize = 1 << 14;
     match isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma(proof) if proof.avx512().is_some() => {
+            // SAFETY: the AVX-512 proof shows the features gelu_avx512 is compiled for.
+            data.par_chunks_mut(CHUNK).for_each(|chunk| unsafe { gelu_avx512(chunk) });
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma(_) => {
             // SAFETY: Isa::Avx2Fma proves the features gelu_avx2 is compiled for.
@@ -42,6 +47,51 @@ unsafe fn gelu_avx2(data: &mut [f32]) {
         unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), gelu8(_mm256_loadu_ps(chunk.as_ptr()))) };
     }
     gelu_lanes(chunks.into_remainder())
+}
+
+/// [`gelu`] of one chunk, sixteen lanes at a time through [`gelu16`].
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn gelu_avx512(data: &mut [f32]) {
+    let mut chunks = data.chunks_exact_mut(16);
+    for chunk in &mut chunks {
+        // SAFETY: sixteen elements each way within the chunk; the features, by the caller's
+        // contract.
+        unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), gelu16(_mm512_loadu_ps(chunk.as_ptr()))) };
+    }
+    // SAFETY: the features, by the caller's contract.
+    unsafe { gelu_avx2(chunks.into_remainder()) }
+}
+
+/// [`gelu8`] on sixteen lanes: the same operations, so the same bits in every lane.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn gelu16(x: __m512) -> __m512 {
+    // SAFETY: register arithmetic only; the caller guarantees AVX-512 F.
+    unsafe {
+        let set = _mm512_set1_ps;
+        let sign_bit = _mm512_set1_epi32(i32::MIN);
+        let z = _mm512_mul_ps(x, set(std::f32::consts::FRAC_1_SQRT_2));
+        let sign = _mm512_and_si512(_mm512_castps_si512(z), sign_bit);
+        let a = _mm512_castsi512_ps(_mm512_andnot_si512(sign_bit, _mm512_castps_si512(z)));
+        let t = _mm512_div_ps(set(1.0), _mm512_fmadd_ps(set(0.327_591_1), a, set(1.0)));
+        let mut r = _mm512_fmadd_ps(set(1.061_405_4), t, set(-1.453_152));
+        r = _mm512_fmadd_ps(r, t, set(1.421_413_8));
+        r = _mm512_fmadd_ps(r, t, set(-0.284_496_74));
+        r = _mm512_fmadd_ps(r, t, set(0.254_829_6));
+        let minus_a = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), sign_bit));
+        let e = exp16(_mm512_mul_ps(minus_a, a));
+        let erf = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, set(1.0));
+        let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf), sign));
+        let half_x = _mm512_mul_ps(x, set(0.5));
+        _mm512_fmadd_ps(half_x, erf, half_x)
+    }
 }
 
 /// [`gelu_lanes`]' formula on eight lanes, with fused multiply-adds (the compiler, bound to
@@ -92,6 +142,9 @@ pub(crate) fn layer_norm(xs: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> 
         .zip(xs.par_chunks(rows_per_task * dim))
         .for_each(|(out, xs)| match isa {
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: the AVX-512 proof shows the features layer_norm_avx512 is compiled for.
+            Isa::Avx2Fma(proof) if proof.avx512().is_some() => unsafe { layer_norm_avx512(xs, weight, bias, eps, out) },
+            #[cfg(target_arch = "x86_64")]
             // SAFETY: Isa::Avx2Fma proves the features layer_norm_avx2 is compiled for.
             Isa::Avx2Fma(_) => unsafe { layer_norm_avx2(xs, weight, bias, eps, out) },
             _ => layer_norm_rows(xs, weight, bias, eps, out),
@@ -108,6 +161,16 @@ pub(crate) fn layer_norm(xs: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn layer_norm_avx2(xs: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
+    layer_norm_rows(xs, weight, bias, eps, out)
+}
+
+/// [`layer_norm_rows`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn layer_norm_avx512(xs: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
     layer_norm_rows(xs, weight, bias, eps, out)
 }
 
@@ -135,6 +198,11 @@ pub(crate) fn softmax(data: &mut [f32], row_len: usize, scale: f32) {
 pub(crate) fn softmax_rows(data: &mut [f32], row_len: usize, scale: f32) {
     match isa() {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: the AVX-512 proof shows the features softmax_avx512 is compiled for.
+        Isa::Avx2Fma(proof) if proof.avx512().is_some() => {
+            data.chunks_mut(row_len).for_each(|row| unsafe { softmax_avx512(row, scale) })
+        }
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: Isa::Avx2Fma proves the features softmax_avx2 is compiled for.
         Isa::Avx2Fma(_) => data.chunks_mut(row_len).for_each(|row| unsafe { softmax_avx2(row, scale) }),
         _ => data.chunks_mut(row_len).for_each(|row| softmax_row(row, scale)),
@@ -147,6 +215,12 @@ pub(crate) fn softmax_rows(data: &mut [f32], row_len: usize, scale: f32) {
 pub(crate) fn softmax_rows_to_bf16(data: &mut [f32], row_len: usize, scale: f32, out: &mut [half::bf16]) {
     let rows = data.chunks_mut(row_len).zip(out.chunks_mut(row_len));
     match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the AVX-512 proof shows the features the two kernels are compiled for.
+        Isa::Avx2Fma(proof) if proof.avx512().is_some() => rows.for_each(|(row, out)| unsafe {
+            let inverse = softmax_exponentials_avx512(row, scale);
+            scaled_to_bf16_avx512(row, inverse, out)
+        }),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Isa::Avx2Fma proves the features the two kernels are compiled for.
         Isa::Avx2Fma(_) => rows.for_each(|(row, out)| unsafe {
@@ -168,6 +242,49 @@ pub(crate) fn softmax_rows_to_bf16(data: &mut [f32], row_len: usize, scale: f32,
 #[target_feature(enable = "avx2,fma")]
 unsafe fn scaled_to_bf16_avx2(row: &[f32], factor: f32, out: &mut [half::bf16]) {
     narrow_scaled_bf16(row, factor, out)
+}
+
+/// [`narrow_scaled_bf16`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn scaled_to_bf16_avx512(row: &[f32], factor: f32, out: &mut [half::bf16]) {
+    narrow_scaled_bf16(row, factor, out)
+}
+
+/// [`softmax_row`] with the max and the exponentials in AVX-512 registers.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn softmax_avx512(row: &mut [f32], scale: f32) {
+    // SAFETY: the features, by the caller's contract.
+    let inverse = unsafe { softmax_exponentials_avx512(row, scale) };
+    row.iter_mut().for_each(|x| *x *= inverse);
+}
+
+/// [`softmax_exponentials_avx2`] on sixteen lanes.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn softmax_exponentials_avx512(row: &mut [f32], scale: f32) -> f32 {
+    // SAFETY: the loads read sixteen elements within a chunk of the row; the features, by the
+    // caller's contract.
+    unsafe {
+        let (mut maxes, scale16) = (_mm512_set1_ps(f32::NEG_INFINITY), _mm512_set1_ps(scale));
+        let mut chunks = row.chunks_exact(16);
+        for chunk in &mut chunks {
+            maxes = _mm512_max_ps(maxes, _mm512_mul_ps(_mm512_loadu_ps(chunk.as_ptr()), scale16));
+        }
+        let tail = chunks.remainder().iter().map(|&x| x * scale);
+        let max = tail.fold(_mm512_reduce_max_ps(maxes), f32::max);
+        1.0 / exp_and_sum_avx512(row, scale, max)
+    }
 }
 
 /// [`softmax_row`] with the max and the exponentials in AVX2 registers.
@@ -359,5 +476,20 @@ mod tests {
                 "gelu({x}): {g} against {scalar_gelu}"
             );
         }
+        // AVX-512: the same operations on sixteen lanes, so the same bits as AVX2
+        let Some(Isa::Avx2Fma(proof)) = crate::kernels::dispatch::available().last().copied() else { return };
+        if proof.avx512().is_none() {
+            return;
+        }
+        let (mut exps16, mut gelus16) = (vec![0f32; xs.len()], xs.clone());
+        for (x, e) in xs.chunks_exact(16).zip(exps16.chunks_exact_mut(16)) {
+            // SAFETY: AVX-512 F is present (the proof); sixteen lanes each side.
+            unsafe { _mm512_storeu_ps(e.as_mut_ptr(), exp16(_mm512_loadu_ps(x.as_ptr()))) };
+        }
+        // SAFETY: as above.
+        unsafe { gelu_avx512(&mut gelus16) };
+        let n = xs.len() / 16 * 16;
+        assert!(exps16[..n].iter().zip(&exps[..n]).all(|(a, b)| a.to_bits() == b.to_bits()), "exp16 against exp8");
+        assert!(gelus16.iter().zip(&gelus).all(|(a, b)| a.to_bits() == b.to_bits()), "gelu_avx512 against gelu_avx2");
     }
 }

@@ -63,6 +63,61 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     }
 }
 
+/// [`exp8`] on sixteen lanes: the same operations, so the same bits in every lane.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
+    // SAFETY: register arithmetic only; the caller guarantees AVX-512 F.
+    unsafe {
+        let set = _mm512_set1_ps;
+        let clamped = _mm512_max_ps(x, set(-87.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+            clamped,
+            set(std::f32::consts::LOG2_E),
+            set(0.5),
+        ));
+        let r = _mm512_fmadd_ps(n, set(2.121_944_4e-4), _mm512_fnmadd_ps(n, set(0.693_359_4), clamped));
+        let mut p = _mm512_fmadd_ps(set(1.987_569_1e-4), r, set(1.398_199_9e-3));
+        p = _mm512_fmadd_ps(p, r, set(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, set(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, set(0.166_666_65));
+        p = _mm512_fmadd_ps(p, r, set(0.5));
+        let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, set(1.0)));
+        let biased = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+        let scaled = _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased)));
+        // zero where x < -87 (or NaN stays: not less than)
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, set(-87.0)), scaled)
+    }
+}
+
+/// [`exp_and_sum_avx2`] on sixteen lanes through [`exp16`].
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn exp_and_sum_avx512(row: &mut [f32], scale: f32, max: f32) -> f32 {
+    // SAFETY: the features, by the caller's contract; every load and store is within a
+    // 32-element chunk of the row.
+    unsafe {
+        let (scale16, max16) = (_mm512_set1_ps(scale), _mm512_set1_ps(max));
+        let mut sums = [_mm512_setzero_ps(); 2];
+        let mut chunks = row.chunks_exact_mut(32);
+        for chunk in &mut chunks {
+            for (half, sum) in sums.iter_mut().enumerate() {
+                let at = chunk.as_mut_ptr().add(16 * half);
+                let e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(at), scale16, max16));
+                _mm512_storeu_ps(at, e);
+                *sum = _mm512_add_ps(*sum, e);
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(sums[0], sums[1])) + exp_and_sum_avx2(chunks.into_remainder(), scale, max)
+    }
+}
+
 /// The sum of a register's eight lanes.
 ///
 /// # Safety

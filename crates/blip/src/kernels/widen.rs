@@ -101,10 +101,23 @@ fn widen_lanes<W: Widen>(src: &[W], dst: &mut [f32]) {
 pub(crate) fn narrow_bf16(src: &[f32], dst: &mut [half::bf16]) {
     match isa() {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: the AVX-512 proof shows the features narrow_bf16_avx512 is compiled for.
+        Isa::Avx2Fma(proof) if proof.avx512().is_some() => unsafe { narrow_bf16_avx512(src, dst) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: Isa::Avx2Fma proves the features narrow_bf16_avx2 is compiled for.
         Isa::Avx2Fma(_) => unsafe { narrow_bf16_avx2(src, dst) },
         _ => narrow_lanes(src, dst),
     }
+}
+
+/// [`narrow_lanes`] compiled for AVX-512 (the same integer arithmetic, sixteen lanes).
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn narrow_bf16_avx512(src: &[f32], dst: &mut [half::bf16]) {
+    narrow_lanes(src, dst)
 }
 
 /// [`narrow_lanes`] compiled for AVX2.
