@@ -207,8 +207,12 @@ impl OneDnn {
         let _one_thread = self.api.openmp.as_ref().map(|omp| omp.set_threads(1));
         let matmul = self.primitive(Key { a: a_view, b: b_view, dst: dst_view, start: start.kind() })?;
         SCRATCHPAD.with_borrow_mut(|scratch| {
-            // oneDNN aligns each entry of the scratchpad itself within the size it asks for.
-            scratch.resize(matmul.scratch_bytes.div_ceil(8), 0);
+            // oneDNN aligns each entry of the scratchpad itself within the size it asks for. The
+            // buffer only grows: shrinking it between primitives would zero it again each time.
+            let words = matmul.scratch_bytes.div_ceil(8);
+            if scratch.len() < words {
+                scratch.resize(words, 0);
+            }
             let scratch = scratch.as_mut_ptr();
             let mut handles = vec![
                 (ffi::ARG_SRC, a as *mut c_void),
