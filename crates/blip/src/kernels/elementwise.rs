@@ -12,25 +12,26 @@ use super::dispatch::{isa, Isa};
 use super::math::{erf, exp_and_sum, lane_sum};
 #[cfg(target_arch = "x86_64")]
 use super::math::{exp16, exp8, exp_and_sum_avx2, exp_and_sum_avx512};
-use super::widen::narrow_scaled_bf16;
+use super::widen::{narrow_bf16, narrow_scaled_bf16};
 
 /// The exact GELU, `x·½·(1 + erf(x/√2))`, as PyTorch's vectorized CPU kernel computes it: erf by
 /// Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7, PyTorch's own choice), exp by a Cephes
 /// polynomial. In place, on all threads.
 pub(crate) fn gelu(data: &mut [f32]) {
     const CHUNK: usize = 1 << 14;
+    data.par_chunks_mut(CHUNK).for_each(gelu_chunk);
+}
+
+/// [`gelu`] of a chunk, on this thread.
+fn gelu_chunk(chunk: &mut [f32]) {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma(proof) if proof.avx512().is_some() => {
-            // SAFETY: the AVX-512 proof shows the features gelu_avx512 is compiled for.
-            data.par_chunks_mut(CHUNK).for_each(|chunk| unsafe { gelu_avx512(chunk) });
-        }
+        // SAFETY: the AVX-512 proof shows the features gelu_avx512 is compiled for.
+        Isa::Avx2Fma(proof) if proof.avx512().is_some() => unsafe { gelu_avx512(chunk) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma(_) => {
-            // SAFETY: Isa::Avx2Fma proves the features gelu_avx2 is compiled for.
-            data.par_chunks_mut(CHUNK).for_each(|chunk| unsafe { gelu_avx2(chunk) });
-        }
-        _ => data.par_chunks_mut(CHUNK).for_each(gelu_lanes),
+        // SAFETY: Isa::Avx2Fma proves the features gelu_avx2 is compiled for.
+        Isa::Avx2Fma(_) => unsafe { gelu_avx2(chunk) },
+        _ => gelu_lanes(chunk),
     }
 }
 
@@ -186,6 +187,48 @@ fn layer_norm_rows(xs: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut
             y.write((x - mean) * inverse * w + b);
         }
     }
+}
+
+/// [`layer_norm`] rounded to bf16 as [`narrow_bf16`] rounds: the input a bf16 product takes,
+/// without writing the f32 values out first (each task's rows pass through a buffer in cache).
+pub(crate) fn layer_norm_to_bf16(xs: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> Vec<half::bf16> {
+    let dim = weight.len();
+    assert!(bias.len() == dim && dim > 0 && xs.len().is_multiple_of(dim));
+    let rows_per_task = (1 << 14) / dim + 1;
+    let isa = isa();
+    let mut out = vec![half::bf16::ZERO; xs.len()];
+    out.par_chunks_mut(rows_per_task * dim).zip(xs.par_chunks(rows_per_task * dim)).for_each(|(out, xs)| {
+        let mut normed: Vec<f32> = Vec::with_capacity(xs.len());
+        let spare = &mut normed.spare_capacity_mut()[..xs.len()];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the AVX-512 proof shows the features layer_norm_avx512 is compiled for.
+            Isa::Avx2Fma(proof) if proof.avx512().is_some() => unsafe {
+                layer_norm_avx512(xs, weight, bias, eps, spare)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Isa::Avx2Fma proves the features layer_norm_avx2 is compiled for.
+            Isa::Avx2Fma(_) => unsafe { layer_norm_avx2(xs, weight, bias, eps, spare) },
+            _ => layer_norm_rows(xs, weight, bias, eps, spare),
+        }
+        // SAFETY: the rows above wrote all xs.len() values.
+        unsafe { normed.set_len(xs.len()) };
+        narrow_bf16(&normed, out);
+    });
+    out
+}
+
+/// [`gelu`] of `xs` rounded to bf16 as [`narrow_bf16`] rounds, into a new buffer: the input a
+/// bf16 product takes, without writing the f32 values out first.
+pub(crate) fn gelu_to_bf16(xs: &[f32]) -> Vec<half::bf16> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = vec![half::bf16::ZERO; xs.len()];
+    out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(out, xs)| {
+        let mut values = xs.to_vec();
+        gelu_chunk(&mut values);
+        narrow_bf16(&values, out);
+    });
+    out
 }
 
 /// Softmax of `scale`·x over each row of `row_len` values, in place, on all threads.

@@ -8,7 +8,7 @@ use super::Linear;
 
 use super::{layer_norm, linear};
 use crate::config::VisionConfig;
-use crate::ops::activation::gelu;
+use crate::ops::activation::gelu_for;
 use crate::ops::attention::attention_packed;
 use crate::ops::norm::LayerNorm;
 
@@ -147,10 +147,12 @@ impl VisionAttention {
         })
     }
 
-    /// `residual` + attention(xs).
-    fn forward(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    /// `residual` + attention(xs), `xs` the output of `norm` (rounded as the product takes it).
+    fn forward(&self, norm: &LayerNorm, residual: &Tensor) -> Result<Tensor> {
+        let xs = norm.forward_for(residual, &self.qkv)?;
         let bf16_model = self.qkv.weight().dtype() == DType::BF16;
-        let context = attention_packed(&self.qkv.forward(xs)?, self.heads, self.scale, bf16_model)?;
+        let qkv = self.qkv.forward(&xs)?;
+        let context = attention_packed(&qkv, self.heads, self.scale, bf16_model, Some(&self.projection))?;
         self.projection.forward_residual(&context, residual)
     }
 }
@@ -177,8 +179,9 @@ impl VisionLayer {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.self_attn.forward(&self.layer_norm1.forward(xs)?, xs)?;
-        self.fc2.forward_residual(&gelu(self.fc1.forward(&self.layer_norm2.forward(&xs)?)?)?, &xs)
+        let xs = self.self_attn.forward(&self.layer_norm1, xs)?;
+        let hidden = self.fc1.forward(&self.layer_norm2.forward_for(&xs, &self.fc1)?)?;
+        self.fc2.forward_residual(&gelu_for(hidden, &self.fc2)?, &xs)
     }
 }
 

@@ -20,6 +20,19 @@ pub(crate) fn gelu(xs: Tensor) -> Result<Tensor> {
     }
 }
 
+/// [`gelu`] of `xs` as `consumer` takes it: rounded to bf16 by this kernel where the
+/// consumer's product takes bf16 inputs (the same values it would round them to), f32 else.
+pub(crate) fn gelu_for(xs: Tensor, consumer: &super::linear::Linear) -> Result<Tensor> {
+    let rows = xs.elem_count() / xs.dims().last().copied().unwrap_or(1).max(1);
+    if !(super::cpu_f32_contiguous(&xs) && consumer.takes_bf16(rows)) {
+        return gelu(xs);
+    }
+    let (storage, layout) = xs.storage_and_layout();
+    let values = super::tensor::f32_values(&storage, layout)?;
+    let rounded = kernels::elementwise::gelu_to_bf16(values);
+    Tensor::from_vec(rounded, xs.shape(), &candle_core::Device::Cpu)
+}
+
 /// The GELU as an op of candle's autograd.
 struct GeluOp;
 

@@ -25,20 +25,35 @@ pub(crate) fn merge_heads(xs: &Tensor) -> Result<Tensor> {
 /// head_dim] (transformers' `reshape(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4)`), to the
 /// context with heads merged [b, t, width]. A model loaded in bf16 (`bf16_model`) multiplies in
 /// bf16 where the process has bf16 products (see [`crate::kernels::dispatch::bf16_products`]).
-pub(crate) fn attention_packed(qkv: &Tensor, heads: usize, scale: f64, bf16_model: bool) -> Result<Tensor> {
+/// `consumer`, the product that takes the context, may have it rounded to bf16 (see
+/// [`Linear::takes_bf16`]); the context is f32 otherwise.
+pub(crate) fn attention_packed(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f64,
+    bf16_model: bool,
+    consumer: Option<&Linear>,
+) -> Result<Tensor> {
     let (b, t, three_width) = qkv.dims3()?;
     let head_dim = three_width / 3 / heads;
     if super::cpu_f32_contiguous(qkv) {
         let (storage, layout) = qkv.storage_and_layout();
         let qkv = f32_values(&storage, layout)?;
+        let shape = (b, t, heads * head_dim);
+        let cpu = &candle_core::Device::Cpu;
         let context = match bf16_products() {
+            Bf16Products::OneDnn(onednn) if bf16_model && consumer.is_some_and(|c| c.takes_bf16(b * t)) => {
+                let rounded = vision::attend_packed_bf16_rounded(onednn, qkv, b, t, heads, head_dim, scale as f32)
+                    .map_err(candle_core::Error::msg)?;
+                return Tensor::from_vec(rounded, shape, cpu);
+            }
             Bf16Products::OneDnn(onednn) if bf16_model => {
                 vision::attend_packed_bf16(onednn, qkv, b, t, heads, head_dim, scale as f32)
                     .map_err(candle_core::Error::msg)?
             }
             _ => vision::attend_packed(qkv, b, t, heads, head_dim, scale as f32),
         };
-        return Tensor::from_vec(context, (b, t, heads * head_dim), &candle_core::Device::Cpu);
+        return Tensor::from_vec(context, shape, cpu);
     }
     if super::in_graph(qkv) && super::on_cpu(qkv) && qkv.dtype() == candle_core::DType::F32 {
         // in an autograd graph: the same kernel, with its backward pass
@@ -270,7 +285,7 @@ mod tests {
             let probs = weights.broadcast_div(&weights.sum_keepdim(3).unwrap()).unwrap();
             let expected = merge_heads(&probs.matmul(&part(2)).unwrap()).unwrap();
             for isa in available() {
-                let packed = with_isa(isa, || attention_packed(&qkv, heads, scale, false).unwrap());
+                let packed = with_isa(isa, || attention_packed(&qkv, heads, scale, false, None).unwrap());
                 let diff = (packed.to_dtype(DType::F64).unwrap() - &expected).unwrap().abs().unwrap();
                 let diff = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
                 assert!(diff < tolerance, "{isa:?}: {b}x{t} tokens, {heads} heads of {d}: {diff}");
@@ -303,12 +318,24 @@ mod tests {
                 let qkv = Tensor::from_vec(values, (b, t, 3 * heads * d), &dev).unwrap();
                 // one instruction set for both calls (other tests may switch it meanwhile)
                 let isa = *available().last().unwrap();
-                let (ours, f32_kernel) = with_bf16(products, || {
+                // a bf16 product of the context, which may take it rounded
+                let projection = Linear::new(Tensor::zeros((4, heads * d), DType::BF16, &dev).unwrap(), None).unwrap();
+                let (ours, f32_kernel, for_projection) = with_bf16(products, || {
                     with_isa(isa, || {
-                        let f32_kernel = attention_packed(&qkv, heads, scale, false).unwrap();
-                        (attention_packed(&qkv, heads, scale, true).unwrap(), f32_kernel)
+                        let f32_kernel = attention_packed(&qkv, heads, scale, false, None).unwrap();
+                        let ours = attention_packed(&qkv, heads, scale, true, None).unwrap();
+                        (ours, f32_kernel, attention_packed(&qkv, heads, scale, true, Some(&projection)).unwrap())
                     })
                 });
+                // rounded where the projection takes bf16 (b·t rows), else as it is: the same values
+                let expected_input = match projection.takes_bf16(b * t) && matches!(products, Bf16Products::OneDnn(_)) {
+                    true => ours.to_dtype(DType::BF16).unwrap(),
+                    false => ours.clone(),
+                };
+                assert_eq!(for_projection.dtype(), expected_input.dtype(), "{products:?}");
+                let as_f32 =
+                    |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(as_f32(&for_projection), as_f32(&expected_input), "{products:?}: the context rounded");
                 if let Bf16Products::Widened = products {
                     assert_eq!(ours.to_vec3::<f32>().unwrap(), f32_kernel.to_vec3::<f32>().unwrap());
                     continue;
@@ -402,8 +429,10 @@ mod tests {
         let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * d), &dev).unwrap();
         let weights = Tensor::randn(0f32, 1.0, (b, t, heads * d), &dev).unwrap();
         let ours = candle_core::Var::from_tensor(&qkv).unwrap();
-        let loss =
-            (attention_packed(ours.as_tensor(), heads, scale, false).unwrap() * &weights).unwrap().sum_all().unwrap();
+        let loss = (attention_packed(ours.as_tensor(), heads, scale, false, None).unwrap() * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let ours_grad = loss.backward().unwrap().get(ours.as_tensor()).unwrap().clone();
         let reference = candle_core::Var::from_tensor(&qkv).unwrap();
         let split = reference.as_tensor().reshape((b, t, 3, heads, d)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();

@@ -77,9 +77,23 @@ impl Linear {
         super::in_graph(&self.weight) || super::in_graph(&self.bias)
     }
 
-    /// Whether the CPU kernels take the product of `xs` with this layer.
+    /// Whether the CPU kernels take the product of `xs` with this layer: f32 inputs, or bf16
+    /// ones where [`Self::takes_bf16`].
     fn kernels_take(&self, xs: &Tensor) -> bool {
-        super::cpu_f32(xs) && !self.in_graph()
+        let rows = xs.elem_count() / xs.dims().last().copied().unwrap_or(1).max(1);
+        (super::cpu_f32(xs) || (super::on_cpu(xs) && xs.dtype() == DType::BF16 && self.takes_bf16(rows)))
+            && !self.in_graph()
+    }
+
+    /// Whether this layer's product of `rows` input rows multiplies in bf16 (on oneDNN), taking
+    /// its input rounded to bf16: the layer that produces the input may then write it in bf16
+    /// directly (the same values, without an f32 pass between them). It also takes bf16 inputs.
+    pub(crate) fn takes_bf16(&self, rows: usize) -> bool {
+        self.weight.dtype() == DType::BF16
+            && rows >= BF16_PRODUCT_ROWS
+            && super::on_cpu(&self.weight)
+            && !self.in_graph()
+            && matches!(bf16_products(), Bf16Products::OneDnn(_))
     }
 }
 
@@ -204,7 +218,15 @@ impl CustomOp3 for LinearOp {
         if weight_k != k {
             candle_core::bail!("linear: input has {k} features, the weight takes {weight_k}");
         }
-        let xs = cpu_f32_slice(xs, xs_layout, "linear input")?;
+        let rounded_input = match (xs, xs_layout.contiguous_offsets()) {
+            (CpuStorage::BF16(values), Some((start, end))) => Some(&values[start..end]),
+            (CpuStorage::BF16(_), None) => candle_core::bail!("linear: a bf16 input must be contiguous"),
+            _ => None,
+        };
+        let xs = match rounded_input {
+            Some(_) => &[][..],
+            None => cpu_f32_slice(xs, xs_layout, "linear input")?,
+        };
         let bias = cpu_f32_slice(bias, bias_layout, "linear bias")?;
         if bias.len() != n {
             candle_core::bail!("linear: a bias of {} for {n} outputs", bias.len());
@@ -237,10 +259,17 @@ impl CustomOp3 for LinearOp {
             _ => None,
         };
         let shape = Shape::from((m, n));
+        let input = match rounded_input {
+            Some(rounded) => Input::Rounded(rounded),
+            None => Input::F32(xs),
+        };
         match (weights, onednn) {
             (Weights::BF16(w), Some(onednn)) if m >= BF16_PRODUCT_ROWS => {
-                let ys = bf16_product(onednn, xs, m, k, w, n, bias, residual).map_err(candle_core::Error::msg)?;
+                let ys = bf16_product(onednn, input, m, k, w, n, bias, residual).map_err(candle_core::Error::msg)?;
                 return Ok((CpuStorage::F32(ys), shape));
+            }
+            _ if rounded_input.is_some() => {
+                candle_core::bail!("linear: bf16 inputs are taken only by bf16 products (see Linear::takes_bf16)")
             }
             _ if m > STREAMED_ROWS => {
                 return Ok((CpuStorage::F32(blocked_product(xs, m, k, weights, n, bias, residual)), shape));
@@ -412,7 +441,7 @@ fn blocked_product(
 #[allow(clippy::too_many_arguments)]
 fn bf16_product(
     onednn: &'static OneDnn,
-    xs: &[f32],
+    input: Input,
     m: usize,
     k: usize,
     w: &[bf16],
@@ -431,14 +460,12 @@ fn bf16_product(
         None => Vec::with_capacity(m * n),
     };
     let outs = ys.as_mut_ptr() as usize;
-    xs.par_chunks(rows * k).enumerate().try_for_each(|(part, xs)| {
-        let part_rows = xs.len() / k;
-        ROUNDED.with_borrow_mut(|rounded| {
-            rounded.resize(xs.len(), bf16::ZERO);
-            narrow_bf16(xs, rounded);
-            let out = (outs as *mut f32).wrapping_add(part * rows * n);
+    (0..m.div_ceil(rows)).into_par_iter().try_for_each(|part| {
+        let part_rows = rows.min(m - part * rows);
+        let out = (outs as *mut f32).wrapping_add(part * rows * n);
+        let multiply = |rounded: &[bf16]| {
             // SAFETY: this part's rows of the output (within its m·n capacity), written by this
-            // task alone; the input is this thread's buffer, the weights the caller's [n, k].
+            // task alone; the input is this part's rows, the weights the caller's [n, k].
             unsafe {
                 onednn.matmul_at(
                     (rounded.as_ptr(), View::matrix(part_rows, k, k)),
@@ -447,11 +474,28 @@ fn bf16_product(
                     start,
                 )
             }
-        })
+        };
+        let part_values = part * rows * k..(part * rows + part_rows) * k;
+        match input {
+            Input::Rounded(values) => multiply(&values[part_values]),
+            Input::F32(xs) => ROUNDED.with_borrow_mut(|rounded| {
+                rounded.resize(part_values.len(), bf16::ZERO);
+                narrow_bf16(&xs[part_values], rounded);
+                multiply(rounded)
+            }),
+        }
     })?;
     // SAFETY: the parts wrote (or the starting rows held) all m·n elements.
     unsafe { ys.set_len(m * n) };
     Ok(ys)
+}
+
+/// The input of [`bf16_product`]: f32 values, rounded to bf16 on the way, or values its
+/// producer rounded already.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    F32(&'a [f32]),
+    Rounded(&'a [bf16]),
 }
 
 /// Fewest input rows per thread of [`bf16_product`].
@@ -539,6 +583,53 @@ mod tests {
     /// A bf16 model with bf16 products on (oneDNN, where installed) multiplies the input rounded
     /// to bf16, whatever the rows (oneDNN's product for many, the project's kernels for few):
     /// the sum of the exact products of those values in f32.
+    /// Producers that write a bf16 product's input rounded (LayerNorm, GELU) give the same
+    /// values as rounding their f32 output, and the product of those bf16 inputs is the
+    /// product of the f32 inputs, bit for bit, on every instruction set.
+    #[test]
+    fn inputs_rounded_by_their_producer_give_the_same_products() {
+        use crate::ops::activation::{gelu, gelu_for};
+        use crate::ops::norm::LayerNorm;
+        let dev = Device::Cpu;
+        let Some(onednn) = available_bf16().into_iter().find(|p| matches!(p, Bf16Products::OneDnn(_))) else {
+            return; // no oneDNN here: nothing takes bf16 inputs
+        };
+        let weight = Tensor::randn(0f32, 1.0, (96, 70), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let linear = Linear::new(weight, Some(Tensor::randn(0f32, 1.0, 96, &dev).unwrap())).unwrap();
+        let norm = LayerNorm::new(
+            Tensor::randn(0f32, 1.0, 70, &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, 70, &dev).unwrap(),
+            1e-6,
+        );
+        let xs = Tensor::randn(0f32, 2.0, (3, 40, 70), &dev).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        for isa in available() {
+            with_isa(isa, || {
+                with_bf16(onednn, || {
+                    assert!(linear.takes_bf16(120) && !linear.takes_bf16(BF16_PRODUCT_ROWS - 1));
+                    let normed = candle_core::Module::forward(&norm, &xs).unwrap();
+                    let rounded = norm.forward_for(&xs, &linear).unwrap();
+                    assert_eq!(rounded.dtype(), DType::BF16);
+                    assert_eq!(bits(&rounded), bits(&normed.to_dtype(DType::BF16).unwrap()), "{isa:?}: layer norm");
+                    let activated = gelu(xs.copy().unwrap()).unwrap();
+                    let rounded_gelu = gelu_for(xs.copy().unwrap(), &linear).unwrap();
+                    assert_eq!(bits(&rounded_gelu), bits(&activated.to_dtype(DType::BF16).unwrap()), "{isa:?}: gelu");
+                    let from_f32 = linear.forward(&normed).unwrap();
+                    let from_bf16 = linear.forward(&rounded).unwrap();
+                    assert_eq!(bits(&from_bf16), bits(&from_f32), "{isa:?}: products");
+                    let residual = Tensor::randn(0f32, 1.0, (3, 40, 96), &dev).unwrap();
+                    let with_residual = linear.forward_residual(&rounded, &residual).unwrap();
+                    assert_eq!(bits(&with_residual), bits(&linear.forward_residual(&normed, &residual).unwrap()));
+                })
+            });
+        }
+        // Elsewhere the producers write f32, and the layer refuses nothing it is given.
+        with_bf16(Bf16Products::Widened, || {
+            assert!(!linear.takes_bf16(120));
+            assert_eq!(norm.forward_for(&xs, &linear).unwrap().dtype(), DType::F32);
+        });
+    }
+
     #[test]
     fn bf16_products_multiply_the_input_rounded_to_bf16() {
         let dev = Device::Cpu;

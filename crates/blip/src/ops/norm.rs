@@ -61,6 +61,29 @@ impl candle_core::Module for LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// The normalized `xs` as `consumer` takes them: rounded to bf16 by this kernel where the
+    /// consumer's product takes bf16 inputs (the same values it would round them to), f32 else.
+    pub(crate) fn forward_for(&self, xs: &Tensor, consumer: &super::linear::Linear) -> Result<Tensor> {
+        let dim = self.weight.elem_count();
+        let rows = xs.elem_count() / dim.max(1);
+        let plain = super::in_graph(xs) || super::in_graph(&self.weight) || super::in_graph(&self.bias);
+        if plain || !super::cpu_f32(xs) || xs.dims().last() != Some(&dim) || !consumer.takes_bf16(rows) {
+            return candle_core::Module::forward(self, xs);
+        }
+        let xs_contiguous = xs.contiguous()?;
+        let (storage, layout) = xs_contiguous.storage_and_layout();
+        let (weight, bias) = (self.weight.storage_and_layout(), self.bias.storage_and_layout());
+        let normed = kernels::elementwise::layer_norm_to_bf16(
+            f32_values(&storage, layout)?,
+            f32_values(&weight.0, weight.1)?,
+            f32_values(&bias.0, bias.1)?,
+            self.eps as f32,
+        );
+        Tensor::from_vec(normed, xs.shape(), &candle_core::Device::Cpu)
+    }
+}
+
 /// LayerNorm as an op of candle's autograd: the forward kernel, and its backward pass.
 struct LayerNormOp {
     eps: f32,

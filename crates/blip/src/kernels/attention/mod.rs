@@ -8,15 +8,22 @@ pub(crate) mod decode;
 pub(crate) mod vision;
 
 /// An output buffer that parallel tasks write at disjoint places.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+struct SharedOut<T = f32>(*mut T);
 
-impl SharedOut {
+impl<T> Clone for SharedOut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
     /// The element `offset` places from the start.
     ///
     /// # Safety
     /// `offset` must lie within the buffer.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
+    unsafe fn at(self, offset: usize) -> *mut T {
         // SAFETY: within the buffer, by the caller's contract.
         unsafe { self.0.add(offset) }
     }
@@ -24,6 +31,6 @@ impl SharedOut {
 
 // SAFETY: the pointer is only dereferenced by tasks that write disjoint elements (see the
 // callers), while the buffer outlives them.
-unsafe impl Send for SharedOut {}
+unsafe impl<T> Send for SharedOut<T> {}
 // SAFETY: as for Send: no two threads touch the same element.
-unsafe impl Sync for SharedOut {}
+unsafe impl<T> Sync for SharedOut<T> {}

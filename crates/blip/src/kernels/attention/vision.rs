@@ -70,6 +70,58 @@ pub(crate) fn attend_packed_bf16(
     head_dim: usize,
     scale: f32,
 ) -> Result<Vec<f32>, String> {
+    let mut out = vec![0f32; batch * tokens * heads * head_dim];
+    attend_packed_bf16_into(onednn, qkv, (batch, tokens, heads, head_dim), scale, &mut out)?;
+    Ok(out)
+}
+
+/// [`attend_packed_bf16`] with the context rounded to bf16 as `narrow_bf16` rounds: the input
+/// of the bf16 product that follows, without an f32 pass between them.
+pub(crate) fn attend_packed_bf16_rounded(
+    onednn: &'static OneDnn,
+    qkv: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Result<Vec<bf16>, String> {
+    let mut out = vec![bf16::ZERO; batch * tokens * heads * head_dim];
+    attend_packed_bf16_into(onednn, qkv, (batch, tokens, heads, head_dim), scale, &mut out)?;
+    Ok(out)
+}
+
+/// Where [`attend_packed_bf16_into`] writes a head's context rows: f32 as they are, or rounded.
+trait ContextOut: Send + Sync + Copy + 'static {
+    /// Writes `context` (d values) at `dst`.
+    ///
+    /// # Safety
+    /// `dst` must hold `context.len()` elements that no other thread writes meanwhile.
+    unsafe fn write(context: &[f32], dst: *mut Self);
+}
+
+impl ContextOut for f32 {
+    unsafe fn write(context: &[f32], dst: *mut f32) {
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(context.as_ptr(), dst, context.len()) }
+    }
+}
+
+impl ContextOut for bf16 {
+    unsafe fn write(context: &[f32], dst: *mut bf16) {
+        // SAFETY: the caller's contract.
+        let dst = unsafe { std::slice::from_raw_parts_mut(dst, context.len()) };
+        narrow_bf16(context, dst);
+    }
+}
+
+fn attend_packed_bf16_into<T: ContextOut>(
+    onednn: &'static OneDnn,
+    qkv: &[f32],
+    (batch, tokens, heads, head_dim): (usize, usize, usize, usize),
+    scale: f32,
+    out: &mut [T],
+) -> Result<(), String> {
     let (n, d, width) = (tokens, head_dim, heads * head_dim);
     let row = 3 * width;
     // Rounded into one dense [n, d] block per image, part (q, k, v) and head: oneDNN's AMX
@@ -81,7 +133,7 @@ pub(crate) fn attend_packed_bf16(
             narrow_bf16(&src[column..column + d], dst);
         }
     });
-    let mut out = vec![0f32; batch * n * width];
+    assert_eq!(out.len(), batch * n * width, "attention: the output's size");
     let out_ptr = SharedOut(out.as_mut_ptr());
     let blocks = &blocks;
     (0..batch * heads).into_par_iter().try_for_each(|task| {
@@ -108,12 +160,11 @@ pub(crate) fn attend_packed_bf16(
             for (t, context) in context.chunks(d).enumerate() {
                 // SAFETY: row t of image b, head h's d columns: within out, and written by this
                 // task alone.
-                unsafe { std::ptr::copy_nonoverlapping(context.as_ptr(), out_ptr.at((b * n + t) * width + h * d), d) };
+                unsafe { T::write(context, out_ptr.at((b * n + t) * width + h * d)) };
             }
             Ok::<_, String>(())
         })
-    })?;
-    Ok(out)
+    })
 }
 
 thread_local! {
