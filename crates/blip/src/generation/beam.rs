@@ -3,9 +3,7 @@
 //! num_beams that end (end token or maximum length) compete, length-normalized, for the
 //! num_beams finished slots; an input stops when its finished slots cannot be beaten any more.
 
-use candle_core::{Device, Result, Tensor};
-
-use super::{apply_processors, processors, Decoder, EarlyStopping, Generated, GenerationOptions};
+use super::{apply_processors, processors, EarlyStopping, Generated, GenerationOptions};
 
 /// transformers' stand-in for minus infinity in beam bookkeeping.
 const NEG: f32 = -1.0e9;
@@ -27,8 +25,9 @@ struct Hypothesis {
     finished: bool,
 }
 
-/// The beam search of one input.
-struct Search {
+/// The beam search of one input, stepped by [`super::Generation`] with the logits of its
+/// `num_beams` batch rows.
+pub(super) struct Search {
     running: Vec<Beam>,
     /// Always num_beams slots, best first.
     finished: Vec<Hypothesis>,
@@ -42,75 +41,55 @@ struct Candidate {
     hits_stop: bool,
 }
 
-pub(super) fn beam_search(
-    decoder: &mut impl Decoder,
-    prefixes: &[Vec<u32>],
-    eos_token_id: u32,
-    options: &GenerationOptions,
-    device: &Device,
-) -> Result<Vec<Vec<Generated>>> {
-    let beams = options.num_beams;
-    let prompt_len = prefixes[0].len();
-    let max_len = prompt_len + options.max_new_tokens;
-    let keep = 2 * beams;
-    let mut searches: Vec<Search> = prefixes
-        .iter()
-        .map(|prefix| {
-            let beam = |score| Beam { tokens: prefix.clone(), score, log_prob: 0.0 };
-            Search {
-                running: (0..beams).map(|b| beam(if b == 0 { 0.0 } else { NEG })).collect(),
-                finished: (0..beams).map(|_| Hypothesis { beam: beam(NEG), score: NEG, finished: false }).collect(),
-                improvable: true,
-                done: false,
-            }
-        })
-        .collect();
-    // Every input's beams, in the decoder's batch order.
-    let rows: Vec<u32> = (0..prefixes.len() as u32).flat_map(|r| std::iter::repeat_n(r, beams)).collect();
-    decoder.keep_rows(&rows)?;
-    // Decoder batch block → input index.
-    let mut active: Vec<usize> = (0..prefixes.len()).collect();
-    let mut input = Tensor::new(rows.iter().map(|&r| prefixes[r as usize].clone()).collect::<Vec<_>>(), device)?;
-    let mut cur_len = prompt_len;
-    loop {
-        let logits = decoder.next_logits(&input)?.to_vec2::<f32>()?;
-        let mut next_rows = Vec::new();
-        let mut next_active = Vec::new();
-        for (block, &index) in active.iter().enumerate() {
-            let search = &mut searches[index];
-            let block_logits = &logits[block * beams..(block + 1) * beams];
-            let sources = search.step(block_logits, cur_len, prompt_len, max_len, keep, eos_token_id, options);
-            if !search.done {
-                next_rows.extend(sources.iter().map(|&b| (block * beams + b) as u32));
-                next_active.push(index);
-            }
+impl Search {
+    /// The search from `prefix` with `beams` beams: the first beam live, the others copies
+    /// that cannot win (transformers' −1e9 start), so that the first step does not pick the
+    /// same continuation `beams` times.
+    pub(super) fn new(prefix: &[u32], beams: usize) -> Self {
+        let beam = |score| Beam { tokens: prefix.to_vec(), score, log_prob: 0.0 };
+        Search {
+            running: (0..beams).map(|b| beam(if b == 0 { 0.0 } else { NEG })).collect(),
+            finished: (0..beams).map(|_| Hypothesis { beam: beam(NEG), score: NEG, finished: false }).collect(),
+            improvable: true,
+            done: false,
         }
-        cur_len += 1;
-        if next_active.is_empty() {
-            break;
-        }
-        decoder.keep_rows(&next_rows)?;
-        active = next_active;
-        let last: Vec<u32> = active
-            .iter()
-            .flat_map(|&i| searches[i].running.iter().map(|b| *b.tokens.last().expect("non-empty")))
-            .collect();
-        input = Tensor::new(last, device)?.unsqueeze(1)?;
     }
-    Ok(searches
-        .into_iter()
-        .map(|search| {
-            search
-                .finished
-                .into_iter()
-                .take(options.num_return_sequences)
-                .map(|h| {
-                    let new_tokens = h.beam.tokens.len() - prompt_len;
-                    Generated { tokens: h.beam.tokens, new_tokens, log_prob: h.beam.log_prob, score: h.score }
-                })
-                .collect()
-        })
-        .collect())
+
+    /// Whether the search has ended.
+    pub(super) fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The last token of each running beam, in beam order: what its batch rows read next.
+    pub(super) fn last_tokens(&self) -> impl Iterator<Item = u32> + '_ {
+        self.running.iter().map(|b| *b.tokens.last().expect("non-empty"))
+    }
+
+    /// One step on this input's beam logits [beams][vocab] (its rows, in beam order); returns,
+    /// for each new running beam, the beam it continues.
+    pub(super) fn advance(
+        &mut self,
+        logits: &[Vec<f32>],
+        prompt_len: usize,
+        eos_token_id: u32,
+        options: &GenerationOptions,
+    ) -> Vec<usize> {
+        let cur_len = self.running[0].tokens.len();
+        let (max_len, keep) = (prompt_len + options.max_new_tokens, 2 * options.num_beams);
+        self.step(logits, cur_len, prompt_len, max_len, keep, eos_token_id, options)
+    }
+
+    /// The best `count` finished sequences, best first.
+    pub(super) fn generated(self, prompt_len: usize, count: usize) -> Vec<Generated> {
+        self.finished
+            .into_iter()
+            .take(count)
+            .map(|h| {
+                let new_tokens = h.beam.tokens.len() - prompt_len;
+                Generated { tokens: h.beam.tokens, new_tokens, log_prob: h.beam.log_prob, score: h.score }
+            })
+            .collect()
+    }
 }
 
 impl Search {

@@ -324,7 +324,7 @@ pub trait Join {
 /// A batch being generated one step at a time: what [`generate`] runs to its end, for callers
 /// that interleave batches or stop some of a batch's prefixes early. Prefixes are numbered from
 /// 0 in the order given to [`Generation::start`]; another generation's prefixes [`join`]ed later
-/// are numbered after them. Beam search runs whole in [`Generation::start`].
+/// are numbered after them. Beam searches step with the rest, a batch row per beam.
 ///
 /// [`join`]: Generation::join
 pub struct Generation<D> {
@@ -345,12 +345,12 @@ struct Prefix {
     options: Arc<GenerationOptions>,
     eos_token_id: u32,
     prefix_len: usize,
-    /// Its `num_return_sequences` sequences.
+    /// Its `num_return_sequences` sequences (greedy search and sampling).
     sequences: Vec<Sequence>,
-    /// Sequences still being generated.
+    /// Sequences still being generated (1 for a beam search still searching).
     running: usize,
-    /// Beam search's sequences, best first, when beam search generated them.
-    searched: Option<Vec<Generated>>,
+    /// Its beam search, when `num_beams` > 1: its rows are its beams, in beam order.
+    search: Option<beam::Search>,
 }
 
 /// A sequence of greedy search or sampling.
@@ -363,8 +363,8 @@ struct Sequence {
 impl Prefix {
     /// Its sequences, those still running ending as they are.
     fn generated(self) -> Vec<Generated> {
-        if let Some(searched) = self.searched {
-            return searched;
+        if let Some(search) = self.search {
+            return search.generated(self.prefix_len, self.options.num_return_sequences);
         }
         let prefix_len = self.prefix_len;
         self.sequences
@@ -403,24 +403,29 @@ impl<D: Decoder> Generation<D> {
         }
         let options = Arc::new(options.clone());
         let copies = options.num_return_sequences;
-        let prefix = |sequences, running, searched| Prefix {
+        let prefix = |sequences, running, search| Prefix {
             options: options.clone(),
             eos_token_id,
             prefix_len: first.len(),
             sequences,
             running,
-            searched,
+            search,
         };
-        if options.num_beams > 1 {
-            let generated = beam::beam_search(&mut generation.decoder, prefixes, eos_token_id, &options, device)?;
-            for (i, searched) in generated.into_iter().enumerate() {
-                generation.prefixes.insert(i, prefix(vec![], 0, Some(searched)));
+        // Beam search: a row per beam; greedy search and sampling: a row per returned sequence.
+        let beams = options.num_beams;
+        let per_prefix = if beams > 1 { beams } else { copies };
+        let rows: Vec<u32> = (0..prefixes.len() as u32).flat_map(|r| std::iter::repeat_n(r, per_prefix)).collect();
+        if per_prefix > 1 {
+            generation.decoder.keep_rows(&rows)?;
+        }
+        generation.active = rows.iter().enumerate().map(|(i, &r)| (r as usize, i % per_prefix)).collect();
+        let input: Vec<Vec<u32>> = rows.iter().map(|&r| prefixes[r as usize].clone()).collect();
+        generation.input = Some(Tensor::new(input, device)?);
+        if beams > 1 {
+            for (i, tokens) in prefixes.iter().enumerate() {
+                generation.prefixes.insert(i, prefix(vec![], 1, Some(beam::Search::new(tokens, beams))));
             }
             return Ok(generation);
-        }
-        let rows: Vec<u32> = (0..prefixes.len() as u32).flat_map(|r| std::iter::repeat_n(r, copies)).collect();
-        if copies > 1 {
-            generation.decoder.keep_rows(&rows)?;
         }
         // One random stream per returned sequence, seeded by its index, so that an input samples
         // the same alone or in a batch.
@@ -435,9 +440,6 @@ impl<D: Decoder> Generation<D> {
                 .collect();
             generation.prefixes.insert(i, prefix(sequences, copies, None));
         }
-        generation.active = rows.iter().enumerate().map(|(i, &r)| (r as usize, i % copies)).collect();
-        let input: Vec<Vec<u32>> = rows.iter().map(|&r| prefixes[r as usize].clone()).collect();
-        generation.input = Some(Tensor::new(input, device)?);
         Ok(generation)
     }
 
@@ -451,13 +453,24 @@ impl<D: Decoder> Generation<D> {
         self.active.len()
     }
 
-    /// Chooses the next token of every running sequence; true once every sequence has ended.
+    /// Chooses the next token of every running sequence (the next beams of every beam search);
+    /// true once every sequence has ended.
     pub fn step(&mut self, on_token: &mut OnToken<'_>) -> Result<bool> {
         let Some(input) = &self.input else { return Ok(true) };
-        let logits = self.decoder.next_logits(input)?.to_vec2::<f32>()?;
-        let mut still_running = Vec::with_capacity(self.active.len());
-        for (row, (&(id, copy), mut scores)) in self.active.iter().zip(logits).enumerate() {
+        let mut logits: Vec<Option<Vec<f32>>> =
+            self.decoder.next_logits(input)?.to_vec2::<f32>()?.into_iter().map(Some).collect();
+        // The rows that run on (a row listed twice is copied: beams), and what each decodes.
+        let mut next_rows = Vec::with_capacity(self.active.len());
+        let mut next_active = Vec::with_capacity(self.active.len());
+        // Beam searches' rows, by prefix: (beam, row).
+        let mut searches: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+        for (row, &(id, copy)) in self.active.iter().enumerate() {
             let prefix = self.prefixes.get_mut(&id).expect("active prefixes are kept");
+            if prefix.search.is_some() {
+                searches.entry(id).or_default().push((copy, row));
+                continue;
+            }
+            let mut scores = logits[row].take().expect("each row once");
             let options = &*prefix.options;
             let sequence = &mut prefix.sequences[copy];
             let step = sequence.tokens.len() - prefix.prefix_len;
@@ -473,12 +486,29 @@ impl<D: Decoder> Generation<D> {
             sequence.tokens.push(token);
             on_token(id, copy, token);
             if token != prefix.eos_token_id && step + 1 < options.max_new_tokens {
-                still_running.push(row as u32);
+                next_rows.push(row as u32);
+                next_active.push((id, copy));
             } else {
                 prefix.running -= 1;
             }
         }
-        self.keep(still_running)?;
+        for (id, mut rows) in searches {
+            let prefix = self.prefixes.get_mut(&id).expect("active prefixes are kept");
+            let search = prefix.search.as_mut().expect("a beam search");
+            rows.sort_unstable();
+            let block: Vec<Vec<f32>> =
+                rows.iter().map(|&(_, row)| logits[row].take().expect("each row once")).collect();
+            let sources = search.advance(&block, prefix.prefix_len, prefix.eos_token_id, &prefix.options);
+            if search.is_done() {
+                prefix.running = 0;
+                continue;
+            }
+            for (beam, source) in sources.into_iter().enumerate() {
+                next_rows.push(rows[source].1 as u32);
+                next_active.push((id, beam));
+            }
+        }
+        self.keep(next_rows, next_active)?;
         Ok(self.is_done())
     }
 
@@ -504,22 +534,30 @@ impl<D: Decoder> Generation<D> {
         Ok(())
     }
 
-    /// Keeps these batch rows after a step, and sets the next input to their last tokens.
-    fn keep(&mut self, rows: Vec<u32>) -> Result<()> {
+    /// Keeps these batch rows after a step (in this order, a row listed twice copied), decoding
+    /// `active`, and sets the next input to their last tokens.
+    fn keep(&mut self, rows: Vec<u32>, active: Vec<(usize, usize)>) -> Result<()> {
         if rows.is_empty() {
             self.active.clear();
             self.input = None;
             return Ok(());
         }
-        if rows.len() < self.active.len() {
+        if !rows.iter().enumerate().all(|(i, &r)| r as usize == i) || rows.len() < self.active.len() {
             self.decoder.keep_rows(&rows)?;
-            self.active = rows.iter().map(|&r| self.active[r as usize]).collect();
         }
-        let last: Vec<u32> = self
-            .active
-            .iter()
-            .map(|(id, copy)| *self.prefixes[id].sequences[*copy].tokens.last().expect("non-empty"))
-            .collect();
+        self.active = active;
+        let mut beams_read = BTreeMap::new();
+        let mut last = Vec::with_capacity(self.active.len());
+        for &(id, copy) in &self.active {
+            let prefix = &self.prefixes[&id];
+            match &prefix.search {
+                Some(search) => {
+                    let tokens = beams_read.entry(id).or_insert_with(|| search.last_tokens().collect::<Vec<_>>());
+                    last.push(tokens[copy]);
+                }
+                None => last.push(*prefix.sequences[copy].tokens.last().expect("non-empty")),
+            }
+        }
         self.input = Some(Tensor::new(last, &self.device)?.unsqueeze(1)?);
         Ok(())
     }

@@ -141,7 +141,7 @@ impl Captioner {
     }
 
     /// Runs the vision tower on the images and starts decoding their captions, to be stepped
-    /// by the caller ([`GenerationRun::step`]); beam search runs whole here.
+    /// by the caller ([`GenerationRun::step`]).
     pub fn start_captions<'a>(
         &self,
         images: impl Into<Images<'a>>,

@@ -189,7 +189,7 @@ impl QuestionAnswerer {
     }
 
     /// Encodes the images and questions and starts decoding the answers, to be stepped by the
-    /// caller ([`GenerationRun::step`]); beam search runs whole here.
+    /// caller ([`GenerationRun::step`]).
     pub fn start_answers<'a>(
         &self,
         images: impl Into<Images<'a>>,
