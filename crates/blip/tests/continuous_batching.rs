@@ -58,7 +58,7 @@ fn captions_joining_a_running_batch_equal_captions_alone() {
     let images = images();
     let greedy = GenerationOptions::default().max_new_tokens(14);
     // (image, options): a prompt, min length and penalties, sampling with two sequences, and
-    // beam search (which runs whole when it starts)
+    // beam search (a batch row per beam)
     let requests: Vec<(usize, CaptionOptions)> = vec![
         (0, CaptionOptions::new(Prompt::None, greedy.clone())),
         (1, CaptionOptions::new(Prompt::Same("a picture of".into()), greedy.clone())),

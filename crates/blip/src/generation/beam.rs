@@ -79,11 +79,24 @@ impl Search {
         self.step(logits, cur_len, prompt_len, max_len, keep, eos_token_id, options)
     }
 
-    /// The best `count` finished sequences, best first.
-    pub(super) fn generated(self, prompt_len: usize, count: usize) -> Vec<Generated> {
+    /// The best `num_return_sequences` sequences, best first. A search stopped before its end
+    /// (its caller gone, or finished early) has its running beams compete with the finished
+    /// ones, each scored at its length, as transformers' beam search finalizes.
+    pub(super) fn generated(mut self, prompt_len: usize, options: &GenerationOptions) -> Vec<Generated> {
+        if !self.done {
+            let mut candidates: Vec<Hypothesis> = self.finished.into_iter().filter(|h| h.finished).collect();
+            for beam in self.running.into_iter().filter(|b| b.score > NEG / 2.0) {
+                let length = ((beam.tokens.len() - prompt_len).max(1) as f64).powf(options.length_penalty as f64);
+                let score = beam.score / length as f32;
+                candidates.push(Hypothesis { beam, score, finished: true });
+            }
+            let scores: Vec<f32> = candidates.iter().map(|h| h.score).collect();
+            self.finished =
+                top_indices(&scores, options.num_beams).into_iter().map(|i| candidates[i].clone()).collect();
+        }
         self.finished
             .into_iter()
-            .take(count)
+            .take(options.num_return_sequences)
             .map(|h| {
                 let new_tokens = h.beam.tokens.len() - prompt_len;
                 Generated { tokens: h.beam.tokens, new_tokens, log_prob: h.beam.log_prob, score: h.score }

@@ -364,7 +364,7 @@ impl Prefix {
     /// Its sequences, those still running ending as they are.
     fn generated(self) -> Vec<Generated> {
         if let Some(search) = self.search {
-            return search.generated(self.prefix_len, self.options.num_return_sequences);
+            return search.generated(self.prefix_len, &self.options);
         }
         let prefix_len = self.prefix_len;
         self.sequences
@@ -459,15 +459,35 @@ impl<D: Decoder> Generation<D> {
         let Some(input) = &self.input else { return Ok(true) };
         let mut logits: Vec<Option<Vec<f32>>> =
             self.decoder.next_logits(input)?.to_vec2::<f32>()?.into_iter().map(Some).collect();
-        // The rows that run on (a row listed twice is copied: beams), and what each decodes.
+        // The rows that run on (a row listed twice is copied: beams), and what each decodes, in
+        // the batch's order: each beam search's block where its first row was, so that a batch
+        // whose beams keep their places is not reordered.
         let mut next_rows = Vec::with_capacity(self.active.len());
         let mut next_active = Vec::with_capacity(self.active.len());
         // Beam searches' rows, by prefix: (beam, row).
         let mut searches: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
         for (row, &(id, copy)) in self.active.iter().enumerate() {
-            let prefix = self.prefixes.get_mut(&id).expect("active prefixes are kept");
-            if prefix.search.is_some() {
+            if self.prefixes[&id].search.is_some() {
                 searches.entry(id).or_default().push((copy, row));
+            }
+        }
+        for (row, &(id, copy)) in self.active.iter().enumerate() {
+            let prefix = self.prefixes.get_mut(&id).expect("active prefixes are kept");
+            if let Some(search) = prefix.search.as_mut() {
+                // the whole search, at its first row
+                let Some(mut rows) = searches.remove(&id) else { continue };
+                rows.sort_unstable();
+                let block: Vec<Vec<f32>> =
+                    rows.iter().map(|&(_, r)| logits[r].take().expect("each row once")).collect();
+                let sources = search.advance(&block, prefix.prefix_len, prefix.eos_token_id, &prefix.options);
+                if search.is_done() {
+                    prefix.running = 0;
+                    continue;
+                }
+                for (beam, source) in sources.into_iter().enumerate() {
+                    next_rows.push(rows[source].1 as u32);
+                    next_active.push((id, beam));
+                }
                 continue;
             }
             let mut scores = logits[row].take().expect("each row once");
@@ -490,22 +510,6 @@ impl<D: Decoder> Generation<D> {
                 next_active.push((id, copy));
             } else {
                 prefix.running -= 1;
-            }
-        }
-        for (id, mut rows) in searches {
-            let prefix = self.prefixes.get_mut(&id).expect("active prefixes are kept");
-            let search = prefix.search.as_mut().expect("a beam search");
-            rows.sort_unstable();
-            let block: Vec<Vec<f32>> =
-                rows.iter().map(|&(_, row)| logits[row].take().expect("each row once")).collect();
-            let sources = search.advance(&block, prefix.prefix_len, prefix.eos_token_id, &prefix.options);
-            if search.is_done() {
-                prefix.running = 0;
-                continue;
-            }
-            for (beam, source) in sources.into_iter().enumerate() {
-                next_rows.push(rows[source].1 as u32);
-                next_active.push((id, beam));
             }
         }
         self.keep(next_rows, next_active)?;
@@ -730,6 +734,23 @@ mod tests {
     fn rows_stop_at_eos_independently() {
         let out = run(vec![vec![1, 5, 0, 0], vec![2, 3, 4, 5]], GenerationOptions::default());
         assert_eq!(out, vec![vec![7, 1, 5], vec![7, 2, 3, 4, 5]]);
+    }
+
+    /// A beam search ended before its end (`finish` mid-way, or its caller gone) returns its
+    /// best running beams, as transformers finalizes a search that ran out of length.
+    #[test]
+    fn a_beam_search_finished_early_returns_its_running_beams() {
+        let mut decoder = Scripted { script: vec![vec![1, 2, 3, 4, 5]], rows: vec![0], step: 0, vocab: 12 };
+        let options = GenerationOptions::default().num_beams(3).num_return_sequences(2).max_new_tokens(5);
+        let mut generation = Generation::start(&mut decoder, &[vec![7]], 5, &options, &Device::Cpu).unwrap();
+        assert_eq!(generation.rows(), 3, "a row per beam");
+        generation.step(&mut |_, _, _| ()).unwrap();
+        generation.step(&mut |_, _, _| ()).unwrap();
+        let generated = generation.finish();
+        assert_eq!(generated[0].len(), 2);
+        assert_eq!(generated[0][0].tokens, vec![7, 1, 2]);
+        assert_eq!(generated[0][0].new_tokens, 2);
+        assert!(generated[0][0].score >= generated[0][1].score);
     }
 
     #[test]

@@ -88,12 +88,13 @@ pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
         let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, set(1.0)));
         let biased = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
         let scaled = _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased)));
-        // zero where x < -87 (or NaN stays: not less than)
+        // zero where x < -87, as exp8's mask
         _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, set(-87.0)), scaled)
     }
 }
 
-/// [`exp_and_sum_avx2`] on sixteen lanes through [`exp16`].
+/// [`exp_and_sum_avx2`] on sixteen lanes through [`exp16`]: the same exponentials, their sum
+/// added in another order.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F.

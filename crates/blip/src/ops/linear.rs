@@ -81,8 +81,8 @@ impl Linear {
     /// ones where [`Self::takes_bf16`].
     fn kernels_take(&self, xs: &Tensor) -> bool {
         let rows = xs.elem_count() / xs.dims().last().copied().unwrap_or(1).max(1);
-        (super::cpu_f32(xs) || (super::on_cpu(xs) && xs.dtype() == DType::BF16 && self.takes_bf16(rows)))
-            && !self.in_graph()
+        let rounded = super::on_cpu(xs) && xs.dtype() == DType::BF16 && !super::in_graph(xs) && self.takes_bf16(rows);
+        (super::cpu_f32(xs) || rounded) && !self.in_graph()
     }
 
     /// Whether this layer's product of `rows` input rows multiplies in bf16 (on oneDNN), taking

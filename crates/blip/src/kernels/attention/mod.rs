@@ -31,6 +31,6 @@ impl<T> SharedOut<T> {
 
 // SAFETY: the pointer is only dereferenced by tasks that write disjoint elements (see the
 // callers), while the buffer outlives them.
-unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T: Send> Send for SharedOut<T> {}
 // SAFETY: as for Send: no two threads touch the same element.
-unsafe impl<T> Sync for SharedOut<T> {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
