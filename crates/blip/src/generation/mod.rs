@@ -851,6 +851,155 @@ mod tests {
         assert!(GenerationOptions::default().do_sample(true).num_return_sequences(4).validate().is_ok());
     }
 
+    /// Logits that depend only on each row's own tokens so far (a hash of them), so that a row
+    /// gets the same logits whatever else is in the batch: what the model's decoder gives up to
+    /// float noise, exactly.
+    struct Histories {
+        rows: Vec<Vec<u32>>,
+        vocab: usize,
+    }
+
+    impl Decoder for Histories {
+        fn next_logits(&mut self, input: &Tensor) -> Result<Tensor> {
+            let input = input.to_vec2::<u32>()?;
+            assert_eq!(input.len(), self.rows.len(), "a row of input per batch row");
+            let mut logits = Vec::with_capacity(self.rows.len() * self.vocab);
+            for (history, tokens) in self.rows.iter_mut().zip(input) {
+                history.extend(tokens);
+                let mut hash =
+                    history.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| (h ^ t as u64).wrapping_mul(0x100_0000_01b3));
+                for _ in 0..self.vocab {
+                    hash ^= hash << 13;
+                    hash ^= hash >> 7;
+                    hash ^= hash << 17;
+                    logits.push((hash % 1000) as f32 / 150.0);
+                }
+            }
+            Tensor::from_vec(logits, (self.rows.len(), self.vocab), &Device::Cpu)
+        }
+
+        fn keep_rows(&mut self, rows: &[u32]) -> Result<()> {
+            self.rows = rows.iter().map(|&r| self.rows[r as usize].clone()).collect();
+            Ok(())
+        }
+    }
+
+    impl Join for Histories {
+        fn join(&mut self, other: Self) -> Result<()> {
+            self.rows.extend(other.rows);
+            Ok(())
+        }
+    }
+
+    /// A small deterministic random stream for the test's choices.
+    struct Choices(u64);
+
+    impl Choices {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// Generations started at random steps, with random options (greedy, sampling, beams,
+    /// penalties) and prefixes of random lengths, joined into one running batch, some stopped:
+    /// every prefix not stopped gets exactly what it gets alone.
+    #[test]
+    fn joined_generations_give_what_each_gives_alone() {
+        let (vocab, eos) = (23, 3);
+        for scenario in 0..200u64 {
+            let mut choose = Choices(0x9e37_79b9_7f4a_7c15 ^ (scenario * 7919 + 1));
+            let mut requests = Vec::new();
+            for _ in 0..1 + choose.below(5) {
+                let beams = [1, 1, 2, 3][choose.below(4)];
+                let sample = beams == 1 && choose.below(2) == 0;
+                let copies = match (beams, sample) {
+                    (1, true) => 1 + choose.below(3),
+                    (1, false) => 1,
+                    (b, _) => 1 + choose.below(b),
+                };
+                let options = GenerationOptions::default()
+                    .max_new_tokens(1 + choose.below(8))
+                    .min_new_tokens(choose.below(2))
+                    .num_beams(beams)
+                    .num_return_sequences(copies)
+                    .do_sample(sample)
+                    .seed(Some(scenario))
+                    .repetition_penalty([1.0, 1.3][choose.below(2)])
+                    .no_repeat_ngram_size(choose.below(3));
+                let prefix_len = 1 + choose.below(3);
+                let prefixes: Vec<Vec<u32>> = (0..1 + choose.below(2))
+                    .map(|_| (0..prefix_len).map(|_| 4 + choose.below(vocab - 4) as u32).collect())
+                    .collect();
+                requests.push((prefixes, options, choose.below(4), choose.below(6) == 0));
+            }
+            let start = |prefixes: &[Vec<u32>], options: &GenerationOptions| {
+                let decoder = Histories { rows: vec![vec![]; prefixes.len()], vocab };
+                Generation::start(decoder, prefixes, eos, options, &Device::Cpu).unwrap()
+            };
+            let alone: Vec<Vec<Vec<Generated>>> = requests
+                .iter()
+                .map(|(prefixes, options, _, _)| {
+                    let mut generation = start(prefixes, options);
+                    while !generation.step(&mut |_, _, _| ()).unwrap() {}
+                    generation.finish()
+                })
+                .collect();
+            // Each request starts after its delay in steps; a newcomer steps alone once (its
+            // prefix), then joins; some are stopped a step after joining.
+            let mut running: Option<Generation<Histories>> = None;
+            let mut numbers: Vec<Option<usize>> = vec![None; requests.len()];
+            let mut finished: BTreeMap<usize, Vec<Generated>> = BTreeMap::new();
+            let mut pending: Vec<usize> = (0..requests.len()).collect();
+            let mut stops: Vec<(usize, usize)> = Vec::new();
+            for step in 0..40 {
+                for i in pending.clone() {
+                    let (prefixes, options, delay, stop) = &requests[i];
+                    if *delay > step {
+                        continue;
+                    }
+                    pending.retain(|&p| p != i);
+                    let mut newcomer = start(prefixes, options);
+                    newcomer.step(&mut |_, _, _| ()).unwrap();
+                    numbers[i] = Some(match running.as_mut() {
+                        Some(batch) => batch.join(newcomer).unwrap(),
+                        None => {
+                            running = Some(newcomer);
+                            0
+                        }
+                    });
+                    if *stop {
+                        stops.push((step + 1, i));
+                    }
+                }
+                let Some(batch) = running.as_mut() else { continue };
+                for &(at, i) in &stops {
+                    if at == step {
+                        for p in 0..requests[i].0.len() {
+                            batch.stop(numbers[i].unwrap() + p).unwrap();
+                        }
+                    }
+                }
+                batch.step(&mut |_, _, _| ()).unwrap();
+                finished.extend(batch.take_finished());
+            }
+            let batch = running.expect("something ran");
+            assert!(batch.is_done(), "scenario {scenario}: still running after 40 steps");
+            for (i, (prefixes, _, _, stop)) in requests.iter().enumerate() {
+                if *stop {
+                    continue;
+                }
+                for p in 0..prefixes.len() {
+                    let got = &finished[&(numbers[i].unwrap() + p)];
+                    let want = &alone[i][p];
+                    assert_eq!(got, want, "scenario {scenario}, request {i}, prefix {p}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn argmax_takes_first_of_ties() {
         assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0]), 1);
