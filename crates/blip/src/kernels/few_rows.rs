@@ -84,7 +84,11 @@ pub(crate) fn rows_times_weights<W: Widen>(xs: &[f32], m: usize, k: usize, w: &[
     }
     assert!(xs.len() == m * k && w.len().is_multiple_of(k) && outs.len() == w.len() / k * m);
     #[cfg(target_arch = "x86_64")]
-    if let Isa::Avx2Fma(_) = isa() {
+    if let Isa::Avx2Fma(proof) = isa() {
+        if let (Some(_), Some(w)) = (proof.avx512(), W::as_f32(w)) {
+            // SAFETY: the AVX-512 proof shows the features; the sizes were checked above.
+            return unsafe { rows_times_weights_avx512(xs, m, k, w, outs) };
+        }
         // SAFETY: Isa::Avx2Fma proves the features; the sizes were checked above.
         return unsafe { rows_times_weights_avx2(xs, m, k, w, outs) };
     }
@@ -133,6 +137,94 @@ unsafe fn rows_times_weights_avx2<W: Widen>(xs: &[f32], m: usize, k: usize, w: &
             i += tile;
         }
         j += cols;
+    }
+}
+
+/// [`rows_times_weights_avx2`] for f32 weights (the cross-attention's encoder states, f32
+/// models) on AVX-512: tiles of 4 input rows × 4 weight rows, 16 lanes.
+///
+/// # Safety
+/// The sizes of [`rows_times_weights`] (checked there), on a CPU with AVX-512 F, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn rows_times_weights_avx512(xs: &[f32], m: usize, k: usize, w: &[f32], outs: &mut [f32]) {
+    let rows = w.len() / k;
+    let (x, w, outs) = (xs.as_ptr(), w.as_ptr(), outs.as_mut_ptr());
+    let mut j = 0;
+    while j < rows {
+        let mut i = 0;
+        let cols = (rows - j).min(4);
+        while i < m {
+            let tile = (m - i).min(4);
+            // SAFETY: input rows i..i + tile < m and weight rows j..j + cols < rows, within the
+            // caller's sizes; the features, by the caller's contract.
+            unsafe {
+                match (tile, cols) {
+                    (4, 4) => rows_tile16::<4, 4>(x, w, outs, (m, k), (i, j)),
+                    (3, 4) => rows_tile16::<3, 4>(x, w, outs, (m, k), (i, j)),
+                    (2, 4) => rows_tile16::<2, 4>(x, w, outs, (m, k), (i, j)),
+                    (1, 4) => rows_tile16::<1, 4>(x, w, outs, (m, k), (i, j)),
+                    (4, 3) => rows_tile16::<4, 3>(x, w, outs, (m, k), (i, j)),
+                    (3, 3) => rows_tile16::<3, 3>(x, w, outs, (m, k), (i, j)),
+                    (2, 3) => rows_tile16::<2, 3>(x, w, outs, (m, k), (i, j)),
+                    (1, 3) => rows_tile16::<1, 3>(x, w, outs, (m, k), (i, j)),
+                    (4, 2) => rows_tile16::<4, 2>(x, w, outs, (m, k), (i, j)),
+                    (3, 2) => rows_tile16::<3, 2>(x, w, outs, (m, k), (i, j)),
+                    (2, 2) => rows_tile16::<2, 2>(x, w, outs, (m, k), (i, j)),
+                    (1, 2) => rows_tile16::<1, 2>(x, w, outs, (m, k), (i, j)),
+                    (4, _) => rows_tile16::<4, 1>(x, w, outs, (m, k), (i, j)),
+                    (3, _) => rows_tile16::<3, 1>(x, w, outs, (m, k), (i, j)),
+                    (2, _) => rows_tile16::<2, 1>(x, w, outs, (m, k), (i, j)),
+                    _ => rows_tile16::<1, 1>(x, w, outs, (m, k), (i, j)),
+                }
+            }
+            i += tile;
+        }
+        j += cols;
+    }
+}
+
+/// One tile of [`rows_times_weights_avx512`]: input rows i..i+R against weight rows j..j+C.
+///
+/// # Safety
+/// Within the sizes of `rows_times_weights`, on a CPU with AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rows_tile16<const R: usize, const C: usize>(
+    x: *const f32,
+    w: *const f32,
+    outs: *mut f32,
+    (m, k): (usize, usize),
+    (i, j): (usize, usize),
+) {
+    // SAFETY: the loads and stores address rows i..i+R of x, j..j+C of w and their outputs,
+    // within the sizes by the caller's contract; the prefetch is a hint that may point anywhere.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let mut l = 0;
+        while l + 16 <= k {
+            let mut weights = [_mm512_setzero_ps(); C];
+            for (c, weight) in weights.iter_mut().enumerate() {
+                *weight = _mm512_loadu_ps(w.add((j + c) * k + l));
+                if i == 0 {
+                    // the next tile's weight rows, as in rows_tile
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((j + C + c) * k + l).cast());
+                }
+            }
+            for (r, sums) in acc.iter_mut().enumerate() {
+                let input = _mm512_loadu_ps(x.add((i + r) * k + l));
+                for (sum, &weight) in sums.iter_mut().zip(&weights) {
+                    *sum = _mm512_fmadd_ps(input, weight, *sum);
+                }
+            }
+            l += 16;
+        }
+        for (r, sums) in acc.iter().enumerate() {
+            for (c, &sum) in sums.iter().enumerate() {
+                let tail: f32 = (l..k).map(|l| *x.add((i + r) * k + l) * *w.add((j + c) * k + l)).sum();
+                *outs.add((j + c) * m + i + r) += _mm512_reduce_add_ps(sum) + tail;
+            }
+        }
     }
 }
 
@@ -187,7 +279,7 @@ mod tests {
     use super::*;
     use crate::kernels::dispatch::{available, with_isa};
 
-    /// Every tile shape (1–4 input rows × 1–3 weight rows) and the k remainder, in each weight
+    /// Every tile shape (1–4 input rows × 1–4 weight rows) and the k remainder, in each weight
     /// dtype, accumulating onto what `outs` held, on each path: the same as the product in f64.
     #[test]
     fn rows_times_weights_matches_the_product() {
@@ -197,7 +289,7 @@ mod tests {
     }
 
     fn rows_times_weights_matches_the_product_on(isa: Isa) {
-        for (m, rows, k) in [(9, 7, 70), (1, 1, 5), (4, 3, 16), (3, 5, 64), (6, 2, 8)] {
+        for (m, rows, k) in [(9, 7, 70), (1, 1, 5), (4, 3, 16), (3, 5, 64), (6, 2, 8), (8, 9, 40)] {
             let xs: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
             let w: Vec<f32> = (0..rows * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 24.0).collect();
             let start: Vec<f32> = (0..rows * m).map(|i| i as f32 * 0.5).collect();

@@ -10,6 +10,12 @@ use super::dispatch::{isa, Isa};
 pub(crate) trait Widen: Copy {
     fn widen(self) -> f32;
 
+    /// The elements as f32 values, when they are (kernels with an f32-only version).
+    fn as_f32(elements: &[Self]) -> Option<&[f32]> {
+        let _ = elements;
+        None
+    }
+
     /// Eight elements from `src`, widened; for kernels compiled with AVX2 (and F16C).
     ///
     /// # Safety
@@ -22,6 +28,10 @@ impl Widen for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
+    }
+
+    fn as_f32(elements: &[Self]) -> Option<&[f32]> {
+        Some(elements)
     }
 
     /// # Safety
