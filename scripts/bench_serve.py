@@ -92,9 +92,9 @@ def load(port, concurrency, total, bodies, timeout=600):
     return time.perf_counter() - start, latencies, statuses
 
 
-def cli_seconds_per_image(model_dir, paths, batch_size, load_s):
+def cli_seconds_per_image(model_dir, paths, batch_size, load_s, dtype="f32"):
     """`blip caption` s/image, its load time taken out: the best of 2 runs."""
-    cmd = [str(REPO / "target/release/blip"), "caption", "--model", str(model_dir), "--min-new-tokens",
+    cmd = [str(REPO / "target/release/blip"), "caption", "--dtype", dtype, "--model", str(model_dir), "--min-new-tokens",
            str(NEW_TOKENS), "--max-new-tokens", str(NEW_TOKENS), "--batch-size", str(batch_size), *paths]
     best = None
     for _ in range(2):
@@ -181,6 +181,11 @@ def stop(process):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "blip-bench"))
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
+                    help="the dtype of blip serve, blip caption and the reference (the Python server stays f32)")
+    ap.add_argument("--no-python", action="store_true",
+                    help="blip serve's levels beside the CLI only, printed (no overload run, no Python server, "
+                         "BENCHMARKS.md untouched)")
     args = ap.parse_args()
     work = Path(args.work)
     model_dir = work / "model"
@@ -191,18 +196,25 @@ def main():
     bodies = payloads()
     paths = [str(Path(skimage.__file__).parent / "data" / n) for n in IMAGES]
 
-    reference = json.loads(subprocess.run([str(REPO / "target/release/examples/bench"), str(model_dir), "f32", *paths],
+    reference = json.loads(subprocess.run([str(REPO / "target/release/examples/bench"), str(model_dir), args.dtype, *paths],
                                           capture_output=True, text=True, check=True).stdout)
-    reference["cli_b1"] = cli_seconds_per_image(model_dir, paths, 1, reference["load_s"])
-    reference["cli_b8"] = cli_seconds_per_image(model_dir, paths * 2, 8, reference["load_s"])
+    reference["cli_b1"] = cli_seconds_per_image(model_dir, paths, 1, reference["load_s"], args.dtype)
+    reference["cli_b8"] = cli_seconds_per_image(model_dir, paths * 2, 8, reference["load_s"], args.dtype)
     print(f"reference: {reference}", file=sys.stderr)
 
     # Waits at concurrency 64 pass the default 60 s request timeout on a 2-core machine.
-    port, process = start_blip(model_dir, ["--request-timeout", "600s"])
+    port, process = start_blip(model_dir, ["--dtype", args.dtype, "--request-timeout", "600s"])
     ours = run_levels(port, bodies, python=False)
     stop(process)
+    if args.no_python:
+        b1, b8 = reference["cli_b1"], reference["cli_b8"]
+        print(f"{machine()}; {args.dtype}; CLI {b1:.3f} s/image at batch 1, {b8:.3f} at batch 8")
+        for c, o in ours.items():
+            print(f"concurrency {c}: {o['images_per_s']:.2f} images/s ({o['images_per_s'] * b8:.2f}x the CLI's batch 8), "
+                  f"p50 {o['p50']:.3f} s ({o['p50'] / b1:.2f}x its batch 1), p99 {o['p99']:.3f} s")
+        return
 
-    port, process = start_blip(model_dir, ["--max-queue", "64"])
+    port, process = start_blip(model_dir, ["--dtype", args.dtype, "--max-queue", "64"])
     load(port, 1, 1, bodies)
     loaded_rss = rss_mb(process.pid)
     wall, _, statuses = load(port, 256, 1000, bodies)
@@ -219,14 +231,16 @@ def main():
     python = run_levels(port, bodies, python=True)
     stop(process)
 
-    write(reference, ours, python, overload)
+    write(reference, ours, python, overload, args.dtype)
 
 
-def write(reference, ours, python, overload):
+def write(reference, ours, python, overload, dtype="f32"):
     b1, b8 = reference["cli_b1"], reference["cli_b8"]
     lines = [
         "## `blip serve` under load",
         "",
+        f"Machine: {machine()}. Full-size random blip-image-captioning-base ({dtype}; the Python server f32), 20 new tokens"
+        if dtype != "f32" else
         f"Machine: {machine()}. Full-size random blip-image-captioning-base (f32), 20 new tokens",
         "(min = max), greedy; the 8 scikit-image photos in turn as JSON with a base64 image; clients",
         "send their next request when the last is answered (`.venv/bin/python scripts/bench_serve.py`, one run).",
