@@ -54,13 +54,13 @@ impl Engine {
 pub type TokenSender = mpsc::UnboundedSender<(usize, u32)>;
 
 /// An image resized by the model's processor, not yet turned into `pixel_values`: queued jobs
-/// hold these rather than decoded photos or f32 values, so that a queue stays small (442 KB
-/// per image at 384 px, against 1.8 MB of values).
+/// hold these rather than decoded photos or f32 values (a quarter of their bytes), so that a
+/// queue stays small.
 pub type Resized = RgbImage;
 
-/// Images per library call at most: the vision tower's activations grow with its batch (about
-/// 19 MB per image at 384 px), and beyond a few images a batch is no faster per image. Generation
-/// jobs started in several calls still decode as one batch.
+/// Images per library call at most: the vision tower's activations grow with its batch, and
+/// beyond a few images a batch is hardly faster per image (docs/SERVER.md). Generation jobs
+/// started in several calls still decode as one batch.
 const IMAGES_PER_CALL: usize = 4;
 
 /// What a request asks of the model, its inputs decoded and its options checked.

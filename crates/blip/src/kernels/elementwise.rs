@@ -135,24 +135,28 @@ pub(crate) fn layer_norm(xs: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> 
     let dim = weight.len();
     assert!(bias.len() == dim && dim > 0 && xs.len().is_multiple_of(dim));
     let rows_per_task = (1 << 14) / dim + 1;
-    let isa = isa();
     // Each value written once, into fresh memory (no zeroing pass first).
     let mut out = Vec::with_capacity(xs.len());
     out.spare_capacity_mut()[..xs.len()]
         .par_chunks_mut(rows_per_task * dim)
         .zip(xs.par_chunks(rows_per_task * dim))
-        .for_each(|(out, xs)| match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the AVX-512 proof shows the features layer_norm_avx512 is compiled for.
-            Isa::Avx2Fma(proof) if proof.avx512().is_some() => unsafe { layer_norm_avx512(xs, weight, bias, eps, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: Isa::Avx2Fma proves the features layer_norm_avx2 is compiled for.
-            Isa::Avx2Fma(_) => unsafe { layer_norm_avx2(xs, weight, bias, eps, out) },
-            _ => layer_norm_rows(xs, weight, bias, eps, out),
-        });
+        .for_each(|(out, xs)| layer_norm_some_rows(xs, weight, bias, eps, out));
     // SAFETY: every element was written above (the chunks cover xs.len() values).
     unsafe { out.set_len(xs.len()) };
     out
+}
+
+/// [`layer_norm_rows`] on the widest instruction set this process uses.
+fn layer_norm_some_rows(xs: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the AVX-512 proof shows the features layer_norm_avx512 is compiled for.
+        Isa::Avx2Fma(proof) if proof.avx512().is_some() => unsafe { layer_norm_avx512(xs, weight, bias, eps, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa::Avx2Fma proves the features layer_norm_avx2 is compiled for.
+        Isa::Avx2Fma(_) => unsafe { layer_norm_avx2(xs, weight, bias, eps, out) },
+        _ => layer_norm_rows(xs, weight, bias, eps, out),
+    }
 }
 
 /// [`layer_norm_rows`] compiled for AVX2.
@@ -195,22 +199,10 @@ pub(crate) fn layer_norm_to_bf16(xs: &[f32], weight: &[f32], bias: &[f32], eps: 
     let dim = weight.len();
     assert!(bias.len() == dim && dim > 0 && xs.len().is_multiple_of(dim));
     let rows_per_task = (1 << 14) / dim + 1;
-    let isa = isa();
     let mut out = vec![half::bf16::ZERO; xs.len()];
     out.par_chunks_mut(rows_per_task * dim).zip(xs.par_chunks(rows_per_task * dim)).for_each(|(out, xs)| {
         let mut normed: Vec<f32> = Vec::with_capacity(xs.len());
-        let spare = &mut normed.spare_capacity_mut()[..xs.len()];
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the AVX-512 proof shows the features layer_norm_avx512 is compiled for.
-            Isa::Avx2Fma(proof) if proof.avx512().is_some() => unsafe {
-                layer_norm_avx512(xs, weight, bias, eps, spare)
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: Isa::Avx2Fma proves the features layer_norm_avx2 is compiled for.
-            Isa::Avx2Fma(_) => unsafe { layer_norm_avx2(xs, weight, bias, eps, spare) },
-            _ => layer_norm_rows(xs, weight, bias, eps, spare),
-        }
+        layer_norm_some_rows(xs, weight, bias, eps, &mut normed.spare_capacity_mut()[..xs.len()]);
         // SAFETY: the rows above wrote all xs.len() values.
         unsafe { normed.set_len(xs.len()) };
         narrow_bf16(&normed, out);

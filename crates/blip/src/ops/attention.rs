@@ -43,12 +43,13 @@ pub(crate) fn attention_packed(
         let cpu = &candle_core::Device::Cpu;
         let context = match bf16_products() {
             Bf16Products::OneDnn(onednn) if bf16_model && consumer.is_some_and(|c| c.takes_bf16(b * t)) => {
-                let rounded = vision::attend_packed_bf16_rounded(onednn, qkv, b, t, heads, head_dim, scale as f32)
-                    .map_err(candle_core::Error::msg)?;
+                let rounded =
+                    vision::attend_packed_bf16::<half::bf16>(onednn, qkv, b, t, heads, head_dim, scale as f32)
+                        .map_err(candle_core::Error::msg)?;
                 return Tensor::from_vec(rounded, shape, cpu);
             }
             Bf16Products::OneDnn(onednn) if bf16_model => {
-                vision::attend_packed_bf16(onednn, qkv, b, t, heads, head_dim, scale as f32)
+                vision::attend_packed_bf16::<f32>(onednn, qkv, b, t, heads, head_dim, scale as f32)
                     .map_err(candle_core::Error::msg)?
             }
             _ => vision::attend_packed(qkv, b, t, heads, head_dim, scale as f32),

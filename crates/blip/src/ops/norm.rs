@@ -48,10 +48,21 @@ impl candle_core::Module for LayerNorm {
         if xs.dims().last() != Some(&dim) {
             candle_core::bail!("layer norm: input {:?} does not end in the norm's {dim} features", xs.dims());
         }
+        self.run_kernel(xs, kernels::elementwise::layer_norm)
+    }
+}
+
+impl LayerNorm {
+    /// `kernel` (xs, weight, bias, eps) on a contiguous f32 CPU input, into a tensor of its shape.
+    fn run_kernel<T: candle_core::WithDType>(
+        &self,
+        xs: &Tensor,
+        kernel: fn(&[f32], &[f32], &[f32], f32) -> Vec<T>,
+    ) -> Result<Tensor> {
         let xs_contiguous = xs.contiguous()?;
         let (storage, layout) = xs_contiguous.storage_and_layout();
         let (weight, bias) = (self.weight.storage_and_layout(), self.bias.storage_and_layout());
-        let normed = kernels::elementwise::layer_norm(
+        let normed = kernel(
             f32_values(&storage, layout)?,
             f32_values(&weight.0, weight.1)?,
             f32_values(&bias.0, bias.1)?,
@@ -71,16 +82,7 @@ impl LayerNorm {
         if plain || !super::cpu_f32(xs) || xs.dims().last() != Some(&dim) || !consumer.takes_bf16(rows) {
             return candle_core::Module::forward(self, xs);
         }
-        let xs_contiguous = xs.contiguous()?;
-        let (storage, layout) = xs_contiguous.storage_and_layout();
-        let (weight, bias) = (self.weight.storage_and_layout(), self.bias.storage_and_layout());
-        let normed = kernels::elementwise::layer_norm_to_bf16(
-            f32_values(&storage, layout)?,
-            f32_values(&weight.0, weight.1)?,
-            f32_values(&bias.0, bias.1)?,
-            self.eps as f32,
-        );
-        Tensor::from_vec(normed, xs.shape(), &candle_core::Device::Cpu)
+        self.run_kernel(xs, kernels::elementwise::layer_norm_to_bf16)
     }
 }
 

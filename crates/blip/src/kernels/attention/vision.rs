@@ -60,8 +60,10 @@ pub(crate) fn attend_packed(
 
 /// [`attend_packed`] with bf16 products on oneDNN: q, k and v rounded to bf16, the scores
 /// accumulated in f32, softmax in f32, the probabilities rounded to bf16 for the product with v
-/// (as PyTorch's bf16 attention does), one single-threaded task per image and head.
-pub(crate) fn attend_packed_bf16(
+/// (as PyTorch's bf16 attention does), one single-threaded task per image and head. The context
+/// comes as f32, or (`T` = bf16) rounded as `narrow_bf16` rounds: the input of the bf16 product
+/// that follows, without an f32 pass between them.
+pub(crate) fn attend_packed_bf16<T: ContextOut>(
     onednn: &'static OneDnn,
     qkv: &[f32],
     batch: usize,
@@ -69,30 +71,16 @@ pub(crate) fn attend_packed_bf16(
     heads: usize,
     head_dim: usize,
     scale: f32,
-) -> Result<Vec<f32>, String> {
-    let mut out = vec![0f32; batch * tokens * heads * head_dim];
+) -> Result<Vec<T>, String> {
+    let mut out = vec![T::ZERO; batch * tokens * heads * head_dim];
     attend_packed_bf16_into(onednn, qkv, (batch, tokens, heads, head_dim), scale, &mut out)?;
     Ok(out)
 }
 
-/// [`attend_packed_bf16`] with the context rounded to bf16 as `narrow_bf16` rounds: the input
-/// of the bf16 product that follows, without an f32 pass between them.
-pub(crate) fn attend_packed_bf16_rounded(
-    onednn: &'static OneDnn,
-    qkv: &[f32],
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
-    scale: f32,
-) -> Result<Vec<bf16>, String> {
-    let mut out = vec![bf16::ZERO; batch * tokens * heads * head_dim];
-    attend_packed_bf16_into(onednn, qkv, (batch, tokens, heads, head_dim), scale, &mut out)?;
-    Ok(out)
-}
+/// Where [`attend_packed_bf16`] writes a head's context rows: f32 as they are, or rounded.
+pub(crate) trait ContextOut: Send + Sync + Copy + 'static {
+    const ZERO: Self;
 
-/// Where [`attend_packed_bf16_into`] writes a head's context rows: f32 as they are, or rounded.
-trait ContextOut: Send + Sync + Copy + 'static {
     /// Writes `context` (d values) at `dst`.
     ///
     /// # Safety
@@ -101,6 +89,8 @@ trait ContextOut: Send + Sync + Copy + 'static {
 }
 
 impl ContextOut for f32 {
+    const ZERO: Self = 0.0;
+
     unsafe fn write(context: &[f32], dst: *mut f32) {
         // SAFETY: the caller's contract.
         unsafe { std::ptr::copy_nonoverlapping(context.as_ptr(), dst, context.len()) }
@@ -108,6 +98,8 @@ impl ContextOut for f32 {
 }
 
 impl ContextOut for bf16 {
+    const ZERO: Self = bf16::ZERO;
+
     unsafe fn write(context: &[f32], dst: *mut bf16) {
         // SAFETY: the caller's contract.
         let dst = unsafe { std::slice::from_raw_parts_mut(dst, context.len()) };
