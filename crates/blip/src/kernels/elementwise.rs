@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 use super::dispatch::{isa, Isa};
 use super::math::{erf, exp_and_sum, lane_sum};
 #[cfg(target_arch = "x86_64")]
-use super::math::{exp16, exp8, exp_and_sum_avx2, exp_and_sum_avx512};
+use super::math::{erf16, erf8, exp_and_sum_avx2, exp_and_sum_avx512};
 use super::widen::{narrow_bf16, narrow_scaled_bf16};
 
 /// The exact GELU, `x·½·(1 + erf(x/√2))`, as PyTorch's vectorized CPU kernel computes it: erf by
@@ -76,21 +76,8 @@ unsafe fn gelu_avx512(data: &mut [f32]) {
 unsafe fn gelu16(x: __m512) -> __m512 {
     // SAFETY: register arithmetic only; the caller guarantees AVX-512 F.
     unsafe {
-        let set = _mm512_set1_ps;
-        let sign_bit = _mm512_set1_epi32(i32::MIN);
-        let z = _mm512_mul_ps(x, set(std::f32::consts::FRAC_1_SQRT_2));
-        let sign = _mm512_and_si512(_mm512_castps_si512(z), sign_bit);
-        let a = _mm512_castsi512_ps(_mm512_andnot_si512(sign_bit, _mm512_castps_si512(z)));
-        let t = _mm512_div_ps(set(1.0), _mm512_fmadd_ps(set(0.327_591_1), a, set(1.0)));
-        let mut r = _mm512_fmadd_ps(set(1.061_405_4), t, set(-1.453_152));
-        r = _mm512_fmadd_ps(r, t, set(1.421_413_8));
-        r = _mm512_fmadd_ps(r, t, set(-0.284_496_74));
-        r = _mm512_fmadd_ps(r, t, set(0.254_829_6));
-        let minus_a = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), sign_bit));
-        let e = exp16(_mm512_mul_ps(minus_a, a));
-        let erf = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, set(1.0));
-        let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf), sign));
-        let half_x = _mm512_mul_ps(x, set(0.5));
+        let erf = erf16(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2)));
+        let half_x = _mm512_mul_ps(x, _mm512_set1_ps(0.5));
         _mm512_fmadd_ps(half_x, erf, half_x)
     }
 }
@@ -105,18 +92,8 @@ unsafe fn gelu16(x: __m512) -> __m512 {
 unsafe fn gelu8(x: __m256) -> __m256 {
     // SAFETY: register arithmetic only; the caller guarantees AVX2 and FMA.
     unsafe {
-        let set = _mm256_set1_ps;
-        let z = _mm256_mul_ps(x, set(std::f32::consts::FRAC_1_SQRT_2));
-        let sign = _mm256_and_ps(z, set(-0.0));
-        let a = _mm256_andnot_ps(set(-0.0), z);
-        let t = _mm256_div_ps(set(1.0), _mm256_fmadd_ps(set(0.327_591_1), a, set(1.0)));
-        let mut r = _mm256_fmadd_ps(set(1.061_405_4), t, set(-1.453_152));
-        r = _mm256_fmadd_ps(r, t, set(1.421_413_8));
-        r = _mm256_fmadd_ps(r, t, set(-0.284_496_74));
-        r = _mm256_fmadd_ps(r, t, set(0.254_829_6));
-        let e = exp8(_mm256_mul_ps(_mm256_xor_ps(a, set(-0.0)), a));
-        let erf = _mm256_or_ps(_mm256_fnmadd_ps(_mm256_mul_ps(r, t), e, set(1.0)), sign);
-        let half_x = _mm256_mul_ps(x, set(0.5));
+        let erf = erf8(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2)));
+        let half_x = _mm256_mul_ps(x, _mm256_set1_ps(0.5));
         _mm256_fmadd_ps(half_x, erf, half_x)
     }
 }
@@ -388,6 +365,8 @@ mod tests {
     use super::*;
     use crate::kernels::dispatch::{available, with_isa};
     use crate::kernels::math::exp;
+    #[cfg(target_arch = "x86_64")]
+    use crate::kernels::math::{exp16, exp8};
 
     #[test]
     fn softmax_to_bf16_is_the_softmax_rounded() {

@@ -37,6 +37,53 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
+/// [`erf`] on eight lanes, its polynomials in fused multiply-adds.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn erf8(z: __m256) -> __m256 {
+    // SAFETY: register arithmetic only; the caller guarantees AVX2 and FMA.
+    unsafe {
+        let set = _mm256_set1_ps;
+        let sign = _mm256_and_ps(z, set(-0.0));
+        let a = _mm256_andnot_ps(set(-0.0), z);
+        let t = _mm256_div_ps(set(1.0), _mm256_fmadd_ps(set(0.327_591_1), a, set(1.0)));
+        let mut r = _mm256_fmadd_ps(set(1.061_405_4), t, set(-1.453_152));
+        r = _mm256_fmadd_ps(r, t, set(1.421_413_8));
+        r = _mm256_fmadd_ps(r, t, set(-0.284_496_74));
+        r = _mm256_fmadd_ps(r, t, set(0.254_829_6));
+        let e = exp8(_mm256_mul_ps(_mm256_xor_ps(a, set(-0.0)), a));
+        _mm256_or_ps(_mm256_fnmadd_ps(_mm256_mul_ps(r, t), e, set(1.0)), sign)
+    }
+}
+
+/// [`erf8`] on sixteen lanes: the same operations, so the same bits in every lane.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn erf16(z: __m512) -> __m512 {
+    // SAFETY: register arithmetic only; the caller guarantees AVX-512 F.
+    unsafe {
+        let set = _mm512_set1_ps;
+        let sign_bit = _mm512_set1_epi32(i32::MIN);
+        let sign = _mm512_and_si512(_mm512_castps_si512(z), sign_bit);
+        let a = _mm512_castsi512_ps(_mm512_andnot_si512(sign_bit, _mm512_castps_si512(z)));
+        let t = _mm512_div_ps(set(1.0), _mm512_fmadd_ps(set(0.327_591_1), a, set(1.0)));
+        let mut r = _mm512_fmadd_ps(set(1.061_405_4), t, set(-1.453_152));
+        r = _mm512_fmadd_ps(r, t, set(1.421_413_8));
+        r = _mm512_fmadd_ps(r, t, set(-0.284_496_74));
+        r = _mm512_fmadd_ps(r, t, set(0.254_829_6));
+        let minus_a = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), sign_bit));
+        let e = exp16(_mm512_mul_ps(minus_a, a));
+        let erf = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, set(1.0));
+        _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf), sign))
+    }
+}
+
 /// [`exp`] on eight lanes, its polynomial in fused multiply-adds.
 ///
 /// # Safety

@@ -11,6 +11,8 @@ use crate::config::VisionConfig;
 use crate::ops::activation::gelu_for;
 use crate::ops::attention::attention_packed;
 use crate::ops::norm::LayerNorm;
+use crate::ops::trained_vision::{self, TowerShape};
+use crate::ops::{in_graph, on_cpu};
 
 /// `BlipVisionEmbeddings`: a stride-16 conv over patches, a class token, learned positions.
 struct VisionEmbeddings {
@@ -94,7 +96,7 @@ impl VisionEmbeddings {
 /// PyTorch's bicubic interpolation (`F.interpolate(mode="bicubic", align_corners=False)`, A =
 /// -0.75, source indices clamped at the edges) from an `input` grid to an `output` grid, as the
 /// matrix [output cells, input cells] of the weights each output takes from each input.
-fn bicubic_weights(input: (usize, usize), output: (usize, usize)) -> Vec<f32> {
+pub(crate) fn bicubic_weights(input: (usize, usize), output: (usize, usize)) -> Vec<f32> {
     /// Per output index along one axis: the four (clamped) source indices and their weights.
     fn axis(input: usize, output: usize) -> Vec<[(usize, f32); 4]> {
         const A: f32 = -0.75;
@@ -190,6 +192,7 @@ pub struct VisionModel {
     embeddings: VisionEmbeddings,
     layers: Vec<VisionLayer>,
     post_layernorm: LayerNorm,
+    shape: TowerShape,
 }
 
 impl VisionModel {
@@ -197,16 +200,31 @@ impl VisionModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| VisionLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<_>>()?;
+        let shape = TowerShape {
+            heads: cfg.num_attention_heads,
+            patch: cfg.patch_size,
+            side: cfg.patches_per_side(),
+            eps: cfg.layer_norm_eps as f32,
+        };
         Ok(Self {
             embeddings: VisionEmbeddings::new(cfg, vb.pp("embeddings"))?,
             layers,
             post_layernorm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?,
+            shape,
         })
     }
 
     /// pixel_values [b, 3, H, W] → last_hidden_state [b, 1 + patches, hidden].
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let _span = tracing::debug_span!("vision").entered();
+        if let Some(weights) = self.trained_on_cpu(pixel_values) {
+            return trained_vision::forward(pixel_values, weights, self.shape);
+        }
+        self.forward_per_op(pixel_values)
+    }
+
+    /// [`Self::forward`] op by op: inference, and training off the CPU.
+    fn forward_per_op(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let mut xs = self.embeddings.forward(pixel_values)?;
         for layer in &self.layers {
             xs = layer.forward(&xs)?;
@@ -214,9 +232,86 @@ impl VisionModel {
         self.post_layernorm.forward(&xs)
     }
 
+    /// The weights in `ops::trained_vision`'s order, where the tower trains there: some weight
+    /// in an autograd graph, every weight f32 and contiguous on the CPU, and f32 CPU pixels
+    /// outside the graph.
+    fn trained_on_cpu(&self, pixel_values: &Tensor) -> Option<Vec<Tensor>> {
+        let e = &self.embeddings;
+        let mut weights =
+            vec![e.patch_weight.clone(), e.patch_bias.clone(), e.class_embedding.clone(), e.position_embedding.clone()];
+        for layer in &self.layers {
+            let attention = &layer.self_attn;
+            weights.extend(layer.layer_norm1.parameters().map(Tensor::clone));
+            weights.extend(
+                [
+                    attention.qkv.weight(),
+                    attention.qkv.bias(),
+                    attention.projection.weight(),
+                    attention.projection.bias(),
+                ]
+                .map(Tensor::clone),
+            );
+            weights.extend(layer.layer_norm2.parameters().map(Tensor::clone));
+            weights.extend(
+                [layer.fc1.weight(), layer.fc1.bias(), layer.fc2.weight(), layer.fc2.bias()].map(Tensor::clone),
+            );
+        }
+        weights.extend(self.post_layernorm.parameters().map(Tensor::clone));
+        let kernels_take = |t: &Tensor| on_cpu(t) && t.dtype() == DType::F32 && t.is_contiguous();
+        let trains = weights.iter().any(in_graph) && weights.iter().all(kernels_take);
+        (trains && kernels_take(pixel_values) && !in_graph(pixel_values)).then_some(weights)
+    }
+
     /// `pooler_output`: post_layernorm applied once more, to the class token of
     /// `last_hidden_state` [b, 1 + patches, hidden] → [b, hidden] (only BlipModel uses it).
     pub fn pool(&self, last_hidden_state: &Tensor) -> Result<Tensor> {
         self.post_layernorm.forward(&last_hidden_state.narrow(1, 0, 1)?.squeeze(1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use crate::training::{Params, Trained};
+    use crate::Captioner;
+
+    fn fixture() -> (Captioner, Params) {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/train-caption");
+        Captioner::load_for_training(dir, &Device::Cpu, Trained::All).unwrap()
+    }
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The trained tower as one op (`ops::trained_vision`) gives the per-op graph's output and
+    /// every weight's gradient, on the checkpoint's grid and on a larger one (interpolated
+    /// positions).
+    #[test]
+    fn the_one_op_tower_trains_as_the_per_op_graph() {
+        let (captioner, params) = fixture();
+        let vision = &captioner.model().vision_model;
+        let (side, patch) = (vision.shape.side, vision.shape.patch);
+        for pixels_per_side in [side * patch, (side + 2) * patch] {
+            let pixels = Tensor::randn(0f32, 1.0, (2, 3, pixels_per_side, pixels_per_side), &Device::Cpu).unwrap();
+            let weights = vision.trained_on_cpu(&pixels).expect("the one-op route");
+            let ours = super::trained_vision::forward(&pixels, weights, vision.shape).unwrap();
+            let reference = vision.forward_per_op(&pixels).unwrap();
+            let upstream = Tensor::randn(0f32, 1.0, reference.shape(), &Device::Cpu).unwrap();
+            assert!(max_abs(&(&ours - &reference).unwrap()) <= 1e-5 * max_abs(&reference), "outputs");
+            let ours = (ours * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            let reference = (reference * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut checked = 0;
+            for (name, var) in params.vars().iter().filter(|(name, _)| name.starts_with("vision_model.")) {
+                let expected =
+                    reference.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no reference gradient"));
+                let got = ours.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+                let diff = max_abs(&(got - expected).unwrap());
+                assert!(diff <= 1e-5 * max_abs(expected), "{name} at {pixels_per_side} px: {diff:e}");
+                checked += 1;
+            }
+            assert_eq!(checked, 4 + 12 * vision.layers.len() + 2);
+        }
     }
 }

@@ -433,6 +433,19 @@ fn blocked_product(
     ys
 }
 
+/// `residual + xs·Wᵀ + b` (or without the residual) over f32 slices, xs [m, k], W [n, k]: the
+/// many-rows product of a trained layer's forward (see `ops::trained_vision`).
+pub(crate) fn linear_f32(
+    xs: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    (m, n, k): (usize, usize, usize),
+) -> Vec<f32> {
+    assert!(xs.len() == m * k && w.len() == n * k, "linear: shapes");
+    blocked_product(xs, m, k, Weights::F32(w), n, bias, residual)
+}
+
 /// Many input rows with bf16 weights, on oneDNN's bf16 products: the input rounded to bf16, the
 /// product accumulated in f32, plus the bias (and the residual, where the product starts). The
 /// rows are split among rayon's threads, each running oneDNN on its own share: one thread pool

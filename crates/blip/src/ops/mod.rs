@@ -8,6 +8,7 @@ pub(crate) mod attention;
 pub mod linear;
 pub(crate) mod norm;
 pub(crate) mod tensor;
+pub(crate) mod trained_vision;
 
 use candle_core::{DType, Tensor};
 

@@ -19,6 +19,11 @@ impl LayerNorm {
     pub(crate) fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
         Self { weight, bias, eps }
     }
+
+    /// The weight and the bias [dim].
+    pub(crate) fn parameters(&self) -> [&Tensor; 2] {
+        [&self.weight, &self.bias]
+    }
 }
 
 impl LayerNorm {
