@@ -122,8 +122,11 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Op
         let context = decode::attend(q, k, v, bias.as_deref(), scale as f32, shape);
         return Tensor::from_vec(context, (batch, heads, queries, head_dim), &candle_core::Device::Cpu);
     }
-    if batch > 1 && super::on_cpu(q) {
-        // One batch row at a time: a batch's scores [b, heads, t, t] are 16 MB per image.
+    let in_graph = super::in_graph(q) || super::in_graph(k) || super::in_graph(v) || bias_in_graph;
+    if batch > 1 && super::on_cpu(q) && !in_graph {
+        // One batch row at a time: a batch's scores [b, heads, t, t] are 16 MB per image. (Not
+        // in an autograd graph, which keeps them anyway, and where each row's slice would cost
+        // a whole zero-padded copy of k and v in the backward pass.)
         let rows = (0..batch)
             .map(|i| {
                 let bias = match bias {
