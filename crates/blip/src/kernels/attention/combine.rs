@@ -199,3 +199,46 @@ impl<W: Widen> CombineTile<W> {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+impl CombineTile<f32> {
+    /// [`Self::run`] in AVX-512 registers: R rows × V registers of 16 columns, f32 weights.
+    ///
+    /// # Safety
+    /// As [`combine_rows`]', on a CPU with AVX-512 F.
+    #[inline(always)]
+    pub(super) unsafe fn run16<const R: usize, const V: usize>(&self) {
+        // SAFETY: R rows and 16·V columns from the tile's first, within its matrices, by the
+        // caller's contract; the features likewise.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            if self.accumulate {
+                for (r, sums) in acc.iter_mut().enumerate() {
+                    for (v, sum) in sums.iter_mut().enumerate() {
+                        *sum = _mm512_loadu_ps(self.out.add(r * self.out_row + 16 * v));
+                    }
+                }
+            }
+            let (mut coef, mut w) = (self.coef, self.w);
+            for _ in 0..self.len {
+                let mut weights = [_mm512_setzero_ps(); V];
+                for (v, weight) in weights.iter_mut().enumerate() {
+                    *weight = _mm512_loadu_ps(w.add(16 * v));
+                }
+                for (r, sums) in acc.iter_mut().enumerate() {
+                    let c = _mm512_set1_ps(*coef.add(r));
+                    for (sum, &weight) in sums.iter_mut().zip(&weights) {
+                        *sum = _mm512_fmadd_ps(c, weight, *sum);
+                    }
+                }
+                coef = coef.add(self.coef_step);
+                w = w.add(self.w_row);
+            }
+            for (r, sums) in acc.iter().enumerate() {
+                for (v, &sum) in sums.iter().enumerate() {
+                    _mm512_storeu_ps(self.out.add(r * self.out_row + 16 * v), sum);
+                }
+            }
+        }
+    }
+}

@@ -13,7 +13,7 @@ use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::dispatch::{isa, Isa};
 use crate::kernels::elementwise::{softmax_rows, softmax_rows_to_bf16};
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::math::exp8;
+use crate::kernels::math::{exp16, exp8};
 use crate::kernels::onednn::{OneDnn, Start, View};
 use crate::kernels::widen::narrow_bf16;
 
@@ -44,12 +44,18 @@ pub(crate) fn attend_packed(
             // each task writes only its own head's columns of its own image's rows of out, which
             // no other task touches. Nothing here re-enters rayon, so no other task runs on this
             // thread while it holds its scratch buffer. Isa::Avx2Fma proves the features
-            // attend_head_blocked is compiled for.
+            // attend_head_blocked is compiled for, its AVX-512 proof attend_head_blocked_avx512's.
             unsafe {
                 let out = out_ptr.at(b * n * width + h * d);
                 #[cfg(target_arch = "x86_64")]
-                if matches!(isa, Isa::Avx2Fma(_)) && d % QUERY_BLOCK == 0 {
-                    return attend_head_blocked(q, k, v, (n, d, 3 * width), scale, scratch, (out, width));
+                match isa {
+                    Isa::Avx2Fma(proof) if proof.avx512().is_some() && d.is_multiple_of(QUERY_BLOCK) => {
+                        return attend_head_blocked_avx512(q, k, v, (n, d, 3 * width), scale, scratch, (out, width));
+                    }
+                    Isa::Avx2Fma(_) if d.is_multiple_of(QUERY_BLOCK) => {
+                        return attend_head_blocked(q, k, v, (n, d, 3 * width), scale, scratch, (out, width));
+                    }
+                    _ => {}
                 }
                 attend_head(q, k, v, (n, d, 3 * width), scale, scratch, (out, width))
             }
@@ -258,6 +264,153 @@ unsafe fn attend_head_blocked(
                 mixed.iter_mut().for_each(|x| *x *= inverse);
             }
         }
+    }
+}
+
+/// Keys per tile of the scores in [`attend_head_blocked_avx512`].
+const KEY_GROUP_AVX512: usize = 12;
+
+/// [`attend_head_blocked`] in AVX-512 registers, with the same sums in the same order (so the
+/// same bits): the scores in tiles of 12 keys × 16 queries (a register per key), the mixing in
+/// tiles of 6 queries × 64 columns of v (four registers per query), read from a contiguous copy
+/// of v.
+///
+/// # Safety
+/// As [`attend_head_blocked`]'s, on a CPU with AVX-512 F and BW, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn attend_head_blocked_avx512(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (n, d, row): (usize, usize, usize),
+    scale: f32,
+    scratch: &mut Vec<f32>,
+    (out, out_row): (*mut f32, usize),
+) {
+    // SAFETY: as in attend_head_blocked; the features, by the caller's contract.
+    unsafe {
+        const B: usize = QUERY_BLOCK;
+        const G: usize = KEY_GROUP_AVX512;
+        // Every element of the scratch is written before it is read.
+        scratch.resize(2 * n * d + d * B + n * B, 0.0);
+        let (key_groups, rest) = scratch.split_at_mut(n * d);
+        let (values, rest) = rest.split_at_mut(n * d);
+        let (queries_t, scores_t) = rest.split_at_mut(d * B);
+        for (j, (key, value)) in k.chunks(row).zip(v.chunks(row)).take(n).enumerate() {
+            let (group, size) = (j / G * G, (n - j / G * G).min(G));
+            for (c, &x) in key[..d].iter().enumerate() {
+                key_groups[group * d + c * size + j - group] = x;
+            }
+            values[j * d..][..d].copy_from_slice(&value[..d]);
+        }
+        for first in (0..n).step_by(B) {
+            let rows = (n - first).min(B);
+            if rows < B {
+                queries_t.fill(0.0);
+            }
+            for r in 0..rows {
+                for (c, &x) in q[(first + r) * row..][..d].iter().enumerate() {
+                    queries_t[c * B + r] = x * scale;
+                }
+            }
+            for group in (0..n).step_by(G) {
+                let size = (n - group).min(G);
+                let tile = CombineTile {
+                    coef: key_groups.as_ptr().add(group * d),
+                    coef_step: size,
+                    len: d,
+                    w: queries_t.as_ptr(),
+                    w_row: B,
+                    out: scores_t.as_mut_ptr().add(group * B),
+                    out_row: B,
+                    accumulate: false,
+                };
+                run16_rows::<1>(&tile, size);
+            }
+            let inverses = exp_columns16_avx512(scores_t);
+            for group in (0..rows).step_by(6) {
+                let queries = (rows - group).min(6);
+                let mut e = 0;
+                while e < d {
+                    let tile = CombineTile {
+                        coef: scores_t.as_ptr().add(group),
+                        coef_step: B,
+                        len: n,
+                        w: values.as_ptr().add(e),
+                        w_row: d,
+                        out: out.add((first + group) * out_row + e),
+                        out_row,
+                        accumulate: false,
+                    };
+                    if e + 64 <= d {
+                        run16_rows::<4>(&tile, queries);
+                        e += 64;
+                    } else {
+                        run16_rows::<1>(&tile, queries);
+                        e += 16;
+                    }
+                }
+            }
+            for (r, &inverse) in inverses[..rows].iter().enumerate() {
+                let mixed = std::slice::from_raw_parts_mut(out.add((first + r) * out_row), d);
+                mixed.iter_mut().for_each(|x| *x *= inverse);
+            }
+        }
+    }
+}
+
+/// `tile.run16::<rows, V>()` for 1 ≤ rows ≤ 12 (4·V + rows·V ≤ 32 registers at V = 4 needs
+/// rows ≤ 6).
+///
+/// # Safety
+/// As [`CombineTile::run16`]'s.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn run16_rows<const V: usize>(tile: &CombineTile<f32>, rows: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match rows {
+            12 => tile.run16::<12, V>(),
+            11 => tile.run16::<11, V>(),
+            10 => tile.run16::<10, V>(),
+            9 => tile.run16::<9, V>(),
+            8 => tile.run16::<8, V>(),
+            7 => tile.run16::<7, V>(),
+            6 => tile.run16::<6, V>(),
+            5 => tile.run16::<5, V>(),
+            4 => tile.run16::<4, V>(),
+            3 => tile.run16::<3, V>(),
+            2 => tile.run16::<2, V>(),
+            _ => tile.run16::<1, V>(),
+        }
+    }
+}
+
+/// [`exp_columns16`] with the 16 columns in one AVX-512 register (the same bits: exp16 is
+/// exp8's operations).
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp_columns16_avx512(data: &mut [f32]) -> [f32; 16] {
+    // SAFETY: every load and store addresses a row of 16, or `inverses`; the features, by the
+    // caller's contract.
+    unsafe {
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        for row in data.chunks_exact(16) {
+            max = _mm512_max_ps(max, _mm512_loadu_ps(row.as_ptr()));
+        }
+        let mut sum = _mm512_setzero_ps();
+        for row in data.chunks_exact_mut(16) {
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row.as_ptr()), max));
+            _mm512_storeu_ps(row.as_mut_ptr(), e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        let mut inverses = [0f32; 16];
+        _mm512_storeu_ps(inverses.as_mut_ptr(), _mm512_div_ps(_mm512_set1_ps(1.0), sum));
+        inverses
     }
 }
 
