@@ -10,7 +10,9 @@ use super::Linear;
 use super::{layer_norm, linear};
 use crate::config::TextConfig;
 use crate::ops::activation::gelu;
-use crate::ops::attention::{attention, attention_to_states, merge_heads, split_heads, STATES_ATTENTION_QUERIES};
+use crate::ops::attention::{
+    attention, attention_to_states, attention_to_states_in_graph, merge_heads, split_heads, STATES_ATTENTION_QUERIES,
+};
 use crate::ops::norm::LayerNorm;
 use crate::ops::tensor::same_bits;
 use crate::ops::{cpu_f32, in_graph, on_cpu};
@@ -112,16 +114,23 @@ impl TextAttention {
     }
 
     /// Cross-attention to encoder `states` [b, n, encoder_hidden]: LayerNorm(x + dense(context)).
-    /// On the CPU, for a few queries, without computing the states' keys and values at all.
+    /// For a few queries, without computing the states' keys and values at all: on the CPU
+    /// kernels, or in an autograd graph (training) in candle's ops.
     fn attend_states(&self, xs: &Tensor, states: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let queries = xs.dim(1)?;
         let trained = self.query.in_graph() || self.key.in_graph() || self.value.in_graph();
         let kernels_take = cpu_f32(xs) && cpu_f32(states) && !trained;
-        if !(kernels_take && queries <= STATES_ATTENTION_QUERIES) {
+        let in_graph = trained || in_graph(xs) || in_graph(states);
+        let f32_weights = [&self.key, &self.value].iter().all(|l| l.weight().dtype() == DType::F32);
+        if queries > STATES_ATTENTION_QUERIES || !(kernels_take || in_graph && f32_weights) {
             return self.attend(xs, &self.key_value(states)?, bias);
         }
         let q = self.query.forward(xs)?;
-        let context = attention_to_states(&q, states, (&self.key, &self.value), self.heads, self.scale, bias)?;
+        let context = if kernels_take {
+            attention_to_states(&q, states, (&self.key, &self.value), self.heads, self.scale, bias)?
+        } else {
+            attention_to_states_in_graph(&q, states, (&self.key, &self.value), self.heads, self.scale, bias)?
+        };
         self.layer_norm.forward(&self.dense.forward_residual(&context, xs)?)
     }
 }

@@ -146,6 +146,40 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Op
     probs.matmul(v)
 }
 
+/// [`attention_to_states`] in candle's differentiable ops (training): the same reassociation,
+/// so that a few queries' cross-attention never forms the states' keys and values, nor their
+/// gradients. Per head h, with the states S: scores = (q_h·W_k,h)·Sᵀ + q_h·b_k,h and context_h =
+/// (P_h·S)·W_v,hᵀ + b_v,h (each row of the probabilities P sums to 1). `q` [b, t, d] projected,
+/// `bias` [b, 1, 1, n]; the context [b, t, d].
+pub(crate) fn attention_to_states_in_graph(
+    q: &Tensor,
+    states: &Tensor,
+    (key, value): (&Linear, &Linear),
+    heads: usize,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, t, d) = q.dims3()?;
+    let (_, n, width) = states.dims3()?;
+    let head_dim = d / heads;
+    // per head [heads, b·t, ·], per image [b, heads·t, ·]
+    let per_image = |x: Tensor, columns: usize| x.reshape((heads, b, t, columns))?.transpose(0, 1)?.reshape((b, heads * t, columns));
+    let q_heads = q.reshape((b * t, heads, head_dim))?.transpose(0, 1)?.contiguous()?;
+    let q_keys = per_image(q_heads.matmul(&key.weight().reshape((heads, head_dim, width))?)?, width)?;
+    // the key bias adds one score to every key of a row (softmax cancels it); kept so that its
+    // gradient is PyTorch's (zero up to float noise) and the optimizer decays it as PyTorch's
+    let q_bias = per_image(q_heads.matmul(&key.bias().reshape((heads, head_dim, 1))?)?, 1)?;
+    let mut scores = (q_keys.matmul(&states.t()?)?.broadcast_add(&q_bias)? * scale)?;
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(&bias.reshape((b, 1, n))?)?;
+    }
+    let mixed = softmax_differentiable(&scores)?.matmul(states)?;
+    let mixed = mixed.reshape((b, heads, t, width))?.transpose(0, 1)?.reshape((heads, b * t, width))?;
+    let value_t = value.weight().reshape((heads, head_dim, width))?.transpose(1, 2)?;
+    let context = mixed.matmul(&value_t)?.broadcast_add(&value.bias().reshape((heads, 1, head_dim))?)?;
+    context.transpose(0, 1)?.reshape((b, t, d))
+}
+
 /// Up to this many queries per call, CPU cross-attention starts from the encoder states
 /// instead of their keys and values (see [`attention_to_states`]): below about 50 queries that
 /// is less work than projecting every encoder state.
