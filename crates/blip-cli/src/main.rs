@@ -73,9 +73,6 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    if matches!(cli.command, Command::Finetune(_)) {
-        keep_all_freed_memory();
-    }
     if matches!(cli.command, Command::Serve(_)) {
         few_heap_arenas();
     }
@@ -157,17 +154,6 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
-/// A training step holds every activation until its backward pass, then frees them all: the
-/// heap would give those gigabytes back to the system and fault them in again, zeroed, the next
-/// step. Kept instead (the peak is the same: the next step needs them again).
-fn keep_all_freed_memory() {
-    // SAFETY: as in keep_freed_memory; no thread has started yet.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
     }
 }
 
