@@ -22,7 +22,9 @@ pub(crate) mod widen;
 /// in bf16 multiply.
 pub fn compute_paths() -> String {
     let kernels = match dispatch::isa() {
-        dispatch::Isa::Avx2Fma(proof) if proof.avx512().is_some() => "AVX2 + FMA, AVX-512 (elementwise, f32 vision attention)",
+        dispatch::Isa::Avx2Fma(proof) if proof.avx512().is_some() => {
+            "AVX2 + FMA, AVX-512 (elementwise, f32 vision attention)"
+        }
         dispatch::Isa::Avx2Fma(_) => "AVX2 + FMA",
         dispatch::Isa::Portable => "portable",
     };
