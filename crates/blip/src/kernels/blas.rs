@@ -74,7 +74,7 @@ pub(crate) fn batched_product(
     let last = (batch.max(1) - 1) * sb + k.saturating_sub(1) * sr + n.saturating_sub(1) * sc;
     assert!(a.len() == batch * m * k && (batch * k * n == 0 || last < b.len()), "batched product: shapes");
     let mut out = vec![0f32; batch * m * n];
-    if k == 0 {
+    if k == 0 || m * n == 0 {
         return out;
     }
     out.par_chunks_mut(m * n).zip(a.par_chunks(m * k)).enumerate().for_each(|(i, (out, a))| {

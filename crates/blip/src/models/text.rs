@@ -115,7 +115,7 @@ impl TextAttention {
 
     /// Cross-attention to encoder `states` [b, n, encoder_hidden]: LayerNorm(x + dense(context)).
     /// For a few queries, without computing the states' keys and values at all: on the CPU
-    /// kernels, or in an autograd graph (training) in candle's ops.
+    /// kernels, or, in an autograd graph (training, Grad-CAM), in differentiable ops.
     fn attend_states(&self, xs: &Tensor, states: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let queries = xs.dim(1)?;
         let trained = self.query.in_graph() || self.key.in_graph() || self.value.in_graph();

@@ -173,6 +173,9 @@ pub(crate) fn attention_to_states_in_graph(
     let q_bias = per_image(q_heads.matmul(&key.bias().reshape((heads, head_dim, 1))?)?, 1)?;
     let mut scores = (matmul_constant_rhs(&q_keys, &states.t()?)?.broadcast_add(&q_bias)? * scale)?;
     if let Some(bias) = bias {
+        if bias.dims() != [b, 1, 1, n] {
+            candle_core::bail!("cross-attention: a mask of {:?} for {b} rows of {n} states", bias.dims());
+        }
         scores = scores.broadcast_add(&bias.reshape((b, 1, n))?)?;
     }
     let mixed = matmul_constant_rhs(&softmax_differentiable(&scores)?, states)?;

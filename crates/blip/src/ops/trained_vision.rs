@@ -1,7 +1,8 @@
 //! The vision tower trained on the CPU as one op of candle's autograd: a forward that keeps the
-//! activations its backward needs, and a backward written layer by layer over slices that writes
-//! each gradient once (candle's autograd of the per-op graph zero-fills and adds every gradient
-//! and keeps every intermediate tensor alive until the backward pass).
+//! activations its backward needs, and a backward written layer by layer over slices that forms
+//! each weight's gradient in one product (candle's autograd of the per-op graph zero-fills and
+//! adds a gradient for every intermediate tensor, and keeps every one alive until the backward
+//! pass; here only each weight's gradient passes through its sum, once).
 //!
 //! candle's custom ops take at most three inputs, so the weights join the graph through
 //! carriers: one op per weight whose output is a zero scalar, all summed into a link that the
@@ -188,6 +189,12 @@ impl CustomOp2 for TowerOp {
         let tokens = 1 + gh * gw;
         with_weights(&self.weights, |weights| {
             let d = weights[1].len();
+            if weights[0].len() != d * c * p * p {
+                candle_core::bail!(
+                    "the model takes {}-channel images, got {c} channels",
+                    weights[0].len() / d / (p * p)
+                );
+            }
             let (n, eps) = (b * tokens, self.shape.eps);
             let embedded = linear_f32(
                 &patches(pixels, (b, c, h, w), p),

@@ -20,9 +20,9 @@ use crate::kernels::widen::narrow_bf16;
 /// Self-attention straight from a fused projection's output `qkv` [batch, tokens, 3, heads,
 /// head_dim] (the vision tower's layout) to the context with heads merged [batch, tokens,
 /// heads·head_dim], one task per image and head. With AVX2 (and head_dim a multiple of 16)
-/// each head runs by blocks of queries in register tiles ([`attend_head_blocked`]), faster than
-/// sgemm on these k = 64 products and [tokens, tokens] scores; otherwise as sgemm, softmax,
-/// sgemm ([`attend_head`]).
+/// each head runs by blocks of queries in register tiles ([`attend_head_blocked`], or
+/// [`attend_head_blocked_avx512`] with AVX-512), faster than sgemm on these k = 64 products and
+/// [tokens, tokens] scores; otherwise as sgemm, softmax, sgemm ([`attend_head`]).
 pub(crate) fn attend_packed(
     qkv: &[f32],
     batch: usize,
@@ -172,7 +172,7 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
-/// Queries per block of [`attend_head_blocked`]: two registers wide.
+/// Queries per block of [`attend_head_blocked`]: two AVX2 registers wide (one AVX-512 register).
 const QUERY_BLOCK: usize = 16;
 
 /// One head of [`attend_packed`] by blocks of 16 queries: `q`, `k`, `v` [n, d] with rows `row`
@@ -360,8 +360,8 @@ unsafe fn attend_head_blocked_avx512(
     }
 }
 
-/// `tile.run16::<rows, V>()` for 1 ≤ rows ≤ 12 (4·V + rows·V ≤ 32 registers at V = 4 needs
-/// rows ≤ 6).
+/// `tile.run16::<rows, V>()` for 1 ≤ rows ≤ 12 (V + rows·V registers: at V = 4 only up to 6
+/// rows are called).
 ///
 /// # Safety
 /// As [`CombineTile::run16`]'s.
