@@ -208,27 +208,15 @@ unsafe fn attend_head_blocked(
         let (key_groups, rest) = scratch.split_at_mut(n * d);
         let (value_panels, rest) = rest.split_at_mut(n * d);
         let (queries_t, scores_t) = rest.split_at_mut(d * B);
-        for (j, (key, value)) in k.chunks(row).zip(v.chunks(row)).take(n).enumerate() {
-            let (group, size) = (j / 6 * 6, (n - j / 6 * 6).min(6));
-            for (c, &x) in key[..d].iter().enumerate() {
-                key_groups[group * d + c * size + j - group] = x;
-            }
+        pack_key_groups(k, (n, d, row), 6, key_groups);
+        for (j, value) in v.chunks(row).take(n).enumerate() {
             for (c, columns) in value[..d].chunks_exact(B).enumerate() {
                 value_panels[(c * n + j) * B..][..B].copy_from_slice(columns);
             }
         }
         for first in (0..n).step_by(B) {
             let rows = (n - first).min(B);
-            // Scaled here rather than in the scores: exact when the scale is a power of two (1/8
-            // at head_dim 64), and one multiply per query element instead of per score.
-            if rows < B {
-                queries_t.fill(0.0);
-            }
-            for r in 0..rows {
-                for (c, &x) in q[(first + r) * row..][..d].iter().enumerate() {
-                    queries_t[c * B + r] = x * scale;
-                }
-            }
+            transpose_queries(q, (first, rows, d, row), scale, queries_t);
             for group in (0..n).step_by(6) {
                 let size = (n - group).min(6);
                 let tile = CombineTile {
@@ -259,11 +247,59 @@ unsafe fn attend_head_blocked(
                     tile.run_rows((rows - group).min(6));
                 }
             }
-            for (r, &inverse) in inverses[..rows].iter().enumerate() {
-                let mixed = std::slice::from_raw_parts_mut(out.add((first + r) * out_row), d);
-                mixed.iter_mut().for_each(|x| *x *= inverse);
-            }
+            divide_rows(&inverses[..rows], d, (out.add(first * out_row), out_row));
         }
+    }
+}
+
+/// The n keys of `k` ([n, d], rows `row` apart) by groups of `group_size` keys, each group
+/// transposed to [d, size] (size `group_size`, less in the last group): the coefficients of
+/// the score tiles, read in order.
+#[cfg(target_arch = "x86_64")]
+fn pack_key_groups(k: &[f32], (n, d, row): (usize, usize, usize), group_size: usize, key_groups: &mut [f32]) {
+    for (j, key) in k.chunks(row).take(n).enumerate() {
+        let group = j / group_size * group_size;
+        let size = (n - group).min(group_size);
+        for (c, &x) in key[..d].iter().enumerate() {
+            key_groups[group * d + c * size + j - group] = x;
+        }
+    }
+}
+
+/// The block of `rows` queries from `first` (of `q`, rows `row` apart) transposed to
+/// `queries_t` [d, QUERY_BLOCK], scaled, zeros past the last query. Scaled here rather than in
+/// the scores: exact when the scale is a power of two (1/8 at head_dim 64), and one multiply per
+/// query element instead of per score.
+#[cfg(target_arch = "x86_64")]
+fn transpose_queries(
+    q: &[f32],
+    (first, rows, d, row): (usize, usize, usize, usize),
+    scale: f32,
+    queries_t: &mut [f32],
+) {
+    const B: usize = QUERY_BLOCK;
+    if rows < B {
+        queries_t.fill(0.0);
+    }
+    for r in 0..rows {
+        for (c, &x) in q[(first + r) * row..][..d].iter().enumerate() {
+            queries_t[c * B + r] = x * scale;
+        }
+    }
+}
+
+/// Row r of `out` (its first d values; rows `out_row` apart) times `inverses[r]`: the mixed
+/// rows divided by their probabilities' sums.
+///
+/// # Safety
+/// The `inverses.len()` rows of d values must lie within `out`'s buffer, written by no other
+/// thread meanwhile.
+#[cfg(target_arch = "x86_64")]
+unsafe fn divide_rows(inverses: &[f32], d: usize, (out, out_row): (*mut f32, usize)) {
+    for (r, &inverse) in inverses.iter().enumerate() {
+        // SAFETY: row r of d values, by the caller's contract.
+        let mixed = unsafe { std::slice::from_raw_parts_mut(out.add(r * out_row), d) };
+        mixed.iter_mut().for_each(|x| *x *= inverse);
     }
 }
 
@@ -297,23 +333,13 @@ unsafe fn attend_head_blocked_avx512(
         let (key_groups, rest) = scratch.split_at_mut(n * d);
         let (values, rest) = rest.split_at_mut(n * d);
         let (queries_t, scores_t) = rest.split_at_mut(d * B);
-        for (j, (key, value)) in k.chunks(row).zip(v.chunks(row)).take(n).enumerate() {
-            let (group, size) = (j / G * G, (n - j / G * G).min(G));
-            for (c, &x) in key[..d].iter().enumerate() {
-                key_groups[group * d + c * size + j - group] = x;
-            }
+        pack_key_groups(k, (n, d, row), G, key_groups);
+        for (j, value) in v.chunks(row).take(n).enumerate() {
             values[j * d..][..d].copy_from_slice(&value[..d]);
         }
         for first in (0..n).step_by(B) {
             let rows = (n - first).min(B);
-            if rows < B {
-                queries_t.fill(0.0);
-            }
-            for r in 0..rows {
-                for (c, &x) in q[(first + r) * row..][..d].iter().enumerate() {
-                    queries_t[c * B + r] = x * scale;
-                }
-            }
+            transpose_queries(q, (first, rows, d, row), scale, queries_t);
             for group in (0..n).step_by(G) {
                 let size = (n - group).min(G);
                 let tile = CombineTile {
@@ -352,10 +378,7 @@ unsafe fn attend_head_blocked_avx512(
                     }
                 }
             }
-            for (r, &inverse) in inverses[..rows].iter().enumerate() {
-                let mixed = std::slice::from_raw_parts_mut(out.add((first + r) * out_row), d);
-                mixed.iter_mut().for_each(|x| *x *= inverse);
-            }
+            divide_rows(&inverses[..rows], d, (out.add(first * out_row), out_row));
         }
     }
 }
