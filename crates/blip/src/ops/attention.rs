@@ -159,6 +159,22 @@ pub(crate) fn attention_to_states_in_graph(
     scale: f64,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let weights = [key.weight(), key.bias(), value.weight(), value.bias()];
+    if let Some(context) = super::trained_cross_attention::forward(q, states, weights, heads, scale, bias)? {
+        return Ok(context);
+    }
+    attention_to_states_per_op(q, states, (key, value), heads, scale, bias)
+}
+
+/// [`attention_to_states_in_graph`] in candle's differentiable ops, one per step.
+pub(super) fn attention_to_states_per_op(
+    q: &Tensor,
+    states: &Tensor,
+    (key, value): (&Linear, &Linear),
+    heads: usize,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, t, d) = q.dims3()?;
     let (_, n, width) = states.dims3()?;
     let head_dim = d / heads;

@@ -5,9 +5,11 @@
 
 pub(crate) mod activation;
 pub(crate) mod attention;
+mod carrier;
 pub mod linear;
 pub(crate) mod norm;
 pub(crate) mod tensor;
+pub(crate) mod trained_cross_attention;
 pub(crate) mod trained_vision;
 
 use candle_core::{DType, Tensor};

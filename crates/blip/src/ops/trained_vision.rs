@@ -4,18 +4,15 @@
 //! adds a gradient for every intermediate tensor, and keeps every one alive until the backward
 //! pass; here only each weight's gradient passes through its sum, once).
 //!
-//! candle's custom ops take at most three inputs, so the weights join the graph through
-//! carriers: one op per weight whose output is a zero scalar, all summed into a link that the
-//! tower op takes as its second input. The backward pass meets the tower op before any carrier
-//! (the tower consumes them); it computes every weight's gradient and leaves each with its
-//! carrier, which hands it to candle as its weight's gradient: `loss.backward()` gives the same
-//! gradients as through the per-op graph.
+//! The trained weights join the graph through carriers (see [`super::carrier`]): `loss.backward()`
+//! gives the same gradients as through the per-op graph.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::carrier::{self, Gradients};
 use super::linear::linear_f32;
 use super::tensor::{cpu_f32_slice, f32_values, with_f32_values};
 use crate::kernels::attention::vision::attend_packed;
@@ -44,43 +41,10 @@ pub(crate) fn forward(pixel_values: &Tensor, weights: Vec<Tensor>, shape: TowerS
     if weights.len() < EMBEDDING_WEIGHTS + 2 || !(weights.len() - EMBEDDING_WEIGHTS - 2).is_multiple_of(LAYER_WEIGHTS) {
         candle_core::bail!("vision tower: {} weights do not make whole layers", weights.len());
     }
-    let gradients = Arc::new(Mutex::new(vec![None; weights.len()]));
-    let mut link: Option<Tensor> = None;
-    for (index, weight) in weights.iter().enumerate().filter(|(_, w)| super::in_graph(w)) {
-        let carrier = weight.apply_op1(Carrier { index, gradients: gradients.clone() })?;
-        link = Some(match link {
-            Some(sum) => (sum + carrier)?,
-            None => carrier,
-        });
-    }
+    let (link, gradients) = carrier::link(&weights, "vision tower")?;
     let Some(link) = link else { candle_core::bail!("vision tower: no trained weight") };
     let op = TowerOp { weights, shape, saved: Mutex::new(None), gradients };
     pixel_values.contiguous()?.apply_op2(&link, op)
-}
-
-/// One weight's way into the graph: a zero scalar forward, the weight's gradient (left by the
-/// tower op's backward) backward.
-struct Carrier {
-    index: usize,
-    gradients: Arc<Mutex<Vec<Option<Tensor>>>>,
-}
-
-impl CustomOp1 for Carrier {
-    fn name(&self) -> &'static str {
-        "vision-tower-weight"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
-    }
-
-    fn bwd(&self, _weight: &Tensor, _zero: &Tensor, _dzero: &Tensor) -> Result<Option<Tensor>> {
-        let mut gradients = self.gradients.lock().unwrap_or_else(PoisonError::into_inner);
-        match gradients.get_mut(self.index).and_then(Option::take) {
-            Some(gradient) => Ok(Some(gradient)),
-            None => candle_core::bail!("vision tower: a weight's gradient asked before the tower's backward pass"),
-        }
-    }
 }
 
 /// One layer's activations, as the backward pass reads them; the LayerNorms' outputs and the
@@ -105,7 +69,7 @@ struct TowerOp {
     weights: Vec<Tensor>,
     shape: TowerShape,
     saved: Mutex<Option<Saved>>,
-    gradients: Arc<Mutex<Vec<Option<Tensor>>>>,
+    gradients: Gradients,
 }
 
 impl TowerOp {
@@ -250,10 +214,7 @@ impl CustomOp2 for TowerOp {
         let grads = with_f32_values([pixel_values, dout], |[pixels, dout]| {
             with_weights(&self.weights, |weights| Ok(self.gradients(saved, weights, pixels, pixel_values.dims(), dout)))
         })??;
-        let mut gradients = self.gradients.lock().unwrap_or_else(PoisonError::into_inner);
-        for ((slot, grad), weight) in gradients.iter_mut().zip(grads).zip(&self.weights) {
-            *slot = Some(Tensor::from_vec(grad, weight.shape(), weight.device())?);
-        }
+        carrier::leave(&self.gradients, &self.weights, grads)?;
         Ok((None, Some(link.zeros_like()?)))
     }
 }
