@@ -142,8 +142,8 @@ impl VisionAttention {
         let d = cfg.hidden_size;
         let head_dim = d / cfg.num_attention_heads;
         Ok(Self {
-            qkv: linear(d, 3 * d, vb.pp("qkv"))?,
-            projection: linear(d, d, vb.pp("projection"))?,
+            qkv: linear(d, 3 * d, vb.pp("qkv"))?.column_major()?,
+            projection: linear(d, d, vb.pp("projection"))?.column_major()?,
             heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),
         })
@@ -174,8 +174,8 @@ impl VisionLayer {
         Ok(Self {
             self_attn: VisionAttention::new(cfg, vb.pp("self_attn"))?,
             layer_norm1: layer_norm(d, eps, vb.pp("layer_norm1"))?,
-            fc1: linear(d, i, vb.pp("mlp.fc1"))?,
-            fc2: linear(i, d, vb.pp("mlp.fc2"))?,
+            fc1: linear(d, i, vb.pp("mlp.fc1"))?.column_major()?,
+            fc2: linear(i, d, vb.pp("mlp.fc2"))?.column_major()?,
             layer_norm2: layer_norm(d, eps, vb.pp("layer_norm2"))?,
         })
     }

@@ -43,10 +43,14 @@ const DOT_BLOCK: usize = 64;
 /// Weight rows per parallel task in the streamed product.
 const STREAM_BLOCK: usize = 128;
 
-/// `y = x·Wᵀ + b` with `W` [out, in] as checkpoints store it.
+/// `y = x·Wᵀ + b` with `W` [out, in] as checkpoints store it, or stored transposed (see
+/// [`Linear::column_major`]).
 #[derive(Clone)]
 pub struct Linear {
+    /// [out, in]; [in, out] where `column_major`.
     weight: Tensor,
+    /// Whether `weight` holds Wᵀ [in, out] (W in column-major order).
+    column_major: bool,
     /// f32 [out]; zeros for the bias-free projections (BlipModel's).
     bias: Tensor,
 }
@@ -58,12 +62,32 @@ impl Linear {
             Some(bias) => bias.to_dtype(DType::F32)?,
             None => Tensor::zeros(out_dim, DType::F32, weight.device())?,
         };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, column_major: false })
     }
 
-    /// [out, in], in the dtype the model was loaded in.
+    /// The weight as stored, in the dtype the model was loaded in: [out, in], or [in, out]
+    /// where [`Self::column_major`] transposed it (never a trained weight's).
     pub(crate) fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// The layer with its weight stored transposed, [in, out], where that makes its many-row
+    /// products faster: f32 on the CPU, outside any autograd graph. The `gemm` crate's kernels
+    /// read W in column-major order without packing it, so that the product of a few hundred
+    /// rows (one image's vision tower) no longer repacks the whole weight at each call. Layers
+    /// that decode (few rows, read row by row) keep the checkpoint's layout.
+    pub(crate) fn column_major(self) -> Result<Self> {
+        if self.column_major || !(super::on_cpu(&self.weight) && self.weight.dtype() == DType::F32) || self.in_graph() {
+            return Ok(self);
+        }
+        let weight = super::tensor::transposed_f32(&self.weight)?;
+        Ok(Self { weight, column_major: true, ..self })
+    }
+
+    /// (out, in).
+    fn dims(&self) -> Result<(usize, usize)> {
+        let (rows, cols) = self.weight.dims2()?;
+        Ok(if self.column_major { (cols, rows) } else { (rows, cols) })
     }
 
     /// [out], f32.
@@ -107,17 +131,17 @@ impl Linear {
         }
         let mut output_dims = xs.dims().to_vec();
         if let Some(features) = output_dims.last_mut() {
-            *features = self.weight.dim(0)?;
+            *features = self.dims()?.0;
         }
         if output_dims != residual.dims() {
             candle_core::bail!("linear: output {output_dims:?} and residual {:?} differ in shape", residual.dims());
         }
-        self.apply(xs, &LinearOp { residual: Some(residual.contiguous()?) })
+        self.apply(xs, &LinearOp { residual: Some(residual.contiguous()?), column_major: false })
     }
 
     /// The product on the CPU kernels (or candle's ops elsewhere), [..., in] → [..., out].
     fn apply(&self, xs: &Tensor, op: &LinearOp) -> Result<Tensor> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
+        let (out_dim, in_dim) = self.dims()?;
         let mut dims = xs.dims().to_vec();
         match dims.last_mut() {
             Some(features) if *features == in_dim => *features = out_dim,
@@ -127,12 +151,27 @@ impl Linear {
         let flat = xs.reshape((rows, in_dim))?;
         let trained = super::in_graph(xs) || self.in_graph();
         let ys = if super::on_cpu(xs) && !trained {
-            flat.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, op)?
-        } else if super::on_cpu(xs) && self.weight.dtype() == DType::F32 && self.weight.is_contiguous() {
+            let op = LinearOp { residual: op.residual.clone(), column_major: self.column_major };
+            flat.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &op)?
+        } else if super::on_cpu(xs)
+            && self.weight.dtype() == DType::F32
+            && self.weight.is_contiguous()
+            && !self.column_major
+        {
             // in an autograd graph: the same kernels, with their backward pass
-            flat.contiguous()?.apply_op3(&self.weight, &self.bias, LinearOp { residual: op.residual.clone() })?
+            flat.contiguous()?.apply_op3(
+                &self.weight,
+                &self.bias,
+                LinearOp { residual: op.residual.clone(), column_major: false },
+            )?
         } else {
-            flat.matmul(&self.weight.to_dtype(xs.dtype())?.t()?)?.broadcast_add(&self.bias)?
+            let weight = self.weight.to_dtype(xs.dtype())?;
+            let transposed = if self.column_major { weight } else { weight.t()? };
+            let ys = flat.matmul(&transposed)?.broadcast_add(&self.bias)?;
+            match &op.residual {
+                Some(residual) => (ys + residual.reshape((rows, out_dim))?)?,
+                None => ys,
+            }
         };
         ys.reshape(dims)
     }
@@ -141,7 +180,7 @@ impl Linear {
 impl Module for Linear {
     /// xs [..., in] (f32) → [..., out] (f32).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.apply(xs, &LinearOp { residual: None })
+        self.apply(xs, &LinearOp { residual: None, column_major: false })
     }
 }
 
@@ -197,6 +236,8 @@ impl<'a> Weights<'a> {
 /// The product, starting from the bias rows, or from bias + `residual` [m, n] (contiguous f32).
 struct LinearOp {
     residual: Option<Tensor>,
+    /// Whether the weight is stored [in, out] (see [`Linear::column_major`]).
+    column_major: bool,
 }
 
 impl CustomOp3 for LinearOp {
@@ -214,7 +255,10 @@ impl CustomOp3 for LinearOp {
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = xs_layout.shape().dims2()?;
-        let (n, weight_k) = weight_layout.shape().dims2()?;
+        let (n, weight_k) = match weight_layout.shape().dims2()? {
+            (rows, cols) if self.column_major => (cols, rows),
+            dims => dims,
+        };
         if weight_k != k {
             candle_core::bail!("linear: input has {k} features, the weight takes {weight_k}");
         }
@@ -259,6 +303,9 @@ impl CustomOp3 for LinearOp {
             _ => None,
         };
         let shape = Shape::from((m, n));
+        if let (true, Weights::F32(w)) = (self.column_major, weights) {
+            return Ok((CpuStorage::F32(column_major_product(xs, m, k, w, n, bias, residual)), shape));
+        }
         let input = match rounded_input {
             Some(rounded) => Input::Rounded(rounded),
             None => Input::F32(xs),
@@ -429,6 +476,33 @@ fn blocked_product(
         let outs = Strided { ptr: ys.as_mut_ptr(), row: n as isize, col: 1 };
         let inputs = Strided { ptr: xs.as_ptr(), row: k as isize, col: 1 };
         matmul((m, n, k), outs, true, inputs, Strided { ptr: w.as_ptr(), row: 1, col: k as isize }, parallelism);
+    }
+    ys
+}
+
+/// [`blocked_product`] with W stored transposed, `w_t` [k, n]: computed as `yᵀ = W·xᵀ`, every
+/// operand in the `gemm` crate's native column-major order (yᵀ [n, m] is y row-major), so that
+/// neither the weight nor the output is repacked.
+fn column_major_product(
+    xs: &[f32],
+    m: usize,
+    k: usize,
+    w_t: &[f32],
+    n: usize,
+    bias: &[f32],
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    assert!(xs.len() == m * k && w_t.len() == n * k, "linear: shapes");
+    let mut ys = starting_rows(m, n, bias, residual);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: yᵀ [n, m] over ys [m, n] row-major, W [n, k] over w_t [k, n] row-major, xᵀ [k, m]
+    // over xs [m, k] row-major, all within the slices' lengths (asserted above).
+    unsafe {
+        let outs = Strided { ptr: ys.as_mut_ptr(), row: 1, col: n as isize };
+        let weights = Strided { ptr: w_t.as_ptr(), row: 1, col: n as isize };
+        let inputs = Strided { ptr: xs.as_ptr(), row: 1, col: k as isize };
+        matmul((n, m, k), outs, true, weights, inputs, parallelism);
     }
     ys
 }
@@ -704,6 +778,34 @@ mod tests {
         let linear = Linear::new(Tensor::zeros((8, 32), DType::F32, &dev).unwrap(), None).unwrap();
         let xs = Tensor::zeros((3, 32), DType::F32, &dev).unwrap();
         assert!(linear.forward_residual(&xs, &Tensor::zeros((3, 9), DType::F32, &dev).unwrap()).is_err());
+    }
+
+    /// A layer whose weight is stored transposed gives the product (and the residual form) for
+    /// every number of rows; a bf16 layer and a trained one keep the checkpoint's layout.
+    #[test]
+    fn column_major_weights_give_the_same_products() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (130, 70), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
+        let linear = Linear::new(weight.clone(), Some(bias.clone())).unwrap().column_major().unwrap();
+        assert!(linear.column_major && linear.weight().dims() == [70, 130]);
+        for rows in [600, 65, 6, 1] {
+            let xs = Tensor::randn(0f32, 1.0, (rows, 70), &dev).unwrap();
+            let residual = Tensor::randn(0f32, 1.0, (rows, 130), &dev).unwrap();
+            let expected = reference(&xs, &weight, &bias);
+            for isa in available() {
+                let ours = with_isa(isa, || linear.forward(&xs).unwrap());
+                assert!(max_diff(&ours, &expected) < 1e-4, "{isa:?}: {rows} rows: {}", max_diff(&ours, &expected));
+                let ours = with_isa(isa, || linear.forward_residual(&xs, &residual).unwrap());
+                let expected = (&expected + &residual).unwrap();
+                assert!(max_diff(&ours, &expected) < 1e-4, "{isa:?}: {rows} rows: {}", max_diff(&ours, &expected));
+            }
+        }
+        let bf16 = Linear::new(weight.to_dtype(DType::BF16).unwrap(), None).unwrap().column_major().unwrap();
+        assert!(!bf16.column_major);
+        let var = candle_core::Var::from_tensor(&weight).unwrap();
+        let trained = Linear::new(var.as_tensor().clone(), None).unwrap().column_major().unwrap();
+        assert!(!trained.column_major);
     }
 
     /// The linear layer's backward pass (dx, dW, db) against candle's autograd of

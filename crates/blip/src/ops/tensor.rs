@@ -60,6 +60,30 @@ pub(crate) fn with_f32_values<const N: usize, R>(tensors: [&Tensor; N], f: impl 
     Ok(f(values))
 }
 
+/// The transpose [cols, rows] of a CPU f32 matrix [rows, cols], contiguous, copied by blocks
+/// of columns on all threads (candle's strided copy of `t()` goes element by element).
+pub(crate) fn transposed_f32(matrix: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    /// Output rows (input columns) per task: each input row gives one contiguous read.
+    const BLOCK: usize = 32;
+    let (rows, cols) = matrix.dims2()?;
+    let transposed = with_f32_values([matrix], |[values]| {
+        let mut out = vec![0f32; rows * cols];
+        if rows > 0 {
+            out.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(block, out)| {
+                let (first, width) = (block * BLOCK, out.len() / rows);
+                for (row, values) in values.chunks_exact(cols).enumerate() {
+                    for (column, &value) in values[first..first + width].iter().enumerate() {
+                        out[column * rows + row] = value;
+                    }
+                }
+            });
+        }
+        out
+    })?;
+    Tensor::from_vec(transposed, (cols, rows), matrix.device())
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::DType;
@@ -79,5 +103,18 @@ mod tests {
         assert!(!same_bits(&a, &a.reshape(4).unwrap()).unwrap());
         // views that are not contiguous are not compared
         assert!(!same_bits(&a.t().unwrap(), &a.t().unwrap().contiguous().unwrap()).unwrap());
+    }
+
+    #[test]
+    fn transposed_f32_is_candles_transpose() {
+        let dev = candle_core::Device::Cpu;
+        for (rows, cols) in [(3, 70), (70, 3), (33, 65), (0, 4), (4, 0)] {
+            let values: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let matrix = Tensor::from_vec(values, (rows, cols), &dev).unwrap();
+            let ours = super::transposed_f32(&matrix).unwrap();
+            let theirs = matrix.t().unwrap().contiguous().unwrap();
+            assert_eq!(ours.dims(), theirs.dims());
+            assert!(same_bits(&ours, &theirs).unwrap(), "{rows}x{cols}");
+        }
     }
 }
