@@ -258,7 +258,12 @@ impl VisionModel {
         }
         weights.extend(self.post_layernorm.parameters().map(Tensor::clone));
         let kernels_take = |t: &Tensor| on_cpu(t) && t.dtype() == DType::F32 && t.is_contiguous();
-        let trains = weights.iter().any(in_graph) && weights.iter().all(kernels_take);
+        // the one-op tower reads every weight as the checkpoint stores it
+        let as_stored = self.layers.iter().all(|layer| {
+            let linears = [&layer.self_attn.qkv, &layer.self_attn.projection, &layer.fc1, &layer.fc2];
+            linears.iter().all(|linear| !linear.is_column_major())
+        });
+        let trains = weights.iter().any(in_graph) && weights.iter().all(kernels_take) && as_stored;
         (trains && kernels_take(pixel_values) && !in_graph(pixel_values)).then_some(weights)
     }
 

@@ -66,9 +66,15 @@ impl Linear {
     }
 
     /// The weight as stored, in the dtype the model was loaded in: [out, in], or [in, out]
-    /// where [`Self::column_major`] transposed it (never a trained weight's).
+    /// where [`Self::column_major`] transposed it (never a trained weight's; see
+    /// [`Self::is_column_major`]).
     pub(crate) fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// Whether [`Self::weight`] is stored transposed, [in, out].
+    pub(crate) fn is_column_major(&self) -> bool {
+        self.column_major
     }
 
     /// The layer with its weight stored transposed, [in, out], where that makes its many-row
@@ -303,7 +309,10 @@ impl CustomOp3 for LinearOp {
             _ => None,
         };
         let shape = Shape::from((m, n));
-        if let (true, Weights::F32(w)) = (self.column_major, weights) {
+        if self.column_major {
+            let (Weights::F32(w), None) = (weights, rounded_input) else {
+                candle_core::bail!("linear: a weight stored transposed takes f32 weights and inputs");
+            };
             return Ok((CpuStorage::F32(column_major_product(xs, m, k, w, n, bias, residual)), shape));
         }
         let input = match rounded_input {
@@ -801,6 +810,8 @@ mod tests {
                 assert!(max_diff(&ours, &expected) < 1e-4, "{isa:?}: {rows} rows: {}", max_diff(&ours, &expected));
             }
         }
+        let bf16_input = Tensor::randn(0f32, 1.0, (40, 70), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        assert!(linear.forward(&bf16_input).is_err());
         let bf16 = Linear::new(weight.to_dtype(DType::BF16).unwrap(), None).unwrap().column_major().unwrap();
         assert!(!bf16.column_major);
         let var = candle_core::Var::from_tensor(&weight).unwrap();

@@ -37,8 +37,11 @@ pub(crate) fn forward(
     let weights = weights.map(Tensor::clone);
     let (link, gradients) = carrier::link(&weights, "cross-attention")?;
     let Some(link) = link else { return Ok(None) };
-    let (b, _, d) = q.dims3()?;
+    let (b, t, d) = q.dims3()?;
     let (states_b, n, width) = states.dims3()?;
+    if [b, t, d, n, width].contains(&0) {
+        return Ok(None);
+    }
     let shapes_fit = [&[d, width][..], &[d], &[d, width], &[d]].iter().zip(&weights).all(|(s, w)| w.dims() == *s);
     if states_b != b || !shapes_fit || heads == 0 || d % heads != 0 {
         candle_core::bail!(
@@ -94,10 +97,12 @@ struct Dims {
     head_dim: usize,
 }
 
-/// A row-major [rows, cols] view at `ptr` with rows `row` apart, or its transpose.
+/// A row-major [rows, cols] view at `ptr` with rows `row` apart.
 fn rows<P>(ptr: P, row: usize) -> Strided<P> {
     Strided { ptr, row: row as isize, col: 1 }
 }
+
+/// The transpose of a row-major matrix at `ptr` with rows `row` apart.
 fn transposed<P>(ptr: P, row: usize) -> Strided<P> {
     Strided { ptr, row: 1, col: row as isize }
 }
@@ -264,9 +269,10 @@ impl CustomOp3 for CrossAttentionOp {
         let grads = with_f32_values([q, states, dcontext, kw, kb, vw], |[q, states, dc, kw, kb, vw]| {
             let per_image = dq.par_chunks_mut(t * d).zip(mixed.par_chunks_mut(rows_all * width));
             let per_image = per_image.zip(dqk.par_chunks_mut(rows_all * width).zip(dz_sums.par_chunks_mut(rows_all)));
-            let mut ds_images: Vec<Option<&mut [f32]>> = match self.states_trained && n * width > 0 {
-                true => dstates.chunks_mut(n * width).map(Some).collect(),
-                false => (0..b).map(|_| None).collect(),
+            let mut ds_images: Vec<Option<&mut [f32]>> = if self.states_trained {
+                dstates.chunks_mut(n * width).map(Some).collect()
+            } else {
+                (0..b).map(|_| None).collect()
             };
             let per_image = per_image.zip(ds_images.par_iter_mut());
             per_image.enumerate().for_each(|(image, (((dq, mixed), (dqk, dz_sums)), ds))| {
@@ -390,10 +396,8 @@ impl CustomOp3 for CrossAttentionOp {
         })?;
         carrier::leave(&self.gradients, &self.weights, grads.into())?;
         let dq = Tensor::from_vec(dq, (b, t, d), q.device())?;
-        let dstates = match self.states_trained {
-            true => Some(Tensor::from_vec(dstates, (b, n, width), states.device())?),
-            false => None,
-        };
+        let dstates =
+            if self.states_trained { Some(Tensor::from_vec(dstates, (b, n, width), states.device())?) } else { None };
         Ok((Some(dq), dstates, Some(link.zeros_like()?)))
     }
 }
