@@ -60,36 +60,6 @@ pub(crate) unsafe fn matmul(
     };
 }
 
-/// `out[i] = a[i]·b[i]` for `batch` products: `a` [batch, m, k] contiguous, `b` [batch, k, n]
-/// read with element strides `b_strides` (batch, row, column) from its first element; `out`
-/// [batch, m, n] contiguous. The products run in parallel, one per task.
-pub(crate) fn batched_product(
-    a: &[f32],
-    b: &[f32],
-    b_strides: (usize, usize, usize),
-    (batch, m, n, k): (usize, usize, usize, usize),
-) -> Vec<f32> {
-    use rayon::prelude::*;
-    let (sb, sr, sc) = b_strides;
-    let last = (batch.max(1) - 1) * sb + k.saturating_sub(1) * sr + n.saturating_sub(1) * sc;
-    assert!(a.len() == batch * m * k && (batch * k * n == 0 || last < b.len()), "batched product: shapes");
-    let mut out = vec![0f32; batch * m * n];
-    if k == 0 || m * n == 0 {
-        return out;
-    }
-    out.par_chunks_mut(m * n).zip(a.par_chunks(m * k)).enumerate().for_each(|(i, (out, a))| {
-        // SAFETY: a [m, k] and out [m, n] row-major within their chunks; b's view of product i
-        // ends at its element i·sb + (k-1)·sr + (n-1)·sc, within b (asserted above).
-        unsafe {
-            let dst = Strided { ptr: out.as_mut_ptr(), row: n as isize, col: 1 };
-            let a = Strided { ptr: a.as_ptr(), row: k as isize, col: 1 };
-            let b = Strided { ptr: b.as_ptr().add(i * sb), row: sr as isize, col: sc as isize };
-            matmul((m, n, k), dst, false, a, b, gemm::Parallelism::None);
-        }
-    });
-    out
-}
-
 /// OpenBLAS's sgemm, always single-threaded in the calling thread: the parallel split is this
 /// project's (rayon's pool), so OpenBLAS's own threads never spin against rayon's.
 #[cfg(feature = "openblas")]

@@ -187,65 +187,18 @@ pub(super) fn attention_to_states_per_op(
     // the key bias adds one score to every key of a row (softmax cancels it); kept so that its
     // gradient is PyTorch's (zero up to float noise) and the optimizer decays it as PyTorch's
     let q_bias = per_image(q_heads.matmul(&key.bias().reshape((heads, head_dim, 1))?)?, 1)?;
-    let mut scores = (matmul_constant_rhs(&q_keys, &states.t()?)?.broadcast_add(&q_bias)? * scale)?;
+    let mut scores = (q_keys.matmul(&states.t()?)?.broadcast_add(&q_bias)? * scale)?;
     if let Some(bias) = bias {
         if bias.dims() != [b, 1, 1, n] {
             candle_core::bail!("cross-attention: a mask of {:?} for {b} rows of {n} states", bias.dims());
         }
         scores = scores.broadcast_add(&bias.reshape((b, 1, n))?)?;
     }
-    let mixed = matmul_constant_rhs(&softmax_differentiable(&scores)?, states)?;
+    let mixed = softmax_differentiable(&scores)?.matmul(states)?;
     let mixed = mixed.reshape((b, heads, t, width))?.transpose(0, 1)?.reshape((heads, b * t, width))?;
     let value_t = value.weight().reshape((heads, head_dim, width))?.transpose(1, 2)?;
     let context = mixed.matmul(&value_t)?.broadcast_add(&value.bias().reshape((heads, 1, head_dim))?)?;
     context.transpose(0, 1)?.reshape((b, t, d))
-}
-
-/// `lhs·rhs` over a batch ([b, m, k]·[b, k, n]) in an autograd graph. Where `rhs` is outside
-/// it (the image states of a frozen vision tower) and the tensors are f32 on the CPU, `rhs` is
-/// a constant of the op: the backward pass forms `lhs`'s gradient only (candle's matmul forms
-/// both, and a zero-filled sum for `rhs`).
-fn matmul_constant_rhs(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
-    let f32_cpu = |t: &Tensor| super::on_cpu(t) && t.dtype() == candle_core::DType::F32;
-    if super::in_graph(rhs) || !f32_cpu(lhs) || !f32_cpu(rhs) || lhs.rank() != 3 || rhs.rank() != 3 {
-        return lhs.matmul(rhs);
-    }
-    lhs.contiguous()?.apply_op1(ConstantRhs(rhs.clone()))
-}
-
-/// [`matmul_constant_rhs`]'s op: the product with its right operand held as a constant.
-struct ConstantRhs(Tensor);
-
-impl candle_core::CustomOp1 for ConstantRhs {
-    fn name(&self) -> &'static str {
-        "matmul-constant-rhs"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let lhs = super::tensor::cpu_f32_slice(storage, layout, "matmul")?;
-        let (batch, m, k) = layout.shape().dims3()?;
-        let (rhs_batch, rhs_k, n) = self.0.dims3()?;
-        if (rhs_batch, rhs_k) != (batch, k) {
-            candle_core::bail!("matmul: [{batch}, {m}, {k}] by {:?}", self.0.dims());
-        }
-        let (rhs_storage, rhs_layout) = self.0.storage_and_layout();
-        let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)) = &*rhs_storage else {
-            candle_core::bail!("matmul: an f32 CPU right operand expected");
-        };
-        let stride = rhs_layout.stride();
-        let strides = (stride[0], stride[1], stride[2]);
-        let rhs = &values[rhs_layout.start_offset()..];
-        let out = crate::kernels::blas::batched_product(lhs, rhs, strides, (batch, m, n, k));
-        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((batch, m, n))))
-    }
-
-    fn bwd(&self, _lhs: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.0.t()?)?))
-    }
 }
 
 /// Up to this many queries per call, CPU cross-attention starts from the encoder states
