@@ -85,7 +85,7 @@ pub(crate) fn rows_times_weights<W: Widen>(xs: &[f32], m: usize, k: usize, w: &[
     assert!(xs.len() == m * k && w.len().is_multiple_of(k) && outs.len() == w.len() / k * m);
     #[cfg(target_arch = "x86_64")]
     if let Isa::Avx2Fma(proof) = isa() {
-        if let (Some(_), Some(w)) = (proof.avx512(), W::as_f32(w)) {
+        if proof.avx512().is_some() {
             // SAFETY: the AVX-512 proof shows the features; the sizes were checked above.
             return unsafe { rows_times_weights_avx512(xs, m, k, w, outs) };
         }
@@ -140,14 +140,13 @@ unsafe fn rows_times_weights_avx2<W: Widen>(xs: &[f32], m: usize, k: usize, w: &
     }
 }
 
-/// [`rows_times_weights_avx2`] for f32 weights (the cross-attention's encoder states, f32
-/// models) on AVX-512: tiles of 4 input rows × 4 weight rows, 16 lanes.
+/// [`rows_times_weights_avx2`] on AVX-512: tiles of 4 input rows × 4 weight rows, 16 lanes.
 ///
 /// # Safety
 /// The sizes of [`rows_times_weights`] (checked there), on a CPU with AVX-512 F, AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn rows_times_weights_avx512(xs: &[f32], m: usize, k: usize, w: &[f32], outs: &mut [f32]) {
+unsafe fn rows_times_weights_avx512<W: Widen>(xs: &[f32], m: usize, k: usize, w: &[W], outs: &mut [f32]) {
     let rows = w.len() / k;
     let (x, w, outs) = (xs.as_ptr(), w.as_ptr(), outs.as_mut_ptr());
     let mut j = 0;
@@ -160,22 +159,22 @@ unsafe fn rows_times_weights_avx512(xs: &[f32], m: usize, k: usize, w: &[f32], o
             // caller's sizes; the features, by the caller's contract.
             unsafe {
                 match (tile, cols) {
-                    (4, 4) => rows_tile16::<4, 4>(x, w, outs, (m, k), (i, j)),
-                    (3, 4) => rows_tile16::<3, 4>(x, w, outs, (m, k), (i, j)),
-                    (2, 4) => rows_tile16::<2, 4>(x, w, outs, (m, k), (i, j)),
-                    (1, 4) => rows_tile16::<1, 4>(x, w, outs, (m, k), (i, j)),
-                    (4, 3) => rows_tile16::<4, 3>(x, w, outs, (m, k), (i, j)),
-                    (3, 3) => rows_tile16::<3, 3>(x, w, outs, (m, k), (i, j)),
-                    (2, 3) => rows_tile16::<2, 3>(x, w, outs, (m, k), (i, j)),
-                    (1, 3) => rows_tile16::<1, 3>(x, w, outs, (m, k), (i, j)),
-                    (4, 2) => rows_tile16::<4, 2>(x, w, outs, (m, k), (i, j)),
-                    (3, 2) => rows_tile16::<3, 2>(x, w, outs, (m, k), (i, j)),
-                    (2, 2) => rows_tile16::<2, 2>(x, w, outs, (m, k), (i, j)),
-                    (1, 2) => rows_tile16::<1, 2>(x, w, outs, (m, k), (i, j)),
-                    (4, _) => rows_tile16::<4, 1>(x, w, outs, (m, k), (i, j)),
-                    (3, _) => rows_tile16::<3, 1>(x, w, outs, (m, k), (i, j)),
-                    (2, _) => rows_tile16::<2, 1>(x, w, outs, (m, k), (i, j)),
-                    _ => rows_tile16::<1, 1>(x, w, outs, (m, k), (i, j)),
+                    (4, 4) => rows_tile16::<W, 4, 4>(x, w, outs, (m, k), (i, j)),
+                    (3, 4) => rows_tile16::<W, 3, 4>(x, w, outs, (m, k), (i, j)),
+                    (2, 4) => rows_tile16::<W, 2, 4>(x, w, outs, (m, k), (i, j)),
+                    (1, 4) => rows_tile16::<W, 1, 4>(x, w, outs, (m, k), (i, j)),
+                    (4, 3) => rows_tile16::<W, 4, 3>(x, w, outs, (m, k), (i, j)),
+                    (3, 3) => rows_tile16::<W, 3, 3>(x, w, outs, (m, k), (i, j)),
+                    (2, 3) => rows_tile16::<W, 2, 3>(x, w, outs, (m, k), (i, j)),
+                    (1, 3) => rows_tile16::<W, 1, 3>(x, w, outs, (m, k), (i, j)),
+                    (4, 2) => rows_tile16::<W, 4, 2>(x, w, outs, (m, k), (i, j)),
+                    (3, 2) => rows_tile16::<W, 3, 2>(x, w, outs, (m, k), (i, j)),
+                    (2, 2) => rows_tile16::<W, 2, 2>(x, w, outs, (m, k), (i, j)),
+                    (1, 2) => rows_tile16::<W, 1, 2>(x, w, outs, (m, k), (i, j)),
+                    (4, _) => rows_tile16::<W, 4, 1>(x, w, outs, (m, k), (i, j)),
+                    (3, _) => rows_tile16::<W, 3, 1>(x, w, outs, (m, k), (i, j)),
+                    (2, _) => rows_tile16::<W, 2, 1>(x, w, outs, (m, k), (i, j)),
+                    _ => rows_tile16::<W, 1, 1>(x, w, outs, (m, k), (i, j)),
                 }
             }
             i += tile;
@@ -190,9 +189,9 @@ unsafe fn rows_times_weights_avx512(xs: &[f32], m: usize, k: usize, w: &[f32], o
 /// Within the sizes of `rows_times_weights`, on a CPU with AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rows_tile16<const R: usize, const C: usize>(
+unsafe fn rows_tile16<W: Widen, const R: usize, const C: usize>(
     x: *const f32,
-    w: *const f32,
+    w: *const W,
     outs: *mut f32,
     (m, k): (usize, usize),
     (i, j): (usize, usize),
@@ -205,7 +204,7 @@ unsafe fn rows_tile16<const R: usize, const C: usize>(
         while l + 16 <= k {
             let mut weights = [_mm512_setzero_ps(); C];
             for (c, weight) in weights.iter_mut().enumerate() {
-                *weight = _mm512_loadu_ps(w.add((j + c) * k + l));
+                *weight = W::widen16(w.add((j + c) * k + l));
                 if i == 0 {
                     // the next tile's weight rows, as in rows_tile
                     _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((j + C + c) * k + l).cast());
@@ -221,7 +220,7 @@ unsafe fn rows_tile16<const R: usize, const C: usize>(
         }
         for (r, sums) in acc.iter().enumerate() {
             for (c, &sum) in sums.iter().enumerate() {
-                let tail: f32 = (l..k).map(|l| *x.add((i + r) * k + l) * *w.add((j + c) * k + l)).sum();
+                let tail: f32 = (l..k).map(|l| *x.add((i + r) * k + l) * (*w.add((j + c) * k + l)).widen()).sum();
                 *outs.add((j + c) * m + i + r) += _mm512_reduce_add_ps(sum) + tail;
             }
         }

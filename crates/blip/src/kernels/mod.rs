@@ -8,7 +8,6 @@
 
 pub(crate) mod attention;
 pub(crate) mod backward;
-pub(crate) mod bf16_dot;
 pub(crate) mod blas;
 pub(crate) mod dispatch;
 pub(crate) mod elementwise;
@@ -23,17 +22,13 @@ pub(crate) mod widen;
 pub fn compute_paths() -> String {
     let kernels = match dispatch::isa() {
         dispatch::Isa::Avx2Fma(proof) if proof.avx512().is_some() => {
-            "AVX2 + FMA, AVX-512 (elementwise, f32 vision attention)"
+            "AVX2 + FMA, AVX-512 (elementwise, f32 vision attention, decoding's products)"
         }
         dispatch::Isa::Avx2Fma(_) => "AVX2 + FMA",
         dispatch::Isa::Portable => "portable",
     };
-    let (products, bf16) = dispatch::bf16_choice();
-    let decoding = match (products, bf16_dot::Avx512Bf16::detect()) {
-        (dispatch::Bf16Products::OneDnn(_), Some(_)) => "; bf16 decoding on AVX512-BF16",
-        _ => "",
-    };
-    format!("kernels: {kernels}{decoding}\nf32 products: {}\nbf16 models: {bf16}", blas::describe())
+    let (_, bf16) = dispatch::bf16_choice();
+    format!("kernels: {kernels}\nf32 products: {}\nbf16 models: {bf16}", blas::describe())
 }
 
 /// Whether models loaded in bf16 multiply in bf16 in this process (oneDNN's products, where the

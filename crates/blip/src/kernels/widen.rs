@@ -10,28 +10,25 @@ use super::dispatch::{isa, Isa};
 pub(crate) trait Widen: Copy {
     fn widen(self) -> f32;
 
-    /// The elements as f32 values, when they are (kernels with an f32-only version).
-    fn as_f32(elements: &[Self]) -> Option<&[f32]> {
-        let _ = elements;
-        None
-    }
-
     /// Eight elements from `src`, widened; for kernels compiled with AVX2 (and F16C).
     ///
     /// # Safety
     /// Eight elements must be readable at `src`, and the CPU must have AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn widen8(src: *const Self) -> __m256;
+
+    /// Sixteen elements from `src`, widened; for kernels compiled with AVX-512 (F, BW).
+    ///
+    /// # Safety
+    /// Sixteen elements must be readable at `src`, and the CPU must have AVX-512 F and BW.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn widen16(src: *const Self) -> __m512;
 }
 
 impl Widen for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
-    }
-
-    fn as_f32(elements: &[Self]) -> Option<&[f32]> {
-        Some(elements)
     }
 
     /// # Safety
@@ -41,6 +38,15 @@ impl Widen for f32 {
     unsafe fn widen8(src: *const Self) -> __m256 {
         // SAFETY: eight readable elements and AVX, by the caller's contract.
         unsafe { _mm256_loadu_ps(src) }
+    }
+
+    /// # Safety
+    /// As [`Widen::widen16`]'s.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen16(src: *const Self) -> __m512 {
+        // SAFETY: sixteen readable elements and AVX-512 F, by the caller's contract.
+        unsafe { _mm512_loadu_ps(src) }
     }
 }
 
@@ -57,6 +63,15 @@ impl Widen for half::f16 {
     unsafe fn widen8(src: *const Self) -> __m256 {
         // SAFETY: eight readable elements (16 bytes) and F16C, by the caller's contract.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(src.cast())) }
+    }
+
+    /// # Safety
+    /// As [`Widen::widen16`]'s.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen16(src: *const Self) -> __m512 {
+        // SAFETY: sixteen readable elements (32 bytes) and AVX-512 F, by the caller's contract.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(src.cast())) }
     }
 }
 
@@ -76,6 +91,18 @@ impl Widen for half::bf16 {
         unsafe {
             let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(src.cast()));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(halves))
+        }
+    }
+
+    /// # Safety
+    /// As [`Widen::widen16`]'s.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen16(src: *const Self) -> __m512 {
+        // SAFETY: sixteen readable elements (32 bytes) and AVX-512 F, by the caller's contract.
+        unsafe {
+            let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(src.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
         }
     }
 }

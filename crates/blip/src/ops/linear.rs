@@ -24,22 +24,17 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::tensor::cpu_f32_slice;
-use crate::kernels::bf16_dot::{self, Avx512Bf16};
 use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::dispatch::{bf16_products, Bf16Products};
-use crate::kernels::few_rows::{dot_kernel, rows_times_weights};
+use crate::kernels::few_rows::rows_times_weights;
 use crate::kernels::onednn::{OneDnn, Start, View};
 use crate::kernels::widen::{narrow_bf16, widen_bf16};
 
-/// Input rows below which each weight row is dotted with the input row; from there up to
-/// [`STREAMED_ROWS`], blocks of weight rows are multiplied in register tiles as they stream in;
-/// above, one blocked product over the whole matrix is fastest.
-const DOT_ROWS: usize = 2;
+/// Input rows up to which blocks of weight rows are multiplied in register tiles as they stream
+/// in from memory (decoding); above, one blocked product over the whole matrix is fastest.
 const STREAMED_ROWS: usize = 32;
 /// Input rows from which a bf16 model's products run on oneDNN (where bf16 products are on).
 const BF16_PRODUCT_ROWS: usize = STREAMED_ROWS + 1;
-/// Weight rows per parallel task in the row-dot kernel.
-const DOT_BLOCK: usize = 64;
 /// Weight rows per parallel task in the streamed product.
 const STREAM_BLOCK: usize = 128;
 
@@ -332,27 +327,17 @@ impl CustomOp3 for LinearOp {
             }
             _ => {}
         }
-        // A few rows. bf16 products round every input a bf16 model's products take, whatever the
-        // rows: on AVX512-BF16's dot products where the CPU has them, else the project's kernels
-        // take the rounded values.
+        // A few rows, multiplied as the weights stream in. bf16 products round every input a
+        // bf16 model's products take, whatever the rows.
         let rounded;
-        let mut ys = match (weights, onednn.and_then(|_| Avx512Bf16::detect())) {
-            (Weights::BF16(w), Some(proof)) => bf16_few_rows(proof, xs, m, k, w, n, bias),
-            _ => {
-                let xs = match onednn {
-                    Some(_) => {
-                        rounded = rounded_to_bf16(xs);
-                        &rounded[..]
-                    }
-                    None => xs,
-                };
-                if m < DOT_ROWS {
-                    row_dot_product(xs, m, k, weights, n, bias)
-                } else {
-                    streamed_product(xs, m, k, weights, n, bias)
-                }
+        let xs = match onednn {
+            Some(_) => {
+                rounded = rounded_to_bf16(xs);
+                &rounded[..]
             }
+            None => xs,
         };
+        let mut ys = streamed_product(xs, m, k, weights, n, bias);
         if let Some(residual) = residual {
             ys.iter_mut().zip(residual).for_each(|(y, r)| *y += r);
         }
@@ -391,25 +376,6 @@ impl LinearOp {
     }
 }
 
-/// Few input rows: every weight row is read from memory once and dotted with each input row.
-fn row_dot_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
-    let (dot_f32, dot_bf16, dot_f16) = (dot_kernel::<f32>(), dot_kernel::<bf16>(), dot_kernel::<f16>());
-    // Transposed [n, m], so that each task owns whole output rows; transposed back below.
-    let mut transposed = vec![0f32; n * m];
-    transposed.par_chunks_mut(DOT_BLOCK * m).enumerate().for_each(|(block, outs)| {
-        for (offset, out) in outs.chunks_mut(m).enumerate() {
-            let j = block * DOT_BLOCK + offset;
-            let range = j * k..(j + 1) * k;
-            match weights {
-                Weights::F32(w) => dot_rows(xs, &w[range], bias[j], out, dot_f32),
-                Weights::BF16(w) => dot_rows(xs, &w[range], bias[j], out, dot_bf16),
-                Weights::F16(w) => dot_rows(xs, &w[range], bias[j], out, dot_f16),
-            }
-        }
-    });
-    transpose(&transposed, n, m)
-}
-
 /// [rows, cols] row-major → [cols, rows] row-major.
 fn transpose(xs: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut ys = vec![0f32; rows * cols];
@@ -421,10 +387,10 @@ fn transpose(xs: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     ys
 }
 
-/// A few input rows (batched or beam decoding): each task multiplies all input rows with a
-/// block of weight rows, read once from where they are stored and widened in registers.
+/// A few input rows (decoding, one sequence or a batch): each task multiplies all input rows
+/// with a block of weight rows, read once from where they are stored and widened in registers.
 fn streamed_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
-    // Transposed [n, m], as in row_dot_product.
+    // Transposed [n, m], so that each task owns whole output rows; transposed back below.
     let mut transposed = vec![0f32; n * m];
     transposed.par_chunks_mut(STREAM_BLOCK * m).enumerate().for_each(|(block, outs)| {
         let (first, rows) = (block * STREAM_BLOCK, outs.len() / m);
@@ -438,31 +404,6 @@ fn streamed_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, 
         }
     });
     transpose(&transposed, n, m)
-}
-
-/// A few input rows of a bf16 model multiplying in bf16, on AVX512-BF16: the input rounded to
-/// bf16, each task the products of every input row with a block of weight rows.
-fn bf16_few_rows(proof: Avx512Bf16, xs: &[f32], m: usize, k: usize, w: &[bf16], n: usize, bias: &[f32]) -> Vec<f32> {
-    let mut rounded = vec![bf16::ZERO; m * k];
-    narrow_bf16(xs, &mut rounded);
-    // Transposed [n, m], as in row_dot_product; a block of weight rows per task.
-    let block = if m < DOT_ROWS { DOT_BLOCK } else { STREAM_BLOCK };
-    let mut transposed = vec![0f32; n * m];
-    transposed.par_chunks_mut(block * m).enumerate().for_each(|(index, outs)| {
-        let (first, rows) = (index * block, outs.len() / m);
-        for (column, &b) in outs.chunks_mut(m).zip(&bias[first..first + rows]) {
-            column.fill(b);
-        }
-        bf16_dot::rows_times_weights(proof, &rounded, m, k, &w[first * k..(first + rows) * k], outs);
-    });
-    transpose(&transposed, n, m)
-}
-
-/// One weight row against every input row: `out[i] = bias + xs[i]·w`.
-fn dot_rows<W>(xs: &[f32], w: &[W], bias: f32, out: &mut [f32], dot: fn(&[f32], &[W]) -> f32) {
-    for (x, y) in xs.chunks_exact(w.len()).zip(out) {
-        *y = bias + dot(x, w);
-    }
 }
 
 /// Many input rows: one blocked product, accumulating onto the bias rows (plus the residual's).
