@@ -22,7 +22,7 @@ pub(crate) mod widen;
 pub fn compute_paths() -> String {
     let kernels = match dispatch::isa() {
         dispatch::Isa::Avx2Fma(proof) if proof.avx512().is_some() => {
-            "AVX2 + FMA, AVX-512 (elementwise, f32 vision attention, decoding's products)"
+            "AVX2 + FMA, AVX-512 (elementwise, f32 vision attention, decoding's products and cross-attention)"
         }
         dispatch::Isa::Avx2Fma(_) => "AVX2 + FMA",
         dispatch::Isa::Portable => "portable",

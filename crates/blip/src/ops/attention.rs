@@ -434,11 +434,21 @@ mod tests {
     /// against keys and values computed first, then softmax(q·kᵀ·scale + bias)·v.
     #[test]
     fn attention_to_states_matches_keys_and_values() {
+        // widths below and above the register tiles' widest (128 columns), with remainders
+        for width in [43, 150] {
+            attention_to_states_matches_keys_and_values_at(width);
+        }
+    }
+
+    fn attention_to_states_matches_keys_and_values_at(width: usize) {
         let dev = candle_core::Device::Cpu;
-        let (heads, head_dim, width, keys) = (3, 16, 43, 150);
+        let (heads, head_dim, keys) = (3, 16, 150);
         let dim = heads * head_dim;
         let random = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-        let (key_weight, value_weight) = (random(&[dim, width]), random(&[dim, width]));
+        // weights scaled by fan-in, as trained ones are, so that the outputs' size (and f32's
+        // noise in them) does not grow with the width
+        let fan_in = |w: Tensor| (w / (width as f64).sqrt()).unwrap();
+        let (key_weight, value_weight) = (fan_in(random(&[dim, width])), fan_in(random(&[dim, width])));
         let (key_bias, value_bias) = (random(&[dim]), random(&[dim]));
         for batch in [1, 2] {
             let states = random(&[batch, keys, width]);
@@ -471,7 +481,10 @@ mod tests {
                         });
                         let diff = (ours - &expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
                         let diff = diff.to_scalar::<f32>().unwrap();
-                        assert!(diff < 1e-4, "{isa:?}: batch {batch}, {queries} queries, {dtype:?}: {diff}");
+                        assert!(
+                            diff < 1e-4,
+                            "{isa:?}: width {width}, batch {batch}, {queries} queries, {dtype:?}: {diff}"
+                        );
                     }
                 }
             }

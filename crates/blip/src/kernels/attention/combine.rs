@@ -1,5 +1,5 @@
-//! Weighted sums of rows, `out += coef·w`, in AVX2 register tiles: the mixing step of the
-//! attention kernels, with `w` in any stored precision.
+//! Weighted sums of rows, `out += coef·w`, in AVX2 or AVX-512 register tiles: the mixing step
+//! of the attention kernels, with `w` in any stored precision.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -22,7 +22,11 @@ pub(super) unsafe fn combine_rows<W: Widen>(
     (out, out_row): (*mut f32, usize),
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Isa::Avx2Fma(_) = isa() {
+    if let Isa::Avx2Fma(proof) = isa() {
+        if proof.avx512().is_some() {
+            // SAFETY: the AVX-512 proof shows the features; the matrices, by the caller's contract.
+            return unsafe { combine_rows_avx512((coef, coef_row), (m, len), (w, w_row), width, (out, out_row)) };
+        }
         // SAFETY: Isa::Avx2Fma proves the features; the matrices, by the caller's contract.
         return unsafe { combine_rows_avx2((coef, coef_row), (m, len), (w, w_row), width, (out, out_row)) };
     }
@@ -121,6 +125,86 @@ unsafe fn combine_rows_avx2<W: Widen>(
     }
 }
 
+/// [`combine_rows_avx2`] in AVX-512 registers: tiles of up to 6 rows × 32 columns, or, for a
+/// single row, 1 × 128, then 16 columns at a time.
+///
+/// # Safety
+/// As [`combine_rows`]', on a CPU with AVX-512 F and BW, AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn combine_rows_avx512<W: Widen>(
+    (coef, coef_row): (*const f32, usize),
+    (m, len): (usize, usize),
+    (w, w_row): (*const W, usize),
+    width: usize,
+    (out, out_row): (*mut f32, usize),
+) {
+    // SAFETY: as in combine_rows_avx2: every tile within the matrices by the caller's contract;
+    // the features, by the caller's contract.
+    unsafe {
+        let mut packed = [0f32; COMBINE_BLOCK * 6];
+        for first in (0..len).step_by(COMBINE_BLOCK) {
+            let block = (len - first).min(COMBINE_BLOCK);
+            let mut i = 0;
+            while i < m {
+                let rows = (m - i).min(6);
+                for l in 0..block {
+                    for r in 0..rows {
+                        packed[l * rows + r] = *coef.add((i + r) * coef_row + first + l);
+                    }
+                }
+                let tile = |e: usize| CombineTile {
+                    coef: packed.as_ptr(),
+                    coef_step: rows,
+                    len: block,
+                    w: w.add(first * w_row + e),
+                    w_row,
+                    out: out.add(i * out_row + e),
+                    out_row,
+                    accumulate: true,
+                };
+                let mut e = 0;
+                if rows == 1 {
+                    while e + 128 <= width {
+                        tile(e).run16::<1, 8>();
+                        e += 128;
+                    }
+                } else {
+                    while e + 32 <= width {
+                        match rows {
+                            6 => tile(e).run16::<6, 2>(),
+                            5 => tile(e).run16::<5, 2>(),
+                            4 => tile(e).run16::<4, 2>(),
+                            3 => tile(e).run16::<3, 2>(),
+                            _ => tile(e).run16::<2, 2>(),
+                        }
+                        e += 32;
+                    }
+                }
+                while e + 16 <= width {
+                    match rows {
+                        6 => tile(e).run16::<6, 1>(),
+                        5 => tile(e).run16::<5, 1>(),
+                        4 => tile(e).run16::<4, 1>(),
+                        3 => tile(e).run16::<3, 1>(),
+                        2 => tile(e).run16::<2, 1>(),
+                        _ => tile(e).run16::<1, 1>(),
+                    }
+                    e += 16;
+                }
+                for r in 0..rows {
+                    for e in e..width {
+                        let sum: f32 =
+                            (0..block).map(|l| packed[l * rows + r] * (*w.add((first + l) * w_row + e)).widen()).sum();
+                        *out.add((i + r) * out_row + e) += sum;
+                    }
+                }
+                i += rows;
+            }
+        }
+    }
+}
+
 /// One tile of [`combine_rows_avx2`], from its first row and column; the coefficients packed
 /// [len, R].
 #[cfg(target_arch = "x86_64")]
@@ -201,11 +285,11 @@ impl<W: Widen> CombineTile<W> {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl CombineTile<f32> {
-    /// [`Self::run`] in AVX-512 registers: R rows × V registers of 16 columns, f32 weights.
+impl<W: Widen> CombineTile<W> {
+    /// [`Self::run`] in AVX-512 registers: R rows × V registers of 16 columns.
     ///
     /// # Safety
-    /// As [`combine_rows`]', on a CPU with AVX-512 F.
+    /// As [`combine_rows`]', on a CPU with AVX-512 F and BW.
     #[inline(always)]
     pub(super) unsafe fn run16<const R: usize, const V: usize>(&self) {
         // SAFETY: R rows and 16·V columns from the tile's first, within its matrices, by the
@@ -223,7 +307,7 @@ impl CombineTile<f32> {
             for _ in 0..self.len {
                 let mut weights = [_mm512_setzero_ps(); V];
                 for (v, weight) in weights.iter_mut().enumerate() {
-                    *weight = _mm512_loadu_ps(w.add(16 * v));
+                    *weight = W::widen16(w.add(16 * v));
                 }
                 for (r, sums) in acc.iter_mut().enumerate() {
                     let c = _mm512_set1_ps(*coef.add(r));
