@@ -6,6 +6,7 @@
 //! (`BLIP_KERNELS=portable` forces the portable ones). The tensor-level ops that call these live
 //! in `crate::ops`.
 
+pub(crate) mod amx;
 pub(crate) mod attention;
 pub(crate) mod backward;
 pub(crate) mod blas;
@@ -27,8 +28,12 @@ pub fn compute_paths() -> String {
         dispatch::Isa::Avx2Fma(_) => "AVX2 + FMA",
         dispatch::Isa::Portable => "portable",
     };
-    let (_, bf16) = dispatch::bf16_choice();
-    format!("kernels: {kernels}\nf32 products: {}\nbf16 models: {bf16}", blas::describe())
+    let (products, bf16) = dispatch::bf16_choice();
+    let tiles = match (products, amx::Amx::detect()) {
+        (dispatch::Bf16Products::OneDnn(_), Some(_)) => "; AMX tiles (bf16 vision attention)",
+        _ => "",
+    };
+    format!("kernels: {kernels}{tiles}\nf32 products: {}\nbf16 models: {bf16}", blas::describe())
 }
 
 /// Whether models loaded in bf16 multiply in bf16 in this process (oneDNN's products, where the

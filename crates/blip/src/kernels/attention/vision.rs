@@ -9,6 +9,7 @@ use std::arch::x86_64::*;
 #[cfg(target_arch = "x86_64")]
 use super::combine::CombineTile;
 use super::SharedOut;
+use crate::kernels::amx::{self, Amx};
 use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::dispatch::{isa, Isa};
 use crate::kernels::elementwise::{softmax_rows, softmax_rows_to_bf16};
@@ -64,9 +65,10 @@ pub(crate) fn attend_packed(
     out
 }
 
-/// [`attend_packed`] with bf16 products on oneDNN: q, k and v rounded to bf16, the scores
-/// accumulated in f32, softmax in f32, the probabilities rounded to bf16 for the product with v
-/// (as PyTorch's bf16 attention does), one single-threaded task per image and head. The context
+/// [`attend_packed`] with bf16 products: q, k and v rounded to bf16, the scores accumulated in
+/// f32, softmax in f32, the probabilities rounded to bf16 for the product with v (as PyTorch's
+/// bf16 attention does), one single-threaded task per image and head: on AMX tiles by blocks of
+/// 16 queries where the CPU has them (heads of 64), else two oneDNN products per head. The context
 /// comes as f32, or (`T` = bf16) rounded as `narrow_bf16` rounds: the input of the bf16 product
 /// that follows, without an f32 pass between them.
 pub(crate) fn attend_packed_bf16<T: ContextOut>(
@@ -134,10 +136,21 @@ fn attend_packed_bf16_into<T: ContextOut>(
     assert_eq!(out.len(), batch * n * width, "attention: the output's size");
     let out_ptr = SharedOut(out.as_mut_ptr());
     let blocks = &blocks;
+    let amx = Amx::detect().filter(|_| d == amx::HEAD_DIM);
     (0..batch * heads).into_par_iter().try_for_each(|task| {
         let (b, h) = (task / heads, task % heads);
         let head_block = |part: usize| &blocks[((b * 3 + part) * heads + h) * n * d..][..n * d];
         let (q, k, v) = (head_block(0), head_block(1), head_block(2));
+        if let Some(amx) = amx {
+            AMX_SCRATCH.with_borrow_mut(|scratch| {
+                amx::attend_head(amx, (q, k, v), n, scale, scratch, |t, context| {
+                    // SAFETY: row t of image b, head h's d columns: within out, and written by
+                    // this task alone.
+                    unsafe { T::write(context, out_ptr.at((b * n + t) * width + h * d)) };
+                })
+            });
+            return Ok(());
+        }
         BF16_SCRATCH.with_borrow_mut(|(scores, probabilities, context)| {
             scores.resize(n * n, 0.0);
             probabilities.resize(n * n, bf16::ZERO);
@@ -166,6 +179,8 @@ fn attend_packed_bf16_into<T: ContextOut>(
 }
 
 thread_local! {
+    /// Each thread's buffers for the AMX attention, reused.
+    static AMX_SCRATCH: std::cell::RefCell<amx::HeadScratch> = std::cell::RefCell::new(amx::HeadScratch::default());
     /// Each thread's [n, n] scores and probabilities and [n, d] context for
     /// [`attend_packed_bf16`], reused.
     static BF16_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<bf16>, Vec<f32>)> =
