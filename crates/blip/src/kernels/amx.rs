@@ -12,6 +12,7 @@ use half::bf16;
 
 use super::dispatch::{isa, Isa};
 use super::elementwise::softmax_rows_to_bf16;
+use super::widen::narrow_bf16;
 
 /// The head size the kernel takes: q's row is two A tiles' 32 values.
 pub(crate) const HEAD_DIM: usize = 64;
@@ -58,6 +59,8 @@ fn request_tiles() -> bool {
 pub(crate) struct HeadScratch {
     /// q, [rows padded to 16, 64].
     queries: Vec<bf16>,
+    /// k's, then v's rows rounded to bf16, [n, 64].
+    rounded: Vec<bf16>,
     /// k's pairs of values as u32, transposed: [32 pairs, keys padded to 32] (B tiles of q·kᵀ).
     keys: Vec<u32>,
     /// v's rows paired: [keys padded to 32 / 2, 64] u32, each (v[2i][c], v[2i+1][c]) (B tiles of
@@ -80,12 +83,20 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
-/// softmax(scale·q·kᵀ)·v for one head: `q`, `k`, `v` [n, 64] in bf16, the probabilities rounded
-/// to bf16 after the softmax (in f32) divided by its sum, as the oneDNN path does; each context
-/// row (f32) handed to `write(row, values)`.
+/// One head's q, k and v in the fused projection's f32 output: token t's values of part p (0 q,
+/// 1 k, 2 v) are `qkv[t·row + columns[p]..][..64]`.
+pub(crate) struct HeadInput<'a> {
+    pub qkv: &'a [f32],
+    pub row: usize,
+    pub columns: [usize; 3],
+}
+
+/// softmax(scale·q·kᵀ)·v for one head of n tokens: q, k and v rounded to bf16 as they are
+/// packed for the tiles, the probabilities rounded to bf16 after the softmax (in f32) divided by
+/// its sum, as the oneDNN path does; each context row (f32) handed to `write(row, values)`.
 pub(crate) fn attend_head(
     proof: Amx,
-    (q, k, v): (&[bf16], &[bf16], &[bf16]),
+    input: HeadInput,
     n: usize,
     scale: f32,
     scratch: &mut HeadScratch,
@@ -93,34 +104,47 @@ pub(crate) fn attend_head(
 ) {
     let _ = proof;
     let d = HEAD_DIM;
-    assert!(q.len() == n * d && k.len() == n * d && v.len() == n * d, "AMX attention: q, k, v of [{n}, {d}]");
+    let HeadInput { qkv, row, columns } = input;
+    assert!(
+        n == 0 || columns.iter().all(|&c| (n - 1) * row + c + d <= qkv.len()),
+        "AMX attention: {n} tokens of q, k, v past the projection's {} values",
+        qkv.len()
+    );
     if n == 0 {
         return;
     }
     let (rows, keys) = (n.div_ceil(16) * 16, n.div_ceil(32) * 32);
-    let HeadScratch { queries, keys: key_pairs, values, scores, probabilities, context } = scratch;
-    queries.clear();
-    queries.extend_from_slice(q);
+    let HeadScratch { queries, rounded, keys: key_pairs, values, scores, probabilities, context } = scratch;
+    let part = |p: usize, t: usize| &qkv[t * row + columns[p]..][..d];
     queries.resize(rows * d, bf16::ZERO);
-    let pairs = |x: &[bf16], i: usize| -> u32 { x[i].to_bits() as u32 | (x[i + 1].to_bits() as u32) << 16 };
+    for t in 0..n {
+        narrow_bf16(part(0, t), &mut queries[t * d..(t + 1) * d]);
+    }
+    queries[n * d..].fill(bf16::ZERO);
+    // k's rows rounded, then their pairs of values transposed
+    rounded.resize(n * d, bf16::ZERO);
+    for t in 0..n {
+        narrow_bf16(part(1, t), &mut rounded[t * d..(t + 1) * d]);
+    }
+    let bits = |x: bf16| x.to_bits() as u32;
     key_pairs.clear();
     key_pairs.resize(32 * keys, 0);
-    for j in 0..n {
-        for p in 0..32 {
-            key_pairs[p * keys + j] = pairs(k, j * d + 2 * p);
+    for (j, key) in rounded.chunks_exact(d).enumerate() {
+        for (p, pair) in key.chunks_exact(2).enumerate() {
+            key_pairs[p * keys + j] = bits(pair[0]) | bits(pair[1]) << 16;
         }
+    }
+    // v's rows rounded, then paired row with row (the last with a zero row when n is odd)
+    for t in 0..n {
+        narrow_bf16(part(2, t), &mut rounded[t * d..(t + 1) * d]);
     }
     values.clear();
     values.resize(keys / 2 * d, 0);
-    for i in 0..n / 2 {
-        for c in 0..d {
-            values[i * d + c] = v[2 * i * d + c].to_bits() as u32 | (v[(2 * i + 1) * d + c].to_bits() as u32) << 16;
-        }
-    }
-    if n % 2 == 1 {
-        // the last key pairs with a padded (zero) one
-        for c in 0..d {
-            values[(n / 2) * d + c] = v[(n - 1) * d + c].to_bits() as u32;
+    for (i, pair) in values.chunks_exact_mut(d).take(n.div_ceil(2)).enumerate() {
+        let first = &rounded[2 * i * d..(2 * i + 1) * d];
+        let second = rounded.get((2 * i + 1) * d..(2 * i + 2) * d);
+        for (c, value) in pair.iter_mut().enumerate() {
+            *value = bits(first[c]) | second.map_or(0, |s| bits(s[c]) << 16);
         }
     }
     scores.resize(16 * keys, 0.0);

@@ -124,6 +124,27 @@ fn attend_packed_bf16_into<T: ContextOut>(
 ) -> Result<(), String> {
     let (n, d, width) = (tokens, head_dim, heads * head_dim);
     let row = 3 * width;
+    assert_eq!(out.len(), batch * n * width, "attention: the output's size");
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    if let Some(amx) = Amx::detect().filter(|_| d == amx::HEAD_DIM) {
+        // The tiles' kernel rounds q, k and v itself, as it packs them.
+        (0..batch * heads).into_par_iter().for_each(|task| {
+            let (b, h) = (task / heads, task % heads);
+            let input = amx::HeadInput {
+                qkv: &qkv[b * n * row..(b + 1) * n * row],
+                row,
+                columns: [h * d, width + h * d, 2 * width + h * d],
+            };
+            AMX_SCRATCH.with_borrow_mut(|scratch| {
+                amx::attend_head(amx, input, n, scale, scratch, |t, context| {
+                    // SAFETY: row t of image b, head h's d columns: within out, and written by
+                    // this task alone.
+                    unsafe { T::write(context, out_ptr.at((b * n + t) * width + h * d)) };
+                })
+            });
+        });
+        return Ok(());
+    }
     // Rounded into one dense [n, d] block per image, part (q, k, v) and head: oneDNN's AMX
     // kernels take dense operands only.
     let mut blocks = vec![bf16::ZERO; qkv.len()];
@@ -133,24 +154,11 @@ fn attend_packed_bf16_into<T: ContextOut>(
             narrow_bf16(&src[column..column + d], dst);
         }
     });
-    assert_eq!(out.len(), batch * n * width, "attention: the output's size");
-    let out_ptr = SharedOut(out.as_mut_ptr());
     let blocks = &blocks;
-    let amx = Amx::detect().filter(|_| d == amx::HEAD_DIM);
     (0..batch * heads).into_par_iter().try_for_each(|task| {
         let (b, h) = (task / heads, task % heads);
         let head_block = |part: usize| &blocks[((b * 3 + part) * heads + h) * n * d..][..n * d];
         let (q, k, v) = (head_block(0), head_block(1), head_block(2));
-        if let Some(amx) = amx {
-            AMX_SCRATCH.with_borrow_mut(|scratch| {
-                amx::attend_head(amx, (q, k, v), n, scale, scratch, |t, context| {
-                    // SAFETY: row t of image b, head h's d columns: within out, and written by
-                    // this task alone.
-                    unsafe { T::write(context, out_ptr.at((b * n + t) * width + h * d)) };
-                })
-            });
-            return Ok(());
-        }
         BF16_SCRATCH.with_borrow_mut(|(scores, probabilities, context)| {
             scores.resize(n * n, 0.0);
             probabilities.resize(n * n, bf16::ZERO);
