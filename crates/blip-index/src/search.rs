@@ -27,7 +27,7 @@ pub struct Hit {
 pub(crate) struct Embeddings {
     version: (i64, u64),
     ids: Vec<i64>,
-    /// The embeddings as the weight of a linear layer: the library's one-row product reads each
+    /// The embeddings as the weight of a linear layer: the library's few-row product reads each
     /// once, on all threads, as a decoding step reads a weight matrix.
     product: Linear,
     dim: usize,

@@ -28,8 +28,45 @@ impl Amx {
     /// (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once per process) and the process's kernels
     /// are the AVX-512 ones (not `BLIP_KERNELS=portable`, nor a test's AVX2 path).
     pub(crate) fn detect() -> Option<Self> {
+        #[cfg(test)]
+        if test_hook::off() {
+            return None;
+        }
         let avx512 = matches!(isa(), Isa::Avx2Fma(proof) if proof.avx512().is_some());
         (avx512 && *GRANTED.get_or_init(request_tiles)).then_some(Self(()))
+    }
+}
+
+/// Runs `f` without the tiles, as on a CPU without them (tests only: the oneDNN path they
+/// replace stays tested on AMX machines). Calls are serialized.
+#[cfg(test)]
+pub(crate) fn without_amx<T>(f: impl FnOnce() -> T) -> T {
+    test_hook::without(f)
+}
+
+#[cfg(test)]
+mod test_hook {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Mutex, PoisonError};
+
+    static OFF: AtomicBool = AtomicBool::new(false);
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    pub(super) fn off() -> bool {
+        OFF.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn without<T>(f: impl FnOnce() -> T) -> T {
+        let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                OFF.store(false, Ordering::SeqCst);
+            }
+        }
+        OFF.store(true, Ordering::SeqCst);
+        let _reset = Reset;
+        f()
     }
 }
 
@@ -48,6 +85,10 @@ fn request_tiles() -> bool {
         const XFEATURE_XTILEDATA: libc::c_long = 18;
         // SAFETY: a request for permission; it changes nothing but the process's allowed state.
         let granted = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+        if granted != 0 {
+            let why = std::io::Error::last_os_error();
+            tracing::debug!("the CPU has AMX tiles, but Linux refused their state ({why}): oneDNN's products instead");
+        }
         granted == 0
     }
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
@@ -74,6 +115,7 @@ pub(crate) struct HeadScratch {
 }
 
 /// The tile configuration: palette 1, tiles 0–7 of 16 rows × 64 bytes.
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct TileConfig {
     palette: u8,
@@ -154,104 +196,156 @@ pub(crate) fn attend_head(
     context.resize(16 * d, 0.0);
 
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the proof shows the CPU has the tiles and the process their state; every tile
-    // load and store below stays within the buffers sized above (see each block's comment).
-    unsafe {
+    {
+        let _tiles = Tiles::configure();
+        for block in 0..rows / 16 {
+            // SAFETY: the tiles are configured (16 rows × 64 bytes); the operands' bounds are
+            // those of `scores_block`'s.
+            unsafe { scores_block(queries.as_ptr().add(block * 16 * d), key_pairs, keys, scores) };
+            let valid = (n - block * 16).min(16);
+            for r in 0..valid {
+                let (row, out) = (&mut scores[r * keys..r * keys + n], &mut probabilities[r * keys..r * keys + n]);
+                softmax_rows_to_bf16(row, n, scale, out);
+            }
+            // SAFETY: the tiles are configured; the operands' bounds are those of
+            // `context_block`'s.
+            unsafe { context_block(probabilities, values, keys, context) };
+            for r in 0..valid {
+                write(block * 16 + r, &context[r * d..(r + 1) * d]);
+            }
+        }
+    }
+}
+
+/// The tile configuration of this thread while alive: loaded when made, released when dropped
+/// (also on unwinding), so that no other code on the thread finds it.
+#[cfg(target_arch = "x86_64")]
+struct Tiles(());
+
+#[cfg(target_arch = "x86_64")]
+impl Tiles {
+    /// Loads the configuration; only with [`Amx`]'s proof (the CPU has the tiles, the process
+    /// their state).
+    fn configure() -> Self {
         // palette 1 has 8 tiles: the other entries must be 0
         let mut config =
             TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
         config.bytes_per_row[..8].fill(64);
         config.rows[..8].fill(16);
-        asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
-        for block in 0..rows / 16 {
-            // q·kᵀ: tmm4, tmm5 = the block's queries, values 0–31 and 32–63 (16 rows of 128
-            // bytes from row 16·block of `queries`, [rows, 64]); per two 16-key blocks j, j+1,
-            // B tiles of pairs 0–15 and 16–31 (16 rows of `keys` u32 from column 16·j of
-            // `key_pairs`, [32, keys]), scores stored at column 16·j of `scores` [16, keys].
-            let q_block = queries.as_ptr().add(block * 16 * d);
-            asm!(
-                "tileloadd tmm4, [{q} + {stride}*1]",
-                "tileloadd tmm5, [{q_hi} + {stride}*1]",
-                q = in(reg) q_block, q_hi = in(reg) q_block.add(32), stride = in(reg) 2 * d,
-                options(nostack, readonly),
-            );
-            let key_stride = 4 * keys;
-            for j in (0..keys / 16).step_by(2) {
-                let b = key_pairs.as_ptr().add(16 * j);
-                let out = scores.as_mut_ptr().add(16 * j);
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tileloadd tmm6, [{b0} + {stride}*1]",
-                    "tileloadd tmm2, [{b1} + {stride}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm2",
-                    "tileloadd tmm7, [{b0_hi} + {stride}*1]",
-                    "tileloadd tmm3, [{b1_hi} + {stride}*1]",
-                    "tdpbf16ps tmm0, tmm5, tmm7",
-                    "tdpbf16ps tmm1, tmm5, tmm3",
-                    "tilestored [{c0} + {stride}*1], tmm0",
-                    "tilestored [{c1} + {stride}*1], tmm1",
-                    b0 = in(reg) b,
-                    b1 = in(reg) b.add(16),
-                    b0_hi = in(reg) b.add(16 * keys),
-                    b1_hi = in(reg) b.add(16 * keys + 16),
-                    c0 = in(reg) out,
-                    c1 = in(reg) out.add(16),
-                    stride = in(reg) key_stride,
-                    options(nostack),
-                );
-            }
-            let valid = (n - block * 16).min(16);
-            for r in 0..valid {
-                softmax_rows_to_bf16(
-                    &mut scores[r * keys..r * keys + n],
-                    n,
-                    scale,
-                    &mut probabilities[r * keys..r * keys + n],
-                );
-            }
-            // probabilities·v: per 32 keys c, the A tile of the block's probabilities (16 rows
-            // of `keys` bf16 from column 32·c of `probabilities`, [16, keys]) and four B tiles of
-            // 16 value columns each (16 rows of 64 u32 from row 16·c, column 16·t of `values`,
-            // [keys / 2, 64]); the context [16, 64] accumulated in tmm0–tmm3.
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-            for c in 0..keys / 32 {
-                let b = values.as_ptr().add(16 * c * d);
-                asm!(
-                    "tileloadd tmm4, [{a} + {a_stride}*1]",
-                    "tileloadd tmm5, [{b0} + {stride}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm5",
-                    "tileloadd tmm6, [{b1} + {stride}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm6",
-                    "tileloadd tmm7, [{b2} + {stride}*1]",
-                    "tdpbf16ps tmm2, tmm4, tmm7",
-                    "tileloadd tmm5, [{b3} + {stride}*1]",
-                    "tdpbf16ps tmm3, tmm4, tmm5",
-                    a = in(reg) probabilities.as_ptr().add(32 * c),
-                    a_stride = in(reg) 2 * keys,
-                    b0 = in(reg) b,
-                    b1 = in(reg) b.add(16),
-                    b2 = in(reg) b.add(32),
-                    b3 = in(reg) b.add(48),
-                    stride = in(reg) 4 * d,
-                    options(nostack, readonly),
-                );
-            }
-            let out = context.as_mut_ptr();
-            asm!(
-                "tilestored [{c0} + {stride}*1], tmm0",
-                "tilestored [{c1} + {stride}*1], tmm1",
-                "tilestored [{c2} + {stride}*1], tmm2",
-                "tilestored [{c3} + {stride}*1], tmm3",
-                c0 = in(reg) out, c1 = in(reg) out.add(16), c2 = in(reg) out.add(32), c3 = in(reg) out.add(48),
-                stride = in(reg) 4 * d,
-                options(nostack),
-            );
-            for r in 0..valid {
-                write(block * 16 + r, &context[r * d..(r + 1) * d]);
-            }
-        }
-        asm!("tilerelease", options(nostack, nomem));
+        // SAFETY: a valid palette-1 configuration, 64 bytes, readable; the caller holds the
+        // proof that the CPU and the OS support the tiles.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly)) };
+        Self(())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: releases the configuration this value loaded.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// One block of 16 queries' scores against every key: `scores` [16, keys] (f32) = q·kᵀ, q the 16
+/// rows of 64 bf16 at `q` (values 0–31, then 32–63: two A tiles), k as `key_pairs` [32, keys]
+/// (pairs 0–15, then 16–31: two B tiles per 16 keys). Two 16-key blocks per iteration.
+///
+/// # Safety
+/// The tiles must be configured ([`Tiles`]); `q` must address 16 readable rows of 64 bf16;
+/// `key_pairs` and `scores` must hold 32·keys and 16·keys values, keys a multiple of 32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn scores_block(q: *const bf16, key_pairs: &[u32], keys: usize, scores: &mut [f32]) {
+    assert!(keys % 32 == 0 && key_pairs.len() >= 32 * keys && scores.len() >= 16 * keys);
+    // SAFETY: each iteration reads 16 rows of 64 bytes at columns 16·j and 16·j + 16 of rows
+    // 0–15 and 16–31 of key_pairs (stride 4·keys bytes) and writes 16 rows of 64 bytes at
+    // columns 16·j, 16·j + 16 of scores (stride 4·keys): j + 1 < keys / 16, all within the
+    // lengths asserted above; q by the caller's contract. Every tile it writes is declared.
+    unsafe {
+        asm!(
+            "tileloadd tmm4, [{q} + {q_stride}*1]",
+            "tileloadd tmm5, [{q} + {q_stride}*1 + 64]",
+            "2:",
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tileloadd tmm6, [{b} + {stride}*1]",
+            "tileloadd tmm2, [{b} + {stride}*1 + 64]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm2",
+            "tileloadd tmm7, [{b_hi} + {stride}*1]",
+            "tileloadd tmm3, [{b_hi} + {stride}*1 + 64]",
+            "tdpbf16ps tmm0, tmm5, tmm7",
+            "tdpbf16ps tmm1, tmm5, tmm3",
+            "tilestored [{c} + {stride}*1], tmm0",
+            "tilestored [{c} + {stride}*1 + 64], tmm1",
+            "add {b}, 128",
+            "add {b_hi}, 128",
+            "add {c}, 128",
+            "dec {pairs}",
+            "jnz 2b",
+            q = in(reg) q,
+            q_stride = in(reg) 128usize,
+            b = inout(reg) key_pairs.as_ptr() => _,
+            b_hi = inout(reg) key_pairs.as_ptr().add(16 * keys) => _,
+            c = inout(reg) scores.as_mut_ptr() => _,
+            stride = in(reg) 4 * keys,
+            pairs = inout(reg) keys / 32 => _,
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options(nostack),
+        );
+    }
+}
+
+/// One block's context: `context` [16, 64] (f32) = probabilities·v, the probabilities
+/// [16, keys] bf16 (an A tile per 32 keys) and v as `values` [keys / 2, 64] pairs (four B tiles
+/// of 16 columns per 32 keys), accumulated in four tiles over the keys.
+///
+/// # Safety
+/// The tiles must be configured ([`Tiles`]); `probabilities`, `values` and `context` must hold
+/// 16·keys, keys / 2·64 and 16·64 values, keys a multiple of 32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn context_block(probabilities: &[bf16], values: &[u32], keys: usize, context: &mut [f32]) {
+    assert!(
+        keys % 32 == 0 && probabilities.len() >= 16 * keys && values.len() >= keys / 2 * 64 && context.len() >= 16 * 64
+    );
+    // SAFETY: iteration c reads 16 rows of 64 bytes at column 32·c of probabilities (stride
+    // 2·keys bytes) and at rows 16·c.., columns 0, 16, 32, 48 of values (stride 256 bytes),
+    // c < keys / 32; the stores write context's 16 rows of 256 bytes: all within the lengths
+    // asserted above. Every tile it writes is declared.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "tileloadd tmm4, [{a} + {a_stride}*1]",
+            "tileloadd tmm5, [{b} + {stride}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm5",
+            "tileloadd tmm6, [{b} + {stride}*1 + 64]",
+            "tdpbf16ps tmm1, tmm4, tmm6",
+            "tileloadd tmm7, [{b} + {stride}*1 + 128]",
+            "tdpbf16ps tmm2, tmm4, tmm7",
+            "tileloadd tmm5, [{b} + {stride}*1 + 192]",
+            "tdpbf16ps tmm3, tmm4, tmm5",
+            "add {a}, 64",
+            "add {b}, 4096",
+            "dec {blocks}",
+            "jnz 2b",
+            "tilestored [{c} + {stride}*1], tmm0",
+            "tilestored [{c} + {stride}*1 + 64], tmm1",
+            "tilestored [{c} + {stride}*1 + 128], tmm2",
+            "tilestored [{c} + {stride}*1 + 192], tmm3",
+            a = inout(reg) probabilities.as_ptr() => _,
+            a_stride = in(reg) 2 * keys,
+            b = inout(reg) values.as_ptr() => _,
+            c = in(reg) context.as_mut_ptr(),
+            stride = in(reg) 256usize,
+            blocks = inout(reg) keys / 32 => _,
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options(nostack),
+        );
     }
 }

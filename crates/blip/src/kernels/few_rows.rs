@@ -75,7 +75,7 @@ fn dot_lanes<W: Widen>(x: &[f32], w: &[W]) -> f32 {
 }
 
 /// `outs[j·m + i] += xs[i]·w[j]` for the m input rows `xs` [m, k] and each weight row `w[j]`
-/// of `w` [rows, k]: the product of a few rows (batched decoding) with a block of weights,
+/// of `w` [rows, k]: the product of a few rows (decoding) with a block of weights,
 /// which are read once, straight from where they are stored (no packed copy), widened in
 /// registers. `outs` is [rows, m].
 pub(crate) fn rows_times_weights<W: Widen>(xs: &[f32], m: usize, k: usize, w: &[W], outs: &mut [f32]) {
@@ -278,8 +278,9 @@ mod tests {
     use super::*;
     use crate::kernels::dispatch::{available, with_isa};
 
-    /// Every tile shape (1–4 input rows × 1–4 weight rows) and the k remainder, in each weight
-    /// dtype, accumulating onto what `outs` held, on each path: the same as the product in f64.
+    /// Every tile shape (1–4 input rows × 1–4 weight rows, with whole tiles before them) and k
+    /// with and without a remainder, in each weight dtype, accumulating onto what `outs` held, on
+    /// each path: the same as the product in f64.
     #[test]
     fn rows_times_weights_matches_the_product() {
         for isa in available() {
@@ -288,7 +289,10 @@ mod tests {
     }
 
     fn rows_times_weights_matches_the_product_on(isa: Isa) {
-        for (m, rows, k) in [(9, 7, 70), (1, 1, 5), (4, 3, 16), (3, 5, 64), (6, 2, 8), (8, 9, 40)] {
+        let shapes = (1..=5)
+            .flat_map(|m| (1..=9).map(move |rows| (m, rows)))
+            .flat_map(|(m, rows)| [(m, rows, 70), (m, rows, 16)]);
+        for (m, rows, k) in shapes.chain([(1, 1, 5), (8, 9, 40)]) {
             let xs: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
             let w: Vec<f32> = (0..rows * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 24.0).collect();
             let start: Vec<f32> = (0..rows * m).map(|i| i as f32 * 0.5).collect();

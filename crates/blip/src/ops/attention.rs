@@ -305,6 +305,7 @@ mod tests {
     use candle_core::DType;
 
     use super::*;
+    use crate::kernels::amx;
     use crate::kernels::dispatch::{available, available_bf16, with_bf16, with_isa};
 
     #[test]
@@ -385,10 +386,15 @@ mod tests {
         };
         for products in available_bf16() {
             // head_dim 64 takes the AMX tiles where the CPU has them (AVX-512 is the last ISA):
-            // token counts below one tile, across tiles, odd (a key paired with padding)
-            for (b, t, heads, d, scale) in
-                [(2, 37, 3, 16, 0.25), (1, 50, 2, 64, 0.125), (2, 13, 2, 64, 0.3), (1, 77, 3, 64, 0.2)]
-            {
+            // token counts below one tile, across tiles, odd (a key paired with padding), a multiple of
+            // 32 (no padded keys)
+            for (b, t, heads, d, scale) in [
+                (2, 37, 3, 16, 0.25),
+                (1, 50, 2, 64, 0.125),
+                (2, 13, 2, 64, 0.3),
+                (1, 77, 3, 64, 0.2),
+                (1, 64, 2, 64, 0.125),
+            ] {
                 let values: Vec<f32> = (0..b * t * 3 * heads * d).map(|_| normal()).collect();
                 let qkv = Tensor::from_vec(values, (b, t, 3 * heads * d), &dev).unwrap();
                 // one instruction set for both calls (other tests may switch it meanwhile)
@@ -402,6 +408,17 @@ mod tests {
                         (ours, f32_kernel, attention_packed(&qkv, heads, scale, true, Some(&projection)).unwrap())
                     })
                 });
+                // where the tiles ran, the oneDNN path they replace gives the same within f32's noise
+                if d == amx::HEAD_DIM && amx::Amx::detect().is_some() {
+                    let without = amx::without_amx(|| {
+                        with_bf16(products, || {
+                            with_isa(isa, || attention_packed(&qkv, heads, scale, true, None).unwrap())
+                        })
+                    });
+                    let diff = (&without - &ours).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                    let diff = diff.to_scalar::<f32>().unwrap();
+                    assert!(diff < 1e-5, "{products:?}: {b}x{t} tokens: AMX and oneDNN differ by {diff}");
+                }
                 // rounded where the projection takes bf16 (b·t rows), else as it is: the same values
                 let expected_input = match projection.takes_bf16(b * t) && matches!(products, Bf16Products::OneDnn(_)) {
                     true => ours.to_dtype(DType::BF16).unwrap(),

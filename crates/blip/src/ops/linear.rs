@@ -596,7 +596,7 @@ mod tests {
     fn both_kernels_match_the_product_in_every_weight_dtype() {
         let dev = Device::Cpu;
         // 5·13 = 65 rows (blocked, split over threads), 3·7 = 21 and 2·3 = 6 rows (streamed),
-        // 1 row (row-dot); 70 features leave a remainder lane.
+        // 1 row (streamed); 70 features leave a remainder lane.
         for rows in [(5, 13), (3, 7), (2, 3), (1, 1)] {
             let xs = Tensor::randn(0f32, 1.0, (rows.0, rows.1, 70), &dev).unwrap();
             let weight = Tensor::randn(0f32, 1.0, (130, 70), &dev).unwrap();
@@ -674,7 +674,7 @@ mod tests {
         let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
         let linear = Linear::new(weight.clone(), Some(bias.clone())).unwrap();
         let widened = weight.to_dtype(DType::F32).unwrap();
-        // 80 rows (oneDNN), 6 (streamed), 1 (row-dot)
+        // 80 rows (oneDNN), 6 and 1 (streamed)
         for rows in [80, 6, 1] {
             let xs = Tensor::randn(0f32, 1.0, (rows, 70), &dev).unwrap();
             let residual = Tensor::randn(0f32, 1.0, (rows, 130), &dev).unwrap();
@@ -712,7 +712,7 @@ mod tests {
     #[test]
     fn the_residual_is_added_by_every_kernel() {
         let dev = Device::Cpu;
-        // 65 rows (blocked), 6 (streamed), 1 (row-dot)
+        // 65 rows (blocked), 6 and 1 (streamed)
         for rows in [65, 6, 1] {
             let xs = Tensor::randn(0f32, 1.0, (rows, 70), &dev).unwrap();
             let residual = Tensor::randn(0f32, 1.0, (rows, 130), &dev).unwrap();

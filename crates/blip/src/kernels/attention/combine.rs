@@ -205,7 +205,7 @@ unsafe fn combine_rows_avx512<W: Widen>(
     }
 }
 
-/// One tile of [`combine_rows_avx2`], from its first row and column; the coefficients packed
+/// One tile of [`combine_rows_avx2`] or [`combine_rows_avx512`], from its first row and column; the coefficients packed
 /// [len, R].
 #[cfg(target_arch = "x86_64")]
 pub(super) struct CombineTile<W> {
