@@ -401,11 +401,14 @@ mod tests {
                 let isa = *available().last().unwrap();
                 // a bf16 product of the context, which may take it rounded
                 let projection = Linear::new(Tensor::zeros((4, heads * d), DType::BF16, &dev).unwrap(), None).unwrap();
-                let (ours, f32_kernel, for_projection) = with_bf16(products, || {
+                // (whether the projection takes bf16 is asked under the same forced path: other
+                // tests may force another meanwhile)
+                let (ours, f32_kernel, for_projection, takes_bf16) = with_bf16(products, || {
                     with_isa(isa, || {
                         let f32_kernel = attention_packed(&qkv, heads, scale, false, None).unwrap();
                         let ours = attention_packed(&qkv, heads, scale, true, None).unwrap();
-                        (ours, f32_kernel, attention_packed(&qkv, heads, scale, true, Some(&projection)).unwrap())
+                        let for_projection = attention_packed(&qkv, heads, scale, true, Some(&projection)).unwrap();
+                        (ours, f32_kernel, for_projection, projection.takes_bf16(b * t))
                     })
                 });
                 // where the tiles ran, the oneDNN path they replace gives the same within f32's noise
@@ -420,7 +423,7 @@ mod tests {
                     assert!(diff < 1e-5, "{products:?}: {b}x{t} tokens: AMX and oneDNN differ by {diff}");
                 }
                 // rounded where the projection takes bf16 (b·t rows), else as it is: the same values
-                let expected_input = match projection.takes_bf16(b * t) && matches!(products, Bf16Products::OneDnn(_)) {
+                let expected_input = match takes_bf16 && matches!(products, Bf16Products::OneDnn(_)) {
                     true => ours.to_dtype(DType::BF16).unwrap(),
                     false => ours.clone(),
                 };
