@@ -49,79 +49,48 @@ pub(super) unsafe fn combine_rows<W: Widen>(
 const COMBINE_BLOCK: usize = 32;
 
 /// Tiles of up to 6 rows × 16 columns (12 sums; 2 loads and 6 broadcasts per 12 FMAs), or, for
-/// a single row, 1 × 64 (8 sums), over passes of [`COMBINE_BLOCK`] rows of `w`. Each pass first
-/// copies its coefficients, interleaved by row, so that a tile's broadcasts read one pointer at
-/// fixed offsets (strided rows had the compiler spill their addresses).
+/// a single row, 1 × 64 (8 sums), then 8 columns at a time.
 ///
 /// # Safety
 /// As [`combine_rows`]', on a CPU with AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn combine_rows_avx2<W: Widen>(
-    (coef, coef_row): (*const f32, usize),
-    (m, len): (usize, usize),
-    (w, w_row): (*const W, usize),
+    coef: (*const f32, usize),
+    sizes: (usize, usize),
+    w: (*const W, usize),
     width: usize,
-    (out, out_row): (*mut f32, usize),
+    out: (*mut f32, usize),
 ) {
-    // SAFETY: the tiles address rows i..i + rows of coef and out, rows first..first + block of w
-    // and columns below width, all within the matrices by the caller's contract; the
-    // features, by the caller's contract.
+    // SAFETY: the tiles stay within the columns `by_blocks` hands over, the rest as the caller's
+    // contract; the features, by the caller's contract.
     unsafe {
-        let mut packed = [0f32; COMBINE_BLOCK * 6];
-        for first in (0..len).step_by(COMBINE_BLOCK) {
-            let block = (len - first).min(COMBINE_BLOCK);
-            let mut i = 0;
-            while i < m {
-                let rows = (m - i).min(6);
-                for l in 0..block {
-                    for r in 0..rows {
-                        packed[l * rows + r] = *coef.add((i + r) * coef_row + first + l);
-                    }
+        by_blocks(coef, sizes, w, width, out, |tile, rows| {
+            let mut e = 0;
+            if rows == 1 {
+                while e + 64 <= width {
+                    tile.at(e).run::<1, 8>();
+                    e += 64;
                 }
-                let tile = |e: usize| CombineTile {
-                    coef: packed.as_ptr(),
-                    coef_step: rows,
-                    len: block,
-                    w: w.add(first * w_row + e),
-                    w_row,
-                    out: out.add(i * out_row + e),
-                    out_row,
-                    accumulate: true,
-                };
-                let mut e = 0;
-                if rows == 1 {
-                    while e + 64 <= width {
-                        tile(e).run::<1, 8>();
-                        e += 64;
-                    }
-                } else {
-                    while e + 16 <= width {
-                        tile(e).run_rows(rows);
-                        e += 16;
-                    }
+            } else {
+                while e + 16 <= width {
+                    tile.at(e).run_rows(rows);
+                    e += 16;
                 }
-                while e + 8 <= width {
-                    match rows {
-                        6 => tile(e).run::<6, 1>(),
-                        5 => tile(e).run::<5, 1>(),
-                        4 => tile(e).run::<4, 1>(),
-                        3 => tile(e).run::<3, 1>(),
-                        2 => tile(e).run::<2, 1>(),
-                        _ => tile(e).run::<1, 1>(),
-                    }
-                    e += 8;
-                }
-                for r in 0..rows {
-                    for e in e..width {
-                        let sum: f32 =
-                            (0..block).map(|l| packed[l * rows + r] * (*w.add((first + l) * w_row + e)).widen()).sum();
-                        *out.add((i + r) * out_row + e) += sum;
-                    }
-                }
-                i += rows;
             }
-        }
+            while e + 8 <= width {
+                match rows {
+                    6 => tile.at(e).run::<6, 1>(),
+                    5 => tile.at(e).run::<5, 1>(),
+                    4 => tile.at(e).run::<4, 1>(),
+                    3 => tile.at(e).run::<3, 1>(),
+                    2 => tile.at(e).run::<2, 1>(),
+                    _ => tile.at(e).run::<1, 1>(),
+                }
+                e += 8;
+            }
+            e
+        })
     }
 }
 
@@ -133,14 +102,72 @@ unsafe fn combine_rows_avx2<W: Widen>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn combine_rows_avx512<W: Widen>(
+    coef: (*const f32, usize),
+    sizes: (usize, usize),
+    w: (*const W, usize),
+    width: usize,
+    out: (*mut f32, usize),
+) {
+    // SAFETY: the tiles stay within the columns `by_blocks` hands over, the rest as the caller's
+    // contract; the features, by the caller's contract.
+    unsafe {
+        by_blocks(coef, sizes, w, width, out, |tile, rows| {
+            let mut e = 0;
+            if rows == 1 {
+                while e + 128 <= width {
+                    tile.at(e).run16::<1, 8>();
+                    e += 128;
+                }
+            } else {
+                while e + 32 <= width {
+                    match rows {
+                        6 => tile.at(e).run16::<6, 2>(),
+                        5 => tile.at(e).run16::<5, 2>(),
+                        4 => tile.at(e).run16::<4, 2>(),
+                        3 => tile.at(e).run16::<3, 2>(),
+                        _ => tile.at(e).run16::<2, 2>(),
+                    }
+                    e += 32;
+                }
+            }
+            while e + 16 <= width {
+                match rows {
+                    6 => tile.at(e).run16::<6, 1>(),
+                    5 => tile.at(e).run16::<5, 1>(),
+                    4 => tile.at(e).run16::<4, 1>(),
+                    3 => tile.at(e).run16::<3, 1>(),
+                    2 => tile.at(e).run16::<2, 1>(),
+                    _ => tile.at(e).run16::<1, 1>(),
+                }
+                e += 16;
+            }
+            e
+        })
+    }
+}
+
+/// The loop both register-tile versions share: passes of [`COMBINE_BLOCK`] rows of `w`, each
+/// updating all of `out` by groups of up to 6 rows. Each group first copies its coefficients,
+/// interleaved by row, so that a tile's broadcasts read one pointer at fixed offsets (strided
+/// rows had the compiler spill their addresses); `columns(tile, rows)` runs the group's tiles
+/// from column 0 (`tile.at(e)` for column e) and returns the first column it left, which is
+/// finished here one element at a time.
+///
+/// # Safety
+/// As [`combine_rows`]'; `columns` must stay within `width` columns.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn by_blocks<W: Widen>(
     (coef, coef_row): (*const f32, usize),
     (m, len): (usize, usize),
     (w, w_row): (*const W, usize),
     width: usize,
     (out, out_row): (*mut f32, usize),
+    columns: impl Fn(CombineTile<W>, usize) -> usize,
 ) {
-    // SAFETY: as in combine_rows_avx2: every tile within the matrices by the caller's contract;
-    // the features, by the caller's contract.
+    // SAFETY: the tiles address rows i..i + rows of coef and out, rows first..first + block of w
+    // and the columns `columns` covers, the remainder below width: all within the matrices by
+    // the caller's contract.
     unsafe {
         let mut packed = [0f32; COMBINE_BLOCK * 6];
         for first in (0..len).step_by(COMBINE_BLOCK) {
@@ -153,47 +180,19 @@ unsafe fn combine_rows_avx512<W: Widen>(
                         packed[l * rows + r] = *coef.add((i + r) * coef_row + first + l);
                     }
                 }
-                let tile = |e: usize| CombineTile {
+                let tile = CombineTile {
                     coef: packed.as_ptr(),
                     coef_step: rows,
                     len: block,
-                    w: w.add(first * w_row + e),
+                    w: w.add(first * w_row),
                     w_row,
-                    out: out.add(i * out_row + e),
+                    out: out.add(i * out_row),
                     out_row,
                     accumulate: true,
                 };
-                let mut e = 0;
-                if rows == 1 {
-                    while e + 128 <= width {
-                        tile(e).run16::<1, 8>();
-                        e += 128;
-                    }
-                } else {
-                    while e + 32 <= width {
-                        match rows {
-                            6 => tile(e).run16::<6, 2>(),
-                            5 => tile(e).run16::<5, 2>(),
-                            4 => tile(e).run16::<4, 2>(),
-                            3 => tile(e).run16::<3, 2>(),
-                            _ => tile(e).run16::<2, 2>(),
-                        }
-                        e += 32;
-                    }
-                }
-                while e + 16 <= width {
-                    match rows {
-                        6 => tile(e).run16::<6, 1>(),
-                        5 => tile(e).run16::<5, 1>(),
-                        4 => tile(e).run16::<4, 1>(),
-                        3 => tile(e).run16::<3, 1>(),
-                        2 => tile(e).run16::<2, 1>(),
-                        _ => tile(e).run16::<1, 1>(),
-                    }
-                    e += 16;
-                }
+                let done = columns(tile, rows);
                 for r in 0..rows {
-                    for e in e..width {
+                    for e in done..width {
                         let sum: f32 =
                             (0..block).map(|l| packed[l * rows + r] * (*w.add((first + l) * w_row + e)).widen()).sum();
                         *out.add((i + r) * out_row + e) += sum;
@@ -205,9 +204,10 @@ unsafe fn combine_rows_avx512<W: Widen>(
     }
 }
 
-/// One tile of [`combine_rows_avx2`] or [`combine_rows_avx512`], from its first row and column; the coefficients packed
-/// [len, R].
+/// One tile of [`combine_rows_avx2`] or [`combine_rows_avx512`], from its first row and column;
+/// the coefficients packed [len, R].
 #[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
 pub(super) struct CombineTile<W> {
     pub coef: *const f32,
     /// Elements from one coefficient row (one `l`) to the next: R when packed.
@@ -223,6 +223,12 @@ pub(super) struct CombineTile<W> {
 
 #[cfg(target_arch = "x86_64")]
 impl<W: Widen> CombineTile<W> {
+    /// The same tile from `e` columns further on.
+    #[inline(always)]
+    fn at(self, e: usize) -> Self {
+        Self { w: self.w.wrapping_add(e), out: self.out.wrapping_add(e), ..self }
+    }
+
     /// [`Self::run`] for `rows` ≤ 6 rows × 16 columns.
     ///
     /// # Safety
