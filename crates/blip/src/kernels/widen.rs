@@ -147,6 +147,25 @@ pub(crate) fn narrow_bf16(src: &[f32], dst: &mut [half::bf16]) {
     }
 }
 
+/// Values a bf16 product takes rounded: f32 ones are rounded as [`narrow_bf16`] rounds, bf16 ones
+/// (rounded so by the product that wrote them) are copied.
+pub(crate) trait RoundsToBf16: Copy + Send + Sync + 'static {
+    /// Writes `src` rounded to bf16 into `dst` (as long as `src`).
+    fn round_into(src: &[Self], dst: &mut [half::bf16]);
+}
+
+impl RoundsToBf16 for f32 {
+    fn round_into(src: &[f32], dst: &mut [half::bf16]) {
+        narrow_bf16(src, dst)
+    }
+}
+
+impl RoundsToBf16 for half::bf16 {
+    fn round_into(src: &[half::bf16], dst: &mut [half::bf16]) {
+        dst.copy_from_slice(src)
+    }
+}
+
 /// [`narrow_lanes`] compiled for AVX-512 (the same integer arithmetic, sixteen lanes).
 ///
 /// # Safety

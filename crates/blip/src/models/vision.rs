@@ -8,7 +8,6 @@ use super::Linear;
 
 use super::{layer_norm, linear};
 use crate::config::VisionConfig;
-use crate::ops::activation::gelu_for;
 use crate::ops::attention::attention_packed;
 use crate::ops::norm::LayerNorm;
 use crate::ops::trained_vision::{self, TowerShape};
@@ -153,7 +152,8 @@ impl VisionAttention {
     fn forward(&self, norm: &LayerNorm, residual: &Tensor) -> Result<Tensor> {
         let xs = norm.forward_for(residual, &self.qkv)?;
         let bf16_model = self.qkv.weight().dtype() == DType::BF16;
-        let qkv = self.qkv.forward(&xs)?;
+        // rounded to bf16 by the product where it multiplies in bf16: the attention rounds q, k, v
+        let qkv = self.qkv.forward_rounded(&xs)?;
         let context = attention_packed(&qkv, self.heads, self.scale, bf16_model, Some(&self.projection))?;
         self.projection.forward_residual(&context, residual)
     }
@@ -182,8 +182,8 @@ impl VisionLayer {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = self.self_attn.forward(&self.layer_norm1, xs)?;
-        let hidden = self.fc1.forward(&self.layer_norm2.forward_for(&xs, &self.fc1)?)?;
-        self.fc2.forward_residual(&gelu_for(hidden, &self.fc2)?, &xs)
+        let hidden = self.fc1.forward_gelu_for(&self.layer_norm2.forward_for(&xs, &self.fc1)?, &self.fc2)?;
+        self.fc2.forward_residual(&hidden, &xs)
     }
 }
 

@@ -8,6 +8,8 @@ use super::tensor::f32_values;
 use crate::kernels::attention::{cross, decode, vision};
 use crate::kernels::dispatch::{bf16_products, Bf16Products};
 use crate::kernels::elementwise;
+use crate::kernels::onednn::OneDnn;
+use crate::kernels::widen::RoundsToBf16;
 
 /// Multi-head split: [b, t, h*d] → [b, h, t, d].
 pub(crate) fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
@@ -36,25 +38,29 @@ pub(crate) fn attention_packed(
 ) -> Result<Tensor> {
     let (b, t, three_width) = qkv.dims3()?;
     let head_dim = three_width / 3 / heads;
+    let shape = (b, t, heads * head_dim);
+    let cpu = &candle_core::Device::Cpu;
+    // the context rounded to bf16 where its consumer takes it so
+    let rounded_context = consumer.is_some_and(|c| c.takes_bf16(b * t));
+    if super::on_cpu(qkv) && qkv.dtype() == candle_core::DType::BF16 && !super::in_graph(qkv) {
+        // rounded by the projection for a bf16 model (see Linear::forward_rounded)
+        let Bf16Products::OneDnn(onednn) = bf16_products() else {
+            candle_core::bail!("attention: q, k and v in bf16 without bf16 products");
+        };
+        let qkv = qkv.contiguous()?;
+        let (storage, layout) = qkv.storage_and_layout();
+        let values = super::tensor::bf16_values(&storage, layout)?;
+        return bf16_context(onednn, values, (b, t, heads, head_dim), scale as f32, rounded_context);
+    }
     if super::cpu_f32_contiguous(qkv) {
         let (storage, layout) = qkv.storage_and_layout();
         let qkv = f32_values(&storage, layout)?;
-        let shape = (b, t, heads * head_dim);
-        let cpu = &candle_core::Device::Cpu;
-        let context = match bf16_products() {
-            Bf16Products::OneDnn(onednn) if bf16_model && consumer.is_some_and(|c| c.takes_bf16(b * t)) => {
-                let rounded =
-                    vision::attend_packed_bf16::<half::bf16>(onednn, qkv, b, t, heads, head_dim, scale as f32)
-                        .map_err(candle_core::Error::msg)?;
-                return Tensor::from_vec(rounded, shape, cpu);
-            }
+        return match bf16_products() {
             Bf16Products::OneDnn(onednn) if bf16_model => {
-                vision::attend_packed_bf16::<f32>(onednn, qkv, b, t, heads, head_dim, scale as f32)
-                    .map_err(candle_core::Error::msg)?
+                bf16_context(onednn, qkv, (b, t, heads, head_dim), scale as f32, rounded_context)
             }
-            _ => vision::attend_packed(qkv, b, t, heads, head_dim, scale as f32),
+            _ => Tensor::from_vec(vision::attend_packed(qkv, b, t, heads, head_dim, scale as f32), shape, cpu),
         };
-        return Tensor::from_vec(context, shape, cpu);
     }
     if super::in_graph(qkv) && super::on_cpu(qkv) && qkv.dtype() == candle_core::DType::F32 {
         // in an autograd graph: the same kernel, with its backward pass
@@ -63,6 +69,26 @@ pub(crate) fn attention_packed(
     let qkv = qkv.reshape((b, t, 3, heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
     let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
     merge_heads(&attention(&q, &k, &v, scale, None)?)
+}
+
+/// The bf16 attention's context [b, t, heads·head_dim] from q, k and v (f32, or rounded already):
+/// rounded to bf16 for a consumer that takes it so (`rounded`), else f32.
+fn bf16_context<Q: RoundsToBf16>(
+    onednn: &'static OneDnn,
+    qkv: &[Q],
+    (b, t, heads, head_dim): (usize, usize, usize, usize),
+    scale: f32,
+    rounded: bool,
+) -> Result<Tensor> {
+    let (shape, cpu) = ((b, t, heads * head_dim), &candle_core::Device::Cpu);
+    if rounded {
+        let context = vision::attend_packed_bf16::<Q, half::bf16>(onednn, qkv, b, t, heads, head_dim, scale)
+            .map_err(candle_core::Error::msg)?;
+        return Tensor::from_vec(context, shape, cpu);
+    }
+    let context = vision::attend_packed_bf16::<Q, f32>(onednn, qkv, b, t, heads, head_dim, scale)
+        .map_err(candle_core::Error::msg)?;
+    Tensor::from_vec(context, shape, cpu)
 }
 
 /// [`attention_packed`] as an op of candle's autograd: the vision kernel forward, the
@@ -307,6 +333,7 @@ mod tests {
     use super::*;
     use crate::kernels::amx;
     use crate::kernels::dispatch::{available, available_bf16, with_bf16, with_isa};
+    use crate::ops::tensor::same_bits;
 
     #[test]
     fn packed_attention_matches_the_split_heads_one() {
@@ -421,6 +448,14 @@ mod tests {
                     let diff = (&without - &ours).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
                     let diff = diff.to_scalar::<f32>().unwrap();
                     assert!(diff < 1e-5, "{products:?}: {b}x{t} tokens: AMX and oneDNN differ by {diff}");
+                }
+                // q, k and v rounded by the projection (Linear::forward_rounded): the same bits
+                if let Bf16Products::OneDnn(_) = products {
+                    let rounded_qkv = qkv.to_dtype(DType::BF16).unwrap();
+                    let from_rounded = with_bf16(products, || {
+                        with_isa(isa, || attention_packed(&rounded_qkv, heads, scale, true, None).unwrap())
+                    });
+                    assert!(same_bits(&from_rounded, &ours).unwrap(), "{products:?}: {b}x{t}: from bf16 q, k, v");
                 }
                 // rounded where the projection takes bf16 (b·t rows), else as it is: the same values
                 let expected_input = match takes_bf16 && matches!(products, Bf16Products::OneDnn(_)) {

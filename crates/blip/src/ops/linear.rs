@@ -27,7 +27,7 @@ use super::tensor::cpu_f32_slice;
 use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::dispatch::{bf16_products, Bf16Products};
 use crate::kernels::few_rows::rows_times_weights;
-use crate::kernels::onednn::{OneDnn, Start, View};
+use crate::kernels::onednn::{Activation, Element, OneDnn, Start, View};
 use crate::kernels::widen::{narrow_bf16, widen_bf16};
 
 /// Input rows up to which blocks of weight rows are multiplied in register tiles as they stream
@@ -123,6 +123,58 @@ impl Linear {
 }
 
 impl Linear {
+    /// `gelu(xs·Wᵀ + b)` as `consumer` takes it: where this layer and the consumer both multiply
+    /// in bf16 ([`Self::takes_bf16`]), rounded to bf16 with the GELU applied by the product as it
+    /// writes (oneDNN's erf GELU, in f32), sparing two passes over the output; else
+    /// [`super::activation::gelu_for`] of [`Module::forward`].
+    pub(crate) fn forward_gelu_for(&self, xs: &Tensor, consumer: &Linear) -> Result<Tensor> {
+        let rows = xs.elem_count() / self.dims()?.1.max(1);
+        if consumer.takes_bf16(rows) {
+            if let Some(ys) = self.bf16_output(xs, Activation::Gelu)? {
+                return Ok(ys);
+            }
+        }
+        super::activation::gelu_for(self.forward(xs)?, consumer)
+    }
+
+    /// `xs·Wᵀ + b` rounded to bf16 where this layer multiplies in bf16 ([`Self::takes_bf16`]),
+    /// for a consumer that rounds it anyway (a bf16 model's attention), else f32 as
+    /// [`Module::forward`] gives it.
+    pub(crate) fn forward_rounded(&self, xs: &Tensor) -> Result<Tensor> {
+        match self.bf16_output(xs, Activation::Identity)? {
+            Some(ys) => Ok(ys),
+            None => self.forward(xs),
+        }
+    }
+
+    /// `activation(xs·Wᵀ + b)` rounded to bf16, on oneDNN, where this layer multiplies in bf16;
+    /// `None` where it does not.
+    fn bf16_output(&self, xs: &Tensor, activation: Activation) -> Result<Option<Tensor>> {
+        let (out_dim, in_dim) = self.dims()?;
+        let rows = xs.elem_count() / in_dim.max(1);
+        let Bf16Products::OneDnn(onednn) = bf16_products() else { return Ok(None) };
+        if !(self.takes_bf16(rows) && self.kernels_take(xs)) || self.column_major || xs.dims().last() != Some(&in_dim) {
+            return Ok(None);
+        }
+        let xs = xs.contiguous()?;
+        let (storage, layout) = xs.storage_and_layout();
+        let input = match xs.dtype() {
+            DType::BF16 => Input::Rounded(super::tensor::bf16_values(&storage, layout)?),
+            _ => Input::F32(super::tensor::f32_values(&storage, layout)?),
+        };
+        let (weight, weight_layout) = self.weight.storage_and_layout();
+        let w = super::tensor::bf16_values(&weight, weight_layout)?;
+        let (bias, bias_layout) = self.bias.storage_and_layout();
+        let bias = super::tensor::f32_values(&bias, bias_layout)?;
+        let ys: Vec<bf16> = bf16_product(onednn, input, (rows, in_dim, out_dim), (w, bias), None, activation)
+            .map_err(candle_core::Error::msg)?;
+        let mut dims = xs.dims().to_vec();
+        if let Some(features) = dims.last_mut() {
+            *features = out_dim;
+        }
+        Ok(Some(Tensor::from_vec(ys, dims, &candle_core::Device::Cpu)?))
+    }
+
     /// `residual + xs·Wᵀ + b`, the residual branch of a transformer layer in one pass: on the
     /// CPU the residual is where the product starts from, instead of an addition afterwards
     /// over the whole output.
@@ -316,7 +368,9 @@ impl CustomOp3 for LinearOp {
         };
         match (weights, onednn) {
             (Weights::BF16(w), Some(onednn)) if m >= BF16_PRODUCT_ROWS => {
-                let ys = bf16_product(onednn, input, m, k, w, n, bias, residual).map_err(candle_core::Error::msg)?;
+                let starting = residual.map(|residual| starting_rows(m, n, bias, Some(residual)));
+                let ys = bf16_product(onednn, input, (m, k, n), (w, bias), starting, Activation::Identity)
+                    .map_err(candle_core::Error::msg)?;
                 return Ok((CpuStorage::F32(ys), shape));
             }
             _ if rounded_input.is_some() => {
@@ -471,35 +525,33 @@ pub(crate) fn linear_f32(
 }
 
 /// Many input rows with bf16 weights, on oneDNN's bf16 products: the input rounded to bf16, the
-/// product accumulated in f32, plus the bias (and the residual, where the product starts). The
-/// rows are split among rayon's threads, each running oneDNN on its own share: one thread pool
-/// for the whole model (oneDNN's own threads, woken for each product while rayon's wait, cost
-/// more than the products gain).
-#[allow(clippy::too_many_arguments)]
-fn bf16_product(
+/// product accumulated in f32 onto `starting` (bias + residual rows, [m, n]) or else plus the
+/// bias, then `activation`, written as f32 or rounded to bf16 (`T`). The rows are split among
+/// rayon's threads, each running oneDNN on its own share: one thread pool for the whole model
+/// (oneDNN's own threads, woken for each product while rayon's wait, cost more than the
+/// products gain).
+fn bf16_product<T: Element + Send + Sync>(
     onednn: &'static OneDnn,
     input: Input,
-    m: usize,
-    k: usize,
-    w: &[bf16],
-    n: usize,
-    bias: &[f32],
-    residual: Option<&[f32]>,
-) -> std::result::Result<Vec<f32>, String> {
+    (m, k, n): (usize, usize, usize),
+    (w, bias): (&[bf16], &[f32]),
+    starting: Option<Vec<T>>,
+    activation: Activation,
+) -> std::result::Result<Vec<T>, String> {
     let parts = candle_core::utils::get_num_threads().clamp(1, m.div_ceil(BF16_PART_ROWS));
     let rows = m.div_ceil(parts);
     let weights = (w, View::transposed(k, n, k));
-    let start = if residual.is_some() { Start::Dst } else { Start::Bias(bias) };
-    // With a residual the product starts from bias + residual; without, oneDNN writes every
-    // element itself (the bias its own), with no pass over the output first.
-    let mut ys = match residual {
-        Some(_) => starting_rows(m, n, bias, residual),
-        None => Vec::with_capacity(m * n),
+    // Without starting rows oneDNN writes every element itself (the bias its own), with no pass
+    // over the output first.
+    let (start, mut ys) = match starting {
+        Some(ys) if ys.len() == m * n => (Start::Dst, ys),
+        Some(ys) => return Err(format!("linear: {} starting values for {m}x{n}", ys.len())),
+        None => (Start::Bias(bias), Vec::with_capacity(m * n)),
     };
     let outs = ys.as_mut_ptr() as usize;
     (0..m.div_ceil(rows)).into_par_iter().try_for_each(|part| {
         let part_rows = rows.min(m - part * rows);
-        let out = (outs as *mut f32).wrapping_add(part * rows * n);
+        let out = (outs as *mut T).wrapping_add(part * rows * n);
         let multiply = |rounded: &[bf16]| {
             // SAFETY: this part's rows of the output (within its m·n capacity), written by this
             // task alone; the input is this part's rows, the weights the caller's [n, k].
@@ -509,6 +561,7 @@ fn bf16_product(
                     (weights.0.as_ptr(), weights.1),
                     (out, View::matrix(part_rows, n, n)),
                     start,
+                    activation,
                 )
             }
         };
@@ -692,6 +745,51 @@ mod tests {
                 assert!(diff < 1e-4, "{products:?}, {rows} rows: {diff}");
                 let diff = max_diff(&with_residual, &(expected + &residual).unwrap());
                 assert!(diff < 1e-4, "{products:?}, {rows} rows, with the residual: {diff}");
+            }
+        }
+    }
+
+    /// Outputs for a bf16 product that follows: with bf16 products on oneDNN and enough rows,
+    /// rounded to bf16 by the product itself, the same bits as the f32 output rounded; the
+    /// GELU applied by oneDNN (its own erf) within one bf16 step of ours then rounded (or 1e-6
+    /// near 0, as oneDNN's own test says). Else the same tensors as the separate steps give.
+    #[test]
+    fn outputs_for_a_bf16_product_are_rounded_by_the_product() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 0.2, (130, 70), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let linear = Linear::new(weight, Some(Tensor::randn(0f32, 1.0, 130, &dev).unwrap())).unwrap();
+        let consumer =
+            Linear::new(Tensor::randn(0f32, 1.0, (9, 130), &dev).unwrap().to_dtype(DType::BF16).unwrap(), None)
+                .unwrap();
+        // 80 rows (oneDNN), 6 (streamed)
+        for rows in [80, 6] {
+            let xs = Tensor::randn(0f32, 1.0, (2, rows / 2, 70), &dev).unwrap();
+            for products in available_bf16() {
+                let (rounded, plain, fused, separate, takes_bf16) = with_bf16(products, || {
+                    (
+                        linear.forward_rounded(&xs).unwrap(),
+                        linear.forward(&xs).unwrap(),
+                        linear.forward_gelu_for(&xs, &consumer).unwrap(),
+                        super::super::activation::gelu_for(linear.forward(&xs).unwrap(), &consumer).unwrap(),
+                        consumer.takes_bf16(rows),
+                    )
+                });
+                let on_onednn = takes_bf16 && matches!(products, Bf16Products::OneDnn(_));
+                assert_eq!(rounded.dims(), plain.dims());
+                assert_eq!(fused.dtype(), separate.dtype(), "{products:?}, {rows} rows");
+                if !on_onednn {
+                    assert!(super::super::tensor::same_bits(&rounded, &plain).unwrap(), "{products:?}, {rows} rows");
+                    assert!(super::super::tensor::same_bits(&fused, &separate).unwrap(), "{products:?}, {rows} rows");
+                    continue;
+                }
+                let expected = plain.to_dtype(DType::BF16).unwrap();
+                assert!(super::super::tensor::same_bits(&rounded, &expected).unwrap(), "{products:?}: rounded output");
+                let values =
+                    |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for (ours, theirs) in values(&fused).iter().zip(values(&separate)) {
+                    let step = (theirs.abs() / 128.0).max(1e-6);
+                    assert!((ours - theirs).abs() <= step, "{products:?}: GELU {ours} vs {theirs}");
+                }
             }
         }
     }

@@ -39,6 +39,14 @@ pub(crate) fn f32_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'
     }
 }
 
+/// The values of a contiguous CPU bf16 tensor, borrowed.
+pub(crate) fn bf16_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [half::bf16]> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::BF16(data)), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("expected a contiguous bf16 CPU tensor"),
+    }
+}
+
 /// The values of contiguous CPU f32 storage, as a custom op's forward pass receives it; `op`
 /// names the op in the error.
 pub(crate) fn cpu_f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {

@@ -16,7 +16,7 @@ use crate::kernels::elementwise::{softmax_rows, softmax_rows_to_bf16};
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::math::{exp16, exp8};
 use crate::kernels::onednn::{OneDnn, Start, View};
-use crate::kernels::widen::narrow_bf16;
+use crate::kernels::widen::{narrow_bf16, RoundsToBf16};
 
 /// Self-attention straight from a fused projection's output `qkv` [batch, tokens, 3, heads,
 /// head_dim] (the vision tower's layout) to the context with heads merged [batch, tokens,
@@ -71,9 +71,9 @@ pub(crate) fn attend_packed(
 /// 16 queries where the CPU has them (heads of 64), else two oneDNN products per head. The context
 /// comes as f32, or (`T` = bf16) rounded as `narrow_bf16` rounds: the input of the bf16 product
 /// that follows, without an f32 pass between them.
-pub(crate) fn attend_packed_bf16<T: ContextOut>(
+pub(crate) fn attend_packed_bf16<Q: RoundsToBf16, T: ContextOut>(
     onednn: &'static OneDnn,
-    qkv: &[f32],
+    qkv: &[Q],
     batch: usize,
     tokens: usize,
     heads: usize,
@@ -115,9 +115,9 @@ impl ContextOut for bf16 {
     }
 }
 
-fn attend_packed_bf16_into<T: ContextOut>(
+fn attend_packed_bf16_into<Q: RoundsToBf16, T: ContextOut>(
     onednn: &'static OneDnn,
-    qkv: &[f32],
+    qkv: &[Q],
     (batch, tokens, heads, head_dim): (usize, usize, usize, usize),
     scale: f32,
     out: &mut [T],
@@ -151,7 +151,7 @@ fn attend_packed_bf16_into<T: ContextOut>(
     blocks.par_chunks_mut(n * d).enumerate().for_each(|(block, dst)| {
         let (b, column) = (block / (3 * heads), block % (3 * heads) * d);
         for (dst, src) in dst.chunks_mut(d).zip(qkv[b * n * row..].chunks(row)) {
-            narrow_bf16(&src[column..column + d], dst);
+            Q::round_into(&src[column..column + d], dst);
         }
     });
     let blocks = &blocks;

@@ -24,6 +24,9 @@ pub(super) type PostOps = *mut c_void;
 /// `dnnl_data_type_t`.
 pub(super) const BF16: c_int = 2;
 pub(super) const F32: c_int = 3;
+/// `dnnl_eltwise_gelu_erf` of 2.x and of 3.x.
+const GELU_ERF_V2: c_int = 0x30;
+const GELU_ERF_V3: c_int = 0x31;
 /// `dnnl_cpu`.
 const CPU: c_int = 1;
 /// `dnnl_stream_default_flags`.
@@ -164,6 +167,8 @@ pub(super) struct V2 {
     pub primitive_desc_create:
         unsafe extern "C" fn(*mut PrimitiveDesc, *const c_void, Attr, Engine, PrimitiveDesc) -> Status,
     pub post_ops_append_sum: unsafe extern "C" fn(PostOps, f32) -> Status,
+    /// (post-ops, scale, algorithm, alpha, beta).
+    pub post_ops_append_eltwise: unsafe extern "C" fn(PostOps, f32, c_int, f32, f32) -> Status,
 }
 
 /// oneDNN 3.x's descriptor calls.
@@ -174,6 +179,8 @@ pub(super) struct V3 {
     pub matmul_primitive_desc_create:
         unsafe extern "C" fn(*mut PrimitiveDesc, Engine, Desc, Desc, Desc, Desc, Attr) -> Status,
     pub post_ops_append_sum: unsafe extern "C" fn(PostOps, f32, i32, c_int) -> Status,
+    /// (post-ops, algorithm, alpha, beta).
+    pub post_ops_append_eltwise: unsafe extern "C" fn(PostOps, c_int, f32, f32) -> Status,
 }
 
 pub(super) enum Versioned {
@@ -240,12 +247,14 @@ impl Api {
                     matmul_desc_init: symbol!("dnnl_matmul_desc_init"),
                     primitive_desc_create: symbol!("dnnl_primitive_desc_create"),
                     post_ops_append_sum: symbol!("dnnl_post_ops_append_sum"),
+                    post_ops_append_eltwise: symbol!("dnnl_post_ops_append_eltwise"),
                 }),
                 3 => Versioned::V3(V3 {
                     memory_desc_create_with_strides: symbol!("dnnl_memory_desc_create_with_strides"),
                     memory_desc_destroy: symbol!("dnnl_memory_desc_destroy"),
                     matmul_primitive_desc_create: symbol!("dnnl_matmul_primitive_desc_create"),
                     post_ops_append_sum: symbol!("dnnl_post_ops_append_sum"),
+                    post_ops_append_eltwise: symbol!("dnnl_post_ops_append_eltwise"),
                 }),
                 major => return Err(format!("{name} is oneDNN {major}.{}, not 2.x or 3.x", found.minor)),
             };
@@ -328,6 +337,22 @@ impl Api {
             }
         };
         check(status, "sum post-op")
+    }
+
+    /// Appends the GELU of erf (`dnnl_eltwise_gelu_erf`, transformers' "gelu") to `post_ops`.
+    ///
+    /// # Safety
+    /// `post_ops` must be a live post-ops handle.
+    pub(super) unsafe fn append_gelu_erf(&self, post_ops: PostOps) -> Result<(), String> {
+        // SAFETY: by the caller's contract; the algorithm's number is each version's own
+        // (dnnl_types.h: 0x30 in 2.x, 0x31 in 3.x), alpha and beta unused by it.
+        let status = unsafe {
+            match &self.versioned {
+                Versioned::V2(v2) => (v2.post_ops_append_eltwise)(post_ops, 1.0, GELU_ERF_V2, 0.0, 0.0),
+                Versioned::V3(v3) => (v3.post_ops_append_eltwise)(post_ops, GELU_ERF_V3, 0.0, 0.0),
+            }
+        };
+        check(status, "GELU post-op")
     }
 
     /// A matmul primitive descriptor `dst = src · weights (+ bias)` with `attr` (`bias` null for

@@ -74,6 +74,29 @@ impl Start<'_> {
     }
 }
 
+/// What a product's result goes through before it is written: transformers' activations that
+/// oneDNN applies to each element in f32 (a post-op), sparing a pass over the output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Activation {
+    Identity,
+    /// The GELU of erf (transformers' "gelu"), oneDNN's `gelu_erf`.
+    Gelu,
+}
+
+/// A product's output element: f32, or bf16 rounded from the f32 result (to nearest, ties to
+/// even, as [`crate::kernels::widen::narrow_bf16`] rounds) for a product that takes it next.
+pub(crate) trait Element: Copy {
+    const DTYPE: c_int;
+}
+
+impl Element for f32 {
+    const DTYPE: c_int = ffi::F32;
+}
+
+impl Element for bf16 {
+    const DTYPE: c_int = ffi::BF16;
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum StartKind {
     Zero,
@@ -86,7 +109,9 @@ struct Key {
     a: View,
     b: View,
     dst: View,
+    dst_dtype: c_int,
     start: StartKind,
+    activation: Activation,
 }
 
 /// A made primitive; destroyed with its descriptor when the cache drops it.
@@ -171,23 +196,25 @@ impl OneDnn {
         if a.len() < a_view.extent() || b.len() < b_view.extent() || dst.len() < dst_view.extent() {
             return Err("oneDNN matmul: an operand is shorter than its view".into());
         }
+        let (dst, activation) = ((dst.as_mut_ptr(), dst_view), Activation::Identity);
         // SAFETY: each view lies within its slice (checked above); dst is borrowed mutably, so it
         // overlaps neither operand.
-        unsafe { self.matmul_at((a.as_ptr(), a_view), (b.as_ptr(), b_view), (dst.as_mut_ptr(), dst_view), start) }
+        unsafe { self.matmul_at((a.as_ptr(), a_view), (b.as_ptr(), b_view), dst, start, activation) }
     }
 
     /// [`OneDnn::matmul`] over raw pointers, for destinations that parallel tasks share (each
-    /// writing its own elements).
+    /// writing its own elements), into f32 or bf16, through `activation`.
     ///
     /// # Safety
     /// Every element a view addresses must lie within its buffer; no other thread may read or
     /// write the elements of dst's view meanwhile, and dst's view must not overlap a's or b's.
-    pub(crate) unsafe fn matmul_at(
+    pub(crate) unsafe fn matmul_at<T: Element>(
         &'static self,
         (a, a_view): (*const bf16, View),
         (b, b_view): (*const bf16, View),
-        (dst, dst_view): (*mut f32, View),
+        (dst, dst_view): (*mut T, View),
         start: Start,
+        activation: Activation,
     ) -> Result<(), String> {
         let [batch, m, k] = a_view.dims;
         let ok = b_view.dims == [batch, k, dst_view.dims[2]] && dst_view.dims == [batch, m, b_view.dims[2]];
@@ -205,7 +232,8 @@ impl OneDnn {
         // a primitive's thread count when it is made, from the calling thread's OpenMP setting,
         // so it is set first (and restored after).
         let _one_thread = self.api.openmp.as_ref().map(|omp| omp.set_threads(1));
-        let matmul = self.primitive(Key { a: a_view, b: b_view, dst: dst_view, start: start.kind() })?;
+        let key = Key { a: a_view, b: b_view, dst: dst_view, dst_dtype: T::DTYPE, start: start.kind(), activation };
+        let matmul = self.primitive(key)?;
         SCRATCHPAD.with_borrow_mut(|scratch| {
             // oneDNN aligns each entry of the scratchpad itself within the size it asks for. The
             // buffer only grows: shrinking it between primitives would zero it again each time.
@@ -309,7 +337,7 @@ impl OneDnn {
 
     fn make(&'static self, key: Key) -> Result<Matmul, String> {
         let api = &self.api;
-        let mut views = vec![(key.a, ffi::BF16), (key.b, ffi::BF16), (key.dst, ffi::F32)];
+        let mut views = vec![(key.a, ffi::BF16), (key.b, ffi::BF16), (key.dst, key.dst_dtype)];
         if key.start == StartKind::Bias {
             // one row of n, broadcast over the batch and the rows
             let n = key.dst.dims[2];
@@ -329,9 +357,14 @@ impl OneDnn {
             check((api.primitive_attr_create)(&mut attr), "attributes")?;
             let made = (|| {
                 check((api.primitive_attr_set_scratchpad_mode)(attr, ffi::SCRATCHPAD_MODE_USER), "scratchpad mode")?;
-                if key.start == StartKind::Dst {
+                if key.start == StartKind::Dst || key.activation != Activation::Identity {
                     check((api.post_ops_create)(&mut post_ops), "post-ops")?;
-                    api.append_sum(post_ops)?;
+                    if key.start == StartKind::Dst {
+                        api.append_sum(post_ops)?;
+                    }
+                    if key.activation == Activation::Gelu {
+                        api.append_gelu_erf(post_ops)?;
+                    }
                     check((api.primitive_attr_set_post_ops)(attr, post_ops), "post-ops")?;
                 }
                 let descriptor =
@@ -359,7 +392,8 @@ impl OneDnn {
         let matmul = Matmul { primitive, descriptor, descs, scratch_desc, scratch_bytes, api };
         if tracing::enabled!(tracing::Level::DEBUG) {
             let implementation = matmul.implementation().unwrap_or_else(|e| e);
-            tracing::debug!(a = ?key.a, b = ?key.b, dst = ?key.dst, implementation, "oneDNN matmul made");
+            let activation = key.activation;
+            tracing::debug!(a = ?key.a, b = ?key.b, dst = ?key.dst, ?activation, implementation, "oneDNN matmul made");
         }
         Ok(matmul)
     }
@@ -417,6 +451,42 @@ mod tests {
                 };
                 assert!((ours - offset - exact).abs() < 1e-4, "{ours} vs {exact} + {offset}");
             }
+        }
+    }
+
+    /// Outputs in bf16 are the f32 results rounded to nearest even; with the GELU post-op,
+    /// within one bf16 step of our GELU of the exact product, rounded, or 1e-6 where GELU's
+    /// value is near 0 (oneDNN 3.x's erf is exact to ~1e-7 absolute in the far negative tail).
+    #[test]
+    fn bf16_outputs_and_the_gelu_post_op() {
+        let Ok(onednn) = OneDnn::load() else { return };
+        let (m, n, k) = (37, 50, 70);
+        let (a, w) = (values(m * k, 3), values(n * k, 5));
+        let exact = reference(&a, &w, (m, n, k), true);
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.1 - 2.5).collect();
+        let shapes = (View::matrix(m, k, k), View::transposed(k, n, k), View::matrix(m, n, n));
+        let run = |activation| {
+            let (mut f32_out, mut bf16_out) = (vec![f32::NAN; m * n], vec![bf16::NAN; m * n]);
+            // SAFETY: every buffer holds its view's elements; the outputs are this thread's.
+            unsafe {
+                let (a, w) = ((a.as_ptr(), shapes.0), (w.as_ptr(), shapes.1));
+                onednn.matmul_at(a, w, (f32_out.as_mut_ptr(), shapes.2), Start::Bias(&bias), activation).unwrap();
+                onednn.matmul_at(a, w, (bf16_out.as_mut_ptr(), shapes.2), Start::Bias(&bias), activation).unwrap();
+            }
+            (f32_out, bf16_out)
+        };
+        let (f32_out, bf16_out) = run(Activation::Identity);
+        for (index, (ours, rounded)) in f32_out.iter().zip(&bf16_out).enumerate() {
+            assert!((ours - exact[index] - bias[index % n]).abs() < 1e-4);
+            assert_eq!(rounded.to_bits(), bf16::from_f32(*ours).to_bits(), "{ours}");
+        }
+        let mut expected: Vec<f32> = exact.iter().enumerate().map(|(i, x)| x + bias[i % n]).collect();
+        crate::kernels::elementwise::gelu(&mut expected);
+        let (gelu_f32, gelu_bf16) = run(Activation::Gelu);
+        for ((ours, rounded), expected) in gelu_f32.iter().zip(&gelu_bf16).zip(&expected) {
+            assert!((ours - expected).abs() < 1e-4, "GELU {ours} vs {expected}");
+            let step = (expected.abs() / 128.0).max(1e-6);
+            assert!((rounded.to_f32() - expected).abs() <= step, "GELU rounded {rounded} vs {expected}");
         }
     }
 
