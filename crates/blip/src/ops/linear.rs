@@ -765,14 +765,18 @@ mod tests {
         for rows in [80, 6] {
             let xs = Tensor::randn(0f32, 1.0, (2, rows / 2, 70), &dev).unwrap();
             for products in available_bf16() {
+                // one instruction set for every call (other tests may force another meanwhile)
+                let isa = *available().last().unwrap();
                 let (rounded, plain, fused, separate, takes_bf16) = with_bf16(products, || {
-                    (
-                        linear.forward_rounded(&xs).unwrap(),
-                        linear.forward(&xs).unwrap(),
-                        linear.forward_gelu_for(&xs, &consumer).unwrap(),
-                        super::super::activation::gelu_for(linear.forward(&xs).unwrap(), &consumer).unwrap(),
-                        consumer.takes_bf16(rows),
-                    )
+                    with_isa(isa, || {
+                        (
+                            linear.forward_rounded(&xs).unwrap(),
+                            linear.forward(&xs).unwrap(),
+                            linear.forward_gelu_for(&xs, &consumer).unwrap(),
+                            super::super::activation::gelu_for(linear.forward(&xs).unwrap(), &consumer).unwrap(),
+                            consumer.takes_bf16(rows),
+                        )
+                    })
                 });
                 let on_onednn = takes_bf16 && matches!(products, Bf16Products::OneDnn(_));
                 assert_eq!(rounded.dims(), plain.dims());
