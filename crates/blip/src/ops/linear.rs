@@ -12,7 +12,8 @@
 //! - many rows (vision, long texts): one blocked product over the whole matrix on all threads,
 //!   bf16/f16 weights widened to f32 first; or, for bf16 weights where the CPU multiplies bf16
 //!   (see [`crate::kernels::dispatch::bf16_products`]), oneDNN's bf16 product of the input
-//!   rounded to bf16, accumulated in f32.
+//!   rounded to bf16, accumulated in f32; written in bf16 (and through the GELU) where the next
+//!   layer takes it so (see [`Linear::forward_rounded`], [`Linear::forward_gelu_for`]).
 //!
 //! The products are OpenBLAS's sgemm with the `openblas` feature, else the `gemm` crate's
 //! (see [`crate::kernels::blas::matmul`]).
