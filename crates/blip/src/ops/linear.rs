@@ -27,6 +27,7 @@ use rayon::prelude::*;
 use super::tensor::cpu_f32_slice;
 use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::dispatch::{bf16_products, Bf16Products};
+use crate::kernels::amx::{self, Amx};
 use crate::kernels::few_rows::rows_times_weights;
 use crate::kernels::onednn::{Activation, Element, OneDnn, Start, View};
 use crate::kernels::widen::{narrow_bf16, widen_bf16};
@@ -392,7 +393,7 @@ impl CustomOp3 for LinearOp {
             }
             None => xs,
         };
-        let mut ys = streamed_product(xs, m, k, weights, n, bias);
+        let mut ys = streamed_product(xs, m, k, weights, n, bias, onednn.is_some());
         if let Some(residual) = residual {
             ys.iter_mut().zip(residual).for_each(|(y, r)| *y += r);
         }
@@ -443,8 +444,14 @@ fn transpose(xs: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// A few input rows (decoding, one sequence or a batch): each task multiplies all input rows
-/// with a block of weight rows, read once from where they are stored and widened in registers.
-fn streamed_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32]) -> Vec<f32> {
+/// with a block of weight rows, read once from where they are stored (widened in registers, or
+/// as AMX tiles where `rounded`: the rows are bf16 values and the CPU has the tiles).
+fn streamed_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32], rounded: bool) -> Vec<f32> {
+    let tiles = match weights {
+        Weights::BF16(_) if rounded && amx::rows::takes(m, k) => Amx::detect(),
+        _ => None,
+    };
+    let pairs = tiles.map(|_| amx::rows::pair_rows(xs, m, k));
     // Transposed [n, m], so that each task owns whole output rows; transposed back below.
     let mut transposed = vec![0f32; n * m];
     transposed.par_chunks_mut(STREAM_BLOCK * m).enumerate().for_each(|(block, outs)| {
@@ -452,10 +459,15 @@ fn streamed_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, 
         for (column, &b) in outs.chunks_mut(m).zip(&bias[first..first + rows]) {
             column.fill(b);
         }
-        match weights.slice(first * k..(first + rows) * k) {
-            Weights::F32(w) => rows_times_weights(xs, m, k, w, outs),
-            Weights::BF16(w) => rows_times_weights(xs, m, k, w, outs),
-            Weights::F16(w) => rows_times_weights(xs, m, k, w, outs),
+        match (weights.slice(first * k..(first + rows) * k), tiles.zip(pairs.as_deref())) {
+            (Weights::BF16(w), Some((proof, pairs))) => {
+                amx::rows::rows_times_weights(proof, pairs, (m, k), w, outs, |_, w, outs| {
+                    rows_times_weights(xs, m, k, w, outs)
+                })
+            }
+            (Weights::F32(w), _) => rows_times_weights(xs, m, k, w, outs),
+            (Weights::BF16(w), _) => rows_times_weights(xs, m, k, w, outs),
+            (Weights::F16(w), _) => rows_times_weights(xs, m, k, w, outs),
         }
     });
     transpose(&transposed, n, m)
@@ -721,31 +733,33 @@ mod tests {
         });
     }
 
+    /// With 96 inputs per row, the streamed rows run on AMX tiles where the CPU has them; the
+    /// same check without the tiles covers the AVX-512 widening kernels there.
     #[test]
     fn bf16_products_multiply_the_input_rounded_to_bf16() {
         let dev = Device::Cpu;
-        let weight = Tensor::randn(0f32, 1.0, (130, 70), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (130, 96), &dev).unwrap().to_dtype(DType::BF16).unwrap();
         let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
         let linear = Linear::new(weight.clone(), Some(bias.clone())).unwrap();
         let widened = weight.to_dtype(DType::F32).unwrap();
-        // 80 rows (oneDNN), 6 and 1 (streamed)
-        for rows in [80, 6, 1] {
-            let xs = Tensor::randn(0f32, 1.0, (rows, 70), &dev).unwrap();
+        // 80 rows (oneDNN), 16, 6 and 1 (streamed)
+        for rows in [80, 16, 6, 1] {
+            let xs = Tensor::randn(0f32, 1.0, (rows, 96), &dev).unwrap();
             let residual = Tensor::randn(0f32, 1.0, (rows, 130), &dev).unwrap();
             let rounded = xs.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
-            for products in available_bf16() {
+            for (products, tiles) in available_bf16().into_iter().flat_map(|p| [(p, true), (p, false)]) {
                 let expected_input = match products {
                     Bf16Products::OneDnn(_) => &rounded,
                     Bf16Products::Widened => &xs,
                 };
                 let expected = reference(expected_input, &widened, &bias);
-                let (plain, with_residual) = with_bf16(products, || {
-                    (linear.forward(&xs).unwrap(), linear.forward_residual(&xs, &residual).unwrap())
-                });
+                let run = || (linear.forward(&xs).unwrap(), linear.forward_residual(&xs, &residual).unwrap());
+                let (plain, with_residual) =
+                    with_bf16(products, || if tiles { run() } else { amx::without_amx(run) });
                 let diff = max_diff(&plain, &expected);
-                assert!(diff < 1e-4, "{products:?}, {rows} rows: {diff}");
+                assert!(diff < 1e-4, "{products:?}, {rows} rows, tiles {tiles}: {diff}");
                 let diff = max_diff(&with_residual, &(expected + &residual).unwrap());
-                assert!(diff < 1e-4, "{products:?}, {rows} rows, with the residual: {diff}");
+                assert!(diff < 1e-4, "{products:?}, {rows} rows, tiles {tiles}, with the residual: {diff}");
             }
         }
     }

@@ -10,6 +10,8 @@ use std::sync::OnceLock;
 
 use half::bf16;
 
+pub(crate) mod rows;
+
 use super::dispatch::{isa, Isa};
 use super::elementwise::softmax_rows_to_bf16;
 use super::widen::RoundsToBf16;
@@ -115,7 +117,7 @@ pub(crate) struct HeadScratch {
     context: Vec<f32>,
 }
 
-/// The tile configuration: palette 1, tiles 0–7 of 16 rows × 64 bytes.
+/// A tile configuration (palette 1: tiles 0–7, each of up to 16 rows of up to 64 bytes).
 #[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct TileConfig {
@@ -124,6 +126,22 @@ struct TileConfig {
     reserved: [u8; 14],
     bytes_per_row: [u16; 16],
     rows: [u8; 16],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TileConfig {
+    /// Tiles 0–7 of 16 rows × 64 bytes (the other entries must be 0).
+    fn uniform() -> Self {
+        let mut config = Self::empty();
+        config.bytes_per_row[..8].fill(64);
+        config.rows[..8].fill(16);
+        config
+    }
+
+    /// No tile configured yet.
+    fn empty() -> Self {
+        Self { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] }
+    }
 }
 
 /// One head's q, k and v in the fused projection's output (f32, or rounded to bf16 already):
@@ -195,7 +213,7 @@ pub(crate) fn attend_head<Q: RoundsToBf16>(
 
     #[cfg(target_arch = "x86_64")]
     {
-        let _tiles = Tiles::configure();
+        let _tiles = Tiles::configure(&TileConfig::uniform());
         for block in 0..rows / 16 {
             // SAFETY: the tiles are configured (16 rows × 64 bytes); the operands' bounds are
             // those of `scores_block`'s.
@@ -284,17 +302,14 @@ struct Tiles(());
 
 #[cfg(target_arch = "x86_64")]
 impl Tiles {
-    /// Loads the configuration; only with [`Amx`]'s proof (the CPU has the tiles, the process
-    /// their state).
-    fn configure() -> Self {
-        // palette 1 has 8 tiles: the other entries must be 0
-        let mut config =
-            TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
-        config.bytes_per_row[..8].fill(64);
-        config.rows[..8].fill(16);
-        // SAFETY: a valid palette-1 configuration, 64 bytes, readable; the caller holds the
-        // proof that the CPU and the OS support the tiles.
-        unsafe { asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly)) };
+    /// Loads `config`, whose tiles have at most 16 rows of at most 64 bytes; only with
+    /// [`Amx`]'s proof (the CPU has the tiles, the process their state).
+    fn configure(config: &TileConfig) -> Self {
+        assert!(config.palette == 1 && config.rows.iter().all(|&r| r <= 16));
+        assert!(config.bytes_per_row.iter().all(|&b| b <= 64 && b % 4 == 0));
+        // SAFETY: a valid palette-1 configuration (checked above), 64 bytes, readable; the
+        // caller holds the proof that the CPU and the OS support the tiles.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) config as *const TileConfig, options(nostack, readonly)) };
         Self(())
     }
 }

@@ -1,0 +1,188 @@
+//! Products of a few rows (decoding) with bf16 weights on AMX tiles. The weights, as stored
+//! ([n, k] row-major), are the A tiles, read once straight from memory as the AVX-512 widening
+//! kernels read them; the input rows, paired, are the B tiles; the sums land as [n, m], the
+//! layout the streamed products write.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::asm;
+
+use half::bf16;
+
+use super::Amx;
+#[cfg(target_arch = "x86_64")]
+use super::{TileConfig, Tiles};
+
+/// The most input rows one product takes (a B tile's 16 columns).
+pub(crate) const MAX_ROWS: usize = 16;
+
+/// Whether [`rows_times_weights`] takes m rows of k values.
+pub(crate) fn takes(m: usize, k: usize) -> bool {
+    (1..=MAX_ROWS).contains(&m) && k.is_multiple_of(32)
+}
+
+/// xs [m, k] (f32 values that are bf16 already) as B tiles: [k / 2, m] u32, each the pair
+/// (xs[i][2p], xs[i][2p + 1]), the first in the low half.
+pub(crate) fn pair_rows(xs: &[f32], m: usize, k: usize) -> Vec<u32> {
+    assert!(xs.len() == m * k && k.is_multiple_of(2));
+    let mut pairs = vec![0u32; k / 2 * m];
+    for (i, row) in xs.chunks_exact(k).enumerate() {
+        for (p, pair) in row.chunks_exact(2).enumerate() {
+            let (low, high) = (bf16::from_f32(pair[0]).to_bits(), bf16::from_f32(pair[1]).to_bits());
+            pairs[p * m + i] = u32::from(low) | u32::from(high) << 16;
+        }
+    }
+    pairs
+}
+
+/// `outs[j·m + i] += xs[i]·w[j]` for the m rows paired by [`pair_rows`] and each weight row
+/// `w[j]` of `w` [rows, k], in f32 sums of exact bf16 products (as oneDNN's bf16 products).
+/// Blocks of 32 and 16 weight rows run on the tiles; the last rows (fewer than 16) through
+/// `rest(first_row, rows, outs)`.
+pub(crate) fn rows_times_weights(
+    proof: Amx,
+    pairs: &[u32],
+    (m, k): (usize, usize),
+    w: &[bf16],
+    outs: &mut [f32],
+    rest: impl FnOnce(usize, &[bf16], &mut [f32]),
+) {
+    let _ = proof;
+    assert!(takes(m, k) && pairs.len() == k / 2 * m && w.len().is_multiple_of(k) && outs.len() == w.len() / k * m);
+    let rows = w.len() / k;
+    let tiled = rows / 16 * 16;
+    #[cfg(target_arch = "x86_64")]
+    if tiled > 0 {
+        let _tiles = Tiles::configure(&config(m));
+        let mut j = 0;
+        while j < tiled {
+            let block = if tiled - j >= 32 { 32 } else { 16 };
+            // SAFETY: the tiles are configured for m; weight rows j..j + block < rows and their
+            // outputs lie within w and outs (sizes asserted above).
+            unsafe { weight_rows_block(pairs.as_ptr(), w[j * k..].as_ptr(), outs[j * m..].as_mut_ptr(), (m, k), block) };
+            j += block;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiled = 0;
+    rest(tiled, &w[tiled * k..], &mut outs[tiled * m..]);
+}
+
+/// Tiles 0 and 1 the sums [16 weight rows, m], 2 and 3 the weights [16 rows, 32 values], 4 the
+/// input rows' pairs [16 pairs, m].
+#[cfg(target_arch = "x86_64")]
+fn config(m: usize) -> TileConfig {
+    let mut config = TileConfig::empty();
+    let columns = (4 * m) as u16;
+    config.bytes_per_row[..5].copy_from_slice(&[columns, columns, 64, 64, columns]);
+    config.rows[..5].fill(16);
+    config
+}
+
+/// Weight rows 16 or 32 (`block`) from `w` times the paired rows, added to their outputs at
+/// `outs` ([block, m]): per 32 values of k, one B tile of pairs and one A tile per 16 weight rows.
+///
+/// # Safety
+/// The tiles must be configured by [`config`] for m; `pairs` must hold k / 2·m values, `w`
+/// block·k from where it points and `outs` block·m; k a multiple of 32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn weight_rows_block(pairs: *const u32, w: *const bf16, outs: *mut f32, (m, k): (usize, usize), block: usize) {
+    // SAFETY: iteration c reads 16 rows of 64 bytes at byte 64·c of each weight row (stride
+    // 2k bytes) and 16 pair rows (4m bytes each) from pair row 16·c; the sums are read and
+    // written as 16 rows of 4m bytes at outs and outs + 16m values: all within the caller's
+    // sizes. Every tile it writes is declared.
+    unsafe {
+        if block == 32 {
+            asm!(
+                "tileloadd tmm0, [{c0} + {c_stride}*1]",
+                "tileloadd tmm1, [{c1} + {c_stride}*1]",
+                "2:",
+                "tileloadd tmm4, [{b} + {c_stride}*1]",
+                "tileloadd tmm2, [{a0} + {a_stride}*1]",
+                "tdpbf16ps tmm0, tmm2, tmm4",
+                "tileloadd tmm3, [{a1} + {a_stride}*1]",
+                "tdpbf16ps tmm1, tmm3, tmm4",
+                ".rept 32",
+                "prefetcht1 [{pf}]",
+                "add {pf}, 64",
+                ".endr",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b}, {b_step}",
+                "dec {chunks}",
+                "jnz 2b",
+                "tilestored [{c0} + {c_stride}*1], tmm0",
+                "tilestored [{c1} + {c_stride}*1], tmm1",
+                c0 = in(reg) outs,
+                c1 = in(reg) outs.add(16 * m),
+                c_stride = in(reg) 4 * m,
+                b = inout(reg) pairs => _,
+                b_step = in(reg) 64 * m,
+                a0 = inout(reg) w => _,
+                a1 = inout(reg) w.add(16 * k) => _,
+                pf = inout(reg) w.add(32 * k) => _,
+                a_stride = in(reg) 2 * k,
+                chunks = inout(reg) k / 32 => _,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _,
+                options(nostack),
+            );
+        } else {
+            asm!(
+                "tileloadd tmm0, [{c0} + {c_stride}*1]",
+                "2:",
+                "tileloadd tmm4, [{b} + {c_stride}*1]",
+                "tileloadd tmm2, [{a0} + {a_stride}*1]",
+                "tdpbf16ps tmm0, tmm2, tmm4",
+                "add {a0}, 64",
+                "add {b}, {b_step}",
+                "dec {chunks}",
+                "jnz 2b",
+                "tilestored [{c0} + {c_stride}*1], tmm0",
+                c0 = in(reg) outs,
+                c_stride = in(reg) 4 * m,
+                b = inout(reg) pairs => _,
+                b_step = in(reg) 64 * m,
+                a0 = inout(reg) w => _,
+                a_stride = in(reg) 2 * k,
+                chunks = inout(reg) k / 32 => _,
+                out("tmm0") _, out("tmm2") _, out("tmm4") _,
+                options(nostack),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against f64 sums of the same bf16 products, for every row count and a weight count with
+    /// blocks of 32, 16 and a remainder.
+    #[test]
+    fn matches_exact_sums_of_the_bf16_products() {
+        let Some(proof) = Amx::detect() else {
+            eprintln!("no AMX tiles here: skipped");
+            return;
+        };
+        let (k, rows) = (96, 32 + 16 + 5);
+        let value = |i: usize| bf16::from_f32(((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.5);
+        let w: Vec<bf16> = (0..rows * k).map(|i| value(i + 3)).collect();
+        for m in 1..=MAX_ROWS {
+            let xs: Vec<f32> = (0..m * k).map(|i| value(i * 31 + 11).to_f32()).collect();
+            let bias: Vec<f32> = (0..rows * m).map(|i| (i % 7) as f32 * 0.5).collect();
+            let mut outs = bias.clone();
+            let pairs = pair_rows(&xs, m, k);
+            let mut rest_rows = None;
+            rows_times_weights(proof, &pairs, (m, k), &w, &mut outs, |first, _, _| rest_rows = Some(first));
+            assert_eq!(rest_rows, Some(48));
+            for j in 0..48 {
+                for i in 0..m {
+                    let exact: f64 = (0..k).map(|c| f64::from(xs[i * k + c]) * f64::from(w[j * k + c].to_f32())).sum();
+                    let got = f64::from(outs[j * m + i]) - f64::from(bias[j * m + i]);
+                    assert!((got - exact).abs() <= 1e-5 * (1.0 + exact.abs()), "m {m}, row {j}, input {i}: {got} against {exact}");
+                }
+            }
+            assert_eq!(outs[48 * m..], bias[48 * m..], "the rest is left to `rest`");
+        }
+    }
+}
+
