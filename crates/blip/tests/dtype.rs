@@ -31,7 +31,7 @@ fn images(root: &Path) -> Vec<image::RgbImage> {
 }
 
 /// The smallest logits cosine and the share of steps with the same top-1 token, over all
-/// images and teacher-forced steps.
+/// images and teacher-forced steps (decoded in one pass, and step by step).
 fn compare(model_dir: &Path, images: &[image::RgbImage], dtype: DType) -> (f32, f32) {
     let model_dir = model_dir.to_str().unwrap();
     let reference = Captioner::load(model_dir, &Device::Cpu).unwrap();
@@ -45,10 +45,17 @@ fn compare(model_dir: &Path, images: &[image::RgbImage], dtype: DType) -> (f32, 
     let tokens: Vec<u32> = captions.iter().flat_map(|c| c[0].tokens.clone()).collect();
     let ids = Tensor::from_vec(tokens, (images.len(), STEPS + 1), &Device::Cpu).unwrap();
 
+    // the steps in one pass, then one at a time from the decoding cache (as generation runs)
     let logits = |captioner: &Captioner| {
         let model = captioner.model();
-        let (_, logits) = model.decode(&ids, &model.encode_images(&pixels).unwrap()).unwrap();
-        logits.flatten_to(1).unwrap()
+        let image_embeds = model.encode_images(&pixels).unwrap();
+        let (_, at_once) = model.decode(&ids, &image_embeds).unwrap();
+        let decoder = &model.text_decoder;
+        let mut cache = decoder.new_cache(&image_embeds, None).unwrap();
+        let stepwise: Vec<Tensor> =
+            (0..=STEPS).map(|step| decoder.forward(&ids.narrow(1, step, 1).unwrap(), &mut cache).unwrap().1).collect();
+        let stepwise = Tensor::cat(&stepwise, 1).unwrap();
+        Tensor::cat(&[at_once.flatten_to(1).unwrap(), stepwise.flatten_to(1).unwrap()], 0).unwrap()
     };
     let (ours, theirs) = (logits(&reduced), logits(&reference));
     let dot = (&ours * &theirs).unwrap().sum(1).unwrap();

@@ -30,7 +30,9 @@ pub fn compute_paths() -> String {
     };
     let (products, bf16) = dispatch::bf16_choice();
     let tiles = match (products, amx::Amx::detect()) {
-        (dispatch::Bf16Products::OneDnn(_), Some(_)) => "; AMX tiles (bf16 vision attention, decoding's bf16 products)",
+        (dispatch::Bf16Products::OneDnn(_), Some(_)) => {
+            "; AMX tiles (bf16 vision attention, decoding's bf16 products and cross-attention)"
+        }
         _ => "",
     };
     format!("kernels: {kernels}{tiles}\nf32 products: {}\nbf16 models: {bf16}", blas::describe())

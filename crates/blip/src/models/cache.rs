@@ -3,7 +3,11 @@
 //! Batches decoding from different positions join into one (continuous batching): each row's
 //! keys are left-padded to the longest row's, the padding masked out.
 
+use std::sync::OnceLock;
+
 use candle_core::{DType, Device, Result, Tensor};
+
+use crate::kernels::amx::states::PairedStates;
 
 /// Keys and values of one attention layer, heads split: [b, heads, len, head_dim] each.
 #[derive(Clone)]
@@ -39,9 +43,23 @@ pub(crate) enum CrossAttention {
     /// The encoder states [b, n, width], for all layers: on the CPU each step attends to them
     /// directly (see `models::attention_to_states`), 1.8 MB per image instead of 42 MB of keys
     /// and values.
-    States(Tensor),
+    States(EncoderStates),
     /// Per layer, the keys/values of the encoder states, computed once (other devices).
     KeyValues(Vec<KeyValue>),
+}
+
+/// Encoder states [b, n, width] for the CPU's cross-attention, with their bf16 pairs for AMX
+/// tiles, made by the first step that takes them (a bf16 model multiplying in bf16 on a CPU with
+/// AMX) and kept for every later step and layer.
+pub(crate) struct EncoderStates {
+    pub(crate) states: Tensor,
+    pub(crate) paired: OnceLock<PairedStates>,
+}
+
+impl EncoderStates {
+    pub(crate) fn new(states: Tensor) -> Self {
+        Self { states, paired: OnceLock::new() }
+    }
 }
 
 impl DecoderCache {
@@ -54,7 +72,7 @@ impl DecoderCache {
             *kv = kv.select_rows(&rows)?;
         }
         match &mut self.cross_attention {
-            CrossAttention::States(states) => *states = states.index_select(&rows, 0)?,
+            CrossAttention::States(states) => *states = EncoderStates::new(states.states.index_select(&rows, 0)?),
             CrossAttention::KeyValues(kvs) => {
                 for kv in kvs.iter_mut() {
                     *kv = kv.select_rows(&rows)?;
@@ -69,7 +87,7 @@ impl DecoderCache {
 
     fn device(&self) -> Option<Device> {
         match &self.cross_attention {
-            CrossAttention::States(states) => Some(states.device().clone()),
+            CrossAttention::States(states) => Some(states.states.device().clone()),
             CrossAttention::KeyValues(kvs) => kvs.first().map(|kv| kv.key.device().clone()),
         }
     }
@@ -130,7 +148,8 @@ impl DecoderCache {
             other.cross_attention,
         ) {
             (CrossAttention::States(mine), CrossAttention::States(theirs)) => {
-                CrossAttention::States(Tensor::cat(&[pad_end(&mine, 1, width)?, pad_end(&theirs, 1, width)?], 0)?)
+                let (mine, theirs) = (pad_end(&mine.states, 1, width)?, pad_end(&theirs.states, 1, width)?);
+                CrossAttention::States(EncoderStates::new(Tensor::cat(&[mine, theirs], 0)?))
             }
             (CrossAttention::KeyValues(mine), CrossAttention::KeyValues(theirs)) => CrossAttention::KeyValues(
                 mine.iter()
@@ -174,7 +193,7 @@ fn pad_end(xs: &Tensor, dim: usize, len: usize) -> Result<Tensor> {
 /// The encoder positions the cross-attention attends to.
 fn encoder_len(cross: &CrossAttention) -> Result<usize> {
     match cross {
-        CrossAttention::States(states) => states.dim(1),
+        CrossAttention::States(states) => states.states.dim(1),
         CrossAttention::KeyValues(kvs) => kvs.first().map_or(Ok(0), |kv| kv.key.dim(2)),
     }
 }

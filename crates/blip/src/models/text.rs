@@ -2,13 +2,16 @@
 //! cross-attention to encoder states. One implementation serves the caption/answer decoder
 //! (causal, cached) and the question, matching and contrastive encoders (bidirectional).
 
+use std::sync::OnceLock;
+
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{Embedding, VarBuilder};
 
-use super::cache::{CrossAttention, DecoderCache, KeyValue};
+use super::cache::{CrossAttention, DecoderCache, EncoderStates, KeyValue};
 use super::Linear;
 use super::{layer_norm, linear};
 use crate::config::TextConfig;
+use crate::kernels::amx::states::PairedStates;
 use crate::ops::activation::gelu;
 use crate::ops::attention::{
     attention, attention_to_states, attention_to_states_in_graph, merge_heads, split_heads, STATES_ATTENTION_QUERIES,
@@ -116,7 +119,13 @@ impl TextAttention {
     /// Cross-attention to encoder `states` [b, n, encoder_hidden]: LayerNorm(x + dense(context)).
     /// For a few queries, without computing the states' keys and values at all: on the CPU
     /// kernels, or, in an autograd graph (training, Grad-CAM), in differentiable ops.
-    fn attend_states(&self, xs: &Tensor, states: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    /// `paired`: where the states' bf16 pairs are kept between steps (decoding).
+    fn attend_states(
+        &self,
+        xs: &Tensor,
+        (states, paired): (&Tensor, Option<&OnceLock<PairedStates>>),
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let queries = xs.dim(1)?;
         let trained = self.query.in_graph() || self.key.in_graph() || self.value.in_graph();
         let kernels_take = cpu_f32(xs) && cpu_f32(states) && !trained;
@@ -127,7 +136,7 @@ impl TextAttention {
         }
         let q = self.query.forward(xs)?;
         let context = if kernels_take {
-            attention_to_states(&q, states, (&self.key, &self.value), self.heads, self.scale, bias)?
+            attention_to_states(&q, (states, paired), (&self.key, &self.value), self.heads, self.scale, bias)?
         } else {
             attention_to_states_in_graph(&q, states, (&self.key, &self.value), self.heads, self.scale, bias)?
         };
@@ -152,7 +161,8 @@ impl TextAttention {
 /// What a layer's cross-attention attends to: the encoder states, or their keys and values.
 #[derive(Clone, Copy)]
 enum Encoder<'a> {
-    States(&'a Tensor),
+    /// The states, with their pairs for AMX tiles where the decoding cache keeps them.
+    States(&'a Tensor, Option<&'a OnceLock<PairedStates>>),
     KeyValue(&'a KeyValue),
 }
 
@@ -201,7 +211,7 @@ impl TextLayer {
         *past = Some(kv);
         if let (Some(crossattention), Some((encoder, bias))) = (&self.crossattention, cross) {
             hidden = match encoder {
-                Encoder::States(states) => crossattention.attend_states(&hidden, states, bias)?,
+                Encoder::States(states, paired) => crossattention.attend_states(&hidden, (states, paired), bias)?,
                 Encoder::KeyValue(kv) => crossattention.attend(&hidden, kv, bias)?,
             };
         }
@@ -263,7 +273,7 @@ impl TextModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let cross_attention = if on_cpu(encoder_states) {
-            CrossAttention::States(encoder_states.contiguous()?)
+            CrossAttention::States(EncoderStates::new(encoder_states.contiguous()?))
         } else {
             let key_values = cross_layers.iter().map(|cross| cross.key_value(encoder_states));
             CrossAttention::KeyValues(key_values.collect::<Result<_>>()?)
@@ -294,7 +304,7 @@ impl TextModel {
         let mut xs = self.embeddings.forward(input_ids, 0, &[])?;
         for layer in &self.layers {
             let cross = match (encoder_states, &layer.crossattention) {
-                (Some(states), Some(_)) => Some((Encoder::States(states), None)),
+                (Some(states), Some(_)) => Some((Encoder::States(states, None), None)),
                 (Some(_), None) => candle_core::bail!("this text model has no cross-attention weights"),
                 (None, _) => None,
             };
@@ -324,7 +334,12 @@ impl TextModel {
                 let (hidden, var) = layer.forward_probing(&xs, bias.as_ref(), encoder_states)?;
                 (xs, probs) = (hidden, Some(var));
             } else {
-                xs = layer.forward(&xs, bias.as_ref(), &mut None, Some((Encoder::States(encoder_states), None)))?;
+                xs = layer.forward(
+                    &xs,
+                    bias.as_ref(),
+                    &mut None,
+                    Some((Encoder::States(encoder_states, None), None)),
+                )?;
             }
         }
         let probs = probs.ok_or_else(|| candle_core::Error::Msg("no probed layer".into()))?;
@@ -380,7 +395,7 @@ impl TextModel {
         let mut xs = self.embeddings.forward(input_ids, past_len, &cache.padding)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let encoder = match &cache.cross_attention {
-                CrossAttention::States(states) => Encoder::States(states),
+                CrossAttention::States(states) => Encoder::States(&states.states, Some(&states.paired)),
                 CrossAttention::KeyValues(key_values) => Encoder::KeyValue(&key_values[i]),
             };
             let cross = (encoder, cache.cross_attention_bias.as_ref());

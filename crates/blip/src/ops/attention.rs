@@ -1,10 +1,14 @@
 //! Attention on tensors: heads split and merged, the fused and per-image routes to the CPU
 //! kernels, and the scaled softmax of the matrix-product route.
 
-use candle_core::{Result, Tensor};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Result, Tensor};
 
 use super::linear::Linear;
 use super::tensor::f32_values;
+use crate::kernels::amx::states::PairedStates;
+use crate::kernels::amx::{self, Amx};
 use crate::kernels::attention::{cross, decode, vision};
 use crate::kernels::dispatch::{bf16_products, Bf16Products};
 use crate::kernels::elementwise;
@@ -236,9 +240,13 @@ pub(crate) const STATES_ATTENTION_QUERIES: usize = 32;
 /// [b, n, width] through the `key` and `value` projections, on the CPU without computing keys
 /// and values (see `cross::attend_encoder`). `bias` [b, 1, 1, n] is additive. Returns the
 /// context with heads merged, [b, t, heads·head_dim].
+///
+/// For a bf16 model with bf16 products on a CPU with AMX, the scores and the mixing run on
+/// tiles from the states' bf16 pairs, made once into `paired` where given (decoding keeps them
+/// for every step and layer); elsewhere, and for more than 16 query rows per image, in f32.
 pub(crate) fn attention_to_states(
     q: &Tensor,
-    states: &Tensor,
+    (states, paired): (&Tensor, Option<&OnceLock<PairedStates>>),
     (key, value): (&Linear, &Linear),
     heads: usize,
     scale: f64,
@@ -268,12 +276,24 @@ pub(crate) fn attention_to_states(
         candle_core::bail!("cross-attention: the key and value weights must be contiguous");
     };
     let (key_range, value_range) = (key_range.0..key_range.1, value_range.0..value_range.1);
+    let bf16_weights = key.weight().dtype() == DType::BF16 && value.weight().dtype() == DType::BF16;
+    let tiles = match (paired, Amx::detect()) {
+        (Some(paired), Some(proof))
+            if bf16_weights
+                && matches!(bf16_products(), Bf16Products::OneDnn(_))
+                && heads * queries <= amx::states::MAX_ROWS
+                && PairedStates::takes(width) =>
+        {
+            Some((proof, paired.get_or_init(|| PairedStates::new(states, (batch, keys, width)))))
+        }
+        _ => None,
+    };
     // The kernel for the weights' dtype.
     macro_rules! attend {
         ($key:expr, $value:expr) => {{
             let key = cross::Projection { weight: &$key[key_range], bias: key_bias };
             let value = cross::Projection { weight: &$value[value_range], bias: value_bias };
-            cross::attend_encoder(q, states, (key, value), bias.as_deref(), scale as f32, shape)
+            cross::attend_encoder(q, (states, tiles), (key, value), bias.as_deref(), scale as f32, shape)
         }};
     }
     use candle_core::CpuStorage::{BF16, F16, F32};
@@ -536,7 +556,7 @@ mod tests {
                     let expected = merge_heads(&probs.matmul(&v).unwrap()).unwrap();
                     for isa in available() {
                         let ours = with_isa(isa, || {
-                            attention_to_states(&q, &states, (&key, &value), heads, 0.25, bias).unwrap()
+                            attention_to_states(&q, (&states, None), (&key, &value), heads, 0.25, bias).unwrap()
                         });
                         let diff = (ours - &expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
                         let diff = diff.to_scalar::<f32>().unwrap();
@@ -545,6 +565,54 @@ mod tests {
                             "{isa:?}: width {width}, batch {batch}, {queries} queries, {dtype:?}: {diff}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// A bf16 model's cross-attention on AMX tiles (states paired once, kept across calls)
+    /// against the f32 kernels on the same weights: the queries in the states' space, the states
+    /// and the probabilities rounded to bf16 (relative steps of 2⁻⁹) keep the context within
+    /// 1% of its largest value. Several parts and blocks per image, a padded image, 1–16 rows.
+    #[test]
+    fn attention_to_states_on_tiles_stays_within_bf16_rounding() {
+        amx::with_amx(|| {
+            if Amx::detect().is_some() && matches!(bf16_products(), Bf16Products::OneDnn(_)) {
+                tiles_against_f32();
+            } // else no tiles here
+        });
+    }
+
+    fn tiles_against_f32() {
+        let dev = candle_core::Device::Cpu;
+        let (width, keys) = (128, 150);
+        let random = |shape: &[usize], scale: f64| (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap();
+        for (heads, head_dim, queries) in [(4, 16, 1), (2, 32, 3), (8, 8, 2), (1, 64, 1)] {
+            let dim = heads * head_dim;
+            let bf16 = |w: Tensor| w.to_dtype(DType::BF16).unwrap();
+            // scores of a few units (a trained model's): a wide softmax, not one key's
+            let key = Linear::new(bf16(random(&[dim, width], 0.1)), Some(random(&[dim], 1.0))).unwrap();
+            let value = Linear::new(bf16(random(&[dim, width], 0.3)), Some(random(&[dim], 1.0))).unwrap();
+            for batch in [1, 3] {
+                let states = random(&[batch, keys, width], 1.0);
+                let padding: Vec<f32> =
+                    (0..batch * keys).map(|i| if i / keys == 1 && i % keys >= 40 { f32::MIN } else { 0.0 }).collect();
+                let padding = Tensor::from_vec(padding, (batch, 1, 1, keys), &dev).unwrap();
+                let bias = (batch > 1).then_some(&padding);
+                let q = random(&[batch, queries, dim], 1.0);
+                let plain = attention_to_states(&q, (&states, None), (&key, &value), heads, 0.25, bias).unwrap();
+                let paired = OnceLock::new();
+                for call in 0..2 {
+                    let tiled =
+                        attention_to_states(&q, (&states, Some(&paired)), (&key, &value), heads, 0.25, bias).unwrap();
+                    assert!(paired.get().is_some(), "the pairs are made and kept");
+                    let scale = plain.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                    let diff = (tiled - &plain).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                    let diff = diff.to_scalar::<f32>().unwrap();
+                    assert!(
+                        diff <= 0.01 * scale,
+                        "{heads} heads, {queries} queries, batch {batch}, call {call}: {diff} of {scale}"
+                    );
                 }
             }
         }
@@ -559,7 +627,7 @@ mod tests {
         let q = Tensor::zeros((2, 1, 8), DType::F32, &dev).unwrap();
         let states = Tensor::zeros((2, 5, 6), DType::F32, &dev).unwrap();
         let mask = Tensor::zeros((2, 1, 1, 4), DType::F32, &dev).unwrap();
-        let error = attention_to_states(&q, &states, (&key, &value), 2, 0.5, Some(&mask)).unwrap_err();
+        let error = attention_to_states(&q, (&states, None), (&key, &value), 2, 0.5, Some(&mask)).unwrap_err();
         assert!(error.to_string().contains("encoder mask"), "{error}");
     }
 

@@ -25,9 +25,9 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::tensor::cpu_f32_slice;
+use crate::kernels::amx::{self, Amx};
 use crate::kernels::blas::{matmul, Strided};
 use crate::kernels::dispatch::{bf16_products, Bf16Products};
-use crate::kernels::amx::{self, Amx};
 use crate::kernels::few_rows::rows_times_weights;
 use crate::kernels::onednn::{Activation, Element, OneDnn, Start, View};
 use crate::kernels::widen::{narrow_bf16, widen_bf16};
@@ -446,7 +446,15 @@ fn transpose(xs: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// A few input rows (decoding, one sequence or a batch): each task multiplies all input rows
 /// with a block of weight rows, read once from where they are stored (widened in registers, or
 /// as AMX tiles where `rounded`: the rows are bf16 values and the CPU has the tiles).
-fn streamed_product(xs: &[f32], m: usize, k: usize, weights: Weights, n: usize, bias: &[f32], rounded: bool) -> Vec<f32> {
+fn streamed_product(
+    xs: &[f32],
+    m: usize,
+    k: usize,
+    weights: Weights,
+    n: usize,
+    bias: &[f32],
+    rounded: bool,
+) -> Vec<f32> {
     let tiles = match weights {
         Weights::BF16(_) if rounded && amx::rows::takes(m, k) => Amx::detect(),
         _ => None,
@@ -755,7 +763,7 @@ mod tests {
                 let expected = reference(expected_input, &widened, &bias);
                 let run = || (linear.forward(&xs).unwrap(), linear.forward_residual(&xs, &residual).unwrap());
                 let (plain, with_residual) =
-                    with_bf16(products, || if tiles { run() } else { amx::without_amx(run) });
+                    with_bf16(products, || if tiles { amx::with_amx(run) } else { amx::without_amx(run) });
                 let diff = max_diff(&plain, &expected);
                 assert!(diff < 1e-4, "{products:?}, {rows} rows, tiles {tiles}: {diff}");
                 let diff = max_diff(&with_residual, &(expected + &residual).unwrap());

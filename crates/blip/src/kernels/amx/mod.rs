@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use half::bf16;
 
 pub(crate) mod rows;
+pub(crate) mod states;
 
 use super::dispatch::{isa, Isa};
 use super::elementwise::softmax_rows_to_bf16;
@@ -46,6 +47,12 @@ pub(crate) fn without_amx<T>(f: impl FnOnce() -> T) -> T {
     test_hook::without(f)
 }
 
+/// Runs `f` where the CPU has the tiles, with them (tests only: no [`without_amx`] meanwhile).
+#[cfg(test)]
+pub(crate) fn with_amx<T>(f: impl FnOnce() -> T) -> T {
+    test_hook::with(f)
+}
+
 #[cfg(test)]
 mod test_hook {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +63,11 @@ mod test_hook {
 
     pub(super) fn off() -> bool {
         OFF.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn with<T>(f: impl FnOnce() -> T) -> T {
+        let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+        f()
     }
 
     pub(super) fn without<T>(f: impl FnOnce() -> T) -> T {

@@ -58,7 +58,9 @@ pub(crate) fn rows_times_weights(
             let block = if tiled - j >= 32 { 32 } else { 16 };
             // SAFETY: the tiles are configured for m; weight rows j..j + block < rows and their
             // outputs lie within w and outs (sizes asserted above).
-            unsafe { weight_rows_block(pairs.as_ptr(), w[j * k..].as_ptr(), outs[j * m..].as_mut_ptr(), (m, k), block) };
+            unsafe {
+                weight_rows_block(pairs.as_ptr(), w[j * k..].as_ptr(), outs[j * m..].as_mut_ptr(), (m, k), block)
+            };
             j += block;
         }
     }
@@ -178,11 +180,13 @@ mod tests {
                 for i in 0..m {
                     let exact: f64 = (0..k).map(|c| f64::from(xs[i * k + c]) * f64::from(w[j * k + c].to_f32())).sum();
                     let got = f64::from(outs[j * m + i]) - f64::from(bias[j * m + i]);
-                    assert!((got - exact).abs() <= 1e-5 * (1.0 + exact.abs()), "m {m}, row {j}, input {i}: {got} against {exact}");
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
+                        "m {m}, row {j}, input {i}: {got} against {exact}"
+                    );
                 }
             }
             assert_eq!(outs[48 * m..], bias[48 * m..], "the rest is left to `rest`");
         }
     }
 }
-

@@ -2,11 +2,15 @@
 
 use rayon::prelude::*;
 
+use half::bf16;
+
 use super::combine::combine_rows;
 use super::SharedOut;
+use crate::kernels::amx::states::{block_mix, block_scores, PairedQueries, PairedStates, MAX_ROWS, STATE_CHUNK};
+use crate::kernels::amx::Amx;
 use crate::kernels::few_rows::rows_times_weights;
 use crate::kernels::math::{exp, exp_shifted};
-use crate::kernels::widen::Widen;
+use crate::kernels::widen::{narrow_bf16, Widen};
 
 /// The sizes of [`attend_encoder`]: queries [batch, queries, heads·head_dim], encoder states
 /// [batch, keys, width].
@@ -43,9 +47,13 @@ const KEY_BLOCK: usize = 64;
 /// `q` [batch, queries, heads·head_dim] (projected, bias added), `states` [batch, keys, width],
 /// `bias` [batch, keys] (additive, shared by heads and queries). Returns the context with heads
 /// merged, [batch, queries, heads·head_dim].
+///
+/// With `tiles` (a bf16 model's states paired for AMX, at most 16 query rows per image), the
+/// scores and the mixing are products of bf16 values on the tiles: the queries in the states'
+/// space and the (unnormalized) probabilities rounded to bf16, the states read as their pairs.
 pub(crate) fn attend_encoder<W: Widen + Sync>(
     q: &[f32],
-    states: &[f32],
+    (states, tiles): (&[f32], Option<(Amx, &PairedStates)>),
     (key, value): (Projection<W>, Projection<W>),
     bias: Option<&[f32]>,
     scale: f32,
@@ -81,8 +89,13 @@ pub(crate) fn attend_encoder<W: Widen + Sync>(
     // running max grows), so that each block is read once (into cache) for its scores and again
     // for mixing them. Its result: per query row, the max, the sum of exponentials and the
     // states mixed by them (not yet divided by the sum).
+    let tiles = tiles.filter(|_| rows <= MAX_ROWS);
     let parts_per_image = (2 * rayon::current_num_threads()).div_ceil(batch).min(n.div_ceil(KEY_BLOCK)).max(1);
-    let part_len = n.div_ceil(parts_per_image);
+    // (on the tiles, parts start at whole chunks of the pairs)
+    let part_len = match tiles {
+        Some(_) => n.div_ceil(parts_per_image).div_ceil(STATE_CHUNK) * STATE_CHUNK,
+        None => n.div_ceil(parts_per_image),
+    };
     let mut parts = vec![(f32::NEG_INFINITY, 0f32); batch * parts_per_image * rows];
     let mut part_mixed = vec![0f32; batch * parts_per_image * rows * width];
     parts.par_chunks_mut(rows).zip(part_mixed.par_chunks_mut(rows * width)).enumerate().for_each(
@@ -103,15 +116,24 @@ pub(crate) fn attend_encoder<W: Widen + Sync>(
                     query.iter().zip(&key.bias[head * head_dim..][..head_dim]).map(|(a, b)| a * b).sum()
                 })
                 .collect();
+            let paired_queries = tiles.map(|_| PairedQueries::new(&queries, rows, width));
             let mut scores = vec![0f32; KEY_BLOCK * rows];
             let mut probs = vec![0f32; rows * KEY_BLOCK];
+            let mut rounded_probs = vec![bf16::ZERO; if tiles.is_some() { rows * KEY_BLOCK } else { 0 }];
             for block in (first..end).step_by(KEY_BLOCK) {
                 let len = KEY_BLOCK.min(end - block);
                 let block_states = &states[(image * n + block) * width..(image * n + block + len) * width];
                 // scores [len, rows] (transposed), then probabilities [rows, len]
-                let scores = &mut scores[..len * rows];
-                scores.fill(0.0);
-                rows_times_weights(&queries, rows, width, block_states, scores);
+                match (tiles, &paired_queries) {
+                    (Some((proof, paired)), Some(queries)) => {
+                        block_scores(proof, paired, (image, block, len), queries, &mut scores);
+                    }
+                    _ => {
+                        scores[..len * rows].fill(0.0);
+                        rows_times_weights(&queries, rows, width, block_states, &mut scores[..len * rows]);
+                    }
+                }
+                let scores = &scores[..len * rows];
                 for (row, p) in probs[..rows * len].chunks_mut(len).enumerate() {
                     for (j, p) in p.iter_mut().enumerate() {
                         let bias = bias.map_or(0.0, |bias| bias[image * n + block + j]);
@@ -125,6 +147,15 @@ pub(crate) fn attend_encoder<W: Widen + Sync>(
                         mixed[row * width..(row + 1) * width].iter_mut().for_each(|x| *x *= rescale);
                     }
                     *max = new_max;
+                }
+                if let Some((proof, paired)) = tiles {
+                    // probabilities [rows, KEY_BLOCK] in bf16, zero past len
+                    for (rounded, p) in rounded_probs.chunks_exact_mut(KEY_BLOCK).zip(probs.chunks_exact(len)) {
+                        narrow_bf16(p, &mut rounded[..len]);
+                        rounded[len..].fill(bf16::ZERO);
+                    }
+                    block_mix(proof, paired, (image, block, len), (&rounded_probs, KEY_BLOCK), rows, mixed);
+                    continue;
                 }
                 // SAFETY: probs [rows, len], the block's states [len, width] and this task's
                 // own [rows, width].
