@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Issue 20's benchmark (not run by CI; results in BENCHMARKS.md): the full-size random
-captioning checkpoint of scripts/bench.py, the same 8 scikit-image photos at 384 px, in one run on
-this machine, 2 threads, each figure the best of 3 timings after a warm-up:
+captioning checkpoint of scripts/bench.py, the same 8 scikit-image photos at 384 px, on this
+machine, 2 threads. In rounds (`--rounds`, 3 by default): each round times every runtime once,
+one after the other, each figure the best of 3 timings after a warm-up, so that every ratio
+compares runtimes measured within the same minutes (this machine's speed drifts by up to 2×
+over an hour); the ratios printed are the median of the rounds' own ratios, with their range:
 
   - the vision tower, seconds per image at batch 1 (mean over the first 4 photos) and batch 8:
     this project (crates/blip/examples/bench.rs) f32 and bf16, PyTorch + transformers f32 and
@@ -20,6 +23,7 @@ ratios first, then the seconds.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,58 +63,80 @@ def per_image(run, pixels):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "blip-bench"))
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, each timing every runtime once")
     args = ap.parse_args()
     model_dir = Path(args.work) / "model"
     paths = [Path(skimage.__file__).parent / "data" / n for n in IMAGES]
     torch.set_num_threads(THREADS)
-    vision, generate, decode = {}, {}, {}
     gen = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         processor = BlipProcessor.from_pretrained(model_dir)
         pixels = processor(images=[load_image(str(p)) for p in paths], return_tensors="pt")["pixel_values"]
-        for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
-            model = BlipForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
-            with torch.no_grad():
-                pv = pixels.to(dtype)
-                vision[f"PyTorch {name}"] = per_image(lambda p: model.vision_model(pixel_values=p), pv)
-                generate[f"PyTorch {name}"] = per_image(lambda p: model.generate(pixel_values=p, **gen), pv)
-            decode[f"PyTorch {name}"] = (generate[f"PyTorch {name}"][0] - vision[f"PyTorch {name}"][0]) / NEW_TOKENS
-        model = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
+        models = {name: BlipForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
+                  for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16))}
         with torch.no_grad():
-            converted = ov.convert_model(model.vision_model, example_input={"pixel_values": pixels[:1]})
+            converted = ov.convert_model(models["f32"].vision_model, example_input={"pixel_values": pixels[:1]})
     core = ov.Core()
     capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    requests = {}
     for name in ("f32", "bf16"):
         config = {"INFERENCE_PRECISION_HINT": name, "INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"}
-        compiled = core.compile_model(converted, "CPU", config)
-        request = compiled.create_infer_request()
-        vision[f"OpenVINO {name}"] = per_image(lambda pv: request.infer({0: pv.numpy()}), pixels)
+        requests[name] = core.compile_model(converted, "CPU", config).create_infer_request()
     subprocess.run(["cargo", "build", "--release", "--example", "bench", "--bin", "blip", "--features", "blip/openblas"],
                    cwd=REPO, check=True, capture_output=True)
     env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS))
     paths_line = subprocess.run([str(REPO / "target/release/blip"), "--version"], capture_output=True, text=True,
                                 env=env, check=True).stdout.strip().replace("\n", "; ")
-    for name in ("f32", "bf16"):
-        cmd = [str(REPO / "target/release/examples/bench"), str(model_dir), name] + [str(p) for p in paths]
-        runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
-                for _ in range(3)]
-        best_of = lambda key: min(r[key] for r in runs)  # noqa: E731
-        vision[f"this project {name}"] = (best_of("vision_b1_s"), best_of("vision_b8_s_per_image"))
-        generate[f"this project {name}"] = (best_of("generate_b1_s"), best_of("generate_b8_s_per_image"))
-        decode[f"this project {name}"] = best_of("decode_ms_per_token_b1") / 1e3
+
+    def one_round():
+        """Every runtime timed once, one after the other: (vision, generate, decode) by runtime."""
+        vision, generate, decode = {}, {}, {}
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            for name, model in models.items():
+                pv = pixels.to(model.dtype)
+                vision[f"PyTorch {name}"] = per_image(lambda p: model.vision_model(pixel_values=p), pv)
+                generate[f"PyTorch {name}"] = per_image(lambda p: model.generate(pixel_values=p, **gen), pv)
+                decode[f"PyTorch {name}"] = (generate[f"PyTorch {name}"][0] - vision[f"PyTorch {name}"][0]) / NEW_TOKENS
+        for name, request in requests.items():
+            vision[f"OpenVINO {name}"] = per_image(lambda pv: request.infer({0: pv.numpy()}), pixels)
+        for name in ("f32", "bf16"):
+            cmd = [str(REPO / "target/release/examples/bench"), str(model_dir), name] + [str(p) for p in paths]
+            # the example times each stage once: the best of 3 runs, as for the others
+            runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
+                    for _ in range(3)]
+            best_of = lambda key: min(r[key] for r in runs)  # noqa: E731
+            vision[f"this project {name}"] = (best_of("vision_b1_s"), best_of("vision_b8_s_per_image"))
+            generate[f"this project {name}"] = (best_of("generate_b1_s"), best_of("generate_b8_s_per_image"))
+            decode[f"this project {name}"] = best_of("decode_ms_per_token_b1") / 1e3
+        return vision, generate, decode
+
+    rounds = []
+    for i in range(args.rounds):
+        rounds.append(one_round())
+        print(f"# round {i + 1} of {args.rounds}: {json.dumps(rounds[-1])}", file=sys.stderr, flush=True)
+    # each figure: the best over the rounds; each ratio: the median of the rounds' own ratios
+    vision, generate = ({key: tuple(min(r[part][key][i] for r in rounds) for i in range(2))
+                         for key in rounds[0][part]} for part in (0, 1))
+    decode = {key: min(r[2][key] for r in rounds) for key in rounds[0][2]}
+
+    def ratios(part, ours, theirs):
+        per_round = [[r[part][ours][i] / r[part][theirs][i] for r in rounds] for i in range(2)]
+        return " | ".join(f"{statistics.median(x):.2f}× ({min(x):.2f}–{max(x):.2f})" for x in per_round)
+
     print(f"# {machine()}; OpenVINO {ov.__version__} CPU capabilities: {' '.join(capabilities)}; {THREADS} threads")
     print(f"# {paths_line}")
-    print("\nRatios (this project / other; below 1 is faster):\n")
+    print(f"\nRatios (this project / other; below 1 is faster): the median of {args.rounds} rounds' own ratios "
+          "(each round times every runtime once, one after the other), their range in brackets:\n")
     print("| | batch 1 | batch 8 |")
     print("|---|---|---|")
     for p in ("f32", "bf16"):
         for other in ("OpenVINO", "PyTorch"):
-            o, t = vision[f"this project {p}"], vision[f"{other} {p}"]
-            print(f"| vision {p} / {other} {p} | {o[0] / t[0]:.2f}× | {o[1] / t[1]:.2f}× |")
+            print(f"| vision {p} / {other} {p} | {ratios(0, f'this project {p}', f'{other} {p}')} |")
     for p in ("f32", "bf16"):
-        o, t = generate[f"this project {p}"], generate[f"PyTorch {p}"]
-        print(f"| whole `generate` {p} / PyTorch {p} | {o[0] / t[0]:.2f}× | {o[1] / t[1]:.2f}× |")
+        print(f"| whole `generate` {p} / PyTorch {p} | {ratios(1, f'this project {p}', f'PyTorch {p}')} |")
+    print(f"\nSeconds: the best of the {args.rounds} rounds for each runtime.")
     print("\n| vision tower (s/image) | " + " | ".join(vision) + " |")
     print("|---|" + "---|" * len(vision))
     for i, label in enumerate(("batch 1", "batch 8")):

@@ -750,8 +750,8 @@ mod tests {
         let bias = Tensor::randn(0f32, 1.0, 130, &dev).unwrap();
         let linear = Linear::new(weight.clone(), Some(bias.clone())).unwrap();
         let widened = weight.to_dtype(DType::F32).unwrap();
-        // 80 rows (oneDNN), 16, 6 and 1 (streamed)
-        for rows in [80, 16, 6, 1] {
+        // 80 rows (oneDNN), 24, 16, 6 and 1 (streamed)
+        for rows in [80, 24, 16, 6, 1] {
             let xs = Tensor::randn(0f32, 1.0, (rows, 96), &dev).unwrap();
             let residual = Tensor::randn(0f32, 1.0, (rows, 130), &dev).unwrap();
             let rounded = xs.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();

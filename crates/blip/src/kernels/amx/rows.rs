@@ -11,9 +11,10 @@ use half::bf16;
 use super::Amx;
 #[cfg(target_arch = "x86_64")]
 use super::{TileConfig, Tiles};
+use crate::kernels::widen::narrow_bf16;
 
-/// The most input rows one product takes (a B tile's 16 columns).
-pub(crate) const MAX_ROWS: usize = 16;
+/// The most input rows one product takes (two B tiles of 16 columns).
+pub(crate) const MAX_ROWS: usize = 32;
 
 /// Whether [`rows_times_weights`] takes m rows of k values.
 pub(crate) fn takes(m: usize, k: usize) -> bool {
@@ -24,11 +25,13 @@ pub(crate) fn takes(m: usize, k: usize) -> bool {
 /// (xs[i][2p], xs[i][2p + 1]), the first in the low half.
 pub(crate) fn pair_rows(xs: &[f32], m: usize, k: usize) -> Vec<u32> {
     assert!(xs.len() == m * k && k.is_multiple_of(2));
+    let mut rounded = vec![bf16::ZERO; m * k];
+    narrow_bf16(xs, &mut rounded);
     let mut pairs = vec![0u32; k / 2 * m];
-    for (i, row) in xs.chunks_exact(k).enumerate() {
-        for (p, pair) in row.chunks_exact(2).enumerate() {
-            let (low, high) = (bf16::from_f32(pair[0]).to_bits(), bf16::from_f32(pair[1]).to_bits());
-            pairs[p * m + i] = u32::from(low) | u32::from(high) << 16;
+    for (p, column) in pairs.chunks_exact_mut(m).enumerate() {
+        for (i, pair) in column.iter_mut().enumerate() {
+            let (low, high) = (rounded[i * k + 2 * p].to_bits(), rounded[i * k + 2 * p + 1].to_bits());
+            *pair = u32::from(low) | u32::from(high) << 16;
         }
     }
     pairs
@@ -69,19 +72,28 @@ pub(crate) fn rows_times_weights(
     rest(tiled, &w[tiled * k..], &mut outs[tiled * m..]);
 }
 
-/// Tiles 0 and 1 the sums [16 weight rows, m], 2 and 3 the weights [16 rows, 32 values], 4 the
-/// input rows' pairs [16 pairs, m].
+/// Up to 16 rows: tiles 0 and 1 the sums [16 weight rows, m], 2 and 3 the weights [16 rows, 32
+/// values], 4 the input rows' pairs [16 pairs, m]. 17 to 32 rows, in two groups of columns (16
+/// and m − 16): tiles 0–3 the sums (weight rows 0–15 of both groups, then 16–31), 4 and 5 the
+/// weights, 6 and 7 the pairs of both groups.
 #[cfg(target_arch = "x86_64")]
 fn config(m: usize) -> TileConfig {
     let mut config = TileConfig::empty();
-    let columns = (4 * m) as u16;
-    config.bytes_per_row[..5].copy_from_slice(&[columns, columns, 64, 64, columns]);
-    config.rows[..5].fill(16);
+    if m <= 16 {
+        let columns = (4 * m) as u16;
+        config.bytes_per_row[..5].copy_from_slice(&[columns, columns, 64, 64, columns]);
+        config.rows[..5].fill(16);
+    } else {
+        let second = (4 * (m - 16)) as u16;
+        config.bytes_per_row[..8].copy_from_slice(&[64, second, 64, second, 64, 64, 64, second]);
+        config.rows[..8].fill(16);
+    }
     config
 }
 
 /// Weight rows 16 or 32 (`block`) from `w` times the paired rows, added to their outputs at
-/// `outs` ([block, m]): per 32 values of k, one B tile of pairs and one A tile per 16 weight rows.
+/// `outs` ([block, m]): per 32 values of k, the pairs' B tile (two for more than 16 rows) and
+/// one A tile per 16 weight rows; with 32 weight rows, the next block's are prefetched.
 ///
 /// # Safety
 /// The tiles must be configured by [`config`] for m; `pairs` must hold k / 2·m values, `w`
@@ -91,10 +103,10 @@ unsafe fn weight_rows_block(pairs: *const u32, w: *const bf16, outs: *mut f32, (
     // SAFETY: iteration c reads 16 rows of 64 bytes at byte 64·c of each weight row (stride
     // 2k bytes) and 16 pair rows (4m bytes each) from pair row 16·c; the sums are read and
     // written as 16 rows of 4m bytes at outs and outs + 16m values: all within the caller's
-    // sizes. Every tile it writes is declared.
+    // sizes (prefetches do not fault). Every tile it writes is declared.
     unsafe {
-        if block == 32 {
-            asm!(
+        match (m <= 16, block == 32) {
+            (true, true) => asm!(
                 "tileloadd tmm0, [{c0} + {c_stride}*1]",
                 "tileloadd tmm1, [{c1} + {c_stride}*1]",
                 "2:",
@@ -126,9 +138,8 @@ unsafe fn weight_rows_block(pairs: *const u32, w: *const bf16, outs: *mut f32, (
                 chunks = inout(reg) k / 32 => _,
                 out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _,
                 options(nostack),
-            );
-        } else {
-            asm!(
+            ),
+            (true, false) => asm!(
                 "tileloadd tmm0, [{c0} + {c_stride}*1]",
                 "2:",
                 "tileloadd tmm4, [{b} + {c_stride}*1]",
@@ -148,7 +159,73 @@ unsafe fn weight_rows_block(pairs: *const u32, w: *const bf16, outs: *mut f32, (
                 chunks = inout(reg) k / 32 => _,
                 out("tmm0") _, out("tmm2") _, out("tmm4") _,
                 options(nostack),
-            );
+            ),
+            (false, true) => asm!(
+                "tileloadd tmm0, [{c0} + {c_stride}*1]",
+                "tileloadd tmm1, [{c0} + {c_stride}*1 + 64]",
+                "tileloadd tmm2, [{c1} + {c_stride}*1]",
+                "tileloadd tmm3, [{c1} + {c_stride}*1 + 64]",
+                "2:",
+                "tileloadd tmm6, [{b} + {c_stride}*1]",
+                "tileloadd tmm7, [{b} + {c_stride}*1 + 64]",
+                "tileloadd tmm4, [{a0} + {a_stride}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {a_stride}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                ".rept 32",
+                "prefetcht1 [{pf}]",
+                "add {pf}, 64",
+                ".endr",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b}, {b_step}",
+                "dec {chunks}",
+                "jnz 2b",
+                "tilestored [{c0} + {c_stride}*1], tmm0",
+                "tilestored [{c0} + {c_stride}*1 + 64], tmm1",
+                "tilestored [{c1} + {c_stride}*1], tmm2",
+                "tilestored [{c1} + {c_stride}*1 + 64], tmm3",
+                c0 = in(reg) outs,
+                c1 = in(reg) outs.add(16 * m),
+                c_stride = in(reg) 4 * m,
+                b = inout(reg) pairs => _,
+                b_step = in(reg) 64 * m,
+                a0 = inout(reg) w => _,
+                a1 = inout(reg) w.add(16 * k) => _,
+                pf = inout(reg) w.add(32 * k) => _,
+                a_stride = in(reg) 2 * k,
+                chunks = inout(reg) k / 32 => _,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                options(nostack),
+            ),
+            (false, false) => asm!(
+                "tileloadd tmm0, [{c0} + {c_stride}*1]",
+                "tileloadd tmm1, [{c0} + {c_stride}*1 + 64]",
+                "2:",
+                "tileloadd tmm6, [{b} + {c_stride}*1]",
+                "tileloadd tmm7, [{b} + {c_stride}*1 + 64]",
+                "tileloadd tmm4, [{a0} + {a_stride}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "add {a0}, 64",
+                "add {b}, {b_step}",
+                "dec {chunks}",
+                "jnz 2b",
+                "tilestored [{c0} + {c_stride}*1], tmm0",
+                "tilestored [{c0} + {c_stride}*1 + 64], tmm1",
+                c0 = in(reg) outs,
+                c_stride = in(reg) 4 * m,
+                b = inout(reg) pairs => _,
+                b_step = in(reg) 64 * m,
+                a0 = inout(reg) w => _,
+                a_stride = in(reg) 2 * k,
+                chunks = inout(reg) k / 32 => _,
+                out("tmm0") _, out("tmm1") _, out("tmm4") _, out("tmm6") _, out("tmm7") _,
+                options(nostack),
+            ),
         }
     }
 }
