@@ -10,7 +10,7 @@ use half::bf16;
 
 use super::Amx;
 #[cfg(target_arch = "x86_64")]
-use super::{TileConfig, Tiles};
+use super::{mix_64_columns, TileConfig, Tiles};
 use crate::kernels::elementwise::softmax_rows_to_bf16;
 use crate::kernels::widen::RoundsToBf16;
 
@@ -116,9 +116,18 @@ pub(crate) fn attend_head<Q: RoundsToBf16>(
                 let (row, out) = (&mut scores[r * keys..r * keys + n], &mut probabilities[r * keys..r * keys + n]);
                 softmax_rows_to_bf16(row, n, scale, out);
             }
-            // SAFETY: the tiles are configured; the operands' bounds are those of
-            // `context_block`'s.
-            unsafe { context_block(probabilities, values, keys, context) };
+            context.fill(0.0);
+            // SAFETY: the tiles are configured (16 rows of 64 bytes each); probabilities holds
+            // 16 rows of `keys` (keys / 32 chunks), values keys / 2 rows of 64, context 16 rows
+            // of 64.
+            unsafe {
+                mix_64_columns(
+                    (probabilities.as_ptr(), keys),
+                    values.as_ptr(),
+                    context.as_mut_ptr(),
+                    (HEAD_DIM, keys / 32),
+                )
+            };
             for r in 0..valid {
                 write(block * 16 + r, &context[r * d..(r + 1) * d]);
             }
@@ -230,59 +239,6 @@ unsafe fn scores_block(q: *const bf16, key_pairs: &[u32], keys: usize, scores: &
             c = inout(reg) scores.as_mut_ptr() => _,
             stride = in(reg) 4 * keys,
             pairs = inout(reg) keys / 32 => _,
-            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-            options(nostack),
-        );
-    }
-}
-
-/// One block's context: `context` [16, 64] (f32) = probabilities·v, the probabilities
-/// [16, keys] bf16 (an A tile per 32 keys) and v as `values` [keys / 2, 64] pairs (four B tiles
-/// of 16 columns per 32 keys), accumulated in four tiles over the keys.
-///
-/// # Safety
-/// The tiles must be configured ([`Tiles`]); `probabilities`, `values` and `context` must hold
-/// 16·keys, keys / 2·64 and 16·64 values, keys a multiple of 32.
-#[cfg(target_arch = "x86_64")]
-unsafe fn context_block(probabilities: &[bf16], values: &[u32], keys: usize, context: &mut [f32]) {
-    assert!(
-        keys % 32 == 0 && probabilities.len() >= 16 * keys && values.len() >= keys / 2 * 64 && context.len() >= 16 * 64
-    );
-    // SAFETY: iteration c reads 16 rows of 64 bytes at column 32·c of probabilities (stride
-    // 2·keys bytes) and at rows 16·c.., columns 0, 16, 32, 48 of values (stride 256 bytes),
-    // c < keys / 32; the stores write context's 16 rows of 256 bytes: all within the lengths
-    // asserted above. Every tile it writes is declared.
-    unsafe {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            "2:",
-            "tileloadd tmm4, [{a} + {a_stride}*1]",
-            "tileloadd tmm5, [{b} + {stride}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm5",
-            "tileloadd tmm6, [{b} + {stride}*1 + 64]",
-            "tdpbf16ps tmm1, tmm4, tmm6",
-            "tileloadd tmm7, [{b} + {stride}*1 + 128]",
-            "tdpbf16ps tmm2, tmm4, tmm7",
-            "tileloadd tmm5, [{b} + {stride}*1 + 192]",
-            "tdpbf16ps tmm3, tmm4, tmm5",
-            "add {a}, 64",
-            "add {b}, 4096",
-            "dec {blocks}",
-            "jnz 2b",
-            "tilestored [{c} + {stride}*1], tmm0",
-            "tilestored [{c} + {stride}*1 + 64], tmm1",
-            "tilestored [{c} + {stride}*1 + 128], tmm2",
-            "tilestored [{c} + {stride}*1 + 192], tmm3",
-            a = inout(reg) probabilities.as_ptr() => _,
-            a_stride = in(reg) 2 * keys,
-            b = inout(reg) values.as_ptr() => _,
-            c = in(reg) context.as_mut_ptr(),
-            stride = in(reg) 256usize,
-            blocks = inout(reg) keys / 32 => _,
             out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
             out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
             options(nostack),

@@ -156,3 +156,61 @@ impl Drop for Tiles {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 }
+
+/// `mixed` [rows, 64 columns] += probabilities [rows, 32·chunks] (bf16) · pairs [16·chunks, 64
+/// columns] (pairs of rows, the B-tile layout): the mixing step of both attentions. Tiles 0–3
+/// the sums [rows, 16] (loaded from `mixed`, stored back), 4 the probabilities [rows, 32], 5–7
+/// the pairs [16 pairs, 16 columns]: tiles 0–4 of `rows` rows and 5–7 of 16, all of 64 bytes.
+///
+/// # Safety
+/// The tiles configured as above; `probabilities` rows of 32·chunks bf16 `stride`
+/// apart, `pairs` 16·chunks rows of `width` u32 from its first column, `mixed` rows of `width`
+/// f32 from its first.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn mix_64_columns(
+    (probabilities, stride): (*const half::bf16, usize),
+    pairs: *const u32,
+    mixed: *mut f32,
+    (width, chunks): (usize, usize),
+) {
+    // SAFETY: iteration c reads the probabilities' columns 32·c.. (rows × 64 bytes, stride
+    // 2·stride) and pair rows 16·c.. (16 × 256 bytes from the group's column, stride 4·width);
+    // the sums are read and written as rows × 256 bytes at mixed (stride 4·width): within the
+    // caller's sizes. Every tile it writes is declared.
+    unsafe {
+        asm!(
+            "tileloadd tmm0, [{c} + {stride}*1]",
+            "tileloadd tmm1, [{c} + {stride}*1 + 64]",
+            "tileloadd tmm2, [{c} + {stride}*1 + 128]",
+            "tileloadd tmm3, [{c} + {stride}*1 + 192]",
+            "2:",
+            "tileloadd tmm4, [{a} + {a_stride}*1]",
+            "tileloadd tmm5, [{b} + {stride}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm5",
+            "tileloadd tmm6, [{b} + {stride}*1 + 64]",
+            "tdpbf16ps tmm1, tmm4, tmm6",
+            "tileloadd tmm7, [{b} + {stride}*1 + 128]",
+            "tdpbf16ps tmm2, tmm4, tmm7",
+            "tileloadd tmm5, [{b} + {stride}*1 + 192]",
+            "tdpbf16ps tmm3, tmm4, tmm5",
+            "add {a}, 64",
+            "add {b}, {b_step}",
+            "dec {chunks}",
+            "jnz 2b",
+            "tilestored [{c} + {stride}*1], tmm0",
+            "tilestored [{c} + {stride}*1 + 64], tmm1",
+            "tilestored [{c} + {stride}*1 + 128], tmm2",
+            "tilestored [{c} + {stride}*1 + 192], tmm3",
+            a = inout(reg) probabilities => _,
+            a_stride = in(reg) 2 * stride,
+            b = inout(reg) pairs => _,
+            b_step = in(reg) 64 * width,
+            c = in(reg) mixed,
+            stride = in(reg) 4 * width,
+            chunks = inout(reg) chunks => _,
+            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+            options(nostack),
+        );
+    }
+}
