@@ -281,8 +281,7 @@ pub(crate) fn attention_to_states(
         (Some(paired), Some(proof))
             if bf16_weights
                 && matches!(bf16_products(), Bf16Products::OneDnn(_))
-                && heads * queries <= amx::states::MAX_ROWS
-                && PairedStates::takes(width) =>
+                && amx::states::takes(heads * queries, width) =>
         {
             Some((proof, paired.get_or_init(|| PairedStates::new(states, (batch, keys, width)))))
         }

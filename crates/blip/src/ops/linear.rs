@@ -469,7 +469,7 @@ fn streamed_product(
         }
         match (weights.slice(first * k..(first + rows) * k), tiles.zip(pairs.as_deref())) {
             (Weights::BF16(w), Some((proof, pairs))) => {
-                amx::rows::rows_times_weights(proof, pairs, (m, k), w, outs, |_, w, outs| {
+                amx::rows::rows_times_weights(proof, pairs, (m, k), w, outs, |w, outs| {
                     rows_times_weights(xs, m, k, w, outs)
                 })
             }

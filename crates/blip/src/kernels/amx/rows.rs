@@ -39,38 +39,37 @@ pub(crate) fn pair_rows(xs: &[f32], m: usize, k: usize) -> Vec<u32> {
 
 /// `outs[j·m + i] += xs[i]·w[j]` for the m rows paired by [`pair_rows`] and each weight row
 /// `w[j]` of `w` [rows, k], in f32 sums of exact bf16 products (as oneDNN's bf16 products).
-/// Blocks of 32 and 16 weight rows run on the tiles; the last rows (fewer than 16) through
-/// `rest(first_row, rows, outs)`.
+/// Blocks of 32 weight rows run on the tiles; the last rows (fewer than 32, only at the end of
+/// a matrix whose rows are not a multiple of 32) go to `rest(weights, outs)`.
 pub(crate) fn rows_times_weights(
     proof: Amx,
     pairs: &[u32],
     (m, k): (usize, usize),
     w: &[bf16],
     outs: &mut [f32],
-    rest: impl FnOnce(usize, &[bf16], &mut [f32]),
+    rest: impl FnOnce(&[bf16], &mut [f32]),
 ) {
     let _ = proof;
     assert!(takes(m, k) && pairs.len() == k / 2 * m && w.len().is_multiple_of(k) && outs.len() == w.len() / k * m);
     let rows = w.len() / k;
-    let tiled = rows / 16 * 16;
+    #[cfg(target_arch = "x86_64")]
+    let tiled = rows / BLOCK * BLOCK;
     #[cfg(target_arch = "x86_64")]
     if tiled > 0 {
         let _tiles = Tiles::configure(&config(m));
-        let mut j = 0;
-        while j < tiled {
-            let block = if tiled - j >= 32 { 32 } else { 16 };
-            // SAFETY: the tiles are configured for m; weight rows j..j + block < rows and their
+        for j in (0..tiled).step_by(BLOCK) {
+            // SAFETY: the tiles are configured for m; weight rows j..j + 32 ≤ rows and their
             // outputs lie within w and outs (sizes asserted above).
-            unsafe {
-                weight_rows_block(pairs.as_ptr(), w[j * k..].as_ptr(), outs[j * m..].as_mut_ptr(), (m, k), block)
-            };
-            j += block;
+            unsafe { weight_rows_block(pairs.as_ptr(), w[j * k..].as_ptr(), outs[j * m..].as_mut_ptr(), (m, k)) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let tiled = 0;
-    rest(tiled, &w[tiled * k..], &mut outs[tiled * m..]);
+    rest(&w[tiled * k..], &mut outs[tiled * m..]);
 }
+
+/// Weight rows per block of the tiles: two A tiles of 16.
+const BLOCK: usize = 32;
 
 /// Up to 16 rows: tiles 0 and 1 the sums [16 weight rows, m], 2 and 3 the weights [16 rows, 32
 /// values], 4 the input rows' pairs [16 pairs, m]. 17 to 32 rows, in two groups of columns (16
@@ -91,22 +90,22 @@ fn config(m: usize) -> TileConfig {
     config
 }
 
-/// Weight rows 16 or 32 (`block`) from `w` times the paired rows, added to their outputs at
-/// `outs` ([block, m]): per 32 values of k, the pairs' B tile (two for more than 16 rows) and
-/// one A tile per 16 weight rows; with 32 weight rows, the next block's are prefetched.
+/// 32 weight rows from `w` times the paired rows, added to their outputs at `outs` ([32, m]):
+/// per 32 values of k, the pairs' B tile (two for more than 16 rows) and one A tile per 16
+/// weight rows; the next 32 weight rows are prefetched as the tiles work.
 ///
 /// # Safety
 /// The tiles must be configured by [`config`] for m; `pairs` must hold k / 2·m values, `w`
-/// block·k from where it points and `outs` block·m; k a multiple of 32.
+/// 32·k from where it points and `outs` 32·m; k a multiple of 32.
 #[cfg(target_arch = "x86_64")]
-unsafe fn weight_rows_block(pairs: *const u32, w: *const bf16, outs: *mut f32, (m, k): (usize, usize), block: usize) {
+unsafe fn weight_rows_block(pairs: *const u32, w: *const bf16, outs: *mut f32, (m, k): (usize, usize)) {
     // SAFETY: iteration c reads 16 rows of 64 bytes at byte 64·c of each weight row (stride
     // 2k bytes) and 16 pair rows (4m bytes each) from pair row 16·c; the sums are read and
     // written as 16 rows of 4m bytes at outs and outs + 16m values: all within the caller's
     // sizes (prefetches do not fault). Every tile it writes is declared.
     unsafe {
-        match (m <= 16, block == 32) {
-            (true, true) => asm!(
+        if m <= 16 {
+            asm!(
                 "tileloadd tmm0, [{c0} + {c_stride}*1]",
                 "tileloadd tmm1, [{c1} + {c_stride}*1]",
                 "2:",
@@ -138,29 +137,9 @@ unsafe fn weight_rows_block(pairs: *const u32, w: *const bf16, outs: *mut f32, (
                 chunks = inout(reg) k / 32 => _,
                 out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _,
                 options(nostack),
-            ),
-            (true, false) => asm!(
-                "tileloadd tmm0, [{c0} + {c_stride}*1]",
-                "2:",
-                "tileloadd tmm4, [{b} + {c_stride}*1]",
-                "tileloadd tmm2, [{a0} + {a_stride}*1]",
-                "tdpbf16ps tmm0, tmm2, tmm4",
-                "add {a0}, 64",
-                "add {b}, {b_step}",
-                "dec {chunks}",
-                "jnz 2b",
-                "tilestored [{c0} + {c_stride}*1], tmm0",
-                c0 = in(reg) outs,
-                c_stride = in(reg) 4 * m,
-                b = inout(reg) pairs => _,
-                b_step = in(reg) 64 * m,
-                a0 = inout(reg) w => _,
-                a_stride = in(reg) 2 * k,
-                chunks = inout(reg) k / 32 => _,
-                out("tmm0") _, out("tmm2") _, out("tmm4") _,
-                options(nostack),
-            ),
-            (false, true) => asm!(
+            );
+        } else {
+            asm!(
                 "tileloadd tmm0, [{c0} + {c_stride}*1]",
                 "tileloadd tmm1, [{c0} + {c_stride}*1 + 64]",
                 "tileloadd tmm2, [{c1} + {c_stride}*1]",
@@ -200,32 +179,7 @@ unsafe fn weight_rows_block(pairs: *const u32, w: *const bf16, outs: *mut f32, (
                 out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
                 out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
                 options(nostack),
-            ),
-            (false, false) => asm!(
-                "tileloadd tmm0, [{c0} + {c_stride}*1]",
-                "tileloadd tmm1, [{c0} + {c_stride}*1 + 64]",
-                "2:",
-                "tileloadd tmm6, [{b} + {c_stride}*1]",
-                "tileloadd tmm7, [{b} + {c_stride}*1 + 64]",
-                "tileloadd tmm4, [{a0} + {a_stride}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "add {a0}, 64",
-                "add {b}, {b_step}",
-                "dec {chunks}",
-                "jnz 2b",
-                "tilestored [{c0} + {c_stride}*1], tmm0",
-                "tilestored [{c0} + {c_stride}*1 + 64], tmm1",
-                c0 = in(reg) outs,
-                c_stride = in(reg) 4 * m,
-                b = inout(reg) pairs => _,
-                b_step = in(reg) 64 * m,
-                a0 = inout(reg) w => _,
-                a_stride = in(reg) 2 * k,
-                chunks = inout(reg) k / 32 => _,
-                out("tmm0") _, out("tmm1") _, out("tmm4") _, out("tmm6") _, out("tmm7") _,
-                options(nostack),
-            ),
+            );
         }
     }
 }
@@ -235,14 +189,14 @@ mod tests {
     use super::*;
 
     /// Against f64 sums of the same bf16 products, for every row count and a weight count with
-    /// blocks of 32, 16 and a remainder.
+    /// two blocks of 32 and a remainder.
     #[test]
     fn matches_exact_sums_of_the_bf16_products() {
         let Some(proof) = Amx::detect() else {
             eprintln!("no AMX tiles here: skipped");
             return;
         };
-        let (k, rows) = (96, 32 + 16 + 5);
+        let (k, rows) = (96, 64 + 21);
         let value = |i: usize| bf16::from_f32(((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.5);
         let w: Vec<bf16> = (0..rows * k).map(|i| value(i + 3)).collect();
         for m in 1..=MAX_ROWS {
@@ -251,9 +205,9 @@ mod tests {
             let mut outs = bias.clone();
             let pairs = pair_rows(&xs, m, k);
             let mut rest_rows = None;
-            rows_times_weights(proof, &pairs, (m, k), &w, &mut outs, |first, _, _| rest_rows = Some(first));
-            assert_eq!(rest_rows, Some(48));
-            for j in 0..48 {
+            rows_times_weights(proof, &pairs, (m, k), &w, &mut outs, |w, _| rest_rows = Some(w.len() / k));
+            assert_eq!(rest_rows, Some(rows - 64));
+            for j in 0..64 {
                 for i in 0..m {
                     let exact: f64 = (0..k).map(|c| f64::from(xs[i * k + c]) * f64::from(w[j * k + c].to_f32())).sum();
                     let got = f64::from(outs[j * m + i]) - f64::from(bias[j * m + i]);
@@ -263,7 +217,7 @@ mod tests {
                     );
                 }
             }
-            assert_eq!(outs[48 * m..], bias[48 * m..], "the rest is left to `rest`");
+            assert_eq!(outs[64 * m..], bias[64 * m..], "the rest is left to `rest`");
         }
     }
 }

@@ -14,11 +14,17 @@ use super::Amx;
 use super::{mix_64_columns, TileConfig, Tiles};
 use crate::kernels::widen::narrow_bf16;
 
-/// States per tile row pair block: the scores and the mixing take states 32 at a time.
+/// States per step of both products: 16 pairs, one tile's rows.
 pub(crate) const STATE_CHUNK: usize = 32;
 
 /// The most query rows (heads × queries of one image) one call takes.
 pub(crate) const MAX_ROWS: usize = 16;
+
+/// Whether the tiles take the cross-attention of `rows` query rows per image (heads × queries)
+/// to states of `width` values (whole 64-value groups).
+pub(crate) fn takes(rows: usize, width: usize) -> bool {
+    (1..=MAX_ROWS).contains(&rows) && width > 0 && width.is_multiple_of(64)
+}
 
 /// Encoder states [batch, n, width] rounded to bf16 and paired state with state: per image
 /// [n padded to 32 / 2, width] u32, each (E[2p][c], E[2p + 1][c]), the first in the low half,
@@ -30,13 +36,8 @@ pub(crate) struct PairedStates {
 }
 
 impl PairedStates {
-    /// Whether states of `width` values can be paired for the tiles (whole 64-value groups).
-    pub(crate) fn takes(width: usize) -> bool {
-        width > 0 && width.is_multiple_of(64)
-    }
-
     pub(crate) fn new(states: &[f32], (batch, n, width): (usize, usize, usize)) -> Self {
-        assert!(states.len() == batch * n * width && Self::takes(width));
+        assert!(states.len() == batch * n * width && takes(1, width));
         let padded = n.div_ceil(STATE_CHUNK) * STATE_CHUNK;
         let mut pairs = vec![0u32; batch * padded / 2 * width];
         let mut rounded = vec![bf16::ZERO; width];

@@ -6,7 +6,7 @@ use half::bf16;
 
 use super::combine::combine_rows;
 use super::SharedOut;
-use crate::kernels::amx::states::{block_mix, block_scores, PairedQueries, PairedStates, MAX_ROWS, STATE_CHUNK};
+use crate::kernels::amx::states::{block_mix, block_scores, PairedQueries, PairedStates, STATE_CHUNK};
 use crate::kernels::amx::Amx;
 use crate::kernels::few_rows::rows_times_weights;
 use crate::kernels::math::{exp, exp_shifted};
@@ -48,7 +48,7 @@ const KEY_BLOCK: usize = 64;
 /// `bias` [batch, keys] (additive, shared by heads and queries). Returns the context with heads
 /// merged, [batch, queries, heads·head_dim].
 ///
-/// With `tiles` (a bf16 model's states paired for AMX, at most 16 query rows per image), the
+/// With `tiles` (a bf16 model's states paired for AMX, where `amx::states::takes` the rows), the
 /// scores and the mixing are products of bf16 values on the tiles: the queries in the states'
 /// space and the (unnormalized) probabilities rounded to bf16, the states read as their pairs.
 pub(crate) fn attend_encoder<W: Widen + Sync>(
@@ -89,7 +89,6 @@ pub(crate) fn attend_encoder<W: Widen + Sync>(
     // running max grows), so that each block is read once (into cache) for its scores and again
     // for mixing them. Its result: per query row, the max, the sum of exponentials and the
     // states mixed by them (not yet divided by the sum).
-    let tiles = tiles.filter(|_| rows <= MAX_ROWS);
     let parts_per_image = (2 * rayon::current_num_threads()).div_ceil(batch).min(n.div_ceil(KEY_BLOCK)).max(1);
     // (on the tiles, parts start at whole chunks of the pairs)
     let part_len = match tiles {
@@ -150,7 +149,9 @@ pub(crate) fn attend_encoder<W: Widen + Sync>(
                 }
                 if let Some((proof, paired)) = tiles {
                     // probabilities [rows, KEY_BLOCK] in bf16, zero past len
-                    for (rounded, p) in rounded_probs.chunks_exact_mut(KEY_BLOCK).zip(probs.chunks_exact(len)) {
+                    for (rounded, p) in
+                        rounded_probs.chunks_exact_mut(KEY_BLOCK).zip(probs[..rows * len].chunks_exact(len))
+                    {
                         narrow_bf16(p, &mut rounded[..len]);
                         rounded[len..].fill(bf16::ZERO);
                     }
