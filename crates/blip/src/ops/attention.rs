@@ -575,10 +575,20 @@ mod tests {
     /// 1% of its largest value. Several parts and blocks per image, a padded image, 1–16 rows.
     #[test]
     fn attention_to_states_on_tiles_stays_within_bf16_rounding() {
+        // bf16 products on oneDNN and this CPU's own instruction set, held for the whole test
+        // (other tests force others meanwhile); the locks in the order every test takes them
+        let Some(onednn) = available_bf16().into_iter().find(|p| matches!(p, Bf16Products::OneDnn(_))) else {
+            return; // no oneDNN here: no bf16 products, no tiles
+        };
+        let isa = *available().last().unwrap();
         amx::with_amx(|| {
-            if Amx::detect().is_some() && matches!(bf16_products(), Bf16Products::OneDnn(_)) {
-                tiles_against_f32();
-            } // else no tiles here
+            with_bf16(onednn, || {
+                with_isa(isa, || {
+                    if Amx::detect().is_some() {
+                        tiles_against_f32();
+                    } // else no tiles here
+                })
+            })
         });
     }
 
